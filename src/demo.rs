@@ -1,0 +1,105 @@
+//! `miralix-gateway demo`: a simulated box and a gateway in front of it, on loopback.
+//!
+//! The box gets a fresh self-signed certificate and the gateway is pinned to it, exactly as an
+//! operator would configure a real on-prem box addressed by IP.
+
+use std::net::SocketAddr;
+
+use crate::config::{self, Config, format_pin};
+use crate::simulator::{Dataset, Simulator, SimulatorError, SimulatorTls};
+use crate::upstream::trust::sha256;
+
+/// The account the demo box serves.
+pub const ACCOUNT: &str = "greenbox";
+
+/// The demo box's shared secret; it exists only inside this process.
+pub const SHARED_SECRET: &str = "demo-secret-4f1c9a";
+
+/// Why the demo could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    Simulator(#[from] SimulatorError),
+    #[error("the embedded demo configuration is invalid:\n{0}")]
+    Config(#[from] config::ConfigError),
+}
+
+/// A running simulated box and the configuration of a gateway pinned to it.
+#[derive(Debug)]
+pub struct Demo {
+    pub simulator: Simulator,
+    pub config: Config,
+}
+
+/// Start the simulated box on a free loopback port and build the gateway's configuration.
+pub async fn start(listen: SocketAddr, admin_listen: SocketAddr) -> Result<Demo, DemoError> {
+    let simulator = Simulator::start(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        SimulatorTls::SelfSigned,
+        Dataset::demo(ACCOUNT, SHARED_SECRET),
+    )
+    .await?;
+    let certificate = simulator
+        .certificate()
+        .expect("the demo box always has a certificate");
+    let pin = format_pin(&sha256(&certificate.leaf_der));
+    let text = format!(
+        r#"
+[server]
+listen = "{listen}"
+
+[admin]
+listen = "{admin_listen}"
+
+[cache]
+ttl = "60s"
+negative_ttl = "5s"
+max_bytes = "64MiB"
+
+[accounts.{ACCOUNT}]
+base_url = "{base_url}"
+shared_secret = "{SHARED_SECRET}"
+pin_sha256 = "{pin}"
+"#,
+        base_url = simulator.base_url(),
+    );
+    let config = config::from_toml_str(&text, "<embedded demo config>")?;
+    Ok(Demo { simulator, config })
+}
+
+/// What to paste into a shell to try the running demo.
+pub fn instructions(demo: &Demo, public: SocketAddr, admin: SocketAddr) -> String {
+    let base = format!("http://{public}/mot/{ACCOUNT}/agents");
+    let pin = demo
+        .config
+        .accounts
+        .get(ACCOUNT)
+        .and_then(|a| a.trust.pin_sha256)
+        .map(|p| format_pin(&p))
+        .unwrap_or_default();
+    format!(
+        "\
+miralix-gateway demo
+
+  simulated Miralix box  {box_url}  (self-signed certificate, pinned)
+                         pin_sha256 = \"{pin}\"
+  gateway                http://{public}
+  admin                  http://{admin}  (/metrics, /healthz, /readyz)
+
+Try it (the first call is a MISS that reaches the box, the same agent again is a HIT):
+
+  curl -si {base}/email/derek.a@company.local/recordings | head -n 12
+  curl -si {base}/email/derek.a@company.local/recordings | grep -i -e x-cache -e cache-status -e age
+  curl -si {base}/email/Derek.A@Company.Local/recordings | grep -i x-cache     # same agent, other spelling: HIT
+  curl -si '{base}/sipUri/sip:lp1@company.local/recordings?fromQueueCallId=150100'
+  curl -si {base}/id/999/recordings                                          # unknown agent: 404
+  curl -si {base}/phone/123/recordings                                       # bad type: 400
+  curl -s  http://{admin}/metrics | grep -e cache_ -e upstream_requests
+
+Agents on the box: id 1, 103, 104, 105 (no recordings); e.g. derek.a@company.local,
+sip:lp1@company.local, syncId f4fd9e5f-017d-4350-adf8-8dd811bc1a2e all name agent 103.
+Press Ctrl-C to stop.
+",
+        box_url = demo.simulator.base_url(),
+    )
+}

@@ -1,0 +1,62 @@
+//! Errors a request can end in, and the one place that maps them to an HTTP status.
+//!
+//! Every error answer the gateway makes itself is a small JSON object,
+//! `{"status": 400, "error": "<what was wrong and what is accepted>"}`, built here.
+
+use bytes::Bytes;
+use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE};
+use http::{HeaderValue, Method, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::route::RouteError;
+use crate::upstream::UpstreamError;
+
+/// Why a request on the public listener was not answered with an upstream reply.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    #[error("unknown account \"{0}\": no such account is configured on this gateway")]
+    UnknownAccount(String),
+    #[error("method {0} is not allowed on this route: use GET or HEAD")]
+    MethodNotAllowed(Method),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+impl ProxyError {
+    /// The status for each error: the one match that decides it.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Route(RouteError::NotFound) | ProxyError::UnknownAccount(_) => {
+                StatusCode::NOT_FOUND
+            }
+            ProxyError::Route(RouteError::PathTooLong) => StatusCode::URI_TOO_LONG,
+            ProxyError::Route(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::Upstream(UpstreamError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The JSON error response; never cached by clients.
+    pub fn to_response(&self) -> Response<Full<Bytes>> {
+        let mut response = json_error(self.status(), &self.to_string());
+        let headers = response.headers_mut();
+        if let ProxyError::MethodNotAllowed(_) = self {
+            headers.insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        }
+        response
+    }
+}
+
+/// A gateway-made JSON error body with `Cache-Control: no-store`.
+pub fn json_error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({ "status": status.as_u16(), "error": message });
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}

@@ -1,0 +1,398 @@
+//! Agent identifier normalization.
+//!
+//! Every spelling of one agent must map to one cache entry, and that canonical form is also what
+//! the gateway sends upstream. The functions here are pure: they take the already percent-decoded
+//! path segment and return the canonical identification or a [`IdentityError`] that says what was
+//! wrong and what is accepted.
+
+use std::fmt;
+
+/// Longest identification accepted, in bytes, for every type. An email address is capped at 254
+/// bytes by RFC 5321; the same bound keeps SIP URIs and garbage input small.
+pub const MAX_IDENTIFICATION_BYTES: usize = 254;
+
+/// The `{identificationType}` segment of the route, in the API's spelling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IdType {
+    SipUri,
+    Id,
+    Email,
+    SyncId,
+}
+
+impl IdType {
+    /// Every type, in the order the error messages list them.
+    pub const ALL: [IdType; 4] = [IdType::SipUri, IdType::Id, IdType::Email, IdType::SyncId];
+
+    /// Match the route segment case-insensitively (`EMAIL`, `sipuri`, ... are accepted).
+    pub fn parse(segment: &str) -> Result<Self, IdentityError> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.as_str().eq_ignore_ascii_case(segment))
+            .ok_or_else(|| IdentityError::UnknownType(truncate_for_message(segment)))
+    }
+
+    /// The spelling the Miralix API uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdType::SipUri => "sipUri",
+            IdType::Id => "id",
+            IdType::Email => "email",
+            IdType::SyncId => "syncId",
+        }
+    }
+
+    /// Turn a decoded, untrimmed identification into its canonical form for this type.
+    pub fn normalize(self, raw: &str) -> Result<String, IdentityError> {
+        let value = raw.trim();
+        check_common(self, value)?;
+        match self {
+            IdType::Email => normalize_email(value),
+            IdType::SipUri => normalize_sip_uri(value),
+            IdType::Id => normalize_id(value),
+            IdType::SyncId => normalize_sync_id(value),
+        }
+    }
+}
+
+impl fmt::Display for IdType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why an identification (or its type) was refused. The `Display` text is sent to the client,
+/// so it names what was wrong and what is accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error(
+        "unknown identification type \"{0}\": accepted types are sipUri, id, email and syncId"
+    )]
+    UnknownType(String),
+    #[error("the {0} identification is empty")]
+    Empty(IdType),
+    #[error("the {0} identification is longer than {MAX_IDENTIFICATION_BYTES} bytes")]
+    TooLong(IdType),
+    #[error(
+        "the {0} identification contains a forbidden character ('/', '\\', or a control character such as NUL, CR or LF)"
+    )]
+    ForbiddenCharacter(IdType),
+    #[error(
+        "invalid email identification: {0}; expected local@domain with exactly one '@', no whitespace and none of \"(),:;<>[]"
+    )]
+    Email(&'static str),
+    #[error(
+        "invalid sipUri identification: {0}; expected sip:user@host, sips:user@host, user@host or <sip:user@host>"
+    )]
+    SipUri(&'static str),
+    #[error(
+        "invalid id identification: expected decimal digits only (0 to 18446744073709551615)"
+    )]
+    Id,
+    #[error(
+        "invalid syncId identification: expected a GUID such as f4fd9e5f-017d-4350-adf8-8dd811bc1a2e (braces and hyphens optional)"
+    )]
+    SyncId,
+}
+
+/// Rules every type shares, checked on the trimmed value before the type's own rules.
+fn check_common(id_type: IdType, value: &str) -> Result<(), IdentityError> {
+    if value.is_empty() {
+        return Err(IdentityError::Empty(id_type));
+    }
+    if value.len() > MAX_IDENTIFICATION_BYTES {
+        return Err(IdentityError::TooLong(id_type));
+    }
+    if value.chars().any(|c| c == '/' || c == '\\' || c.is_control()) {
+        return Err(IdentityError::ForbiddenCharacter(id_type));
+    }
+    Ok(())
+}
+
+/// Characters that never appear unquoted in an address; quoted local parts are not supported.
+const EMAIL_SPECIALS: &[char] = &['"', '(', ')', ',', ':', ';', '<', '>', '[', ']'];
+
+fn normalize_email(value: &str) -> Result<String, IdentityError> {
+    if value.chars().any(char::is_whitespace) {
+        return Err(IdentityError::Email("it contains whitespace"));
+    }
+    if value.contains(EMAIL_SPECIALS) {
+        return Err(IdentityError::Email("it contains a character not allowed in an address"));
+    }
+    let (local, domain) = split_once_at(value).map_err(IdentityError::Email)?;
+    if local.is_empty() {
+        return Err(IdentityError::Email("the part before '@' is empty"));
+    }
+    if domain.is_empty() {
+        return Err(IdentityError::Email("the domain after '@' is empty"));
+    }
+    Ok(value.to_lowercase())
+}
+
+fn normalize_sip_uri(value: &str) -> Result<String, IdentityError> {
+    // A name-addr (`"Derek" <sip:derek@x>`) carries the URI between angle brackets.
+    let uri = match (value.find('<'), value.rfind('>')) {
+        (Some(open), Some(close)) if open < close && value[close + 1..].trim().is_empty() => {
+            &value[open + 1..close]
+        }
+        (None, None) => value,
+        _ => return Err(IdentityError::SipUri("unbalanced '<' or '>'")),
+    };
+    let uri = uri.trim();
+    let rest = strip_prefix_ignore_case(uri, "sips:")
+        .or_else(|| strip_prefix_ignore_case(uri, "sip:"))
+        .unwrap_or(uri);
+    let (user, host) = split_once_at(rest).map_err(IdentityError::SipUri)?;
+    // URI parameters (`;transport=tls`) and headers (`?subject=x`) follow the host part.
+    let host = host.split([';', '?']).next().unwrap_or_default();
+    if user.is_empty() {
+        return Err(IdentityError::SipUri("the user part before '@' is empty"));
+    }
+    if host.is_empty() {
+        return Err(IdentityError::SipUri("the host after '@' is empty"));
+    }
+    let canonical = format!("sip:{user}@{host}").to_lowercase();
+    if canonical.chars().any(|c| c.is_whitespace() || "<>\"".contains(c)) {
+        return Err(IdentityError::SipUri("it contains whitespace, '<', '>' or '\"'"));
+    }
+    Ok(canonical)
+}
+
+fn normalize_id(value: &str) -> Result<String, IdentityError> {
+    if !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(IdentityError::Id);
+    }
+    // Parsing drops leading zeros and rejects values beyond u64 in one step.
+    value
+        .parse::<u64>()
+        .map(|n| n.to_string())
+        .map_err(|_| IdentityError::Id)
+}
+
+fn normalize_sync_id(value: &str) -> Result<String, IdentityError> {
+    let inner = match (value.strip_prefix('{'), value.strip_suffix('}')) {
+        (Some(_), Some(_)) => &value[1..value.len() - 1],
+        (None, None) => value,
+        _ => return Err(IdentityError::SyncId),
+    };
+    // Only the plain 32-digit and the 8-4-4-4-12 forms: `Uuid::try_parse` also takes URNs.
+    if !(inner.len() == 32 || inner.len() == 36) {
+        return Err(IdentityError::SyncId);
+    }
+    uuid::Uuid::try_parse(inner)
+        .map(|id| id.hyphenated().to_string())
+        .map_err(|_| IdentityError::SyncId)
+}
+
+/// Split at the single `@`; more or fewer than one is an error.
+fn split_once_at(value: &str) -> Result<(&str, &str), &'static str> {
+    match value.split_once('@') {
+        Some((left, right)) if !right.contains('@') => Ok((left, right)),
+        Some(_) => Err("it contains more than one '@'"),
+        None => Err("it has no '@'"),
+    }
+}
+
+fn strip_prefix_ignore_case<'a>(value: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = value.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &value[prefix.len()..])
+}
+
+/// Echo at most a short, printable prefix of client input in error messages.
+pub(crate) fn truncate_for_message(value: &str) -> String {
+    value
+        .chars()
+        .take(40)
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(t: IdType, raw: &str) -> String {
+        t.normalize(raw)
+            .unwrap_or_else(|e| panic!("{t} {raw:?} refused: {e}"))
+    }
+
+    #[test]
+    fn type_is_matched_case_insensitively_and_spelled_as_the_api() {
+        for (input, expected) in [
+            ("sipUri", IdType::SipUri),
+            ("SIPURI", IdType::SipUri),
+            ("sipuri", IdType::SipUri),
+            ("id", IdType::Id),
+            ("ID", IdType::Id),
+            ("Email", IdType::Email),
+            ("syncid", IdType::SyncId),
+            ("SyncId", IdType::SyncId),
+        ] {
+            assert_eq!(IdType::parse(input), Ok(expected), "{input}");
+        }
+        assert_eq!(IdType::SipUri.as_str(), "sipUri");
+        assert_eq!(IdType::SyncId.as_str(), "syncId");
+    }
+
+    #[test]
+    fn unknown_type_names_the_accepted_ones() {
+        for bad in ["", "phone", "sip", "e-mail", "ids", "emai1"] {
+            let err = IdType::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("sipUri, id, email and syncId"), "{err}");
+        }
+    }
+
+    #[test]
+    fn email_is_trimmed_and_lowercased() {
+        for raw in [
+            "derek.a@company.local",
+            "Derek.A@Company.Local",
+            "  DEREK.A@COMPANY.LOCAL\t",
+        ] {
+            assert_eq!(ok(IdType::Email, raw), "derek.a@company.local");
+        }
+        assert_eq!(ok(IdType::Email, "a+tag@x.y"), "a+tag@x.y");
+        assert_eq!(ok(IdType::Email, "ÅSE@Firma.DK"), "åse@firma.dk");
+    }
+
+    #[test]
+    fn malformed_emails_are_refused() {
+        for bad in [
+            "no-at-sign",
+            "@company.local",
+            "derek@",
+            "a@b@c",
+            "de rek@company.local",
+            "derek@company local",
+            "<derek@company.local>",
+            "derek@company.local;x",
+            "\"derek\"@company.local",
+            "derek@[10.0.0.1]",
+        ] {
+            assert!(
+                matches!(IdType::Email.normalize(bad), Err(IdentityError::Email(_))),
+                "{bad:?} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn sip_uri_variants_share_one_canonical_form() {
+        for raw in [
+            "sip:lp1@company.local",
+            "SIP:LP1@Company.Local",
+            "sips:lp1@company.local",
+            "SiPs:lp1@company.local",
+            "lp1@company.local",
+            "<sip:lp1@company.local>",
+            "\"Line Phone\" <sip:lp1@company.local>",
+            "sip:lp1@company.local;transport=tls",
+            "sip:lp1@company.local?subject=call",
+            "<sip:lp1@company.local;transport=tcp>",
+            "  sip:lp1@company.local  ",
+        ] {
+            assert_eq!(ok(IdType::SipUri, raw), "sip:lp1@company.local", "{raw}");
+        }
+        assert_eq!(
+            ok(IdType::SipUri, "sip:lp1@10.0.0.5:5061"),
+            "sip:lp1@10.0.0.5:5061"
+        );
+    }
+
+    #[test]
+    fn malformed_sip_uris_are_refused() {
+        for bad in [
+            "sip:",
+            "sip:lp1",
+            "sip:@company.local",
+            "sip:lp1@",
+            "sip:lp1@;transport=tls",
+            "sip:a@b@c",
+            "<sip:lp1@company.local",
+            "sip:lp1@company.local>",
+            "<sip:lp1@company.local> trailing",
+            "sip:l p1@company.local",
+        ] {
+            assert!(
+                matches!(IdType::SipUri.normalize(bad), Err(IdentityError::SipUri(_))),
+                "{bad:?} was accepted: {:?}",
+                IdType::SipUri.normalize(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn ids_are_canonical_decimal() {
+        assert_eq!(ok(IdType::Id, "103"), "103");
+        assert_eq!(ok(IdType::Id, "000103"), "103");
+        assert_eq!(ok(IdType::Id, "0"), "0");
+        assert_eq!(ok(IdType::Id, "000"), "0");
+        assert_eq!(ok(IdType::Id, " 7 "), "7");
+        assert_eq!(
+            ok(IdType::Id, "18446744073709551615"),
+            "18446744073709551615"
+        );
+        for bad in ["-1", "+1", "1.0", "1e3", "0x10", "12a", "18446744073709551616", "١٢"] {
+            assert_eq!(IdType::Id.normalize(bad), Err(IdentityError::Id), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sync_ids_are_lowercase_hyphenated() {
+        let canonical = "f4fd9e5f-017d-4350-adf8-8dd811bc1a2e";
+        for raw in [
+            canonical,
+            "F4FD9E5F-017D-4350-ADF8-8DD811BC1A2E",
+            "{f4fd9e5f-017d-4350-adf8-8dd811bc1a2e}",
+            "{F4FD9E5F017D4350ADF88DD811BC1A2E}",
+            "f4fd9e5f017d4350adf88dd811bc1a2e",
+        ] {
+            assert_eq!(ok(IdType::SyncId, raw), canonical, "{raw}");
+        }
+        for bad in [
+            "f4fd9e5f-017d-4350-adf8",
+            "{f4fd9e5f-017d-4350-adf8-8dd811bc1a2e",
+            "f4fd9e5f-017d-4350-adf8-8dd811bc1a2e}",
+            "g4fd9e5f-017d-4350-adf8-8dd811bc1a2e",
+            "urn:uuid:f4fd9e5f-017d-4350-adf8-8dd811bc1a2e",
+            "f4fd9e5f-017d4350-adf8-8dd811bc1a2e0",
+        ] {
+            assert_eq!(
+                IdType::SyncId.normalize(bad),
+                Err(IdentityError::SyncId),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn shared_rules_apply_to_every_type() {
+        for t in IdType::ALL {
+            assert_eq!(t.normalize("   "), Err(IdentityError::Empty(t)));
+            assert_eq!(t.normalize(""), Err(IdentityError::Empty(t)));
+            for bad in ["a/b@c", "a\\b@c", "a\0b@c", "a\r\nb@c", "a\u{7f}@c", "a\u{85}@c"] {
+                assert_eq!(
+                    t.normalize(bad),
+                    Err(IdentityError::ForbiddenCharacter(t)),
+                    "{t} {bad:?}"
+                );
+            }
+            let long = format!("{}@x.y", "a".repeat(MAX_IDENTIFICATION_BYTES));
+            assert_eq!(t.normalize(&long), Err(IdentityError::TooLong(t)));
+        }
+    }
+
+    #[test]
+    fn normalizing_twice_changes_nothing() {
+        for (t, raw) in [
+            (IdType::Email, "X@Y.Z"),
+            (IdType::SipUri, "<SIPS:A@B;x=y>"),
+            (IdType::Id, "0042"),
+            (IdType::SyncId, "{F4FD9E5F017D4350ADF88DD811BC1A2E}"),
+        ] {
+            let once = ok(t, raw);
+            assert_eq!(ok(t, &once), once);
+        }
+    }
+}

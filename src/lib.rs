@@ -1,0 +1,50 @@
+//! miralix-gateway: a caching reverse proxy for the Miralix OfficeTeam recordings API.
+//!
+//! Internal apps call the gateway with the box's own route,
+//! `GET /mot/{account}/agents/{identificationType}/{identification}/recordings`, and get the
+//! box's answer from a cache. The gateway normalizes the agent identifier so every spelling of
+//! one agent shares one cache entry, coalesces concurrent misses into one upstream request, and
+//! adds the account's shared secret and the box's TLS trust on the way upstream.
+//!
+//! # Layout
+//!
+//! - [`config`]: raw TOML + environment, validated once into typed [`config::Config`].
+//! - [`route`] and [`identity`]: parse the request target and normalize the identification.
+//! - [`cache`] (+ [`cache::policy`]): stored answers, coalescing, pure freshness rules.
+//! - [`clock`]: the injectable time source every freshness decision reads.
+//! - [`upstream`] (+ [`upstream::trust`]): one rustls reqwest client per account.
+//! - [`proxy`]: the request handler and [`proxy::AppState`]; [`error`]: errors to statuses.
+//! - [`server`]: accept loops, per-connection spans, graceful shutdown.
+//! - [`metrics`], [`telemetry`]: Prometheus exposition and the tracing subscriber.
+//! - [`simulator`] and [`demo`]: a simulated box for the demo and the tests.
+//!
+//! # Request flow
+//!
+//! ```text
+//! TcpListener ─► server::run ─► proxy::handle ─► route::parse ─► identity::normalize
+//!                                   │
+//!                                   ├─► cache::ResponseCache::get_or_fetch ─► hit: stored Bytes
+//!                                   │        └─ miss: one spawned UpstreamClient::fetch per key,
+//!                                   │           shared by every concurrent waiter, stored by policy
+//!                                   └─► response headers (X-Cache, Cache-Status, Age,
+//!                                       Cache-Control) + one access-log event + metrics
+//! ```
+
+#![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod identity;
+pub mod metrics;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod simulator;
+pub mod telemetry;
+pub mod upstream;
+
+pub use proxy::AppState;
+pub use server::run;

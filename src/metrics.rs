@@ -1,0 +1,218 @@
+//! Prometheus metrics, exposed in the text format on the admin listener's `/metrics`.
+//!
+//! Per-account series are resolved once into an [`AccountMetrics`] when the account is set up,
+//! so the hit path only bumps an atomic and never allocates a label set.
+
+use std::fmt::Write as _;
+
+use http::StatusCode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+/// Upper bounds (seconds) of the upstream latency histogram: a list on a long history can take
+/// tens of seconds, a cached-by-the-box answer a few milliseconds.
+const UPSTREAM_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AccountLabels {
+    account: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    account: String,
+    /// The box's status code, or `timeout` / `connect_error` / `transport_error` / `aborted`.
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: u16,
+}
+
+fn upstream_histogram() -> Histogram {
+    Histogram::new(UPSTREAM_BUCKETS)
+}
+
+/// All metrics of one gateway process.
+pub struct Metrics {
+    registry: Registry,
+    hits: Family<AccountLabels, Counter>,
+    misses: Family<AccountLabels, Counter>,
+    coalesced: Family<AccountLabels, Counter>,
+    upstream_requests: Family<UpstreamLabels, Counter>,
+    upstream_duration: Family<AccountLabels, Histogram, fn() -> Histogram>,
+    requests: Family<StatusLabels, Counter>,
+    cache_entries: Gauge,
+    cache_bytes: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("miralix_gateway");
+        let metrics = Self {
+            hits: Family::default(),
+            misses: Family::default(),
+            coalesced: Family::default(),
+            upstream_requests: Family::default(),
+            upstream_duration: Family::new_with_constructor(upstream_histogram),
+            requests: Family::default(),
+            cache_entries: Gauge::default(),
+            cache_bytes: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "cache_hits",
+            "Requests answered from a fresh cache entry",
+            metrics.hits.clone(),
+        );
+        registry.register(
+            "cache_misses",
+            "Requests that led an upstream fetch",
+            metrics.misses.clone(),
+        );
+        registry.register(
+            "cache_coalesced",
+            "Requests that waited for another request's upstream fetch instead of starting one",
+            metrics.coalesced.clone(),
+        );
+        registry.register(
+            "upstream_requests",
+            "Requests sent to the Miralix box, by outcome",
+            metrics.upstream_requests.clone(),
+        );
+        registry.register_with_unit(
+            "upstream_request_duration",
+            "Time until the Miralix box's complete answer (or failure)",
+            Unit::Seconds,
+            metrics.upstream_duration.clone(),
+        );
+        registry.register(
+            "requests",
+            "Responses sent on the public listener, by status",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "cache_entries",
+            "Entries currently stored in the cache",
+            metrics.cache_entries.clone(),
+        );
+        registry.register(
+            "cache_bytes",
+            "Bytes currently held by the cache, as weighed against cache.max_bytes",
+            metrics.cache_bytes.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// The series of one account, resolved once.
+    pub fn account(&self, account: &str) -> AccountMetrics {
+        let labels = AccountLabels {
+            account: account.to_owned(),
+        };
+        AccountMetrics {
+            account: account.to_owned(),
+            hits: self.hits.get_or_create(&labels).clone(),
+            misses: self.misses.get_or_create(&labels).clone(),
+            coalesced: self.coalesced.get_or_create(&labels).clone(),
+            upstream_duration: self.upstream_duration.get_or_create(&labels).clone(),
+            upstream_requests: self.upstream_requests.clone(),
+        }
+    }
+
+    /// Count one response sent on the public listener.
+    pub fn record_response(&self, status: StatusCode) {
+        self.requests
+            .get_or_create(&StatusLabels {
+                status: status.as_u16(),
+            })
+            .inc();
+    }
+
+    /// The text exposition, with the cache gauges set to the given values first.
+    pub fn render(&self, cache_entries: u64, cache_bytes: u64) -> String {
+        self.cache_entries
+            .set(i64::try_from(cache_entries).unwrap_or(i64::MAX));
+        self.cache_bytes
+            .set(i64::try_from(cache_bytes).unwrap_or(i64::MAX));
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+            // Encoding into a String cannot fail; say so in the output rather than panic.
+            let _ = writeln!(text, "# metrics encoding failed");
+        }
+        text
+    }
+}
+
+/// Handles to one account's series.
+#[derive(Clone, Debug)]
+pub struct AccountMetrics {
+    account: String,
+    pub hits: Counter,
+    pub misses: Counter,
+    pub coalesced: Counter,
+    upstream_duration: Histogram,
+    upstream_requests: Family<UpstreamLabels, Counter>,
+}
+
+impl AccountMetrics {
+    /// Record one upstream request: its outcome label and how long it took.
+    pub fn record_upstream(&self, outcome: &str, seconds: f64) {
+        self.upstream_duration.observe(seconds);
+        self.upstream_requests
+            .get_or_create(&UpstreamLabels {
+                account: self.account.clone(),
+                status: outcome.to_owned(),
+            })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_match_the_documented_ones() {
+        let metrics = Metrics::new();
+        let greenbox = metrics.account("greenbox");
+        greenbox.hits.inc();
+        greenbox.misses.inc();
+        greenbox.record_upstream("200", 0.02);
+        metrics.record_response(StatusCode::OK);
+        let text = metrics.render(3, 4096);
+        for line in [
+            "miralix_gateway_cache_hits_total{account=\"greenbox\"} 1",
+            "miralix_gateway_cache_misses_total{account=\"greenbox\"} 1",
+            "miralix_gateway_cache_coalesced_total{account=\"greenbox\"} 0",
+            "miralix_gateway_upstream_requests_total{account=\"greenbox\",status=\"200\"} 1",
+            "miralix_gateway_upstream_request_duration_seconds_count{account=\"greenbox\"} 1",
+            "miralix_gateway_requests_total{status=\"200\"} 1",
+            "miralix_gateway_cache_entries 3",
+            "miralix_gateway_cache_bytes 4096",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! The agents and recordings a simulated box serves.
+//!
+//! Recordings are generated deterministically in the 7.x shape (queue fields first, then the 6.5
+//! fields), with the 7-digit fractional timestamps seen in the vendor's examples, and serialized
+//! once when the dataset is built.
+
+use std::collections::BTreeMap;
+
+/// Every account a simulated box knows, by name.
+#[derive(Debug, Clone, Default)]
+pub struct Dataset {
+    pub accounts: BTreeMap<String, SimAccount>,
+}
+
+/// One account ("domain") on the simulated box.
+#[derive(Clone)]
+pub struct SimAccount {
+    /// The `X-Miralix-Shared-Secret` this account requires.
+    pub shared_secret: String,
+    pub agents: Vec<Agent>,
+}
+
+impl std::fmt::Debug for SimAccount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimAccount")
+            .field("shared_secret", &"<redacted>")
+            .field("agents", &self.agents.len())
+            .finish()
+    }
+}
+
+/// One agent, reachable by each of its four identifications (all in canonical form).
+#[derive(Debug, Clone)]
+pub struct Agent {
+    pub id: u64,
+    pub name: String,
+    pub email: String,
+    pub sip_uri: String,
+    pub sync_id: String,
+    /// `(QueueCallId, the element's JSON text)`, in ascending QueueCallId order.
+    pub recordings: Vec<(u64, String)>,
+}
+
+struct Queue {
+    id: u64,
+    name: &'static str,
+    culture: &'static str,
+}
+
+const QUEUES: [Queue; 3] = [
+    Queue {
+        id: 1,
+        name: "Support",
+        culture: "da-DK",
+    },
+    Queue {
+        id: 2,
+        name: "Sales",
+        culture: "da-DK",
+    },
+    Queue {
+        id: 7,
+        name: "Switchboard EN",
+        culture: "en-GB",
+    },
+];
+
+/// 2024-03-04T08:00:00Z, a Monday: the first generated call.
+const FIRST_CALL_UNIX: u64 = 1_709_539_200;
+
+impl Dataset {
+    /// The demo box: account `greenbox` with a handful of agents, one of them with no calls.
+    pub fn demo(account: &str, shared_secret: &str) -> Self {
+        let agents = vec![
+            Agent::generate(
+                1,
+                "Claus Clausen",
+                "claus.clausen@greenbox.local",
+                "sip:claus@greenbox.local",
+                "9b2c41d7-5e0a-4c8e-9f21-3d6a7b8c9e01",
+                12,
+            ),
+            Agent::generate(
+                103,
+                "Derek Andersen",
+                "derek.a@company.local",
+                "sip:lp1@company.local",
+                "f4fd9e5f-017d-4350-adf8-8dd811bc1a2e",
+                40,
+            ),
+            Agent::generate(
+                104,
+                "Sofie Holm",
+                "sofie.holm@greenbox.local",
+                "sip:sofie@greenbox.local",
+                "0c7e5a12-88b1-4f3d-a6e4-52d9c0b7f3aa",
+                5,
+            ),
+            Agent::generate(
+                105,
+                "Mads Nygaard",
+                "mads.nygaard@greenbox.local",
+                "sip:mads@greenbox.local",
+                "5d1f0e2b-7c3a-4b9e-8d6f-a1b2c3d4e5f6",
+                0,
+            ),
+        ];
+        let mut accounts = BTreeMap::new();
+        accounts.insert(
+            account.to_owned(),
+            SimAccount {
+                shared_secret: shared_secret.to_owned(),
+                agents,
+            },
+        );
+        Self { accounts }
+    }
+}
+
+impl Agent {
+    /// An agent with `calls` generated recordings.
+    pub fn generate(
+        id: u64,
+        name: &str,
+        email: &str,
+        sip_uri: &str,
+        sync_id: &str,
+        calls: u64,
+    ) -> Self {
+        let recordings = (0..calls)
+            .map(|n| {
+                let queue_call_id = 47_000 + id * 1_000 + n * 3;
+                (queue_call_id, recording_json(id, name, queue_call_id, n))
+            })
+            .collect();
+        Self {
+            id,
+            name: name.to_owned(),
+            email: email.to_owned(),
+            sip_uri: sip_uri.to_owned(),
+            sync_id: sync_id.to_owned(),
+            recordings,
+        }
+    }
+
+    /// The JSON array of the recordings after `from` (all of them without it), as the box sends it.
+    pub fn recordings_after(&self, from: Option<u64>) -> String {
+        let selected: Vec<&str> = self
+            .recordings
+            .iter()
+            .filter(|(id, _)| from.is_none_or(|from| *id > from))
+            .map(|(_, json)| json.as_str())
+            .collect();
+        format!("[{}]", selected.join(","))
+    }
+}
+
+/// One recording element; every number derives from the agent and call index.
+fn recording_json(agent_id: u64, agent_name: &str, queue_call_id: u64, n: u64) -> String {
+    let queue = &QUEUES[usize::try_from((agent_id + n) % 3).unwrap_or(0)];
+    let seed = queue_call_id.wrapping_mul(2_654_435_761) % 1_000_000_007;
+    let started = FIRST_CALL_UNIX + n * 9_437 + seed % 3_600;
+    let duration = 20 + seed % 580;
+    let ended = started + duration;
+    let call_type = if seed % 5 == 0 { "CallbackCall" } else { "QueueCall" };
+    let caller = format!("+45{}", 20_000_000 + seed % 79_999_999);
+    let file = format!(
+        "{:08x}-{:04x}-4{:03x}-a{:03x}-{:012x}.mp3",
+        seed & 0xffff_ffff,
+        queue_call_id & 0xffff,
+        agent_id & 0xfff,
+        n & 0xfff,
+        seed.wrapping_mul(31) & 0xffff_ffff_ffff
+    );
+    let value = serde_json::json!({
+        "QueueId": queue.id,
+        "QueueName": queue.name,
+        "QueueCallId": queue_call_id,
+        "QueueCallType": call_type,
+        "Culture": queue.culture,
+        "ConversationStartedUtc": timestamp(started, seed % 10_000_000),
+        "ConversationEndedUtc": timestamp(ended, (seed / 7) % 10_000_000),
+        "AgentName": agent_name,
+        "AgentId": agent_id,
+        "RecordingFileName": file,
+        "Caller": caller,
+    });
+    value.to_string()
+}
+
+/// `2024-03-04T08:00:00.1234567Z` from UNIX seconds and 100-ns ticks.
+fn timestamp(unix: u64, ticks: u64) -> String {
+    let days = unix / 86_400;
+    let secs = unix % 86_400;
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{ticks:07}Z",
+        secs / 3_600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// Gregorian date of a day count since 1970-01-01 (Howard Hinnant's days-to-civil algorithm).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_calendar_dates() {
+        assert_eq!(timestamp(0, 0), "1970-01-01T00:00:00.0000000Z");
+        assert_eq!(timestamp(FIRST_CALL_UNIX, 1_696_606), "2024-03-04T08:00:00.1696606Z");
+        assert_eq!(timestamp(951_782_400, 0), "2000-02-29T00:00:00.0000000Z");
+    }
+
+    #[test]
+    fn recordings_are_valid_json_in_the_7x_shape_and_filter_by_id() {
+        let agent = Agent::generate(103, "Derek", "d@x.y", "sip:d@x.y", "f4fd9e5f-017d-4350-adf8-8dd811bc1a2e", 40);
+        let all: Vec<serde_json::Value> = serde_json::from_str(&agent.recordings_after(None)).unwrap();
+        assert_eq!(all.len(), 40);
+        let first = all[0].as_object().unwrap();
+        let keys: Vec<&str> = first.keys().map(String::as_str).collect();
+        assert!(keys.contains(&"QueueCallId") && keys.contains(&"RecordingFileName"));
+        let third_id = agent.recordings[2].0;
+        let after: Vec<serde_json::Value> =
+            serde_json::from_str(&agent.recordings_after(Some(third_id))).unwrap();
+        assert_eq!(after.len(), 37);
+        assert!(after.iter().all(|r| r["QueueCallId"].as_u64().unwrap() > third_id));
+        assert_eq!(agent.recordings_after(Some(u64::MAX)), "[]");
+    }
+}

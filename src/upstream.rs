@@ -1,0 +1,254 @@
+//! The client that talks to one account's Miralix box.
+//!
+//! One [`UpstreamClient`] per account, built once at start-up: a reqwest client over rustls with
+//! the account's trust settings (see [`trust`]), timeouts, and the shared secret as a default
+//! header. Requests are built from the normalized request only, so no client header, cookie or
+//! secret can reach the box. Upstream statuses are mapped here into a reply that passes through
+//! or an [`UpstreamError`].
+
+pub mod trust;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{ACCEPT, CONTENT_TYPE};
+use http::{HeaderMap, HeaderValue, StatusCode};
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+
+use crate::config::AccountConfig;
+use crate::route::{FROM_QUEUE_CALL_ID, RecordingsRequest};
+
+/// The header the box authenticates requests with.
+pub const SHARED_SECRET_HEADER: &str = "x-miralix-shared-secret";
+
+/// Sent upstream so the box's logs show who is calling.
+pub const USER_AGENT: &str = concat!("miralix-gateway/", env!("CARGO_PKG_VERSION"));
+
+/// Characters escaped in the identification path segment: everything that is not allowed raw in
+/// a URL path segment, plus `/`, `%`, `?`, `#` and `;`. `@` and `:` stay raw, as in the vendor's
+/// examples (`sipUri/sip:lp1@company.local`).
+const SEGMENT: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'/')
+    .add(b';')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'[')
+    .add(b'\\')
+    .add(b']')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}');
+
+/// A box's answer that is passed on to clients (`200`, `404`, `400`, `403`).
+#[derive(Debug, Clone)]
+pub struct UpstreamReply {
+    pub status: StatusCode,
+    pub content_type: Option<HeaderValue>,
+    pub body: Bytes,
+}
+
+/// Why the box could not give a usable answer. `Display` is safe to show clients: it never
+/// names the box's address or the secret; the `source` (for logs) may name the address.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("the Miralix box did not answer within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    #[error("could not connect to the Miralix box or verify its TLS certificate")]
+    Connect(#[source] Arc<reqwest::Error>),
+    #[error("the connection to the Miralix box failed before a complete answer arrived")]
+    Transport(#[source] Arc<reqwest::Error>),
+    #[error("the box rejected the configured shared secret")]
+    RejectedSecret,
+    #[error("the Miralix box answered {0}")]
+    Status(StatusCode),
+    #[error("the upstream request was aborted")]
+    Aborted,
+}
+
+impl UpstreamError {
+    /// The box's status code, when it answered at all.
+    pub fn upstream_status(&self) -> Option<StatusCode> {
+        match self {
+            UpstreamError::RejectedSecret => Some(StatusCode::UNAUTHORIZED),
+            UpstreamError::Status(status) => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The error with every source, for logs.
+    pub fn detail(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        text
+    }
+}
+
+/// Why an account's client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Trust(#[from] trust::TrustError),
+    #[error("could not build the HTTP client: {0}")]
+    Client(#[source] reqwest::Error),
+}
+
+/// The client for one account's box.
+#[derive(Debug, Clone)]
+pub struct UpstreamClient {
+    http: reqwest::Client,
+    /// The base URL's text without a trailing slash; the route is appended to it.
+    base: Arc<str>,
+    account: Arc<str>,
+    timeout: Duration,
+}
+
+impl UpstreamClient {
+    pub fn new(account: &str, config: &AccountConfig) -> Result<Self, BuildError> {
+        let mut secret = HeaderValue::from_str(config.shared_secret.expose())
+            .expect("validated as a header value when the config was loaded");
+        secret.set_sensitive(true);
+        let mut headers = HeaderMap::new();
+        headers.insert(SHARED_SECRET_HEADER, secret);
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+
+        let tls = if config.base_url.scheme() == "https" {
+            trust::client_config(&config.trust)?
+        } else {
+            trust::plain_http_config()
+        };
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .user_agent(USER_AGENT)
+            .timeout(config.timeout)
+            .connect_timeout(config.connect_timeout)
+            // A redirect from the box is unexpected and would carry the secret elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
+            // The box sits on the local network; an environment proxy would only get in the way.
+            .no_proxy()
+            .http1_only()
+            .tls_backend_preconfigured(tls)
+            .build()
+            .map_err(BuildError::Client)?;
+        Ok(Self {
+            http,
+            base: config.base_url.as_str().trim_end_matches('/').into(),
+            account: account.into(),
+            timeout: config.timeout,
+        })
+    }
+
+    /// The upstream URL for a normalized request: the canonical identification as one segment.
+    pub fn url_for(&self, request: &RecordingsRequest) -> String {
+        let mut url = format!(
+            "{}/mot/{}/agents/{}/{}/recordings",
+            self.base,
+            utf8_percent_encode(&self.account, SEGMENT),
+            request.id_type.as_str(),
+            utf8_percent_encode(&request.identification, SEGMENT),
+        );
+        if let Some(from) = request.from_queue_call_id {
+            url.push_str(&format!("?{FROM_QUEUE_CALL_ID}={from}"));
+        }
+        url
+    }
+
+    /// Fetch one recordings list and map the box's status.
+    pub async fn fetch(&self, request: &RecordingsRequest) -> Result<UpstreamReply, UpstreamError> {
+        let response = self
+            .http
+            .get(self.url_for(request))
+            .send()
+            .await
+            .map_err(|e| self.classify(e))?;
+        let status = response.status();
+        match status {
+            StatusCode::OK | StatusCode::NOT_FOUND | StatusCode::BAD_REQUEST | StatusCode::FORBIDDEN => {
+                let content_type = response.headers().get(CONTENT_TYPE).cloned();
+                let body = response.bytes().await.map_err(|e| self.classify(e))?;
+                Ok(UpstreamReply {
+                    status,
+                    content_type,
+                    body,
+                })
+            }
+            StatusCode::UNAUTHORIZED => Err(UpstreamError::RejectedSecret),
+            other => Err(UpstreamError::Status(other)),
+        }
+    }
+
+    fn classify(&self, error: reqwest::Error) -> UpstreamError {
+        if error.is_timeout() {
+            UpstreamError::Timeout(self.timeout)
+        } else if error.is_connect() {
+            UpstreamError::Connect(Arc::new(error))
+        } else {
+            UpstreamError::Transport(Arc::new(error))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Secret, UpstreamTrust};
+    use crate::identity::IdType;
+
+    fn client(base: &str, account: &str) -> UpstreamClient {
+        let config = AccountConfig {
+            base_url: base.parse().unwrap(),
+            shared_secret: Secret::new("x"),
+            trust: UpstreamTrust::default(),
+            timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+        };
+        UpstreamClient::new(account, &config).unwrap()
+    }
+
+    fn request(id_type: IdType, identification: &str, from: Option<u64>) -> RecordingsRequest {
+        RecordingsRequest {
+            account: "greenbox".into(),
+            id_type,
+            identification: identification.into(),
+            from_queue_call_id: from,
+        }
+    }
+
+    #[test]
+    fn urls_keep_at_and_colon_raw_and_escape_the_rest() {
+        let c = client("http://10.0.0.1/", "greenbox");
+        assert_eq!(
+            c.url_for(&request(IdType::SipUri, "sip:lp1@company.local", None)),
+            "http://10.0.0.1/mot/greenbox/agents/sipUri/sip:lp1@company.local/recordings"
+        );
+        assert_eq!(
+            c.url_for(&request(IdType::Email, "a%b#c?d@x.y", Some(7))),
+            "http://10.0.0.1/mot/greenbox/agents/email/a%25b%23c%3Fd@x.y/recordings?fromQueueCallId=7"
+        );
+        assert_eq!(
+            c.url_for(&request(IdType::Email, "åse@firma.dk", None)),
+            "http://10.0.0.1/mot/greenbox/agents/email/%C3%A5se@firma.dk/recordings"
+        );
+    }
+
+    #[test]
+    fn base_path_is_kept() {
+        let c = client("http://box.local:8080/officeteam/", "12986");
+        assert_eq!(
+            c.url_for(&request(IdType::Id, "103", None)),
+            "http://box.local:8080/officeteam/mot/12986/agents/id/103/recordings"
+        );
+    }
+}
