@@ -75,7 +75,8 @@ impl CacheStatus {
 /// What every request for a key receives when its fetch completes.
 pub type FetchResult = Result<Arc<CachedResponse>, UpstreamError>;
 
-type Flights = HashMap<CacheKey, watch::Receiver<Option<FetchResult>>>;
+/// Fetches in flight: a sender of each fetch's channel, to subscribe joiners and count them.
+type Flights = HashMap<CacheKey, watch::Sender<Option<FetchResult>>>;
 
 /// Stored responses plus the map of fetches in flight. Cheap to clone: clones share state.
 #[derive(Clone)]
@@ -150,14 +151,14 @@ impl ResponseCache {
         }
         let (status, mut receiver) = {
             let mut flights = self.in_flight.lock().await;
-            if let Some(receiver) = flights.get(&key) {
-                (CacheStatus::Collapsed, receiver.clone())
+            if let Some(flight) = flights.get(&key) {
+                (CacheStatus::Collapsed, flight.subscribe())
             } else if let Some(entry) = self.fresh(&key).await {
                 // A fetch completed between the lookup above and taking the lock.
                 return (CacheStatus::Hit, Ok(entry));
             } else {
                 let (sender, receiver) = watch::channel(None);
-                flights.insert(key.clone(), receiver.clone());
+                flights.insert(key.clone(), sender.clone());
                 self.spawn_fetch(key, sender, fetch());
                 (CacheStatus::Miss, receiver)
             }
@@ -208,6 +209,12 @@ impl ResponseCache {
             cache.in_flight.lock().await.remove(&key);
             sender.send_replace(Some(result));
         });
+    }
+
+    /// Requests currently waiting for an upstream fetch, leaders and collapsed waiters alike.
+    pub async fn waiting(&self) -> usize {
+        let flights = self.in_flight.lock().await;
+        flights.values().map(watch::Sender::receiver_count).sum()
     }
 
     /// Entries currently stored.

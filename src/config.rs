@@ -343,6 +343,7 @@ impl RawConfig {
 
         if let (Some(a), Some(b)) = (listen, admin_listen)
             && a == b
+            && a.port() != 0
         {
             problems.push(
                 "admin.listen",

@@ -1,1 +1,7 @@
-//! placeholder
+//! The integration suite: one test binary, real loopback sockets on port 0, and the same
+//! simulated Miralix box the demo uses as the upstream.
+
+mod cli;
+mod proxy;
+mod support;
+mod upstream;

@@ -1,0 +1,254 @@
+//! The `miralix-gateway` binary: check-config, a full run's logs, and the demo as printed.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use miralix_gateway::config::format_pin;
+use miralix_gateway::simulator::{Dataset, Failure, Simulator, SimulatorTls};
+use miralix_gateway::upstream::trust::sha256;
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_miralix-gateway");
+
+fn check_config(path: &std::path::Path) -> (bool, String, String) {
+    let output = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_example_config_is_valid() {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
+    let config = miralix_gateway::config::load(&example).expect("config/example.toml loads");
+    assert!(config.accounts.contains_key("greenbox"));
+    let (ok, stdout, stderr) = check_config(&example);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("example.toml: ok: 2 account(s) (12986, greenbox)"), "{stdout}");
+}
+
+#[test]
+fn check_config_reports_every_problem_by_key_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &path,
+        r#"
+[cache]
+ttl = "30 seconds please"
+max_bites = "1GiB"
+
+[accounts.greenbox]
+base_url = "https://192.168.1.10"
+shared_secret = "s"
+pin_sha256 = "not-a-pin"
+"#,
+    )
+    .unwrap();
+    let (ok, _, stderr) = check_config(&path);
+    assert!(!ok);
+    let file = path.display().to_string();
+    for line in [
+        format!("{file}: cache.max_bites: unknown key"),
+        format!("{file}: cache.ttl: \"30 seconds please\" is not a duration"),
+        format!("{file}: accounts.greenbox.pin_sha256: expected the SHA-256 fingerprint"),
+    ] {
+        assert!(stderr.contains(&line), "missing {line:?} in:\n{stderr}");
+    }
+
+    let (ok, _, stderr) = check_config(&dir.path().join("missing.toml"));
+    assert!(!ok);
+    assert!(stderr.contains("missing.toml"), "{stderr}");
+}
+
+/// A child process whose stderr (or stdout) lines are collected as they arrive.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Running {
+    fn spawn(command: &mut Command, read_stdout: bool) -> Self {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (sender, lines) = mpsc::channel();
+        let readers: Vec<Box<dyn std::io::Read + Send>> = vec![
+            Box::new(child.stderr.take().unwrap()),
+            Box::new(child.stdout.take().unwrap()),
+        ];
+        for (n, reader) in readers.into_iter().enumerate() {
+            let sender = sender.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(reader).lines().map_while(Result::ok) {
+                    // stdout is drained either way, so the child never blocks on a full pipe.
+                    if n == 0 || read_stdout {
+                        let _ = sender.send(line);
+                    }
+                }
+            });
+        }
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Lines until one contains `needle`; that line is returned.
+    fn wait_for(&mut self, needle: &str) -> String {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("no line with {needle:?}; saw:\n{}", self.seen.join("\n")));
+            self.seen.push(line.clone());
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    /// Stop the process and return everything it wrote.
+    fn finish(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(line);
+        }
+        self.seen.join("\n")
+    }
+}
+
+fn addr_after(line: &str, key: &str) -> SocketAddr {
+    let start = line.find(key).unwrap_or_else(|| panic!("{key} in {line}")) + key.len();
+    line[start..].split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_full_run_at_trace_level_never_shows_the_secret() {
+    let simulator = Simulator::start(
+        "127.0.0.1:0".parse().unwrap(),
+        SimulatorTls::SelfSigned,
+        Dataset::demo(ACCOUNT, SECRET),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("greenbox.secret");
+    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    let config = dir.path().join("gateway.toml");
+    let pin = format_pin(&sha256(&simulator.certificate().unwrap().leaf_der));
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[accounts.{ACCOUNT}]
+base_url = "{}"
+shared_secret_file = "{}"
+pin_sha256 = "{pin}"
+"#,
+            simulator.base_url(),
+            secret_file.display()
+        ),
+    )
+    .unwrap();
+    let mut gateway = Running::spawn(
+        Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "trace"),
+        false,
+    );
+    let serving = gateway.wait_for("miralix-gateway serving");
+    let public = addr_after(&serving, "public=");
+    let admin = addr_after(&serving, "admin=");
+
+    let mut bodies = Vec::new();
+    for target in [
+        path("email", EMAIL),
+        path("email", EMAIL),
+        path("id", "999"),
+        path("phone", "1"),
+        format!("{}?fromQueueCallId=x", path("id", "1")),
+    ] {
+        bodies.push(request(public, "GET", &target, &[("X-Miralix-Shared-Secret", "guess")]).await);
+    }
+    bodies.push(request(public, "POST", &path("id", "1"), &[("Content-Length", "0")]).await);
+    for failure in [Failure::Status(500), Failure::Status(401), Failure::Close] {
+        simulator.set_failure(failure);
+        bodies.push(request(public, "GET", &path("id", "104"), &[]).await);
+    }
+    let statuses: Vec<u16> = bodies.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [200, 200, 404, 400, 400, 405, 502, 502, 502]);
+    let metrics = request(admin, "GET", "/metrics", &[]).await;
+    assert_eq!(metrics.status, 200);
+
+    let logs = gateway.finish();
+    assert!(logs.contains("cache=\"hit\""), "the access log was captured:\n{logs}");
+    assert!(logs.contains("TRACE"), "trace level was on");
+    for (what, text) in [
+        ("logs", logs.clone()),
+        ("metrics", metrics.text()),
+        ("bodies", bodies.iter().map(Reply::text).collect::<Vec<_>>().join("\n")),
+    ] {
+        assert!(!text.contains(SECRET), "the secret appears in the {what}");
+    }
+    // The box received it, so the test would have seen it had it been logged.
+    assert!(
+        simulator
+            .received()
+            .iter()
+            .all(|r| r.headers["x-miralix-shared-secret"] == SECRET)
+    );
+}
+
+#[test]
+fn the_demo_prints_curl_commands_that_work_as_printed() {
+    let mut demo = Running::spawn(
+        Command::new(BIN).args(["demo", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]),
+        true,
+    );
+    demo.wait_for("Press Ctrl-C to stop.");
+    let commands: Vec<String> = demo
+        .seen
+        .iter()
+        .filter_map(|l| l.trim_start().strip_prefix("curl ").map(|c| format!("curl {c}")))
+        .collect();
+    assert_eq!(commands.len(), 7, "{:#?}", demo.seen);
+    let run = |command: &str| {
+        let command = command.split("  #").next().unwrap();
+        let output = Command::new("sh").args(["-c", command]).output().unwrap();
+        assert!(output.status.success(), "{command} failed");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let outputs: Vec<String> = commands.iter().map(|c| run(c)).collect();
+    assert!(outputs[0].starts_with("HTTP/1.1 200 OK"), "{}", outputs[0]);
+    assert!(outputs[0].to_lowercase().contains("x-cache: miss"), "{}", outputs[0]);
+    assert!(outputs[1].to_lowercase().contains("x-cache: hit"), "{}", outputs[1]);
+    assert!(outputs[2].to_lowercase().contains("x-cache: hit"), "{}", outputs[2]);
+    assert!(outputs[3].starts_with("HTTP/1.1 200 OK") && outputs[3].contains("QueueCallId"), "{}", outputs[3]);
+    assert!(outputs[4].starts_with("HTTP/1.1 404"), "{}", outputs[4]);
+    assert!(outputs[5].starts_with("HTTP/1.1 400"), "{}", outputs[5]);
+    assert!(outputs[6].contains("miralix_gateway_cache_hits_total{account=\"greenbox\"} 2"), "{}", outputs[6]);
+    let logs = demo.finish();
+    assert!(!logs.contains(miralix_gateway::demo::SHARED_SECRET), "{logs}");
+}

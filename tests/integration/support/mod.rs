@@ -1,0 +1,273 @@
+//! Fixtures: a gateway on port 0 in front of the simulated box, and a raw HTTP/1.1 client.
+//!
+//! The client writes request targets byte for byte (no URL normalization), so tests can send
+//! `..`, encoded slashes and other input a real HTTP library would clean up first.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use miralix_gateway::AppState;
+use miralix_gateway::clock::ManualClock;
+use miralix_gateway::config::{self, format_pin};
+use miralix_gateway::simulator::{Dataset, Simulator, SimulatorTls};
+use miralix_gateway::upstream::trust::sha256;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const ACCOUNT: &str = "greenbox";
+/// Distinctive, so a grep of logs and bodies cannot miss it.
+pub const SECRET: &str = "sec-7Qx9-do-not-leak-5mK2";
+/// Agent 103's canonical identifications on the simulated box.
+pub const EMAIL: &str = "derek.a@company.local";
+pub const SYNC_ID: &str = "f4fd9e5f-017d-4350-adf8-8dd811bc1a2e";
+
+/// How the gateway is told to trust the simulated box.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trust {
+    /// `pin_sha256` of the box's certificate.
+    Pin,
+    /// `pin_sha256` of some other certificate.
+    WrongPin,
+    /// `ca_file` holding the box's issuing CA (its own certificate when self-signed).
+    CaFile,
+    /// `ca_file` holding a self-signed certificate that has nothing to do with the box.
+    UnrelatedCaFile,
+}
+
+/// Options for [`Gateway::start`].
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub tls: SimulatorTls,
+    pub trust: Trust,
+    /// Extra lines for the `[cache]` table.
+    pub cache: &'static str,
+    /// Extra lines for the account table.
+    pub account: String,
+    /// Point the account somewhere other than the simulator.
+    pub base_url: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            tls: SimulatorTls::SelfSigned,
+            trust: Trust::Pin,
+            cache: "ttl = \"30s\"\nnegative_ttl = \"5s\"",
+            account: String::new(),
+            base_url: None,
+        }
+    }
+}
+
+/// A running gateway, its simulated box and its clock. Stops when dropped.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub state: Arc<AppState>,
+    pub simulator: Simulator,
+    pub clock: Arc<ManualClock>,
+    _dir: tempfile::TempDir,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Gateway {
+    pub async fn start(options: Options) -> Self {
+        let simulator = Simulator::start(
+            "127.0.0.1:0".parse().unwrap(),
+            options.tls,
+            Dataset::demo(ACCOUNT, SECRET),
+        )
+        .await
+        .expect("simulator starts");
+        let dir = tempfile::tempdir().unwrap();
+        let trust = match (options.trust, simulator.certificate()) {
+            (_, None) => String::new(),
+            (Trust::Pin, Some(cert)) => {
+                format!("pin_sha256 = \"{}\"", format_pin(&sha256(&cert.leaf_der)))
+            }
+            (Trust::WrongPin, Some(_)) => format!("pin_sha256 = \"{}\"", "ab".repeat(32)),
+            (Trust::CaFile, Some(cert)) => {
+                let path = dir.path().join("box-ca.pem");
+                std::fs::write(&path, &cert.ca_pem).unwrap();
+                format!("ca_file = \"{}\"", path.display())
+            }
+            (Trust::UnrelatedCaFile, Some(_)) => {
+                let other = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+                let path = dir.path().join("unrelated.pem");
+                std::fs::write(&path, other.cert.pem()).unwrap();
+                format!("ca_file = \"{}\"", path.display())
+            }
+        };
+        let text = format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[cache]
+{cache}
+[accounts.{ACCOUNT}]
+base_url = "{base}"
+shared_secret = "{SECRET}"
+{trust}
+{account}
+"#,
+            cache = options.cache,
+            base = options.base_url.unwrap_or_else(|| simulator.base_url()),
+            account = options.account,
+        );
+        let config = config::from_toml_str(&text, "test.toml").expect("test config is valid");
+        let clock = Arc::new(ManualClock::new());
+        let state = Arc::new(AppState::new(&config, clock.clone()).expect("state builds"));
+        let public = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (addr, admin_addr) = (public.local_addr().unwrap(), admin.local_addr().unwrap());
+        let (shutdown, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(miralix_gateway::run(public, admin, state.clone(), async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            admin: admin_addr,
+            state,
+            simulator,
+            clock,
+            _dir: dir,
+            shutdown: Some(shutdown),
+            task: Some(task),
+        }
+    }
+
+    pub async fn get(&self, target: &str) -> Reply {
+        request(self.addr, "GET", target, &[]).await
+    }
+
+    pub async fn metrics(&self) -> String {
+        let reply = request(self.admin, "GET", "/metrics", &[]).await;
+        assert_eq!(reply.status, 200);
+        reply.text()
+    }
+
+    /// Stop accepting and wait for the server to drain.
+    pub async fn stop(mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// Path of agent `kind/value` on the test account.
+pub fn path(kind: &str, value: &str) -> String {
+    format!("/mot/{ACCOUNT}/agents/{kind}/{value}/recordings")
+}
+
+/// A parsed HTTP/1.1 answer.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.text()))
+    }
+}
+
+/// Send one request with `Connection: close` and read the whole answer.
+pub async fn request(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut head = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    let raw = exchange(addr, head.as_bytes()).await;
+    parse_reply(&raw).unwrap_or_else(|| panic!("unparsable answer to {method} {target}: {:?}", String::from_utf8_lossy(&raw)))
+}
+
+/// Write raw bytes, read until the server closes (bounded by a timeout).
+pub async fn exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(bytes).await.expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut raw))
+        .await
+        .expect("answer within 20s")
+        .expect("read");
+    raw
+}
+
+pub fn parse_reply(raw: &[u8]) -> Option<Reply> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut headers);
+    let httparse::Status::Complete(head_len) = response.parse(raw).ok()? else {
+        return None;
+    };
+    let headers: Vec<(String, String)> = response
+        .headers
+        .iter()
+        .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
+        .collect();
+    let mut body = raw[head_len..].to_vec();
+    if let Some((_, length)) = headers.iter().find(|(n, _)| n.eq_ignore_ascii_case("content-length")) {
+        body.truncate(length.parse().ok()?);
+    }
+    Some(Reply {
+        status: response.code?,
+        headers,
+        body,
+    })
+}
+
+/// Wait for `condition` to hold, checking as it may change; fails the test after 10 s.
+pub async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !condition().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// The value of one sample line in a Prometheus exposition, e.g.
+/// `miralix_gateway_cache_hits_total{account="greenbox"}`.
+pub fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no sample {series} in\n{metrics}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
