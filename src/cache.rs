@@ -179,8 +179,12 @@ impl ResponseCache {
         }
     }
 
-    fn spawn_fetch<Fut>(&self, key: CacheKey, sender: watch::Sender<Option<FetchResult>>, fetch: Fut)
-    where
+    fn spawn_fetch<Fut>(
+        &self,
+        key: CacheKey,
+        sender: watch::Sender<Option<FetchResult>>,
+        fetch: Fut,
+    ) where
         Fut: Future<Output = Result<UpstreamReply, UpstreamError>> + Send + 'static,
     {
         let cache = self.clone();

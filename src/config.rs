@@ -167,6 +167,13 @@ fn build<S>(origin: String, source: S) -> Result<Config, ConfigError>
 where
     S: config::Source + Send + Sync + 'static,
 {
+    // A problem may come from an override, so say that overrides were in play.
+    let env_prefix = format!("{ENV_PREFIX}__");
+    let origin = if std::env::vars_os().any(|(k, _)| k.to_string_lossy().starts_with(&env_prefix)) {
+        format!("{origin} (with {env_prefix}* environment overrides)")
+    } else {
+        origin
+    };
     let load_error = |source| ConfigError::Load {
         origin: origin.clone(),
         source,
@@ -391,7 +398,10 @@ fn validate_account(
     let base_url = match raw.base_url {
         Some(url) => problems.check(&key("base_url"), parse_base_url(&url)),
         None => {
-            problems.push(key("base_url"), "missing: the box's URL, e.g. \"https://192.168.1.10\"");
+            problems.push(
+                key("base_url"),
+                "missing: the box's URL, e.g. \"https://192.168.1.10\"",
+            );
             None
         }
     };
@@ -440,7 +450,9 @@ fn validate_account(
     );
     if let Some(url) = &base_url
         && url.scheme() == "http"
-        && (raw.ca_file.is_some() || raw.pin_sha256.is_some() || matches!(server_name, Some(Some(_))))
+        && (raw.ca_file.is_some()
+            || raw.pin_sha256.is_some()
+            || matches!(server_name, Some(Some(_))))
     {
         problems.push(
             key("base_url"),
@@ -502,10 +514,14 @@ fn parse_size(value: Option<RawSize>) -> Result<u64, String> {
 }
 
 fn parse_base_url(value: &str) -> Result<reqwest::Url, String> {
-    let url = reqwest::Url::parse(value)
-        .map_err(|e| format!("\"{value}\" is not a URL ({e}): expected e.g. \"https://192.168.1.10\""))?;
+    let url = reqwest::Url::parse(value).map_err(|e| {
+        format!("\"{value}\" is not a URL ({e}): expected e.g. \"https://192.168.1.10\"")
+    })?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(format!("scheme \"{}\" is not supported: use https:// or http://", url.scheme()));
+        return Err(format!(
+            "scheme \"{}\" is not supported: use https:// or http://",
+            url.scheme()
+        ));
     }
     if url.host().is_none() {
         return Err("the URL has no host".into());
@@ -608,7 +624,10 @@ mod tests {
 
     #[test]
     fn sizes_accept_units_and_integers() {
-        assert_eq!(parse_size(Some(RawSize::Text("256MiB".into()))), Ok(256 << 20));
+        assert_eq!(
+            parse_size(Some(RawSize::Text("256MiB".into()))),
+            Ok(256 << 20)
+        );
         assert_eq!(parse_size(Some(RawSize::Text("1 GiB".into()))), Ok(1 << 30));
         assert_eq!(parse_size(Some(RawSize::Text("4096".into()))), Ok(4096));
         assert_eq!(parse_size(Some(RawSize::Bytes(1000))), Ok(1000));
@@ -645,7 +664,9 @@ mod tests {
             "accounts.greenbox.pin_sha256",
         ] {
             assert!(
-                problems.iter().any(|p| p.starts_with(&format!("bad.toml: {key}: "))),
+                problems
+                    .iter()
+                    .any(|p| p.starts_with(&format!("bad.toml: {key}: "))),
                 "{key} missing from {problems:#?}"
             );
         }
@@ -654,7 +675,10 @@ mod tests {
     #[test]
     fn accounts_are_required() {
         let err = from_toml_str("[cache]\nttl = \"1s\"\n", "empty.toml").unwrap_err();
-        assert!(err.to_string().contains("empty.toml: accounts: no account"), "{err}");
+        assert!(
+            err.to_string().contains("empty.toml: accounts: no account"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -65,9 +65,7 @@ impl fmt::Display for IdType {
 /// so it names what was wrong and what is accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {
-    #[error(
-        "unknown identification type \"{0}\": accepted types are sipUri, id, email and syncId"
-    )]
+    #[error("unknown identification type \"{0}\": accepted types are sipUri, id, email and syncId")]
     UnknownType(String),
     #[error("the {0} identification is empty")]
     Empty(IdType),
@@ -85,9 +83,7 @@ pub enum IdentityError {
         "invalid sipUri identification: {0}; expected sip:user@host, sips:user@host, user@host or <sip:user@host>"
     )]
     SipUri(&'static str),
-    #[error(
-        "invalid id identification: expected decimal digits only (0 to 18446744073709551615)"
-    )]
+    #[error("invalid id identification: expected decimal digits only (0 to 18446744073709551615)")]
     Id,
     #[error(
         "invalid syncId identification: expected a GUID such as f4fd9e5f-017d-4350-adf8-8dd811bc1a2e (braces and hyphens optional)"
@@ -103,7 +99,10 @@ fn check_common(id_type: IdType, value: &str) -> Result<(), IdentityError> {
     if value.len() > MAX_IDENTIFICATION_BYTES {
         return Err(IdentityError::TooLong(id_type));
     }
-    if value.chars().any(|c| c == '/' || c == '\\' || c.is_control()) {
+    if value
+        .chars()
+        .any(|c| c == '/' || c == '\\' || c.is_control())
+    {
         return Err(IdentityError::ForbiddenCharacter(id_type));
     }
     Ok(())
@@ -117,7 +116,9 @@ fn normalize_email(value: &str) -> Result<String, IdentityError> {
         return Err(IdentityError::Email("it contains whitespace"));
     }
     if value.contains(EMAIL_SPECIALS) {
-        return Err(IdentityError::Email("it contains a character not allowed in an address"));
+        return Err(IdentityError::Email(
+            "it contains a character not allowed in an address",
+        ));
     }
     let (local, domain) = split_once_at(value).map_err(IdentityError::Email)?;
     if local.is_empty() {
@@ -152,8 +153,13 @@ fn normalize_sip_uri(value: &str) -> Result<String, IdentityError> {
         return Err(IdentityError::SipUri("the host after '@' is empty"));
     }
     let canonical = format!("sip:{user}@{host}").to_lowercase();
-    if canonical.chars().any(|c| c.is_whitespace() || "<>\"".contains(c)) {
-        return Err(IdentityError::SipUri("it contains whitespace, '<', '>' or '\"'"));
+    if canonical
+        .chars()
+        .any(|c| c.is_whitespace() || "<>\"".contains(c))
+    {
+        return Err(IdentityError::SipUri(
+            "it contains whitespace, '<', '>' or '\"'",
+        ));
     }
     Ok(canonical)
 }
@@ -333,7 +339,16 @@ mod tests {
             ok(IdType::Id, "18446744073709551615"),
             "18446744073709551615"
         );
-        for bad in ["-1", "+1", "1.0", "1e3", "0x10", "12a", "18446744073709551616", "١٢"] {
+        for bad in [
+            "-1",
+            "+1",
+            "1.0",
+            "1e3",
+            "0x10",
+            "12a",
+            "18446744073709551616",
+            "١٢",
+        ] {
             assert_eq!(IdType::Id.normalize(bad), Err(IdentityError::Id), "{bad}");
         }
     }
@@ -371,7 +386,14 @@ mod tests {
         for t in IdType::ALL {
             assert_eq!(t.normalize("   "), Err(IdentityError::Empty(t)));
             assert_eq!(t.normalize(""), Err(IdentityError::Empty(t)));
-            for bad in ["a/b@c", "a\\b@c", "a\0b@c", "a\r\nb@c", "a\u{7f}@c", "a\u{85}@c"] {
+            for bad in [
+                "a/b@c",
+                "a\\b@c",
+                "a\0b@c",
+                "a\r\nb@c",
+                "a\u{7f}@c",
+                "a\u{85}@c",
+            ] {
                 assert_eq!(
                     t.normalize(bad),
                     Err(IdentityError::ForbiddenCharacter(t)),

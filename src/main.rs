@@ -16,7 +16,11 @@ use miralix_gateway::{AppState, demo, server};
 use tokio::net::TcpListener;
 
 #[derive(Debug, Parser)]
-#[command(name = "miralix-gateway", version, about = "Caching reverse proxy for the Miralix OfficeTeam recordings API")]
+#[command(
+    name = "miralix-gateway",
+    version,
+    about = "Caching reverse proxy for the Miralix OfficeTeam recordings API"
+)]
 struct Cli {
     /// Log line format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]

@@ -215,14 +215,20 @@ fn upstream_outcome(error: &UpstreamError) -> String {
 }
 
 /// The stored (or just fetched) answer with the cache's headers.
-fn cached_response(entry: &CachedResponse, status: CacheStatus, now: Instant) -> Response<Full<Bytes>> {
+fn cached_response(
+    entry: &CachedResponse,
+    status: CacheStatus,
+    now: Instant,
+) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(entry.body.clone()));
     *response.status_mut() = entry.status;
     let age = policy::age(entry.fetched_at, now).as_secs();
-    let remaining = entry.ttl.map(|ttl| match policy::freshness(entry.fetched_at, ttl, now) {
-        Freshness::Fresh { remaining } => remaining.as_secs(),
-        Freshness::Expired => 0,
-    });
+    let remaining = entry
+        .ttl
+        .map(|ttl| match policy::freshness(entry.fetched_at, ttl, now) {
+            Freshness::Fresh { remaining } => remaining.as_secs(),
+            Freshness::Expired => 0,
+        });
     let cache_status = match (status, remaining) {
         (CacheStatus::Hit, Some(ttl)) => format!("{CACHE_NAME}; hit; ttl={ttl}"),
         (CacheStatus::Collapsed, Some(_)) => format!("{CACHE_NAME}; fwd=miss; collapsed; stored"),
@@ -231,13 +237,20 @@ fn cached_response(entry: &CachedResponse, status: CacheStatus, now: Instant) ->
             entry.status.as_u16()
         ),
         (_, Some(_)) => format!("{CACHE_NAME}; fwd=miss; stored"),
-        (_, None) => format!("{CACHE_NAME}; fwd=miss; fwd-status={}", entry.status.as_u16()),
+        (_, None) => format!(
+            "{CACHE_NAME}; fwd=miss; fwd-status={}",
+            entry.status.as_u16()
+        ),
     };
     let headers = response.headers_mut();
     if let Some(content_type) = &entry.content_type {
         headers.insert(CONTENT_TYPE, content_type.clone());
     }
-    let x_cache = if status == CacheStatus::Hit { "HIT" } else { "MISS" };
+    let x_cache = if status == CacheStatus::Hit {
+        "HIT"
+    } else {
+        "MISS"
+    };
     headers.insert(X_CACHE, HeaderValue::from_static(x_cache));
     headers.insert(CACHE_STATUS, header_value(cache_status));
     headers.insert(AGE, HeaderValue::from(age));
@@ -269,7 +282,9 @@ fn error_response(error: &ProxyError, cache: CacheStatus) -> Response<Full<Bytes
 
 /// A HEAD answer: the GET answer's headers, including its length, without the body.
 fn strip_body(response: &mut Response<Full<Bytes>>) {
-    let length = http_body::Body::size_hint(response.body()).exact().unwrap_or(0);
+    let length = http_body::Body::size_hint(response.body())
+        .exact()
+        .unwrap_or(0);
     response
         .headers_mut()
         .insert(CONTENT_LENGTH, HeaderValue::from(length));

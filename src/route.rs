@@ -64,7 +64,16 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<Route, RouteError> {
         return Err(RouteError::PathTooLong);
     }
     let segments: Vec<&str> = path.split('/').collect();
-    let ["", mot, account, agents, id_type, identification, recordings] = segments[..] else {
+    let [
+        "",
+        mot,
+        account,
+        agents,
+        id_type,
+        identification,
+        recordings,
+    ] = segments[..]
+    else {
         return Err(RouteError::NotFound);
     };
     if mot != "mot" || agents != "agents" || recordings != "recordings" || account.is_empty() {
@@ -72,7 +81,10 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<Route, RouteError> {
     }
     let account = decode(account, "account")?;
     // An account name is one plain path segment; anything else cannot be a configured account.
-    if account.chars().any(|c| c == '/' || c == '\\' || c.is_control()) {
+    if account
+        .chars()
+        .any(|c| c == '/' || c == '\\' || c.is_control())
+    {
         return Err(RouteError::NotFound);
     }
     let id_type = IdType::parse(&decode(id_type, "identificationType")?)?;

@@ -139,12 +139,11 @@ impl Simulator {
             SimulatorTls::Plain => (None, None),
             _ => {
                 let (certificate, key) = generate_certificate(tls)?;
-                let config = rustls::ServerConfig::builder_with_provider(
-                    crate::upstream::trust::provider(),
-                )
-                .with_safe_default_protocol_versions()?
-                .with_no_client_auth()
-                .with_single_cert(vec![certificate.leaf_der.clone()], key)?;
+                let config =
+                    rustls::ServerConfig::builder_with_provider(crate::upstream::trust::provider())
+                        .with_safe_default_protocol_versions()?
+                        .with_no_client_auth()
+                        .with_single_cert(vec![certificate.leaf_der.clone()], key)?;
                 (Some(certificate), Some(TlsAcceptor::from(Arc::new(config))))
             }
         };
@@ -161,7 +160,11 @@ impl Simulator {
         let task = tokio::spawn(accept_loop(listener, acceptor, state.clone()));
         Ok(Self {
             addr,
-            scheme: if certificate.is_some() { "https" } else { "http" },
+            scheme: if certificate.is_some() {
+                "https"
+            } else {
+                "http"
+            },
             certificate,
             state,
             task,
@@ -218,7 +221,10 @@ impl Simulator {
                 return false;
             }
             // Every arrival nudges the gate channel, and the subscription predates the check.
-            if tokio::time::timeout_at(deadline, gate.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, gate.changed())
+                .await
+                .is_err()
+            {
                 return false;
             }
         }
@@ -233,7 +239,11 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 fn generate_certificate(
     tls: SimulatorTls,
 ) -> Result<(SimCertificate, PrivateKeyDer<'static>), rcgen::Error> {
-    let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    let names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
     let key = KeyPair::generate()?;
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     let mut params = CertificateParams::new(names)?;
@@ -289,7 +299,9 @@ async fn accept_loop(listener: TcpListener, acceptor: Option<TlsAcceptor>, state
                     }
                 }
                 None => {
-                    let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                    let _ = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
                 }
             }
         });
@@ -302,10 +314,10 @@ async fn answer(
     state: &SimState,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, std::io::Error> {
-    let target = request
-        .uri()
-        .path_and_query()
-        .map_or_else(|| request.uri().path().to_owned(), |pq| pq.as_str().to_owned());
+    let target = request.uri().path_and_query().map_or_else(
+        || request.uri().path().to_owned(),
+        |pq| pq.as_str().to_owned(),
+    );
     lock(&state.received).push(ReceivedRequest {
         method: request.method().clone(),
         target,
@@ -336,11 +348,26 @@ async fn answer(
 
 fn route(state: &SimState, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     if request.method() != Method::GET {
-        return message(StatusCode::METHOD_NOT_ALLOWED, "The requested resource does not support this method.");
+        return message(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "The requested resource does not support this method.",
+        );
     }
     let segments: Vec<&str> = request.uri().path().split('/').collect();
-    let ["", "mot", account, "agents", id_type, identification, "recordings"] = segments[..] else {
-        return message(StatusCode::NOT_FOUND, "No HTTP resource was found that matches the request URI.");
+    let [
+        "",
+        "mot",
+        account,
+        "agents",
+        id_type,
+        identification,
+        "recordings",
+    ] = segments[..]
+    else {
+        return message(
+            StatusCode::NOT_FOUND,
+            "No HTTP resource was found that matches the request URI.",
+        );
     };
     let Some(account) = state.dataset.accounts.get(account) else {
         return message(StatusCode::NOT_FOUND, "Unknown domain.");
@@ -350,10 +377,16 @@ fn route(state: &SimState, request: &Request<Incoming>) -> Response<Full<Bytes>>
         .get("x-miralix-shared-secret")
         .map(HeaderValue::as_bytes);
     if presented != Some(account.shared_secret.as_bytes()) {
-        return message(StatusCode::UNAUTHORIZED, "Authorization has been denied for this request.");
+        return message(
+            StatusCode::UNAUTHORIZED,
+            "Authorization has been denied for this request.",
+        );
     }
     let Ok(identification) = percent_decode_str(identification).decode_utf8() else {
-        return message(StatusCode::BAD_REQUEST, "The identification is not valid UTF-8.");
+        return message(
+            StatusCode::BAD_REQUEST,
+            "The identification is not valid UTF-8.",
+        );
     };
     let matches: fn(&Agent, &str) -> bool = match id_type {
         "sipUri" => |a, v| a.sip_uri == v,
@@ -363,11 +396,17 @@ fn route(state: &SimState, request: &Request<Incoming>) -> Response<Full<Bytes>>
         _ => return message(StatusCode::BAD_REQUEST, "Invalid identification type."),
     };
     let mut from = None;
-    for (key, value) in form_urlencoded::parse(request.uri().query().unwrap_or_default().as_bytes()) {
+    for (key, value) in form_urlencoded::parse(request.uri().query().unwrap_or_default().as_bytes())
+    {
         if key == "fromQueueCallId" {
             match value.parse::<u64>() {
                 Ok(n) => from = Some(n),
-                Err(_) => return message(StatusCode::BAD_REQUEST, "The value of fromQueueCallId is not valid."),
+                Err(_) => {
+                    return message(
+                        StatusCode::BAD_REQUEST,
+                        "The value of fromQueueCallId is not valid.",
+                    );
+                }
             }
         }
     }

@@ -175,7 +175,10 @@ impl UpstreamClient {
             .map_err(|e| self.classify(e))?;
         let status = response.status();
         match status {
-            StatusCode::OK | StatusCode::NOT_FOUND | StatusCode::BAD_REQUEST | StatusCode::FORBIDDEN => {
+            StatusCode::OK
+            | StatusCode::NOT_FOUND
+            | StatusCode::BAD_REQUEST
+            | StatusCode::FORBIDDEN => {
                 let content_type = response.headers().get(CONTENT_TYPE).cloned();
                 let body = response.bytes().await.map_err(|e| self.classify(e))?;
                 Ok(UpstreamReply {

@@ -65,7 +65,10 @@ mod tests {
     fn only_lists_and_unknown_agents_are_stored() {
         let c = cache(30, 5);
         assert_eq!(ttl_for(StatusCode::OK, &c), Some(Duration::from_secs(30)));
-        assert_eq!(ttl_for(StatusCode::NOT_FOUND, &c), Some(Duration::from_secs(5)));
+        assert_eq!(
+            ttl_for(StatusCode::NOT_FOUND, &c),
+            Some(Duration::from_secs(5))
+        );
         for status in [400, 401, 403, 500, 502, 503, 204, 301] {
             let status = StatusCode::from_u16(status).unwrap();
             assert_eq!(ttl_for(status, &c), None, "{status}");
@@ -91,7 +94,10 @@ mod tests {
             }
         );
         assert_eq!(freshness(t0, ttl, t0 + ttl), Freshness::Expired);
-        assert_eq!(freshness(t0, ttl, t0 + Duration::from_secs(90)), Freshness::Expired);
+        assert_eq!(
+            freshness(t0, ttl, t0 + Duration::from_secs(90)),
+            Freshness::Expired
+        );
     }
 
     #[test]

@@ -162,7 +162,11 @@ fn recording_json(agent_id: u64, agent_name: &str, queue_call_id: u64, n: u64) -
     let started = FIRST_CALL_UNIX + n * 9_437 + seed % 3_600;
     let duration = 20 + seed % 580;
     let ended = started + duration;
-    let call_type = if seed % 5 == 0 { "CallbackCall" } else { "QueueCall" };
+    let call_type = if seed.is_multiple_of(5) {
+        "CallbackCall"
+    } else {
+        "QueueCall"
+    };
     let caller = format!("+45{}", 20_000_000 + seed % 79_999_999);
     let file = format!(
         "{:08x}-{:04x}-4{:03x}-a{:03x}-{:012x}.mp3",
@@ -222,14 +226,25 @@ mod tests {
     #[test]
     fn timestamps_are_calendar_dates() {
         assert_eq!(timestamp(0, 0), "1970-01-01T00:00:00.0000000Z");
-        assert_eq!(timestamp(FIRST_CALL_UNIX, 1_696_606), "2024-03-04T08:00:00.1696606Z");
+        assert_eq!(
+            timestamp(FIRST_CALL_UNIX, 1_696_606),
+            "2024-03-04T08:00:00.1696606Z"
+        );
         assert_eq!(timestamp(951_782_400, 0), "2000-02-29T00:00:00.0000000Z");
     }
 
     #[test]
     fn recordings_are_valid_json_in_the_7x_shape_and_filter_by_id() {
-        let agent = Agent::generate(103, "Derek", "d@x.y", "sip:d@x.y", "f4fd9e5f-017d-4350-adf8-8dd811bc1a2e", 40);
-        let all: Vec<serde_json::Value> = serde_json::from_str(&agent.recordings_after(None)).unwrap();
+        let agent = Agent::generate(
+            103,
+            "Derek",
+            "d@x.y",
+            "sip:d@x.y",
+            "f4fd9e5f-017d-4350-adf8-8dd811bc1a2e",
+            40,
+        );
+        let all: Vec<serde_json::Value> =
+            serde_json::from_str(&agent.recordings_after(None)).unwrap();
         assert_eq!(all.len(), 40);
         let first = all[0].as_object().unwrap();
         let keys: Vec<&str> = first.keys().map(String::as_str).collect();
@@ -238,7 +253,11 @@ mod tests {
         let after: Vec<serde_json::Value> =
             serde_json::from_str(&agent.recordings_after(Some(third_id))).unwrap();
         assert_eq!(after.len(), 37);
-        assert!(after.iter().all(|r| r["QueueCallId"].as_u64().unwrap() > third_id));
+        assert!(
+            after
+                .iter()
+                .all(|r| r["QueueCallId"].as_u64().unwrap() > third_id)
+        );
         assert_eq!(agent.recordings_after(Some(u64::MAX)), "[]");
     }
 }

@@ -34,7 +34,10 @@ fn the_example_config_is_valid() {
     assert!(config.accounts.contains_key("greenbox"));
     let (ok, stdout, stderr) = check_config(&example);
     assert!(ok, "{stderr}");
-    assert!(stdout.contains("example.toml: ok: 2 account(s) (12986, greenbox)"), "{stdout}");
+    assert!(
+        stdout.contains("example.toml: ok: 2 account(s) (12986, greenbox)"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -115,7 +118,9 @@ impl Running {
             let line = self
                 .lines
                 .recv_timeout(Duration::from_secs(30))
-                .unwrap_or_else(|_| panic!("no line with {needle:?}; saw:\n{}", self.seen.join("\n")));
+                .unwrap_or_else(|_| {
+                    panic!("no line with {needle:?}; saw:\n{}", self.seen.join("\n"))
+                });
             self.seen.push(line.clone());
             if line.contains(needle) {
                 return line;
@@ -136,7 +141,12 @@ impl Running {
 
 fn addr_after(line: &str, key: &str) -> SocketAddr {
     let start = line.find(key).unwrap_or_else(|| panic!("{key} in {line}")) + key.len();
-    line[start..].split_whitespace().next().unwrap().parse().unwrap()
+    line[start..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 #[tokio::test]
@@ -190,7 +200,15 @@ pin_sha256 = "{pin}"
         path("phone", "1"),
         format!("{}?fromQueueCallId=x", path("id", "1")),
     ] {
-        bodies.push(request(public, "GET", &target, &[("X-Miralix-Shared-Secret", "guess")]).await);
+        bodies.push(
+            request(
+                public,
+                "GET",
+                &target,
+                &[("X-Miralix-Shared-Secret", "guess")],
+            )
+            .await,
+        );
     }
     bodies.push(request(public, "POST", &path("id", "1"), &[("Content-Length", "0")]).await);
     for failure in [Failure::Status(500), Failure::Status(401), Failure::Close] {
@@ -203,12 +221,22 @@ pin_sha256 = "{pin}"
     assert_eq!(metrics.status, 200);
 
     let logs = gateway.finish();
-    assert!(logs.contains("cache=\"hit\""), "the access log was captured:\n{logs}");
+    assert!(
+        logs.contains("cache=\"hit\""),
+        "the access log was captured:\n{logs}"
+    );
     assert!(logs.contains("TRACE"), "trace level was on");
     for (what, text) in [
         ("logs", logs.clone()),
         ("metrics", metrics.text()),
-        ("bodies", bodies.iter().map(Reply::text).collect::<Vec<_>>().join("\n")),
+        (
+            "bodies",
+            bodies
+                .iter()
+                .map(Reply::text)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
     ] {
         assert!(!text.contains(SECRET), "the secret appears in the {what}");
     }
@@ -224,14 +252,24 @@ pin_sha256 = "{pin}"
 #[test]
 fn the_demo_prints_curl_commands_that_work_as_printed() {
     let mut demo = Running::spawn(
-        Command::new(BIN).args(["demo", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]),
+        Command::new(BIN).args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ]),
         true,
     );
     demo.wait_for("Press Ctrl-C to stop.");
     let commands: Vec<String> = demo
         .seen
         .iter()
-        .filter_map(|l| l.trim_start().strip_prefix("curl ").map(|c| format!("curl {c}")))
+        .filter_map(|l| {
+            l.trim_start()
+                .strip_prefix("curl ")
+                .map(|c| format!("curl {c}"))
+        })
         .collect();
     assert_eq!(commands.len(), 7, "{:#?}", demo.seen);
     let run = |command: &str| {
@@ -242,13 +280,36 @@ fn the_demo_prints_curl_commands_that_work_as_printed() {
     };
     let outputs: Vec<String> = commands.iter().map(|c| run(c)).collect();
     assert!(outputs[0].starts_with("HTTP/1.1 200 OK"), "{}", outputs[0]);
-    assert!(outputs[0].to_lowercase().contains("x-cache: miss"), "{}", outputs[0]);
-    assert!(outputs[1].to_lowercase().contains("x-cache: hit"), "{}", outputs[1]);
-    assert!(outputs[2].to_lowercase().contains("x-cache: hit"), "{}", outputs[2]);
-    assert!(outputs[3].starts_with("HTTP/1.1 200 OK") && outputs[3].contains("QueueCallId"), "{}", outputs[3]);
+    assert!(
+        outputs[0].to_lowercase().contains("x-cache: miss"),
+        "{}",
+        outputs[0]
+    );
+    assert!(
+        outputs[1].to_lowercase().contains("x-cache: hit"),
+        "{}",
+        outputs[1]
+    );
+    assert!(
+        outputs[2].to_lowercase().contains("x-cache: hit"),
+        "{}",
+        outputs[2]
+    );
+    assert!(
+        outputs[3].starts_with("HTTP/1.1 200 OK") && outputs[3].contains("QueueCallId"),
+        "{}",
+        outputs[3]
+    );
     assert!(outputs[4].starts_with("HTTP/1.1 404"), "{}", outputs[4]);
     assert!(outputs[5].starts_with("HTTP/1.1 400"), "{}", outputs[5]);
-    assert!(outputs[6].contains("miralix_gateway_cache_hits_total{account=\"greenbox\"} 2"), "{}", outputs[6]);
+    assert!(
+        outputs[6].contains("miralix_gateway_cache_hits_total{account=\"greenbox\"} 2"),
+        "{}",
+        outputs[6]
+    );
     let logs = demo.finish();
-    assert!(!logs.contains(miralix_gateway::demo::SHARED_SECRET), "{logs}");
+    assert!(
+        !logs.contains(miralix_gateway::demo::SHARED_SECRET),
+        "{logs}"
+    );
 }

@@ -15,14 +15,20 @@ async fn miss_then_hit_reaches_the_box_once_with_identical_bytes() {
         Some("miralix-gateway; fwd=miss; stored")
     );
     assert_eq!(first.header("age"), Some("0"));
-    assert_eq!(first.header("content-type"), Some("application/json; charset=utf-8"));
+    assert_eq!(
+        first.header("content-type"),
+        Some("application/json; charset=utf-8")
+    );
     assert_eq!(first.json().as_array().unwrap().len(), 40);
 
     gw.clock.advance(Duration::from_secs(12));
     let second = gw.get(&path("email", EMAIL)).await;
     assert_eq!(second.status, 200);
     assert_eq!(second.header("x-cache"), Some("HIT"));
-    assert_eq!(second.header("cache-status"), Some("miralix-gateway; hit; ttl=18"));
+    assert_eq!(
+        second.header("cache-status"),
+        Some("miralix-gateway; hit; ttl=18")
+    );
     assert_eq!(second.header("age"), Some("12"));
     assert_eq!(second.header("cache-control"), Some("private, max-age=18"));
     assert_eq!(second.body, first.body, "a hit serves the stored bytes");
@@ -51,7 +57,10 @@ async fn the_secret_is_added_and_client_credentials_never_reach_the_box() {
     let secrets: Vec<_> = headers.get_all("x-miralix-shared-secret").iter().collect();
     assert_eq!(secrets, [SECRET], "exactly the configured secret");
     for forbidden in ["authorization", "cookie", "x-forwarded-for"] {
-        assert!(headers.get(forbidden).is_none(), "{forbidden} was forwarded");
+        assert!(
+            headers.get(forbidden).is_none(),
+            "{forbidden} was forwarded"
+        );
     }
     assert_eq!(headers["accept"], "application/json");
     assert!(
@@ -108,7 +117,11 @@ async fn every_spelling_of_an_agent_shares_one_entry_and_the_box_sees_the_canoni
     for (kind, spellings, canonical) in groups {
         for (n, spelling) in spellings.iter().enumerate() {
             // The type segment is case-insensitive too.
-            let kind = if n % 2 == 1 { kind.to_uppercase() } else { kind.to_owned() };
+            let kind = if n % 2 == 1 {
+                kind.to_uppercase()
+            } else {
+                kind.to_owned()
+            };
             let reply = gw.get(&path(&kind, spelling)).await;
             assert_eq!(reply.status, 200, "{kind}/{spelling}: {}", reply.text());
             let expected = if n == 0 { "MISS" } else { "HIT" };
@@ -116,7 +129,11 @@ async fn every_spelling_of_an_agent_shares_one_entry_and_the_box_sees_the_canoni
         }
         expected_requests += 1;
         let received = gw.simulator.received();
-        assert_eq!(received.len(), expected_requests, "{kind}: one upstream request");
+        assert_eq!(
+            received.len(),
+            expected_requests,
+            "{kind}: one upstream request"
+        );
         assert_eq!(received.last().unwrap().target, canonical);
     }
 }
@@ -127,7 +144,11 @@ async fn bad_input_is_refused_with_a_message_and_never_forwarded() {
     let long_email = format!("{}@company.local", "a".repeat(300));
     let long_path = format!("/mot/greenbox/agents/id/{}/recordings", "1".repeat(3000));
     let cases: Vec<(String, u16, &str)> = vec![
-        (path("phone", "123"), 400, "accepted types are sipUri, id, email and syncId"),
+        (
+            path("phone", "123"),
+            400,
+            "accepted types are sipUri, id, email and syncId",
+        ),
         (path("emails", EMAIL), 400, "accepted types"),
         (path("email", "derek.company.local"), 400, "invalid email"),
         (path("email", "a@b@c"), 400, "more than one"),
@@ -142,20 +163,64 @@ async fn bad_input_is_refused_with_a_message_and_never_forwarded() {
         (path("id", "%20"), 400, "empty"),
         (path("sipUri", "sip:"), 400, "invalid sipUri"),
         (path("sipUri", "sip:lp1"), 400, "invalid sipUri"),
-        (path("email", "a%2Fb@company.local"), 400, "forbidden character"),
-        (path("email", "a%5Cb@company.local"), 400, "forbidden character"),
-        (path("email", "a%00b@company.local"), 400, "forbidden character"),
-        (path("email", "a%0D%0AX-Evil:%201@company.local"), 400, "forbidden character"),
+        (
+            path("email", "a%2Fb@company.local"),
+            400,
+            "forbidden character",
+        ),
+        (
+            path("email", "a%5Cb@company.local"),
+            400,
+            "forbidden character",
+        ),
+        (
+            path("email", "a%00b@company.local"),
+            400,
+            "forbidden character",
+        ),
+        (
+            path("email", "a%0D%0AX-Evil:%201@company.local"),
+            400,
+            "forbidden character",
+        ),
         (path("id", ".."), 400, "decimal digits"),
         (path("id", "%2E%2E"), 400, "decimal digits"),
-        (path("email", "%C0%AE@x.y"), 400, "not valid percent-encoded UTF-8"),
-        (format!("{}?fromQueueCallId=abc", path("id", "103")), 400, "fromQueueCallId"),
-        (format!("{}?fromQueueCallId=-5", path("id", "103")), 400, "fromQueueCallId"),
-        (format!("{}?fromQueueCallId=", path("id", "103")), 400, "fromQueueCallId"),
-        (format!("{}?fromQueueCallId=1&fromQueueCallId=2", path("id", "103")), 400, "more than once"),
+        (
+            path("email", "%C0%AE@x.y"),
+            400,
+            "not valid percent-encoded UTF-8",
+        ),
+        (
+            format!("{}?fromQueueCallId=abc", path("id", "103")),
+            400,
+            "fromQueueCallId",
+        ),
+        (
+            format!("{}?fromQueueCallId=-5", path("id", "103")),
+            400,
+            "fromQueueCallId",
+        ),
+        (
+            format!("{}?fromQueueCallId=", path("id", "103")),
+            400,
+            "fromQueueCallId",
+        ),
+        (
+            format!("{}?fromQueueCallId=1&fromQueueCallId=2", path("id", "103")),
+            400,
+            "more than once",
+        ),
         (long_path, 414, "longer than 2048 bytes"),
-        ("/mot/greenbox/agents/id/103/../../../admin".into(), 404, "no such route"),
-        ("/mot/greenbox/agents/id/103/recordings/..".into(), 404, "no such route"),
+        (
+            "/mot/greenbox/agents/id/103/../../../admin".into(),
+            404,
+            "no such route",
+        ),
+        (
+            "/mot/greenbox/agents/id/103/recordings/..".into(),
+            404,
+            "no such route",
+        ),
     ];
     for (target, status, message) in &cases {
         let reply = gw.get(target).await;
@@ -163,10 +228,17 @@ async fn bad_input_is_refused_with_a_message_and_never_forwarded() {
         let body = reply.json();
         assert_eq!(body["status"], *status, "{target}");
         let error = body["error"].as_str().unwrap();
-        assert!(error.contains(message), "{target}: {error:?} lacks {message:?}");
+        assert!(
+            error.contains(message),
+            "{target}: {error:?} lacks {message:?}"
+        );
         assert_eq!(reply.header("cache-control"), Some("no-store"), "{target}");
     }
-    assert_eq!(gw.simulator.request_count(), 0, "nothing invalid reached the box");
+    assert_eq!(
+        gw.simulator.request_count(),
+        0,
+        "nothing invalid reached the box"
+    );
 }
 
 #[tokio::test]
@@ -188,7 +260,11 @@ async fn unknown_accounts_and_foreign_paths_are_404_and_not_forwarded() {
         assert!(reply.json()["error"].is_string(), "{target}");
     }
     let unknown = gw.get("/mot/otherbox/agents/id/103/recordings").await;
-    assert!(unknown.text().contains("unknown account \\\"otherbox\\\""), "{}", unknown.text());
+    assert!(
+        unknown.text().contains("unknown account \\\"otherbox\\\""),
+        "{}",
+        unknown.text()
+    );
     assert_eq!(gw.simulator.request_count(), 0);
 }
 
@@ -196,7 +272,13 @@ async fn unknown_accounts_and_foreign_paths_are_404_and_not_forwarded() {
 async fn other_methods_get_405_with_allow_and_head_gets_headers_only() {
     let gw = Gateway::start(Options::default()).await;
     for method in ["POST", "PUT", "DELETE", "PATCH"] {
-        let reply = request(gw.addr, method, &path("id", "103"), &[("Content-Length", "0")]).await;
+        let reply = request(
+            gw.addr,
+            method,
+            &path("id", "103"),
+            &[("Content-Length", "0")],
+        )
+        .await;
         assert_eq!(reply.status, 405, "{method}");
         assert_eq!(reply.header("allow"), Some("GET, HEAD"));
     }
@@ -219,7 +301,11 @@ async fn unknown_agents_are_remembered_for_the_negative_ttl() {
     let gw = Gateway::start(Options::default()).await;
     let first = gw.get(&path("id", "999")).await;
     assert_eq!(first.status, 404);
-    assert_eq!(first.json()["Message"], "Agent not found.", "the box's body passes through");
+    assert_eq!(
+        first.json()["Message"],
+        "Agent not found.",
+        "the box's body passes through"
+    );
     assert_eq!(first.header("x-cache"), Some("MISS"));
     let again = gw.get(&path("id", "0999")).await;
     assert_eq!(again.status, 404);
@@ -236,9 +322,15 @@ async fn unknown_agents_are_remembered_for_the_negative_ttl() {
 #[tokio::test]
 async fn entries_expire_after_the_ttl() {
     let gw = Gateway::start(Options::default()).await;
-    assert_eq!(gw.get(&path("id", "1")).await.header("x-cache"), Some("MISS"));
+    assert_eq!(
+        gw.get(&path("id", "1")).await.header("x-cache"),
+        Some("MISS")
+    );
     gw.clock.advance(Duration::from_secs(29));
-    assert_eq!(gw.get(&path("id", "1")).await.header("x-cache"), Some("HIT"));
+    assert_eq!(
+        gw.get(&path("id", "1")).await.header("x-cache"),
+        Some("HIT")
+    );
     gw.clock.advance(Duration::from_secs(1));
     let refetched = gw.get(&path("id", "1")).await;
     assert_eq!(refetched.header("x-cache"), Some("MISS"));
@@ -272,11 +364,20 @@ async fn from_queue_call_id_is_forwarded_and_part_of_the_key() {
     assert_eq!(after.header("x-cache"), Some("MISS"));
     let after = after.json();
     assert_eq!(after.as_array().unwrap().len(), 37);
-    assert!(after.as_array().unwrap().iter().all(|r| r["QueueCallId"].as_u64().unwrap() > third));
+    assert!(
+        after
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["QueueCallId"].as_u64().unwrap() > third)
+    );
 
     // Leading zeros and the parameter's case do not make a new entry.
     let same = gw
-        .get(&format!("{}?FROMQUEUECALLID=000{third}", path("id", "0103")))
+        .get(&format!(
+            "{}?FROMQUEUECALLID=000{third}",
+            path("id", "0103")
+        ))
         .await;
     assert_eq!(same.header("x-cache"), Some("HIT"));
 
@@ -302,7 +403,9 @@ async fn a_hundred_concurrent_cold_requests_make_one_upstream_request() {
             _ => path("email", "DEREK.A%40company.local"),
         };
         let addr = gw.addr;
-        clients.push(tokio::spawn(async move { request(addr, "GET", &target, &[]).await }));
+        clients.push(tokio::spawn(async move {
+            request(addr, "GET", &target, &[]).await
+        }));
     }
     wait_until("100 requests waiting on the one fetch", || async {
         gw.state.cache.waiting().await == 100
@@ -318,12 +421,30 @@ async fn a_hundred_concurrent_cold_requests_make_one_upstream_request() {
         statuses.push(reply.header("cache-status").unwrap().to_owned());
         bodies.push(reply.body);
     }
-    assert!(bodies.windows(2).all(|w| w[0] == w[1]), "every waiter got the same bytes");
-    assert_eq!(statuses.iter().filter(|s| s.contains("collapsed")).count(), 99);
+    assert!(
+        bodies.windows(2).all(|w| w[0] == w[1]),
+        "every waiter got the same bytes"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| s.contains("collapsed")).count(),
+        99
+    );
     assert_eq!(gw.simulator.request_count(), 1);
     let metrics = gw.metrics().await;
-    assert_eq!(sample(&metrics, "miralix_gateway_cache_misses_total{account=\"greenbox\"}"), 1.0);
-    assert_eq!(sample(&metrics, "miralix_gateway_cache_coalesced_total{account=\"greenbox\"}"), 99.0);
+    assert_eq!(
+        sample(
+            &metrics,
+            "miralix_gateway_cache_misses_total{account=\"greenbox\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "miralix_gateway_cache_coalesced_total{account=\"greenbox\"}"
+        ),
+        99.0
+    );
 }
 
 #[tokio::test]
@@ -334,7 +455,11 @@ async fn a_leader_that_hangs_up_does_not_cancel_the_fetch_for_others() {
         let addr = gw.addr;
         tokio::spawn(async move { request(addr, "GET", &path("id", "104"), &[]).await })
     };
-    assert!(gw.simulator.wait_for_requests(1, Duration::from_secs(10)).await);
+    assert!(
+        gw.simulator
+            .wait_for_requests(1, Duration::from_secs(10))
+            .await
+    );
     leader.abort();
     let _ = leader.await;
     let follower = {
@@ -348,8 +473,15 @@ async fn a_leader_that_hangs_up_does_not_cancel_the_fetch_for_others() {
     gw.simulator.release();
     let reply = follower.await.unwrap();
     assert_eq!(reply.status, 200);
-    assert_eq!(gw.simulator.request_count(), 1, "the fetch was neither cancelled nor restarted");
-    assert_eq!(gw.get(&path("id", "104")).await.header("x-cache"), Some("HIT"));
+    assert_eq!(
+        gw.simulator.request_count(),
+        1,
+        "the fetch was neither cancelled nor restarted"
+    );
+    assert_eq!(
+        gw.get(&path("id", "104")).await.header("x-cache"),
+        Some("HIT")
+    );
 }
 
 #[tokio::test]
@@ -362,22 +494,49 @@ async fn metrics_count_hits_misses_and_upstream_requests() {
     gw.get(&path("phone", "1")).await;
     let metrics = gw.metrics().await;
     let account = "{account=\"greenbox\"}";
-    assert_eq!(sample(&metrics, &format!("miralix_gateway_cache_hits_total{account}")), 2.0);
-    assert_eq!(sample(&metrics, &format!("miralix_gateway_cache_misses_total{account}")), 2.0);
     assert_eq!(
-        sample(&metrics, "miralix_gateway_upstream_requests_total{account=\"greenbox\",status=\"200\"}"),
-        1.0
-    );
-    assert_eq!(
-        sample(&metrics, "miralix_gateway_upstream_requests_total{account=\"greenbox\",status=\"404\"}"),
-        1.0
-    );
-    assert_eq!(
-        sample(&metrics, &format!("miralix_gateway_upstream_request_duration_seconds_count{account}")),
+        sample(
+            &metrics,
+            &format!("miralix_gateway_cache_hits_total{account}")
+        ),
         2.0
     );
-    assert_eq!(sample(&metrics, "miralix_gateway_requests_total{status=\"200\"}"), 3.0);
-    assert_eq!(sample(&metrics, "miralix_gateway_requests_total{status=\"400\"}"), 1.0);
+    assert_eq!(
+        sample(
+            &metrics,
+            &format!("miralix_gateway_cache_misses_total{account}")
+        ),
+        2.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "miralix_gateway_upstream_requests_total{account=\"greenbox\",status=\"200\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "miralix_gateway_upstream_requests_total{account=\"greenbox\",status=\"404\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            &format!("miralix_gateway_upstream_request_duration_seconds_count{account}")
+        ),
+        2.0
+    );
+    assert_eq!(
+        sample(&metrics, "miralix_gateway_requests_total{status=\"200\"}"),
+        3.0
+    );
+    assert_eq!(
+        sample(&metrics, "miralix_gateway_requests_total{status=\"400\"}"),
+        1.0
+    );
     assert_eq!(sample(&metrics, "miralix_gateway_cache_entries"), 2.0);
     assert!(sample(&metrics, "miralix_gateway_cache_bytes") > 3000.0);
 }
@@ -386,8 +545,16 @@ async fn metrics_count_hits_misses_and_upstream_requests() {
 async fn health_and_readiness_on_the_admin_listener_only() {
     let gw = Gateway::start(Options::default()).await;
     for endpoint in ["/healthz", "/readyz"] {
-        assert_eq!(request(gw.admin, "GET", endpoint, &[]).await.status, 200, "{endpoint}");
-        assert_eq!(gw.get(endpoint).await.status, 404, "{endpoint} on the public listener");
+        assert_eq!(
+            request(gw.admin, "GET", endpoint, &[]).await.status,
+            200,
+            "{endpoint}"
+        );
+        assert_eq!(
+            gw.get(endpoint).await.status,
+            404,
+            "{endpoint} on the public listener"
+        );
     }
     assert_eq!(request(gw.admin, "GET", "/nope", &[]).await.status, 404);
     gw.stop().await;

@@ -14,7 +14,12 @@ async fn first_request_succeeds(tls: SimulatorTls, trust: Trust) {
     })
     .await;
     let reply = gw.get(&path("email", EMAIL)).await;
-    assert_eq!(reply.status, 200, "{tls:?} with {trust:?}: {}", reply.text());
+    assert_eq!(
+        reply.status,
+        200,
+        "{tls:?} with {trust:?}: {}",
+        reply.text()
+    );
     assert_eq!(gw.simulator.request_count(), 1);
 }
 
@@ -53,11 +58,18 @@ async fn a_wrong_pin_is_a_502_and_nothing_is_served_or_stored() {
         assert_eq!(reply.header("x-cache"), Some("MISS"));
         assert_eq!(reply.header("cache-control"), Some("no-store"));
     }
-    assert_eq!(gw.simulator.request_count(), 0, "no request was sent over the refused handshake");
+    assert_eq!(
+        gw.simulator.request_count(),
+        0,
+        "no request was sent over the refused handshake"
+    );
     let metrics = gw.metrics().await;
     assert_eq!(sample(&metrics, "miralix_gateway_cache_entries"), 0.0);
     assert_eq!(
-        sample(&metrics, "miralix_gateway_upstream_requests_total{account=\"greenbox\",status=\"connect_error\"}"),
+        sample(
+            &metrics,
+            "miralix_gateway_upstream_requests_total{account=\"greenbox\",status=\"connect_error\"}"
+        ),
         2.0
     );
 }
@@ -103,10 +115,30 @@ async fn server_name_replaces_the_url_host_in_verification() {
 async fn upstream_statuses_and_failures_are_mapped() {
     let gw = Gateway::start(Options::default()).await;
     let cases = [
-        (Failure::Status(500), 502, "the Miralix box answered 500 Internal Server Error", Some("500")),
-        (Failure::Status(503), 502, "the Miralix box answered 503 Service Unavailable", Some("503")),
-        (Failure::Status(401), 502, "the box rejected the configured shared secret", Some("401")),
-        (Failure::Status(302), 502, "the Miralix box answered 302 Found", Some("302")),
+        (
+            Failure::Status(500),
+            502,
+            "the Miralix box answered 500 Internal Server Error",
+            Some("500"),
+        ),
+        (
+            Failure::Status(503),
+            502,
+            "the Miralix box answered 503 Service Unavailable",
+            Some("503"),
+        ),
+        (
+            Failure::Status(401),
+            502,
+            "the box rejected the configured shared secret",
+            Some("401"),
+        ),
+        (
+            Failure::Status(302),
+            502,
+            "the Miralix box answered 302 Found",
+            Some("302"),
+        ),
         (
             Failure::Close,
             502,
@@ -121,14 +153,23 @@ async fn upstream_statuses_and_failures_are_mapped() {
         assert_eq!(reply.json()["error"], message, "{failure:?}");
         let cache_status = reply.header("cache-status").unwrap();
         match fwd_status {
-            Some(code) => assert!(cache_status.contains(&format!("fwd-status={code}")), "{cache_status}"),
+            Some(code) => assert!(
+                cache_status.contains(&format!("fwd-status={code}")),
+                "{cache_status}"
+            ),
             None => assert!(!cache_status.contains("fwd-status"), "{cache_status}"),
         }
     }
     // Failures are not stored: the next good answer is a miss and then a hit.
     gw.simulator.set_failure(Failure::None);
-    assert_eq!(gw.get(&path("id", "1")).await.header("x-cache"), Some("MISS"));
-    assert_eq!(gw.get(&path("id", "1")).await.header("x-cache"), Some("HIT"));
+    assert_eq!(
+        gw.get(&path("id", "1")).await.header("x-cache"),
+        Some("MISS")
+    );
+    assert_eq!(
+        gw.get(&path("id", "1")).await.header("x-cache"),
+        Some("HIT")
+    );
 }
 
 #[tokio::test]
@@ -139,7 +180,11 @@ async fn bad_request_and_forbidden_pass_through_uncached() {
         for _ in 0..2 {
             let reply = gw.get(&path("id", "1")).await;
             assert_eq!(reply.status, code);
-            assert_eq!(reply.json()["Message"], "simulated failure", "the box's body passes through");
+            assert_eq!(
+                reply.json()["Message"],
+                "simulated failure",
+                "the box's body passes through"
+            );
             assert_eq!(reply.header("cache-control"), Some("no-store"));
             assert_eq!(
                 reply.header("cache-status"),
@@ -160,12 +205,17 @@ async fn a_slow_box_is_a_504_after_the_timeout() {
     gw.simulator.set_delay(Duration::from_secs(5));
     let reply = gw.get(&path("id", "1")).await;
     assert_eq!(reply.status, 504, "{}", reply.text());
-    assert_eq!(reply.json()["error"], "the Miralix box did not answer within 300ms");
+    assert_eq!(
+        reply.json()["error"],
+        "the Miralix box did not answer within 300ms"
+    );
 }
 
 #[tokio::test]
 async fn an_unreachable_box_is_a_502() {
-    let closed = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let closed = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .unwrap();
     let dead = closed.local_addr().unwrap();
     drop(closed);
     let gw = Gateway::start(Options {
@@ -175,10 +225,16 @@ async fn an_unreachable_box_is_a_502() {
     .await;
     let reply = gw.get(&path("id", "1")).await;
     assert_eq!(reply.status, 502, "{}", reply.text());
-    assert!(!reply.text().contains(&dead.to_string()), "the box's address is not disclosed");
+    assert!(
+        !reply.text().contains(&dead.to_string()),
+        "the box's address is not disclosed"
+    );
     let metrics = gw.metrics().await;
     assert_eq!(
-        sample(&metrics, "miralix_gateway_upstream_requests_total{account=\"greenbox\",status=\"connect_error\"}"),
+        sample(
+            &metrics,
+            "miralix_gateway_upstream_requests_total{account=\"greenbox\",status=\"connect_error\"}"
+        ),
         1.0
     );
 }

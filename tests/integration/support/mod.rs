@@ -20,9 +20,8 @@ use tokio::task::JoinHandle;
 pub const ACCOUNT: &str = "greenbox";
 /// Distinctive, so a grep of logs and bodies cannot miss it.
 pub const SECRET: &str = "sec-7Qx9-do-not-leak-5mK2";
-/// Agent 103's canonical identifications on the simulated box.
+/// Agent 103's canonical email address on the simulated box.
 pub const EMAIL: &str = "derek.a@company.local";
-pub const SYNC_ID: &str = "f4fd9e5f-017d-4350-adf8-8dd811bc1a2e";
 
 /// How the gateway is told to trust the simulated box.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +95,8 @@ impl Gateway {
                 format!("ca_file = \"{}\"", path.display())
             }
             (Trust::UnrelatedCaFile, Some(_)) => {
-                let other = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+                let other =
+                    rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
                 let path = dir.path().join("unrelated.pem");
                 std::fs::write(&path, other.cert.pem()).unwrap();
                 format!("ca_file = \"{}\"", path.display())
@@ -203,14 +203,24 @@ impl Reply {
 }
 
 /// Send one request with `Connection: close` and read the whole answer.
-pub async fn request(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)]) -> Reply {
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
     let mut head = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
     head.push_str("\r\n");
     let raw = exchange(addr, head.as_bytes()).await;
-    parse_reply(&raw).unwrap_or_else(|| panic!("unparsable answer to {method} {target}: {:?}", String::from_utf8_lossy(&raw)))
+    parse_reply(&raw).unwrap_or_else(|| {
+        panic!(
+            "unparsable answer to {method} {target}: {:?}",
+            String::from_utf8_lossy(&raw)
+        )
+    })
 }
 
 /// Write raw bytes, read until the server closes (bounded by a timeout).
@@ -234,10 +244,18 @@ pub fn parse_reply(raw: &[u8]) -> Option<Reply> {
     let headers: Vec<(String, String)> = response
         .headers
         .iter()
-        .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
+        .map(|h| {
+            (
+                h.name.to_owned(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
         .collect();
     let mut body = raw[head_len..].to_vec();
-    if let Some((_, length)) = headers.iter().find(|(n, _)| n.eq_ignore_ascii_case("content-length")) {
+    if let Some((_, length)) = headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+    {
         body.truncate(length.parse().ok()?);
     }
     Some(Reply {
@@ -255,7 +273,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !condition().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
