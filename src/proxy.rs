@@ -116,16 +116,7 @@ pub async fn handle<B>(state: Arc<AppState>, request: Request<B>) -> Response<Fu
     };
     let mut response = match handle_inner(&state, &request, &mut exchange).await {
         Ok(response) => response,
-        Err(error) => {
-            if let ProxyError::Upstream(upstream) = &error {
-                tracing::warn!(
-                    account = exchange.account.as_deref().unwrap_or_default(),
-                    error = %upstream.detail(),
-                    "upstream fetch failed"
-                );
-            }
-            error_response(&error, exchange.cache)
-        }
+        Err(error) => error_response(&error, exchange.cache),
     };
     if request.method() == Method::HEAD {
         strip_body(&mut response);
@@ -196,7 +187,15 @@ async fn fetch(
     let result = client.fetch(&request).await;
     let outcome = match &result {
         Ok(reply) => reply.status.as_u16().to_string(),
-        Err(error) => upstream_outcome(error),
+        Err(error) => {
+            // Logged here, once per fetch, not once per request that waited on it.
+            tracing::warn!(
+                account = %client.account(),
+                error = %error.detail(),
+                "upstream fetch failed"
+            );
+            upstream_outcome(error)
+        }
     };
     metrics.record_upstream(&outcome, started.elapsed().as_secs_f64());
     result

@@ -150,6 +150,11 @@ impl UpstreamClient {
         })
     }
 
+    /// The account this client serves.
+    pub fn account(&self) -> &str {
+        &self.account
+    }
+
     /// The upstream URL for a normalized request: the canonical identification as one segment.
     pub fn url_for(&self, request: &RecordingsRequest) -> String {
         let mut url = format!(
