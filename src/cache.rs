@@ -15,6 +15,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 use tokio::sync::{Mutex, watch};
@@ -83,7 +84,8 @@ type Flights = HashMap<CacheKey, watch::Sender<Option<FetchResult>>>;
 pub struct ResponseCache {
     store: moka::future::Cache<CacheKey, Arc<CachedResponse>>,
     in_flight: Arc<Mutex<Flights>>,
-    config: CacheConfig,
+    /// TTLs in force; replaced on reload (`max_bytes` is fixed when the store is built).
+    config: Arc<ArcSwap<CacheConfig>>,
     clock: Arc<dyn Clock>,
 }
 
@@ -124,13 +126,28 @@ impl ResponseCache {
             .max_capacity(config.max_bytes)
             .weigher(weigh)
             .expire_after(EntryExpiry)
+            .support_invalidation_closures()
             .build();
         Self {
             store,
             in_flight: Arc::default(),
-            config,
+            config: Arc::new(ArcSwap::from_pointee(config)),
             clock,
         }
+    }
+
+    /// Use new TTLs for entries stored from now on.
+    pub fn set_config(&self, config: CacheConfig) {
+        self.config.store(Arc::new(config));
+    }
+
+    /// Drop every entry of `account` (its upstream settings changed or it was removed).
+    pub fn invalidate_account(&self, account: &str) {
+        let account: Arc<str> = account.into();
+        // Fails only without `support_invalidation_closures`, which the builder sets.
+        let _ = self
+            .store
+            .invalidate_entries_if(move |key, _| key.account == account);
     }
 
     /// The clock freshness is judged by.
@@ -196,7 +213,7 @@ impl ResponseCache {
                 .unwrap_or(Err(UpstreamError::Aborted));
             let result = reply.map(|reply| {
                 Arc::new(CachedResponse {
-                    ttl: policy::ttl_for(reply.status, &cache.config),
+                    ttl: policy::ttl_for(reply.status, &cache.config.load()),
                     status: reply.status,
                     content_type: reply.content_type,
                     body: reply.body,

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde::Deserialize;
 
 /// Prefix of environment overrides: `MIRALIX_GATEWAY__CACHE__TTL=10s` sets `cache.ttl`.
@@ -26,14 +26,88 @@ pub struct Config {
     pub server: ServerConfig,
     pub admin: AdminConfig,
     pub cache: CacheConfig,
+    pub log: LogConfig,
     /// Accounts by the `{account}` route segment.
     pub accounts: BTreeMap<String, AccountConfig>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Where internal apps connect.
+    /// Where internal apps connect; HTTPS when `tls` is set.
     pub listen: SocketAddr,
+    /// An extra plain-HTTP listener serving the same route (e.g. loopback health checks).
+    pub plain_listen: Option<SocketAddr>,
+    /// Certificate and key that turn `listen` into HTTPS.
+    pub tls: Option<TlsIdentity>,
+    /// How long in-flight requests may take to finish after a stop signal.
+    pub shutdown_grace: Duration,
+    /// How long a client may take to send a complete request head.
+    pub header_read_timeout: Duration,
+    /// How long a client may take to complete the TLS handshake.
+    pub tls_handshake_timeout: Duration,
+    /// How long a connection may sit with no request in flight before it is closed.
+    pub idle_timeout: Duration,
+    /// Open connections on the public listeners at most; further clients wait in the backlog.
+    pub max_connections: usize,
+}
+
+/// A certificate chain and its private key, for terminating TLS.
+pub struct TlsIdentity {
+    /// Where the chain came from, for messages.
+    pub cert_path: PathBuf,
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Clone for TlsIdentity {
+    fn clone(&self) -> Self {
+        Self {
+            cert_path: self.cert_path.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsIdentity")
+            .field("cert_path", &self.cert_path)
+            .field("certificates", &self.chain.len())
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Logging settings that are not covered by `RUST_LOG`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines; colours only on a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// What validation needs from the process environment, passed in so tests need not set it.
+#[derive(Debug, Clone, Default)]
+pub struct LoadContext {
+    /// `$CREDENTIALS_DIRECTORY`, where systemd puts `LoadCredential=` files.
+    pub credentials_dir: Option<PathBuf>,
+}
+
+impl LoadContext {
+    pub fn from_env() -> Self {
+        Self {
+            credentials_dir: std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,7 +127,7 @@ pub struct CacheConfig {
 }
 
 /// One OfficeTeam account (the box's "domain") and how to reach its box.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountConfig {
     /// The base URL of the box; `/mot/{account}/...` is appended to its path.
     pub base_url: reqwest::Url,
@@ -148,22 +222,37 @@ fn render_problems(origin: &str, problems: &[Problem]) -> String {
 
 /// Load a TOML file, apply environment overrides and validate.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_with(path, &LoadContext::from_env())
+}
+
+/// [`load`] with an explicit context.
+pub fn load_with(path: &Path, context: &LoadContext) -> Result<Config, ConfigError> {
     let origin = path.display().to_string();
     let source = config::File::from(path)
         .format(config::FileFormat::Toml)
         .required(true);
-    build(origin, source)
+    build(origin, source, context)
 }
 
 /// Parse TOML text (the demo's embedded config, tests) with environment overrides.
 pub fn from_toml_str(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    from_toml_str_with(text, origin, &LoadContext::from_env())
+}
+
+/// [`from_toml_str`] with an explicit context.
+pub fn from_toml_str_with(
+    text: &str,
+    origin: &str,
+    context: &LoadContext,
+) -> Result<Config, ConfigError> {
     build(
         origin.to_owned(),
         config::File::from_str(text, config::FileFormat::Toml),
+        context,
     )
 }
 
-fn build<S>(origin: String, source: S) -> Result<Config, ConfigError>
+fn build<S>(origin: String, source: S, context: &LoadContext) -> Result<Config, ConfigError>
 where
     S: config::Source + Send + Sync + 'static,
 {
@@ -197,7 +286,7 @@ where
             message: "unknown key (see config/example.toml for every accepted key)".into(),
         })
         .collect();
-    match raw.validate() {
+    match raw.validate(context) {
         Ok(config) if problems.is_empty() => Ok(config),
         Ok(_) => Err(ConfigError::Invalid { origin, problems }),
         Err(mut more) => {
@@ -219,6 +308,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub upstream: RawUpstream,
     #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
     pub accounts: BTreeMap<String, RawAccount>,
 }
 
@@ -226,6 +317,31 @@ pub struct RawConfig {
 pub struct RawServer {
     /// Default `0.0.0.0:8080`.
     pub listen: Option<String>,
+    pub plain_listen: Option<String>,
+    /// Default `10s`.
+    pub shutdown_grace: Option<String>,
+    /// Default `10s`.
+    pub header_read_timeout: Option<String>,
+    /// Default `10s`.
+    pub tls_handshake_timeout: Option<String>,
+    /// Default `60s`.
+    pub idle_timeout: Option<String>,
+    /// Default 4096.
+    pub max_connections: Option<u64>,
+    pub tls: Option<RawTls>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawTls {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub key_credential: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawLog {
+    /// `text` (default) or `json`.
+    pub format: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -265,6 +381,7 @@ pub struct RawAccount {
     pub base_url: Option<String>,
     pub shared_secret: Option<Secret>,
     pub shared_secret_file: Option<PathBuf>,
+    pub shared_secret_credential: Option<String>,
     pub ca_file: Option<PathBuf>,
     pub pin_sha256: Option<String>,
     pub server_name: Option<String>,
@@ -285,6 +402,11 @@ pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 
 /// Collects problems while validating, so one pass reports all of them.
 #[derive(Default)]
@@ -305,13 +427,10 @@ impl Problems {
 }
 
 impl RawConfig {
-    /// Turn the raw file into typed values, reading referenced files (secrets, CA certificates).
-    pub fn validate(self) -> Result<Config, Vec<Problem>> {
+    /// Turn the raw file into typed values, reading referenced files (secrets, certificates).
+    pub fn validate(self, context: &LoadContext) -> Result<Config, Vec<Problem>> {
         let mut problems = Problems::default();
-        let listen = problems.check(
-            "server.listen",
-            parse_addr(self.server.listen.as_deref().unwrap_or(DEFAULT_LISTEN)),
-        );
+        let server = validate_server(self.server, context, &mut problems);
         let admin_listen = problems.check(
             "admin.listen",
             parse_addr(self.admin.listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN)),
@@ -330,6 +449,7 @@ impl RawConfig {
             "upstream.connect_timeout",
             positive_duration_or(&self.upstream.connect_timeout, DEFAULT_CONNECT_TIMEOUT),
         );
+        let log_format = problems.check("log.format", parse_log_format(self.log.format.as_deref()));
 
         if self.accounts.is_empty() {
             problems.push(
@@ -343,38 +463,201 @@ impl RawConfig {
                 timeout.unwrap_or(DEFAULT_TIMEOUT),
                 connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
             );
-            if let Some(account) = validate_account(&name, raw, defaults, &mut problems) {
+            if let Some(account) = validate_account(&name, raw, defaults, context, &mut problems) {
                 accounts.insert(name, account);
             }
         }
 
-        if let (Some(a), Some(b)) = (listen, admin_listen)
-            && a == b
-            && a.port() != 0
-        {
-            problems.push(
-                "admin.listen",
-                format!("the admin listener must not share server.listen ({a})"),
-            );
+        if let (Some(server), Some(admin)) = (&server, admin_listen) {
+            let mut taken = vec![("server.listen", server.listen)];
+            taken.extend(server.plain_listen.map(|a| ("server.plain_listen", a)));
+            for (key, addr) in taken {
+                if addr == admin && addr.port() != 0 {
+                    problems.push("admin.listen", format!("{addr} is already used by {key}"));
+                }
+            }
+            if server.plain_listen == Some(server.listen) && server.listen.port() != 0 {
+                problems.push("server.plain_listen", "must differ from server.listen");
+            }
         }
 
-        match (listen, admin_listen, ttl, negative_ttl, max_bytes) {
-            (Some(listen), Some(admin), Some(ttl), Some(negative_ttl), Some(max_bytes))
-                if problems.0.is_empty() =>
-            {
-                Ok(Config {
-                    server: ServerConfig { listen },
-                    admin: AdminConfig { listen: admin },
-                    cache: CacheConfig {
-                        ttl,
-                        negative_ttl,
-                        max_bytes,
-                    },
-                    accounts,
-                })
-            }
+        match (
+            server,
+            admin_listen,
+            ttl,
+            negative_ttl,
+            max_bytes,
+            log_format,
+        ) {
+            (
+                Some(server),
+                Some(admin),
+                Some(ttl),
+                Some(negative_ttl),
+                Some(max_bytes),
+                Some(format),
+            ) if problems.0.is_empty() => Ok(Config {
+                server,
+                admin: AdminConfig { listen: admin },
+                cache: CacheConfig {
+                    ttl,
+                    negative_ttl,
+                    max_bytes,
+                },
+                log: LogConfig { format },
+                accounts,
+            }),
             _ => Err(problems.0),
         }
+    }
+}
+
+fn validate_server(
+    raw: RawServer,
+    context: &LoadContext,
+    problems: &mut Problems,
+) -> Option<ServerConfig> {
+    let listen = problems.check(
+        "server.listen",
+        parse_addr(raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN)),
+    );
+    let plain_listen = match raw.plain_listen.as_deref() {
+        Some(addr) => problems.check("server.plain_listen", parse_addr(addr).map(Some)),
+        None => Some(None),
+    };
+    let mut duration = |key: &str, value: &Option<String>, default: Duration| {
+        problems.check(key, positive_duration_or(value, default))
+    };
+    let shutdown_grace = duration(
+        "server.shutdown_grace",
+        &raw.shutdown_grace,
+        DEFAULT_SHUTDOWN_GRACE,
+    );
+    let header_read_timeout = duration(
+        "server.header_read_timeout",
+        &raw.header_read_timeout,
+        DEFAULT_HEADER_READ_TIMEOUT,
+    );
+    let tls_handshake_timeout = duration(
+        "server.tls_handshake_timeout",
+        &raw.tls_handshake_timeout,
+        DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+    );
+    let idle_timeout = duration(
+        "server.idle_timeout",
+        &raw.idle_timeout,
+        DEFAULT_IDLE_TIMEOUT,
+    );
+    let max_connections = match raw.max_connections {
+        None => Some(DEFAULT_MAX_CONNECTIONS),
+        // A semaphore holds at most u32::MAX >> 3 permits; far beyond any file-descriptor limit.
+        Some(n @ 1..=1_000_000) => usize::try_from(n).ok(),
+        Some(n) => {
+            problems.push(
+                "server.max_connections",
+                format!("{n} is out of range: expected 1 to 1000000"),
+            );
+            None
+        }
+    };
+    let tls = match raw.tls {
+        Some(tls) => validate_tls(tls, context, problems).map(Some),
+        None => Some(None),
+    };
+    Some(ServerConfig {
+        listen: listen?,
+        plain_listen: plain_listen?,
+        tls: tls?,
+        shutdown_grace: shutdown_grace?,
+        header_read_timeout: header_read_timeout?,
+        tls_handshake_timeout: tls_handshake_timeout?,
+        idle_timeout: idle_timeout?,
+        max_connections: max_connections?,
+    })
+}
+
+fn validate_tls(
+    raw: RawTls,
+    context: &LoadContext,
+    problems: &mut Problems,
+) -> Option<TlsIdentity> {
+    let chain = match &raw.cert {
+        Some(path) => problems.check("server.tls.cert", read_certificates(path)),
+        None => {
+            problems.push(
+                "server.tls.cert",
+                "missing: the PEM certificate chain to serve",
+            );
+            None
+        }
+    };
+    let key = match (&raw.key, &raw.key_credential) {
+        (Some(path), None) => problems.check(
+            "server.tls.key",
+            std::fs::read(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                .and_then(|pem| parse_private_key(&pem, &path.display().to_string())),
+        ),
+        (None, Some(name)) => problems.check(
+            "server.tls.key_credential",
+            read_credential(context, name)
+                .and_then(|pem| parse_private_key(&pem, &format!("credential \"{name}\""))),
+        ),
+        (Some(_), Some(_)) => {
+            problems.push(
+                "server.tls.key",
+                "set exactly one of key and key_credential, not both",
+            );
+            None
+        }
+        (None, None) => {
+            problems.push(
+                "server.tls.key",
+                "missing: set key (a PEM file) or key_credential (a systemd credential)",
+            );
+            None
+        }
+    };
+    let (chain, key, cert_path) = (chain?, key?, raw.cert?);
+    let identity = TlsIdentity {
+        cert_path,
+        chain,
+        key,
+    };
+    // Building the server configuration checks that the key belongs to the certificate.
+    problems.check(
+        "server.tls.key",
+        crate::server::tls::server_config(&identity).map(|_| identity),
+    )
+}
+
+fn parse_private_key(pem: &[u8], origin: &str) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| {
+        format!("{origin}: no usable private key ({e}); expected a PEM PKCS#8, RSA or EC key")
+    })
+}
+
+/// Read a systemd credential by name from `$CREDENTIALS_DIRECTORY`.
+fn read_credential(context: &LoadContext, name: &str) -> Result<Vec<u8>, String> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(format!("\"{name}\" is not a credential name"));
+    }
+    let Some(dir) = &context.credentials_dir else {
+        return Err(format!(
+            "credential \"{name}\" needs $CREDENTIALS_DIRECTORY, which systemd sets for a unit with LoadCredential={name}:<path>"
+        ));
+    };
+    let path = dir.join(name);
+    std::fs::read(&path).map_err(|e| format!("cannot read credential {}: {e}", path.display()))
+}
+
+fn parse_log_format(value: Option<&str>) -> Result<LogFormat, String> {
+    match value {
+        None | Some("text") => Ok(LogFormat::Text),
+        Some("json") => Ok(LogFormat::Json),
+        Some(other) => Err(format!(
+            "\"{other}\" is not a log format: expected \"text\" or \"json\""
+        )),
     }
 }
 
@@ -382,6 +665,7 @@ fn validate_account(
     name: &str,
     raw: RawAccount,
     (default_timeout, default_connect_timeout): (Duration, Duration),
+    context: &LoadContext,
     problems: &mut Problems,
 ) -> Option<AccountConfig> {
     let key = |field: &str| format!("accounts.{name}.{field}");
@@ -405,20 +689,35 @@ fn validate_account(
             None
         }
     };
-    let shared_secret = match (raw.shared_secret, raw.shared_secret_file) {
-        (Some(secret), None) => problems.check(&key("shared_secret"), non_empty_secret(secret)),
-        (None, Some(path)) => problems.check(&key("shared_secret_file"), read_secret_file(&path)),
-        (Some(_), Some(_)) => {
+    let sources = [
+        raw.shared_secret.is_some(),
+        raw.shared_secret_file.is_some(),
+        raw.shared_secret_credential.is_some(),
+    ];
+    let shared_secret = match (
+        raw.shared_secret,
+        raw.shared_secret_file,
+        raw.shared_secret_credential,
+    ) {
+        _ if sources.iter().filter(|set| **set).count() > 1 => {
             problems.push(
                 key("shared_secret"),
-                "set exactly one of shared_secret and shared_secret_file, not both",
+                "set exactly one of shared_secret, shared_secret_file and shared_secret_credential",
             );
             None
         }
-        (None, None) => {
+        (Some(secret), _, _) => problems.check(&key("shared_secret"), non_empty_secret(secret)),
+        (_, Some(path), _) => problems.check(&key("shared_secret_file"), read_secret_file(&path)),
+        (_, _, Some(credential)) => problems.check(
+            &key("shared_secret_credential"),
+            read_credential(context, &credential).and_then(|bytes| {
+                secret_from_bytes(&bytes).map_err(|e| format!("credential \"{credential}\": {e}"))
+            }),
+        ),
+        (None, None, None) => {
             problems.push(
                 key("shared_secret"),
-                "missing: set shared_secret or shared_secret_file",
+                "missing: set shared_secret, shared_secret_file or shared_secret_credential",
             );
             None
         }
@@ -542,11 +841,16 @@ fn non_empty_secret(secret: Secret) -> Result<Secret, String> {
 }
 
 fn read_secret_file(path: &Path) -> Result<Secret, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    secret_from_bytes(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A secret stored in a file or credential.
+fn secret_from_bytes(bytes: &[u8]) -> Result<Secret, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "the shared secret is not UTF-8 text")?;
     // Files written by `echo` or editors end in a newline that is not part of the secret.
     let secret = text.trim_end_matches(['\r', '\n']);
-    check_secret_text(secret).map_err(|e| format!("{}: {e}", path.display()))?;
+    check_secret_text(secret)?;
     Ok(Secret::new(secret))
 }
 
@@ -687,6 +991,141 @@ mod tests {
         let debug = format!("{config:?}");
         assert!(!debug.contains("s3cret"), "{debug}");
         assert!(debug.contains("<redacted>"));
+    }
+
+    /// A certificate and key in PEM, and a key that belongs to neither.
+    fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let cert = dir.join("cert.pem");
+        let key = dir.join("key.pem");
+        let other = dir.join("other.pem");
+        std::fs::write(&cert, certified.cert.pem()).unwrap();
+        std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+        std::fs::write(&other, rcgen::KeyPair::generate().unwrap().serialize_pem()).unwrap();
+        (cert, key, other)
+    }
+
+    fn with_tls(tls: &str) -> String {
+        format!("[server.tls]\n{tls}\n{MINIMAL}")
+    }
+
+    #[test]
+    fn tls_identity_loads_and_redacts_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, _) = tls_files(dir.path());
+        let text = with_tls(&format!(
+            "cert = \"{}\"\nkey = \"{}\"",
+            cert.display(),
+            key.display()
+        ));
+        let config = from_toml_str(&text, "t.toml").unwrap();
+        let identity = config.server.tls.as_ref().unwrap();
+        assert_eq!(identity.chain.len(), 1);
+        let debug = format!("{config:?}");
+        assert!(debug.contains("key: \"<redacted>\""), "{debug}");
+    }
+
+    #[test]
+    fn tls_problems_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, other) = tls_files(dir.path());
+        let cases = [
+            (
+                format!(
+                    "cert = \"/nonexistent/cert.pem\"\nkey = \"{}\"",
+                    key.display()
+                ),
+                "server.tls.cert: cannot read /nonexistent/cert.pem".to_owned(),
+            ),
+            (
+                format!(
+                    "cert = \"{}\"\nkey = \"{}\"",
+                    cert.display(),
+                    cert.display()
+                ),
+                format!("server.tls.key: {}: no usable private key", cert.display()),
+            ),
+            (
+                format!(
+                    "cert = \"{}\"\nkey = \"{}\"",
+                    cert.display(),
+                    other.display()
+                ),
+                format!(
+                    "server.tls.key: the private key does not belong to the certificate in {}",
+                    cert.display()
+                ),
+            ),
+            (
+                format!("cert = \"{}\"", cert.display()),
+                "server.tls.key: missing".to_owned(),
+            ),
+        ];
+        for (tls, expected) in cases {
+            let err = from_toml_str(&with_tls(&tls), "t.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&expected), "{expected:?} not in {err}");
+        }
+    }
+
+    #[test]
+    fn secrets_and_keys_come_from_systemd_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, _) = tls_files(dir.path());
+        std::fs::write(dir.path().join("greenbox"), "from-credential\n").unwrap();
+        std::fs::copy(&key, dir.path().join("tls-key")).unwrap();
+        let text = format!(
+            "[server.tls]\ncert = \"{}\"\nkey_credential = \"tls-key\"\n\
+             [accounts.greenbox]\nbase_url = \"https://10.0.0.1\"\nshared_secret_credential = \"greenbox\"\n",
+            cert.display()
+        );
+        let context = LoadContext {
+            credentials_dir: Some(dir.path().to_owned()),
+        };
+        let config = from_toml_str_with(&text, "t.toml", &context).unwrap();
+        assert_eq!(
+            config.accounts["greenbox"].shared_secret.expose(),
+            "from-credential"
+        );
+        assert!(config.server.tls.is_some());
+
+        let err = from_toml_str_with(&text, "t.toml", &LoadContext::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("accounts.greenbox.shared_secret_credential: credential \"greenbox\" needs $CREDENTIALS_DIRECTORY"), "{err}");
+        assert!(err.contains("server.tls.key_credential"), "{err}");
+        let two = text.replace(
+            "shared_secret_credential",
+            "shared_secret = \"x\"\nshared_secret_credential",
+        );
+        let err = from_toml_str_with(&two, "t.toml", &context)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("set exactly one of"), "{err}");
+    }
+
+    #[test]
+    fn server_limits_are_validated() {
+        let text = format!(
+            "[server]\nmax_connections = 0\nidle_timeout = \"0s\"\n[log]\nformat = \"xml\"\n{MINIMAL}"
+        );
+        let mut problems = from_toml_str(&text, "t.toml").unwrap_err().problems();
+        let clash = format!("[server]\nplain_listen = \"0.0.0.0:8080\"\n{MINIMAL}");
+        problems.extend(from_toml_str(&clash, "t.toml").unwrap_err().problems());
+        for key in [
+            "server.max_connections",
+            "server.idle_timeout",
+            "server.plain_listen",
+            "log.format",
+        ] {
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.starts_with(&format!("t.toml: {key}: "))),
+                "{key} missing from {problems:#?}"
+            );
+        }
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //! - [`clock`]: the injectable time source every freshness decision reads.
 //! - [`upstream`] (+ [`upstream::trust`]): one rustls reqwest client per account.
 //! - [`proxy`]: the request handler and [`proxy::AppState`]; [`error`]: errors to statuses.
-//! - [`server`]: accept loops, per-connection spans, graceful shutdown.
+//! - [`server`] (+ [`server::tls`]): accept loops, TLS termination, timeouts, graceful shutdown.
+//! - [`systemd`]: `sd_notify` readiness, reload and stop messages, and the watchdog.
 //! - [`metrics`], [`telemetry`]: Prometheus exposition and the tracing subscriber.
 //! - [`simulator`] and [`demo`]: a simulated box for the demo and the tests.
 //!
@@ -43,6 +44,7 @@ pub mod proxy;
 pub mod route;
 pub mod server;
 pub mod simulator;
+pub mod systemd;
 pub mod telemetry;
 pub mod upstream;
 

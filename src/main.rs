@@ -3,17 +3,17 @@
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use miralix_gateway::clock::SystemClock;
-use miralix_gateway::config::{self, Config};
-use miralix_gateway::telemetry::{self, LogFormat};
-use miralix_gateway::{AppState, demo, server};
-use tokio::net::TcpListener;
+use miralix_gateway::config::{self, Config, LogFormat};
+use miralix_gateway::server::{self, Listeners};
+use miralix_gateway::{AppState, demo, systemd, telemetry};
+use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,16 +22,16 @@ use tokio::net::TcpListener;
     about = "Caching reverse proxy for the Miralix OfficeTeam recordings API"
 )]
 struct Cli {
-    /// Log line format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    /// Log line format on stderr; overrides `[log] format` in the configuration.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the gateway with a configuration file.
+    /// Run the gateway with a configuration file. SIGHUP reloads it; SIGTERM or SIGINT stops.
     Serve {
         /// TOML configuration file (see config/example.toml).
         #[arg(long, short)]
@@ -55,10 +55,22 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::CheckConfig { config } = &cli.command {
-        return check_config(config);
-    }
-    if let Err(error) = telemetry::init(cli.log_format) {
+    let (config, source) = match &cli.command {
+        Command::CheckConfig { config } => return check_config(config),
+        Command::Serve { config: path } => match config::load(path) {
+            Ok(config) => (Some(config), Some(path.clone())),
+            Err(error) => {
+                print_problems(path, &error);
+                return ExitCode::FAILURE;
+            }
+        },
+        Command::Demo { .. } => (None, None),
+    };
+    let format = cli
+        .log_format
+        .or(config.as_ref().map(|c| c.log.format))
+        .unwrap_or_default();
+    if let Err(error) = telemetry::init(format) {
         eprintln!("miralix-gateway: cannot set up logging: {error}");
         return ExitCode::FAILURE;
     }
@@ -70,13 +82,16 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
-            Command::Serve { config } => serve(&config).await,
-            Command::Demo {
-                listen,
-                admin_listen,
-            } => run_demo(listen, admin_listen).await,
-            Command::CheckConfig { .. } => unreachable!("handled before the runtime starts"),
+        match (cli.command, config) {
+            (
+                Command::Demo {
+                    listen,
+                    admin_listen,
+                },
+                _,
+            ) => run_demo(listen, admin_listen).await,
+            (_, Some(config)) => run_gateway(config, source, |_| {}).await,
+            (_, None) => unreachable!("serve always has a configuration here"),
         }
     });
     match result {
@@ -89,71 +104,136 @@ fn main() -> ExitCode {
     }
 }
 
-fn check_config(path: &std::path::Path) -> ExitCode {
+fn print_problems(path: &Path, error: &config::ConfigError) {
+    for problem in error.problems() {
+        eprintln!("{problem}");
+    }
+    eprintln!("{}: configuration is invalid", path.display());
+}
+
+fn check_config(path: &Path) -> ExitCode {
     let config = match config::load(path) {
         Ok(config) => config,
         Err(error) => {
-            for problem in error.problems() {
-                eprintln!("{problem}");
-            }
-            eprintln!("{}: configuration is invalid", path.display());
+            print_problems(path, &error);
             return ExitCode::FAILURE;
         }
     };
-    // Building the upstream clients checks what loading cannot, such as usable trust anchors.
-    if let Err(error) = AppState::new(&config, Arc::new(SystemClock)) {
-        eprintln!("{}: {error}", path.display());
-        eprintln!("{}: configuration is invalid", path.display());
-        return ExitCode::FAILURE;
-    }
-    let names: Vec<&str> = config.accounts.keys().map(String::as_str).collect();
-    println!(
-        "{}: ok: {} account(s) ({}), listen {}, admin {}, ttl {}, negative_ttl {}, max_bytes {}",
+    let names: Vec<String> = config.accounts.keys().cloned().collect();
+    let summary = format!(
+        "{}: ok: {} account(s) ({}), listen {}{}, admin {}, ttl {}, negative_ttl {}, max_bytes {}",
         path.display(),
         names.len(),
         names.join(", "),
         config.server.listen,
+        if config.server.tls.is_some() {
+            " (https)"
+        } else {
+            ""
+        },
         config.admin.listen,
         humantime::format_duration(config.cache.ttl),
         humantime::format_duration(config.cache.negative_ttl),
         config.cache.max_bytes,
     );
+    // Building the upstream clients and the TLS acceptor checks what loading cannot,
+    // such as usable trust anchors.
+    if let Err(error) = AppState::new(config, Arc::new(SystemClock)) {
+        eprintln!("{}: {error}", path.display());
+        eprintln!("{}: configuration is invalid", path.display());
+        return ExitCode::FAILURE;
+    }
+    println!("{summary}");
     ExitCode::SUCCESS
-}
-
-async fn serve(path: &std::path::Path) -> Result<()> {
-    let config = config::load(path)?;
-    run_gateway(&config, |_, _| {}).await
 }
 
 async fn run_demo(listen: SocketAddr, admin_listen: SocketAddr) -> Result<()> {
     let demo = demo::start(listen, admin_listen).await?;
-    run_gateway(&demo.config, |public, admin| {
-        println!("{}", demo::instructions(&demo, public, admin));
+    let config = demo.config.clone();
+    run_gateway(config, None, |listeners| {
+        let (public, admin) = (
+            listeners.public.local_addr().ok(),
+            listeners.admin.local_addr().ok(),
+        );
+        if let (Some(public), Some(admin)) = (public, admin) {
+            println!("{}", demo::instructions(&demo, public, admin));
+        }
     })
     .await
 }
 
-/// Bind both listeners, tell `on_bound` where they are, and serve until a stop signal.
-async fn run_gateway(config: &Config, on_bound: impl FnOnce(SocketAddr, SocketAddr)) -> Result<()> {
+/// Bind the listeners, tell `on_bound` and systemd, and serve until a stop signal.
+/// With a `source` file, SIGHUP reloads it.
+async fn run_gateway(
+    config: Config,
+    source: Option<PathBuf>,
+    on_bound: impl FnOnce(&Listeners),
+) -> Result<()> {
+    let listeners = Listeners::bind(&config).await?;
     let state = Arc::new(AppState::new(config, Arc::new(SystemClock))?);
-    let public = bind(config.server.listen, "server.listen").await?;
-    let admin = bind(config.admin.listen, "admin.listen").await?;
-    on_bound(public.local_addr()?, admin.local_addr()?);
-    server::run(public, admin, state, stop_signal()).await;
+    on_bound(&listeners);
+    tokio::spawn(reload_on_hangup(state.clone(), source));
+    systemd::spawn_watchdog();
+    let stop = async {
+        stop_signal().await;
+        systemd::stopping();
+    };
+    let serving = server::run(listeners, state, stop);
+    // `run` marks the state ready as soon as it starts accepting.
+    systemd::ready();
+    serving.await;
     Ok(())
 }
 
-async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} ({key})"))
+/// Reload `source` on every SIGHUP; a configuration that fails is logged and not applied.
+async fn reload_on_hangup(state: Arc<AppState>, source: Option<PathBuf>) {
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP; reload is unavailable");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        let Some(path) = &source else {
+            tracing::info!("SIGHUP received; the demo has no configuration file to reload");
+            continue;
+        };
+        tracing::info!(config = %path.display(), "SIGHUP received: reloading");
+        systemd::reloading();
+        let outcome = match config::load(path) {
+            Ok(config) => state.reload(config).await.map_err(|e| e.to_string()),
+            Err(error) => Err(error.problems().join("; ")),
+        };
+        match outcome {
+            Ok(report) => {
+                for key in &report.restart_required {
+                    tracing::warn!(
+                        key,
+                        "changed in the configuration; takes effect after a restart"
+                    );
+                }
+                tracing::info!(
+                    added = ?report.added,
+                    changed = ?report.changed,
+                    removed = ?report.removed,
+                    unchanged = ?report.unchanged,
+                    "configuration reloaded"
+                );
+                systemd::reloaded("serving (reloaded)");
+            }
+            Err(problems) => {
+                tracing::error!(%problems, "reload refused; still serving the previous configuration");
+                systemd::reloaded("serving (last reload refused; see the log)");
+            }
+        }
+    }
 }
 
-/// Completes on Ctrl-C or SIGTERM.
+/// Completes on Ctrl-C (SIGINT) or SIGTERM.
 async fn stop_signal() {
     let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        match signal(SignalKind::terminate()) {
             Ok(mut signal) => {
                 signal.recv().await;
             }
@@ -164,7 +244,7 @@ async fn stop_signal() {
         }
     };
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
-        () = terminate => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received: shutting down"),
+        () = terminate => tracing::info!("SIGTERM received: shutting down"),
     }
 }

@@ -15,18 +15,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{AGE, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
+use tokio_rustls::TlsAcceptor;
 
 use crate::cache::policy::{self, Freshness};
 use crate::cache::{CacheKey, CacheStatus, CachedResponse, ResponseCache};
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{AccountConfig, Config};
 use crate::error::{ProxyError, json_error};
 use crate::metrics::{AccountMetrics, Metrics};
 use crate::route::{self, RecordingsRequest, Route};
+use crate::server;
 use crate::upstream::{self, UpstreamClient, UpstreamError};
 
 /// `X-Cache: HIT|MISS`, the header most dashboards and curl users look at.
@@ -37,49 +40,112 @@ pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 const CACHE_NAME: &str = "miralix-gateway";
 
 /// One configured account, ready to serve.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Account {
     pub name: Arc<str>,
     pub client: UpstreamClient,
     pub metrics: AccountMetrics,
+    /// The settings the client was built from, to tell on reload whether it can be kept.
+    settings: AccountConfig,
+}
+
+/// What a reload can replace: the configuration, the accounts' clients and the TLS acceptor.
+pub struct Runtime {
+    pub config: Config,
+    pub accounts: HashMap<String, Account>,
+    /// Set when `server.tls` is configured: new public connections are TLS.
+    pub tls: Option<TlsAcceptor>,
+}
+
+impl Runtime {
+    /// Build a runtime for `config`, reusing `previous`'s client for every unchanged account.
+    fn build(
+        config: Config,
+        previous: Option<&Runtime>,
+        metrics: &Metrics,
+    ) -> Result<Self, StateError> {
+        let mut accounts = HashMap::new();
+        for (name, settings) in &config.accounts {
+            let kept = previous
+                .and_then(|p| p.accounts.get(name))
+                .filter(|old| old.settings == *settings);
+            let account = match kept {
+                Some(old) => old.clone(),
+                None => Account {
+                    name: name.as_str().into(),
+                    client: UpstreamClient::new(name, settings).map_err(|source| {
+                        StateError::Account {
+                            account: name.clone(),
+                            source,
+                        }
+                    })?,
+                    metrics: metrics.account(name),
+                    settings: settings.clone(),
+                },
+            };
+            accounts.insert(name.clone(), account);
+        }
+        let tls = match &config.server.tls {
+            Some(identity) => Some(server::tls::acceptor(identity).map_err(StateError::Tls)?),
+            None => None,
+        };
+        Ok(Self {
+            config,
+            accounts,
+            tls,
+        })
+    }
 }
 
 /// Everything a request needs, built once and shared by every connection.
 pub struct AppState {
-    pub accounts: HashMap<String, Account>,
+    runtime: ArcSwap<Runtime>,
     pub cache: ResponseCache,
     pub metrics: Metrics,
     ready: AtomicBool,
+    /// Reloads run one at a time.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl AppState {
     /// Build the clients, cache and metrics for a validated configuration.
-    pub fn new(config: &Config, clock: Arc<dyn Clock>) -> Result<Self, StateError> {
+    pub fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StateError> {
         let metrics = Metrics::new();
-        let mut accounts = HashMap::new();
-        for (name, account) in &config.accounts {
-            let client = UpstreamClient::new(name, account).map_err(|source| StateError {
-                account: name.clone(),
-                source,
-            })?;
-            accounts.insert(
-                name.clone(),
-                Account {
-                    name: name.as_str().into(),
-                    client,
-                    metrics: metrics.account(name),
-                },
-            );
-        }
+        let cache = ResponseCache::new(config.cache.clone(), clock);
+        let runtime = Runtime::build(config, None, &metrics)?;
         Ok(Self {
-            accounts,
-            cache: ResponseCache::new(config.cache.clone(), clock),
+            runtime: ArcSwap::from_pointee(runtime),
+            cache,
             metrics,
             ready: AtomicBool::new(false),
+            reloading: tokio::sync::Mutex::new(()),
         })
     }
 
-    /// Whether both listeners are serving.
+    /// The configuration, accounts and TLS acceptor in force now.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    /// Switch to `config`, or keep everything as it is if any part of it cannot be built.
+    ///
+    /// Unchanged accounts keep their client and their cache entries; changed and removed
+    /// accounts lose their entries. Settings bound at start-up (listen addresses, connection
+    /// cap, cache size, log format) are reported in [`ReloadReport::restart_required`].
+    pub async fn reload(&self, config: Config) -> Result<ReloadReport, StateError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let old = self.runtime();
+        let new = Runtime::build(config, Some(&old), &self.metrics)?;
+        let report = ReloadReport::compare(&old, &new);
+        self.cache.set_config(new.config.cache.clone());
+        self.runtime.store(Arc::new(new));
+        for account in report.changed.iter().chain(&report.removed) {
+            self.cache.invalidate_account(account);
+        }
+        Ok(report)
+    }
+
+    /// Whether the listeners are serving.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
@@ -89,13 +155,77 @@ impl AppState {
     }
 }
 
-/// An account whose upstream client could not be built.
+/// What a reload changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
+    pub unchanged: Vec<String>,
+    /// Keys whose new value takes effect only after a restart.
+    pub restart_required: Vec<&'static str>,
+}
+
+impl ReloadReport {
+    fn compare(old: &Runtime, new: &Runtime) -> Self {
+        let mut report = Self::default();
+        for (name, account) in &new.accounts {
+            match old.accounts.get(name) {
+                None => report.added.push(name.clone()),
+                Some(previous) if previous.settings == account.settings => {
+                    report.unchanged.push(name.clone())
+                }
+                Some(_) => report.changed.push(name.clone()),
+            }
+        }
+        report.removed = old
+            .accounts
+            .keys()
+            .filter(|name| !new.accounts.contains_key(*name))
+            .cloned()
+            .collect();
+        for list in [
+            &mut report.added,
+            &mut report.changed,
+            &mut report.removed,
+            &mut report.unchanged,
+        ] {
+            list.sort();
+        }
+        let (a, b) = (&old.config, &new.config);
+        let checks = [
+            ("server.listen", a.server.listen != b.server.listen),
+            (
+                "server.plain_listen",
+                a.server.plain_listen != b.server.plain_listen,
+            ),
+            (
+                "server.max_connections",
+                a.server.max_connections != b.server.max_connections,
+            ),
+            ("admin.listen", a.admin.listen != b.admin.listen),
+            ("cache.max_bytes", a.cache.max_bytes != b.cache.max_bytes),
+            ("log.format", a.log != b.log),
+        ];
+        report.restart_required = checks
+            .into_iter()
+            .filter_map(|(key, differs)| differs.then_some(key))
+            .collect();
+        report
+    }
+}
+
+/// Why a configuration could not be put into service.
 #[derive(Debug, thiserror::Error)]
-#[error("accounts.{account}: {source}")]
-pub struct StateError {
-    pub account: String,
-    #[source]
-    pub source: upstream::BuildError,
+pub enum StateError {
+    #[error("accounts.{account}: {source}")]
+    Account {
+        account: String,
+        #[source]
+        source: upstream::BuildError,
+    },
+    #[error("server.tls: {0}")]
+    Tls(String),
 }
 
 /// What the access-log event reports besides method, path, status and duration.
@@ -145,7 +275,8 @@ async fn handle_inner<B>(
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return Err(ProxyError::MethodNotAllowed(request.method().clone()));
     }
-    let account = state
+    let runtime = state.runtime.load();
+    let account = runtime
         .accounts
         .get(&recordings.account)
         .ok_or_else(|| ProxyError::UnknownAccount(recordings.account.clone()))?;

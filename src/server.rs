@@ -1,134 +1,344 @@
-//! Accept loops for the public and admin listeners, and graceful shutdown.
+//! Accept loops, connection lifecycle and graceful shutdown.
 //!
-//! The caller binds the listeners and passes them in together with a shutdown future, so tests
-//! run the whole server on port 0. Each connection is served by hyper-util's auto builder
-//! (HTTP/1.1, and HTTP/2 with prior knowledge) inside a span naming the client address. When the
-//! shutdown future completes, both listeners stop accepting and open connections are told to
-//! finish their in-flight requests, for at most [`SHUTDOWN_GRACE`].
+//! The caller binds the listeners and passes them in with a shutdown future, so tests run the
+//! whole server on port 0. Each listener has its own accept loop:
+//!
+//! - A connection needs a permit before it is accepted: `server.max_connections` for the public
+//!   listeners, a small fixed number for the admin listener so metrics stay reachable under
+//!   load. Beyond the cap, clients wait in the kernel's backlog instead of being refused.
+//! - On the public listener, TLS (when configured) must complete within
+//!   `server.tls_handshake_timeout`, using the acceptor in force at accept time: a reload
+//!   changes the certificate for new connections only.
+//! - hyper-util's auto builder serves HTTP/1.1 and HTTP/2 (ALPN `h2`, or prior knowledge on
+//!   plain listeners). A request head must arrive within `server.header_read_timeout`, and a
+//!   connection with no request in flight for `server.idle_timeout` is closed gracefully.
+//!
+//! When the shutdown future completes, every loop stops accepting and closes its listener, and
+//! open connections finish their in-flight requests (HTTP/1 closes after the response, HTTP/2
+//! sends GOAWAY) within `server.shutdown_grace`; whatever is still open then is cut off.
+
+pub mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::proxy::{AppState, handle, handle_admin};
 
-/// How long open connections get to finish after shutdown is requested.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Open connections on the admin listener at most.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// The listeners the gateway serves, bound by the caller.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The route; HTTPS when `server.tls` is configured.
+    pub public: TcpListener,
+    /// The route over plain HTTP beside an HTTPS `public` (`server.plain_listen`).
+    pub plain: Option<TcpListener>,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Bind every listener the configuration names; errors name the address and its key.
+    pub async fn bind(config: &crate::config::Config) -> Result<Self, BindError> {
+        let plain = match config.server.plain_listen {
+            Some(addr) => Some(bind(addr, "server.plain_listen").await?),
+            None => None,
+        };
+        Ok(Self {
+            public: bind(config.server.listen, "server.listen").await?,
+            plain,
+            admin: bind(config.admin.listen, "admin.listen").await?,
+        })
+    }
+}
+
+/// A listener that could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} ({key}): {source}")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    pub key: &'static str,
+    #[source]
+    pub source: std::io::Error,
+}
+
+async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| BindError { addr, key, source })
+}
 
 /// Which listener a connection came in on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Listener {
     Public,
+    Plain,
     Admin,
 }
 
-/// Serve both listeners until `shutdown` completes, then drain.
-pub async fn run(
-    public: TcpListener,
-    admin: TcpListener,
-    state: Arc<AppState>,
-    shutdown: impl Future<Output = ()>,
-) {
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let graceful = GracefulShutdown::new();
-    state.set_ready(true);
+/// Serve every listener until `shutdown` completes, then drain and return.
+pub async fn run(listeners: Listeners, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
+    let max_connections = state.runtime().config.server.max_connections;
+    let public_permits = Arc::new(Semaphore::new(max_connections));
+    let admin_permits = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    let (stop, stopped) = watch::channel(false);
+    let (closed, mut all_closed) = mpsc::channel::<()>(3);
     tracing::info!(
-        public = %display_addr(&public),
-        admin = %display_addr(&admin),
-        accounts = state.accounts.len(),
+        public = %local(&listeners.public),
+        plain = listeners.plain.as_ref().map(local),
+        admin = %local(&listeners.admin),
+        tls = state.runtime().tls.is_some(),
+        accounts = state.runtime().accounts.len(),
         "miralix-gateway serving"
     );
-    tokio::pin!(shutdown);
-    loop {
-        let (accepted, listener) = tokio::select! {
-            accepted = public.accept() => (accepted, Listener::Public),
-            accepted = admin.accept() => (accepted, Listener::Admin),
-            () = &mut shutdown => break,
+    let mut loops = JoinSet::new();
+    let mut spawn = |listener, kind, permits| {
+        let accept = AcceptLoop {
+            listener,
+            kind,
+            permits,
+            state: state.clone(),
+            stop: stopped.clone(),
+            closed: closed.clone(),
         };
-        match accepted {
-            Ok((stream, peer)) => serve(&builder, &graceful, &state, stream, peer, listener),
-            // Running out of file descriptors and similar are transient: keep accepting.
-            Err(error) => {
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
+        loops.spawn(accept.run());
+    };
+    spawn(listeners.public, Listener::Public, public_permits.clone());
+    if let Some(plain) = listeners.plain {
+        spawn(plain, Listener::Plain, public_permits);
     }
+    spawn(listeners.admin, Listener::Admin, admin_permits);
+    drop(closed);
+    state.set_ready(true);
+
+    shutdown.await;
+    stop.send_replace(true);
+    // Every loop reports once its listener is closed: from then on connects are refused.
+    while all_closed.recv().await.is_some() {}
     state.set_ready(false);
-    drop((public, admin));
-    tracing::info!(
-        connections = graceful.count(),
-        "shutting down: no new connections, draining open ones"
-    );
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; closing them");
-    }
+    tracing::info!("stopped accepting; draining open connections");
+    while loops.join_next().await.is_some() {}
+    tracing::info!("all connections closed");
 }
 
-fn serve(
-    builder: &auto::Builder<TokioExecutor>,
-    graceful: &GracefulShutdown,
-    state: &Arc<AppState>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    listener: Listener,
-) {
-    // Responses are small and written whole; waiting for more data only adds latency.
-    let _ = stream.set_nodelay(true);
-    let io = TokioIo::new(stream);
-    let span = tracing::info_span!("conn", client.addr = %peer, listener = ?listener);
-    let state = state.clone();
-    match listener {
-        Listener::Public => {
-            let service = service_fn(move |request: hyper::Request<Incoming>| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(state, request).await) }
-            });
-            let connection = builder.serve_connection(io, service).into_owned();
-            spawn_connection(graceful.watch(connection), span);
-        }
-        Listener::Admin => {
-            let service = service_fn(move |request: hyper::Request<Incoming>| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle_admin(state, request).await) }
-            });
-            let connection = builder.serve_connection(io, service).into_owned();
-            spawn_connection(graceful.watch(connection), span);
-        }
-    }
+/// Completes once shutdown has been requested (or the server is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns must not live across an await; drop it here.
+    let _ = stop.wait_for(|stop| *stop).await;
 }
 
-fn spawn_connection<C, E>(connection: C, span: tracing::Span)
-where
-    C: Future<Output = Result<(), E>> + Send + 'static,
-    E: std::fmt::Display,
-{
-    tokio::spawn(
-        async move {
-            // Clients that reset or time out are routine for a proxy; not worth a warning.
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "connection ended with an error");
-            }
-        }
-        .instrument(span),
-    );
-}
-
-fn display_addr(listener: &TcpListener) -> String {
+fn local(listener: &TcpListener) -> String {
     listener
         .local_addr()
         .map_or_else(|e| format!("<{e}>"), |a| a.to_string())
+}
+
+struct AcceptLoop {
+    listener: TcpListener,
+    kind: Listener,
+    permits: Arc<Semaphore>,
+    state: Arc<AppState>,
+    stop: watch::Receiver<bool>,
+    closed: mpsc::Sender<()>,
+}
+
+impl AcceptLoop {
+    async fn run(mut self) {
+        let mut connections = JoinSet::new();
+        loop {
+            let permit = tokio::select! {
+                permit = self.permits.clone().acquire_owned() => {
+                    permit.expect("the semaphore is never closed")
+                }
+                () = stopped(&mut self.stop) => break,
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    // Out of file descriptors and the like: transient, so keep accepting.
+                    Err(error) => {
+                        tracing::warn!(%error, listener = ?self.kind, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = stopped(&mut self.stop) => break,
+            };
+            while connections.try_join_next().is_some() {}
+            let span = tracing::info_span!("conn", client.addr = %peer, listener = ?self.kind);
+            let connection = Connection {
+                kind: self.kind,
+                state: self.state.clone(),
+                stop: self.stop.clone(),
+                _permit: permit,
+            };
+            connections.spawn(connection.serve(stream).instrument(span));
+        }
+        drop(self.listener);
+        drop(self.closed);
+        let grace = self.state.runtime().config.server.shutdown_grace;
+        let drained = tokio::time::timeout(grace, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                listener = ?self.kind,
+                open = connections.len(),
+                ?grace,
+                "connections still open after shutdown_grace; closing them"
+            );
+            connections.abort_all();
+        }
+    }
+}
+
+/// One accepted connection; holds its permit until it ends.
+struct Connection {
+    kind: Listener,
+    state: Arc<AppState>,
+    stop: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connection {
+    async fn serve(self, stream: TcpStream) {
+        // Responses are small and written whole; waiting for more data only adds latency.
+        let _ = stream.set_nodelay(true);
+        let runtime = self.state.runtime();
+        let handshake_timeout = runtime.config.server.tls_handshake_timeout;
+        match (self.kind, runtime.tls.clone()) {
+            (Listener::Public, Some(acceptor)) => {
+                drop(runtime);
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => self.serve_http(tls).await,
+                    Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(?handshake_timeout, "TLS handshake timed out"),
+                }
+            }
+            _ => {
+                drop(runtime);
+                self.serve_http(stream).await;
+            }
+        }
+    }
+
+    async fn serve_http<I>(mut self, io: I)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let settings = self.state.runtime().config.server.clone();
+        let activity = Arc::new(Activity::new());
+        let service = {
+            let (state, activity, kind) = (self.state.clone(), activity.clone(), self.kind);
+            service_fn(move |request: hyper::Request<Incoming>| {
+                let busy = activity.begin();
+                let state = state.clone();
+                async move {
+                    let _busy = busy;
+                    let response = match kind {
+                        Listener::Admin => handle_admin(state, request).await,
+                        Listener::Public | Listener::Plain => handle(state, request).await,
+                    };
+                    Ok::<_, Infallible>(response)
+                }
+            })
+        };
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(settings.header_read_timeout);
+        builder.http2().timer(TokioTimer::new());
+        let connection = builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(connection);
+        let mut closing = false;
+        loop {
+            let idle_at = activity.idle_deadline(settings.idle_timeout);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    // Resets and timeouts by clients are routine for a proxy; not warnings.
+                    if let Err(error) = result {
+                        tracing::debug!(%error, "connection ended with an error");
+                    }
+                    break;
+                }
+                () = stopped(&mut self.stop), if !closing => {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                () = tokio::time::sleep_until(idle_at), if !closing => {
+                    if activity.idle_for(settings.idle_timeout) {
+                        tracing::debug!(idle = ?settings.idle_timeout, "closing idle connection");
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Requests in flight on one connection, and when the last one ended.
+struct Activity {
+    in_flight: AtomicUsize,
+    last_done: Mutex<Instant>,
+}
+
+/// Marks a request as in flight until dropped, even if the client goes away mid-request.
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self.0.last_done.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            last_done: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Busy(self.clone())
+    }
+
+    fn last_done(&self) -> Instant {
+        *self.last_done.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// When the connection becomes idle for `timeout` if nothing happens; with a request in
+    /// flight, a full `timeout` from now, when it is checked again.
+    fn idle_deadline(&self, timeout: Duration) -> Instant {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            Instant::now() + timeout
+        } else {
+            self.last_done() + timeout
+        }
+    }
+
+    fn idle_for(&self, timeout: Duration) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0 && self.last_done().elapsed() >= timeout
+    }
 }

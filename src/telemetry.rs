@@ -8,13 +8,7 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
+pub use crate::config::LogFormat;
 
 /// Install the global subscriber. Fails only if one is already installed.
 pub fn init(format: LogFormat) -> Result<(), tracing_subscriber::util::TryInitError> {

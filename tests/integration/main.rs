@@ -3,5 +3,6 @@
 
 mod cli;
 mod proxy;
+mod serving;
 mod support;
 mod upstream;

@@ -411,6 +411,11 @@ async fn a_hundred_concurrent_cold_requests_make_one_upstream_request() {
         gw.state.cache.waiting().await == 100
     })
     .await;
+    assert!(
+        gw.simulator
+            .wait_for_requests(1, Duration::from_secs(10))
+            .await
+    );
     assert_eq!(gw.simulator.request_count(), 1);
     gw.simulator.release();
     let mut bodies = Vec::new();

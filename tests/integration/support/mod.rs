@@ -10,8 +10,11 @@ use std::time::Duration;
 use miralix_gateway::AppState;
 use miralix_gateway::clock::ManualClock;
 use miralix_gateway::config::{self, format_pin};
+use miralix_gateway::proxy::ReloadReport;
+use miralix_gateway::server::Listeners;
 use miralix_gateway::simulator::{Dataset, Simulator, SimulatorTls};
 use miralix_gateway::upstream::trust::sha256;
+use rustls::pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -47,6 +50,10 @@ pub struct Options {
     pub account: String,
     /// Point the account somewhere other than the simulator.
     pub base_url: Option<String>,
+    /// Extra lines for the `[server]` table.
+    pub server: &'static str,
+    /// Terminate TLS on the public listener with a certificate from a test CA.
+    pub terminate_tls: bool,
 }
 
 impl Default for Options {
@@ -57,6 +64,8 @@ impl Default for Options {
             cache: "ttl = \"30s\"\nnegative_ttl = \"5s\"",
             account: String::new(),
             base_url: None,
+            server: "",
+            terminate_tls: false,
         }
     }
 }
@@ -68,9 +77,71 @@ pub struct Gateway {
     pub state: Arc<AppState>,
     pub simulator: Simulator,
     pub clock: Arc<ManualClock>,
-    _dir: tempfile::TempDir,
+    /// The certificate authority behind the gateway's own certificate, with `terminate_tls`.
+    pub tls: Option<TestCa>,
+    /// The configuration text the gateway started with; [`Gateway::reload`] reads it again.
+    pub config_text: String,
+    dir: tempfile::TempDir,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+}
+
+/// A test CA that issues the gateway's serving certificate into `cert.pem` / `key.pem`.
+pub struct TestCa {
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    pub ca_pem: String,
+    pub cert_path: std::path::PathBuf,
+    pub key_path: std::path::PathBuf,
+}
+
+impl TestCa {
+    fn new(dir: &std::path::Path) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "gateway test CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        let ca_pem = ca.pem();
+        let tls = Self {
+            ca,
+            ca_pem,
+            cert_path: dir.join("cert.pem"),
+            key_path: dir.join("key.pem"),
+        };
+        tls.issue();
+        tls
+    }
+
+    /// Write a fresh certificate and key for `localhost`/`127.0.0.1`; returns the certificate.
+    pub fn issue(&self) -> rustls::pki_types::CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        std::fs::write(&self.cert_path, cert.pem()).unwrap();
+        std::fs::write(&self.key_path, key.serialize_pem()).unwrap();
+        cert.der().clone()
+    }
+
+    /// A TLS client trusting only this CA, offering the given ALPN protocols.
+    pub fn connector(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(
+            miralix_gateway::upstream::trust::provider(),
+        )
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
 }
 
 impl Gateway {
@@ -83,6 +154,14 @@ impl Gateway {
         .await
         .expect("simulator starts");
         let dir = tempfile::tempdir().unwrap();
+        let tls = options.terminate_tls.then(|| TestCa::new(dir.path()));
+        let server_tls = tls.as_ref().map_or_else(String::new, |tls| {
+            format!(
+                "[server.tls]\ncert = \"{}\"\nkey = \"{}\"",
+                tls.cert_path.display(),
+                tls.key_path.display()
+            )
+        });
         let trust = match (options.trust, simulator.certificate()) {
             (_, None) => String::new(),
             (Trust::Pin, Some(cert)) => {
@@ -106,6 +185,8 @@ impl Gateway {
             r#"
 [server]
 listen = "127.0.0.1:0"
+{server}
+{server_tls}
 [admin]
 listen = "127.0.0.1:0"
 [cache]
@@ -116,18 +197,23 @@ shared_secret = "{SECRET}"
 {trust}
 {account}
 "#,
+            server = options.server,
             cache = options.cache,
             base = options.base_url.unwrap_or_else(|| simulator.base_url()),
             account = options.account,
         );
         let config = config::from_toml_str(&text, "test.toml").expect("test config is valid");
         let clock = Arc::new(ManualClock::new());
-        let state = Arc::new(AppState::new(&config, clock.clone()).expect("state builds"));
-        let public = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (addr, admin_addr) = (public.local_addr().unwrap(), admin.local_addr().unwrap());
+        let state = Arc::new(AppState::new(config, clock.clone()).expect("state builds"));
+        let listeners = Listeners {
+            public: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            plain: None,
+            admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        };
+        let addr = listeners.public.local_addr().unwrap();
+        let admin_addr = listeners.admin.local_addr().unwrap();
         let (shutdown, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(miralix_gateway::run(public, admin, state.clone(), async {
+        let task = tokio::spawn(miralix_gateway::run(listeners, state.clone(), async {
             let _ = stopped.await;
         }));
         Self {
@@ -136,7 +222,9 @@ shared_secret = "{SECRET}"
             state,
             simulator,
             clock,
-            _dir: dir,
+            tls,
+            config_text: text,
+            dir,
             shutdown: Some(shutdown),
             task: Some(task),
         }
@@ -152,11 +240,32 @@ shared_secret = "{SECRET}"
         reply.text()
     }
 
-    /// Stop accepting and wait for the server to drain.
-    pub async fn stop(mut self) {
+    /// Reload the configuration text it started with (re-reading the files it names).
+    pub async fn reload(&self) -> Result<ReloadReport, String> {
+        self.reload_text(&self.config_text.clone()).await
+    }
+
+    /// Reload from other configuration text, as SIGHUP does from the file.
+    pub async fn reload_text(&self, text: &str) -> Result<ReloadReport, String> {
+        let config = config::from_toml_str(text, "reload.toml").map_err(|e| e.to_string())?;
+        self.state.reload(config).await.map_err(|e| e.to_string())
+    }
+
+    /// A scratch directory that lives as long as the gateway.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Ask the server to stop, without waiting.
+    pub fn signal_stop(&mut self) {
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }
+    }
+
+    /// Stop accepting and wait for the server to drain.
+    pub async fn stop(mut self) {
+        self.signal_stop();
         if let Some(task) = self.task.take() {
             task.await.unwrap();
         }
@@ -263,6 +372,74 @@ pub fn parse_reply(raw: &[u8]) -> Option<Reply> {
         headers,
         body,
     })
+}
+
+/// A client connection kept open across requests (plain TCP or TLS).
+pub struct KeepAlive<S> {
+    pub stream: S,
+    buffer: Vec<u8>,
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> KeepAlive<S> {
+    pub fn new(stream: S) -> Self {
+        Self {
+            stream,
+            buffer: Vec::new(),
+        }
+    }
+
+    /// One GET on the open connection; `None` if the server closed it instead of answering.
+    pub async fn get(&mut self, target: &str) -> Option<Reply> {
+        let head = format!("GET {target} HTTP/1.1\r\nHost: gateway\r\n\r\n");
+        self.stream.write_all(head.as_bytes()).await.ok()?;
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            if let Some((reply, used)) = complete_reply(&self.buffer) {
+                self.buffer.drain(..used);
+                return Some(reply);
+            }
+            let read = tokio::time::timeout(Duration::from_secs(20), self.stream.read(&mut chunk))
+                .await
+                .expect("an answer within 20s")
+                .ok()?;
+            if read == 0 {
+                return None;
+            }
+            self.buffer.extend_from_slice(&chunk[..read]);
+        }
+    }
+
+    /// Wait (bounded) for the server to close the connection; true if it did.
+    pub async fn closed_by_server(&mut self, within: Duration) -> bool {
+        let mut chunk = [0u8; 1024];
+        loop {
+            match tokio::time::timeout(within, self.stream.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+/// A whole answer at the start of `raw` (by Content-Length), and how many bytes it took.
+fn complete_reply(raw: &[u8]) -> Option<(Reply, usize)> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut headers);
+    let httparse::Status::Complete(head_len) = response.parse(raw).ok()? else {
+        return None;
+    };
+    let length: usize = response
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
+        .unwrap_or(0);
+    if raw.len() < head_len + length {
+        return None;
+    }
+    let reply = parse_reply(&raw[..head_len + length])?;
+    Some((reply, head_len + length))
 }
 
 /// Wait for `condition` to hold, checking as it may change; fails the test after 10 s.

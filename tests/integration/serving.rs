@@ -1,0 +1,345 @@
+//! Running it like production: TLS termination, reload, shutdown, timeouts and limits.
+
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::CertificateDer;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+use crate::support::*;
+
+fn tls_options() -> Options {
+    Options {
+        terminate_tls: true,
+        ..Options::default()
+    }
+}
+
+async fn tls_connect(gw: &Gateway, alpn: &[&[u8]]) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    gw.tls
+        .as_ref()
+        .unwrap()
+        .connector(alpn)
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake with the gateway")
+}
+
+fn peer_certificate(
+    stream: &tokio_rustls::client::TlsStream<TcpStream>,
+) -> CertificateDer<'static> {
+    stream.get_ref().1.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned()
+}
+
+#[tokio::test]
+async fn https_requests_are_served_with_the_configured_certificate() {
+    let gw = Gateway::start(tls_options()).await;
+    let stream = tls_connect(&gw, &[b"http/1.1"]).await;
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let mut client = KeepAlive::new(stream);
+    let first = client.get(&path("email", EMAIL)).await.unwrap();
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+    let second = client.get(&path("email", EMAIL)).await.unwrap();
+    assert_eq!(second.header("x-cache"), Some("HIT"));
+
+    // Plain HTTP on the TLS port is not served.
+    let raw = exchange(gw.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(!raw.starts_with(b"HTTP/1.1 200"));
+}
+
+#[tokio::test]
+async fn http2_is_negotiated_with_alpn() {
+    let gw = Gateway::start(tls_options()).await;
+    let stream = tls_connect(&gw, &[b"h2", b"http/1.1"]).await;
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    drop(stream);
+
+    // curl speaks HTTP/2 for real; it is installed by .ci/run.
+    let ca = gw.dir().join("gateway-ca.pem");
+    std::fs::write(&ca, &gw.tls.as_ref().unwrap().ca_pem).unwrap();
+    let port = gw.addr.port();
+    let url = format!("https://localhost:{port}{}", path("id", "103"));
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args(["-sS", "--http2", "--cacert"])
+            .arg(&ca)
+            .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+            .args([
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_version} %{http_code}",
+                &url,
+            ])
+            .output()
+            .expect("curl runs")
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "2 200",
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_reloaded_certificate_is_used_for_new_connections_while_open_ones_keep_working() {
+    let gw = Gateway::start(tls_options()).await;
+    let old_stream = tls_connect(&gw, &[b"http/1.1"]).await;
+    let old_certificate = peer_certificate(&old_stream);
+    let mut old = KeepAlive::new(old_stream);
+    assert_eq!(old.get(&path("id", "1")).await.unwrap().status, 200);
+
+    let new_certificate = gw.tls.as_ref().unwrap().issue();
+    assert_ne!(new_certificate, old_certificate);
+    let report = gw.reload().await.expect("reload succeeds");
+    assert_eq!(report.unchanged, ["greenbox"]);
+    assert!(report.restart_required.is_empty());
+
+    let new_stream = tls_connect(&gw, &[b"http/1.1"]).await;
+    assert_eq!(
+        peer_certificate(&new_stream),
+        new_certificate,
+        "new handshake, new certificate"
+    );
+    let mut new = KeepAlive::new(new_stream);
+    assert_eq!(
+        new.get(&path("id", "1")).await.unwrap().header("x-cache"),
+        Some("HIT")
+    );
+    let again = old
+        .get(&path("id", "1"))
+        .await
+        .expect("the old connection is still open");
+    assert_eq!(again.status, 200);
+    assert_eq!(
+        again.header("x-cache"),
+        Some("HIT"),
+        "the cache survived the reload"
+    );
+    assert_eq!(gw.simulator.request_count(), 1);
+}
+
+#[tokio::test]
+async fn a_failed_reload_changes_nothing() {
+    let gw = Gateway::start(tls_options()).await;
+    let mut before = KeepAlive::new(tls_connect(&gw, &[b"http/1.1"]).await);
+    assert_eq!(before.get(&path("id", "1")).await.unwrap().status, 200);
+    let tls = gw.tls.as_ref().unwrap();
+    for broken in [
+        gw.config_text
+            .replace("[cache]", "[cache]\nttl_typo = \"1s\""),
+        gw.config_text
+            .replace(&tls.key_path.display().to_string(), "/nonexistent/key.pem"),
+        gw.config_text
+            .replace("base_url = \"https://", "base_url = \"ftp://"),
+    ] {
+        let error = gw.reload_text(&broken).await.unwrap_err();
+        assert!(error.contains("reload.toml"), "{error}");
+    }
+    // A key that does not belong to the certificate is refused too.
+    let other_key = rcgen::KeyPair::generate().unwrap();
+    let key_path = gw.dir().join("other-key.pem");
+    std::fs::write(&key_path, other_key.serialize_pem()).unwrap();
+    let mismatched = gw.config_text.replace(
+        &tls.key_path.display().to_string(),
+        &key_path.display().to_string(),
+    );
+    let error = gw.reload_text(&mismatched).await.unwrap_err();
+    assert!(
+        error.contains("does not belong to the certificate"),
+        "{error}"
+    );
+
+    let stream = tls_connect(&gw, &[b"http/1.1"]).await;
+    let mut client = KeepAlive::new(stream);
+    let reply = client.get(&path("id", "1")).await.unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("x-cache"), Some("HIT"));
+}
+
+#[tokio::test]
+async fn reload_keeps_unchanged_accounts_cached_and_refreshes_changed_ones() {
+    let gw = Gateway::start(Options::default()).await;
+    assert_eq!(
+        gw.get(&path("id", "1")).await.header("x-cache"),
+        Some("MISS")
+    );
+
+    let same = gw.reload().await.unwrap();
+    assert_eq!(same.unchanged, ["greenbox"]);
+    assert_eq!(
+        gw.get(&path("id", "1")).await.header("x-cache"),
+        Some("HIT")
+    );
+
+    let changed_text = gw
+        .config_text
+        .replace(
+            "[accounts.greenbox]",
+            "[accounts.greenbox]\nconnect_timeout = \"2s\"",
+        )
+        .replace("[server]", "[server]\nmax_connections = 10");
+    let changed = gw.reload_text(&changed_text).await.unwrap();
+    assert_eq!(changed.changed, ["greenbox"]);
+    assert_eq!(changed.restart_required, ["server.max_connections"]);
+    assert_eq!(
+        gw.get(&path("id", "1")).await.header("x-cache"),
+        Some("MISS")
+    );
+    assert_eq!(gw.simulator.request_count(), 2);
+
+    // A removed account is gone at once.
+    let renamed = changed_text.replace("[accounts.greenbox]", "[accounts.bluebox]");
+    let report = gw.reload_text(&renamed).await.unwrap();
+    assert_eq!(
+        (report.added, report.removed),
+        (vec!["bluebox".to_owned()], vec!["greenbox".to_owned()])
+    );
+    assert_eq!(gw.get(&path("id", "1")).await.status, 404);
+}
+
+#[tokio::test]
+async fn shutdown_lets_an_in_flight_request_finish_and_refuses_new_connections() {
+    let mut gw = Gateway::start(Options {
+        server: "shutdown_grace = \"20s\"",
+        ..Options::default()
+    })
+    .await;
+    gw.simulator.hold();
+    let in_flight = {
+        let addr = gw.addr;
+        tokio::spawn(async move { request(addr, "GET", &path("id", "103"), &[]).await })
+    };
+    assert!(
+        gw.simulator
+            .wait_for_requests(1, Duration::from_secs(10))
+            .await
+    );
+    gw.signal_stop();
+    wait_until("the listeners close", || async { !gw.state.is_ready() }).await;
+    let refused = TcpStream::connect(gw.addr).await;
+    assert_eq!(
+        refused.map(|_| ()).unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+    gw.simulator.release();
+    let reply = in_flight.await.unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.json().as_array().unwrap().len(),
+        40,
+        "the complete response"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_cuts_off_what_outlasts_the_grace_period() {
+    let mut gw = Gateway::start(Options {
+        server: "shutdown_grace = \"200ms\"",
+        ..Options::default()
+    })
+    .await;
+    gw.simulator.hold();
+    let addr = gw.addr;
+    let stuck = tokio::spawn(async move {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(
+            &mut stream,
+            format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", path("id", "1")).as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut raw = Vec::new();
+        let _ = stream.read_to_end(&mut raw).await;
+        raw
+    });
+    assert!(
+        gw.simulator
+            .wait_for_requests(1, Duration::from_secs(10))
+            .await
+    );
+    let started = Instant::now();
+    gw.signal_stop();
+    gw.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "stopped after the grace period"
+    );
+    assert!(
+        stuck.await.unwrap().is_empty(),
+        "the stuck request was cut off"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_sends_half_a_request_is_disconnected() {
+    let gw = Gateway::start(Options {
+        server: "header_read_timeout = \"300ms\"",
+        ..Options::default()
+    })
+    .await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut stream,
+        b"GET /mot/greenbox/agents/id/1/recordings HTTP/1.1\r\nHost: x\r\n",
+    )
+    .await
+    .unwrap();
+    let mut client = KeepAlive::new(stream);
+    assert!(client.closed_by_server(Duration::from_secs(10)).await);
+    assert_eq!(gw.simulator.request_count(), 0);
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed() {
+    let gw = Gateway::start(Options {
+        server: "idle_timeout = \"300ms\"\nheader_read_timeout = \"30s\"",
+        ..Options::default()
+    })
+    .await;
+    let mut client = KeepAlive::new(TcpStream::connect(gw.addr).await.unwrap());
+    assert_eq!(client.get(&path("id", "1")).await.unwrap().status, 200);
+    let started = Instant::now();
+    assert!(client.closed_by_server(Duration::from_secs(10)).await);
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "not before the idle timeout"
+    );
+}
+
+#[tokio::test]
+async fn connections_beyond_max_connections_wait_for_a_free_slot() {
+    let gw = Gateway::start(Options {
+        server: "max_connections = 1",
+        ..Options::default()
+    })
+    .await;
+    let mut first = KeepAlive::new(TcpStream::connect(gw.addr).await.unwrap());
+    assert_eq!(first.get(&path("id", "1")).await.unwrap().status, 200);
+    let second = {
+        let addr = gw.addr;
+        tokio::spawn(async move { request(addr, "GET", &path("id", "1"), &[]).await })
+    };
+    // The second client is connected (kernel backlog) but not served while the first is open.
+    tokio::task::yield_now().await;
+    let waited = tokio::time::timeout(Duration::from_millis(300), async {
+        while !second.is_finished() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_err(), "served beyond max_connections");
+    // The admin listener has its own allowance.
+    assert_eq!(request(gw.admin, "GET", "/healthz", &[]).await.status, 200);
+    drop(first);
+    assert_eq!(second.await.unwrap().status, 200);
+}
