@@ -313,3 +313,117 @@ fn the_demo_prints_curl_commands_that_work_as_printed() {
         "{logs}"
     );
 }
+
+/// Datagrams from the gateway on a `$NOTIFY_SOCKET`, as systemd would receive them.
+struct NotifySocket {
+    socket: std::os::unix::net::UnixDatagram,
+    seen: Vec<String>,
+}
+
+impl NotifySocket {
+    fn bind(path: &std::path::Path) -> Self {
+        let socket = std::os::unix::net::UnixDatagram::bind(path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        Self {
+            socket,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Messages until one contains every `needle`; that message is returned.
+    fn wait_for(&mut self, needles: &[&str]) -> String {
+        let mut buffer = [0u8; 4096];
+        loop {
+            let n = self
+                .socket
+                .recv(&mut buffer)
+                .unwrap_or_else(|e| panic!("no {needles:?} ({e}); saw {:?}", self.seen));
+            let message = String::from_utf8_lossy(&buffer[..n]).into_owned();
+            self.seen.push(message.clone());
+            if needles.iter().all(|needle| message.contains(needle)) {
+                return message;
+            }
+        }
+    }
+}
+
+fn send_signal(child: &Child, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {signal}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_systemd_it_notifies_reloads_on_sighup_and_stops_cleanly() {
+    let simulator = Simulator::start(
+        "127.0.0.1:0".parse().unwrap(),
+        SimulatorTls::SelfSigned,
+        Dataset::demo(ACCOUNT, SECRET),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let credentials = dir.path().join("credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    std::fs::write(credentials.join("greenbox-secret"), SECRET).unwrap();
+    let pin = format_pin(&sha256(&simulator.certificate().unwrap().leaf_der));
+    let config_text = |ttl: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [cache]\nttl = \"{ttl}\"\n[accounts.{ACCOUNT}]\nbase_url = \"{}\"\n\
+             shared_secret_credential = \"greenbox-secret\"\npin_sha256 = \"{pin}\"\n",
+            simulator.base_url()
+        )
+    };
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, config_text("30s")).unwrap();
+    let mut notify = NotifySocket::bind(&dir.path().join("notify.sock"));
+    let mut gateway = Running::spawn(
+        Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", dir.path().join("notify.sock"))
+            .env("CREDENTIALS_DIRECTORY", &credentials)
+            .env("WATCHDOG_USEC", "400000")
+            .env_remove("WATCHDOG_PID"),
+        false,
+    );
+    notify.wait_for(&["READY=1"]);
+    let serving = gateway.wait_for("miralix-gateway serving");
+    let public = addr_after(&serving, "public=");
+    let reply = request(public, "GET", &path("id", "1"), &[]).await;
+    assert_eq!(
+        reply.status,
+        200,
+        "the secret from the credential was accepted: {}",
+        reply.text()
+    );
+    notify.wait_for(&["WATCHDOG=1"]);
+
+    std::fs::write(&config, config_text("10s")).unwrap();
+    send_signal(&gateway.child, "-HUP");
+    notify.wait_for(&["RELOADING=1", "MONOTONIC_USEC="]);
+    notify.wait_for(&["READY=1", "STATUS=serving (reloaded)"]);
+    gateway.wait_for("configuration reloaded");
+
+    std::fs::write(&config, "[cache]\nttl = \"never\"\n").unwrap();
+    send_signal(&gateway.child, "-HUP");
+    notify.wait_for(&["RELOADING=1"]);
+    notify.wait_for(&["READY=1", "refused"]);
+    gateway.wait_for("reload refused");
+    let reply = request(public, "GET", &path("id", "1"), &[]).await;
+    assert_eq!(
+        reply.status, 200,
+        "still serving the previous configuration"
+    );
+    assert_eq!(reply.header("x-cache"), Some("HIT"), "and its cache");
+
+    send_signal(&gateway.child, "-TERM");
+    notify.wait_for(&["STOPPING=1"]);
+    let status = gateway.child.wait().unwrap();
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+}

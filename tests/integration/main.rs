@@ -2,6 +2,7 @@
 //! simulated Miralix box the demo uses as the upstream.
 
 mod cli;
+mod deploy;
 mod proxy;
 mod serving;
 mod support;
