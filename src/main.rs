@@ -178,10 +178,9 @@ async fn run_gateway(
         stop_signal().await;
         systemd::stopping();
     };
-    let serving = server::run(listeners, state, stop);
-    // `run` marks the state ready as soon as it starts accepting.
+    // The listeners are bound: from here connections queue until `run` accepts them.
     systemd::ready();
-    serving.await;
+    server::run(listeners, state, stop).await;
     Ok(())
 }
 

@@ -6,9 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use miralix_gateway::config::format_pin;
-use miralix_gateway::simulator::{Dataset, Failure, Simulator, SimulatorTls};
-use miralix_gateway::upstream::trust::sha256;
+use miralix_gateway::simulator::{Failure, SimulatorTls};
 
 use crate::support::*;
 
@@ -151,18 +149,12 @@ fn addr_after(line: &str, key: &str) -> SocketAddr {
 
 #[tokio::test]
 async fn a_full_run_at_trace_level_never_shows_the_secret() {
-    let simulator = Simulator::start(
-        "127.0.0.1:0".parse().unwrap(),
-        SimulatorTls::SelfSigned,
-        Dataset::demo(ACCOUNT, SECRET),
-    )
-    .await
-    .unwrap();
+    let simulator = start_box(SimulatorTls::SelfSigned).await;
     let dir = tempfile::tempdir().unwrap();
     let secret_file = dir.path().join("greenbox.secret");
     std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
     let config = dir.path().join("gateway.toml");
-    let pin = format_pin(&sha256(&simulator.certificate().unwrap().leaf_der));
+    let pin = pin_of(&simulator);
     std::fs::write(
         &config,
         format!(
@@ -359,18 +351,12 @@ fn send_signal(child: &Child, signal: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_systemd_it_notifies_reloads_on_sighup_and_stops_cleanly() {
-    let simulator = Simulator::start(
-        "127.0.0.1:0".parse().unwrap(),
-        SimulatorTls::SelfSigned,
-        Dataset::demo(ACCOUNT, SECRET),
-    )
-    .await
-    .unwrap();
+    let simulator = start_box(SimulatorTls::SelfSigned).await;
     let dir = tempfile::tempdir().unwrap();
     let credentials = dir.path().join("credentials");
     std::fs::create_dir(&credentials).unwrap();
     std::fs::write(credentials.join("greenbox-secret"), SECRET).unwrap();
-    let pin = format_pin(&sha256(&simulator.certificate().unwrap().leaf_der));
+    let pin = pin_of(&simulator);
     let config_text = |ttl: &str| {
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\

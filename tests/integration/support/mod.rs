@@ -146,13 +146,7 @@ impl TestCa {
 
 impl Gateway {
     pub async fn start(options: Options) -> Self {
-        let simulator = Simulator::start(
-            "127.0.0.1:0".parse().unwrap(),
-            options.tls,
-            Dataset::demo(ACCOUNT, SECRET),
-        )
-        .await
-        .expect("simulator starts");
+        let simulator = start_box(options.tls).await;
         let dir = tempfile::tempdir().unwrap();
         let tls = options.terminate_tls.then(|| TestCa::new(dir.path()));
         let server_tls = tls.as_ref().map_or_else(String::new, |tls| {
@@ -164,9 +158,7 @@ impl Gateway {
         });
         let trust = match (options.trust, simulator.certificate()) {
             (_, None) => String::new(),
-            (Trust::Pin, Some(cert)) => {
-                format!("pin_sha256 = \"{}\"", format_pin(&sha256(&cert.leaf_der)))
-            }
+            (Trust::Pin, Some(_)) => format!("pin_sha256 = \"{}\"", pin_of(&simulator)),
             (Trust::WrongPin, Some(_)) => format!("pin_sha256 = \"{}\"", "ab".repeat(32)),
             (Trust::CaFile, Some(cert)) => {
                 let path = dir.path().join("box-ca.pem");
@@ -278,6 +270,24 @@ impl Drop for Gateway {
             task.abort();
         }
     }
+}
+
+/// A simulated box on a free loopback port serving the demo agents with [`SECRET`].
+pub async fn start_box(tls: SimulatorTls) -> Simulator {
+    Simulator::start(
+        "127.0.0.1:0".parse().unwrap(),
+        tls,
+        Dataset::demo(ACCOUNT, SECRET),
+    )
+    .await
+    .expect("simulator starts")
+}
+
+/// The `pin_sha256` value for a TLS simulator's certificate.
+pub fn pin_of(simulator: &Simulator) -> String {
+    format_pin(&sha256(
+        &simulator.certificate().expect("a TLS box").leaf_der,
+    ))
 }
 
 /// Path of agent `kind/value` on the test account.
