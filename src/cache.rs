@@ -22,7 +22,7 @@ use tokio::sync::{Mutex, watch};
 
 use crate::clock::Clock;
 use crate::config::CacheConfig;
-use crate::identity::IdType;
+use crate::route::AgentQuery;
 use crate::upstream::{UpstreamError, UpstreamReply};
 
 use self::policy::Freshness;
@@ -32,9 +32,7 @@ use self::policy::Freshness;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey {
     pub account: Arc<str>,
-    pub id_type: IdType,
-    pub identification: Arc<str>,
-    pub from_queue_call_id: Option<u64>,
+    pub query: AgentQuery,
 }
 
 /// An upstream answer as it is served to clients, whether or not it was stored.
@@ -116,7 +114,7 @@ impl moka::Expiry<CacheKey, Arc<CachedResponse>> for EntryExpiry {
 /// Bytes an entry costs: its body, its key, and a fixed allowance for the bookkeeping.
 fn weigh(key: &CacheKey, value: &Arc<CachedResponse>) -> u32 {
     const OVERHEAD: usize = 256;
-    let bytes = value.body.len() + key.identification.len() + key.account.len() + OVERHEAD;
+    let bytes = value.body.len() + key.query.identification.len() + key.account.len() + OVERHEAD;
     u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
@@ -157,10 +155,11 @@ impl ResponseCache {
 
     /// Serve `key` from a fresh entry, or join or lead the one upstream fetch for it.
     ///
-    /// `fetch` is called only by the leader, and its future runs as a task of its own.
+    /// `fetch` is called (with the key) only by the leader, and its future runs as a task of
+    /// its own.
     pub async fn get_or_fetch<F, Fut>(&self, key: CacheKey, fetch: F) -> (CacheStatus, FetchResult)
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(&CacheKey) -> Fut,
         Fut: Future<Output = Result<UpstreamReply, UpstreamError>> + Send + 'static,
     {
         if let Some(entry) = self.fresh(&key).await {
@@ -176,7 +175,8 @@ impl ResponseCache {
             } else {
                 let (sender, receiver) = watch::channel(None);
                 flights.insert(key.clone(), sender.clone());
-                self.spawn_fetch(key, sender, fetch());
+                let fetch = fetch(&key);
+                self.spawn_fetch(key, sender, fetch);
                 (CacheStatus::Miss, receiver)
             }
         };

@@ -4,6 +4,7 @@
 //! so the hit path only bumps an atomic and never allocates a label set.
 
 use std::fmt::Write as _;
+use std::sync::OnceLock;
 
 use http::StatusCode;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -49,6 +50,8 @@ pub struct Metrics {
     upstream_requests: Family<UpstreamLabels, Counter>,
     upstream_duration: Family<AccountLabels, Histogram, fn() -> Histogram>,
     requests: Family<StatusLabels, Counter>,
+    /// `requests` resolved per status code on first use, so counting takes no lock.
+    requests_by_status: Box<[OnceLock<Counter>]>,
     cache_entries: Gauge,
     cache_bytes: Gauge,
 }
@@ -75,6 +78,7 @@ impl Metrics {
             upstream_requests: Family::default(),
             upstream_duration: Family::new_with_constructor(upstream_histogram),
             requests: Family::default(),
+            requests_by_status: (0..1000).map(|_| OnceLock::new()).collect(),
             cache_entries: Gauge::default(),
             cache_bytes: Gauge::default(),
             registry: Registry::default(),
@@ -143,9 +147,13 @@ impl Metrics {
 
     /// Count one response sent on the public listener.
     pub fn record_response(&self, status: StatusCode) {
-        self.requests
-            .get_or_create(&StatusLabels {
-                status: status.as_u16(),
+        let code = status.as_u16();
+        // `StatusCode` is always 100..=999, so the slot exists.
+        self.requests_by_status[usize::from(code)]
+            .get_or_init(|| {
+                self.requests
+                    .get_or_create(&StatusLabels { status: code })
+                    .clone()
             })
             .inc();
     }

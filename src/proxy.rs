@@ -28,7 +28,7 @@ use crate::clock::Clock;
 use crate::config::{AccountConfig, Config};
 use crate::error::{ProxyError, json_error};
 use crate::metrics::{AccountMetrics, Metrics};
-use crate::route::{self, RecordingsRequest, Route};
+use crate::route::{self, AgentQuery, Route};
 use crate::server;
 use crate::upstream::{self, UpstreamClient, UpstreamError};
 
@@ -36,6 +36,8 @@ use crate::upstream::{self, UpstreamClient, UpstreamError};
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 /// RFC 9211 `Cache-Status`.
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+/// The tracing target of the one event per request.
+pub const ACCESS_LOG: &str = "miralix_gateway::access";
 /// The cache's name in `Cache-Status`.
 const CACHE_NAME: &str = "miralix-gateway";
 
@@ -238,7 +240,8 @@ struct Exchange {
 
 /// Answer one request on the public listener. Never fails: errors become JSON answers.
 pub async fn handle<B>(state: Arc<AppState>, request: Request<B>) -> Response<Full<Bytes>> {
-    let started = Instant::now();
+    // The clock is read for the access log only when that log is on.
+    let started = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO).then(Instant::now);
     let mut exchange = Exchange {
         cache: CacheStatus::None,
         upstream_status: None,
@@ -252,8 +255,11 @@ pub async fn handle<B>(state: Arc<AppState>, request: Request<B>) -> Response<Fu
         strip_body(&mut response);
     }
     state.metrics.record_response(response.status());
+    let Some(started) = started else {
+        return response;
+    };
     tracing::info!(
-        target: "miralix_gateway::access",
+        target: ACCESS_LOG,
         method = %request.method(),
         path = %request.uri().path(),
         account = exchange.account.as_deref().unwrap_or_default(),
@@ -278,21 +284,24 @@ async fn handle_inner<B>(
     let runtime = state.runtime.load();
     let account = runtime
         .accounts
-        .get(&recordings.account)
-        .ok_or_else(|| ProxyError::UnknownAccount(recordings.account.clone()))?;
+        .get(recordings.account.as_ref())
+        .ok_or_else(|| ProxyError::UnknownAccount(recordings.account.into_owned()))?;
     exchange.account = Some(account.name.clone());
 
     let key = CacheKey {
         account: account.name.clone(),
-        id_type: recordings.id_type,
-        identification: recordings.identification.as_str().into(),
-        from_queue_call_id: recordings.from_queue_call_id,
+        query: recordings.query,
     };
-    let client = account.client.clone();
-    let metrics = account.metrics.clone();
+    // Clones for the fetch task are made only when this request leads a fetch.
     let (status, result) = state
         .cache
-        .get_or_fetch(key, move || fetch(client, metrics, recordings))
+        .get_or_fetch(key, |key| {
+            fetch(
+                account.client.clone(),
+                account.metrics.clone(),
+                key.query.clone(),
+            )
+        })
         .await;
     exchange.cache = status;
     match status {
@@ -312,7 +321,7 @@ async fn handle_inner<B>(
 async fn fetch(
     client: UpstreamClient,
     metrics: AccountMetrics,
-    request: RecordingsRequest,
+    request: AgentQuery,
 ) -> Result<upstream::UpstreamReply, UpstreamError> {
     let started = Instant::now();
     let result = client.fetch(&request).await;
@@ -352,6 +361,8 @@ fn cached_response(
 ) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(entry.body.clone()));
     *response.status_mut() = entry.status;
+    // Room for the headers below (and hyper's `date`), so the map is allocated once.
+    *response.headers_mut() = http::HeaderMap::with_capacity(8);
     let age = policy::age(entry.fetched_at, now).as_secs();
     let remaining = entry
         .ttl

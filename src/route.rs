@@ -20,20 +20,27 @@ pub const FROM_QUEUE_CALL_ID: &str = "fromQueueCallId";
 
 /// A request for one agent's recordings list, already normalized.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RecordingsRequest {
-    /// The `{account}` segment, as written in the request; the caller checks it is configured.
-    pub account: String,
+pub struct RecordingsRequest<'a> {
+    /// The `{account}` segment, decoded; the caller checks it is configured.
+    pub account: Cow<'a, str>,
+    pub query: AgentQuery,
+}
+
+/// Which list of one account to fetch: everything but the account, in canonical form.
+/// Part of the cache key, and all the upstream client needs to build its URL.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AgentQuery {
     pub id_type: IdType,
     /// Canonical identification (see [`crate::identity`]).
-    pub identification: String,
+    pub identification: Box<str>,
     /// `fromQueueCallId`, when given.
     pub from_queue_call_id: Option<u64>,
 }
 
 /// What a request target turned out to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route {
-    Recordings(RecordingsRequest),
+pub enum Route<'a> {
+    Recordings(RecordingsRequest<'a>),
 }
 
 /// Why a request target was refused. `Display` is the message sent to the client.
@@ -59,24 +66,22 @@ pub enum RouteError {
 }
 
 /// Parse a request path and optional query string.
-pub fn parse(path: &str, query: Option<&str>) -> Result<Route, RouteError> {
+pub fn parse<'a>(path: &'a str, query: Option<&str>) -> Result<Route<'a>, RouteError> {
     if path.len() > MAX_PATH_BYTES {
         return Err(RouteError::PathTooLong);
     }
-    let segments: Vec<&str> = path.split('/').collect();
-    let [
-        "",
-        mot,
-        account,
-        agents,
-        id_type,
-        identification,
-        recordings,
-    ] = segments[..]
-    else {
-        return Err(RouteError::NotFound);
-    };
-    if mot != "mot" || agents != "agents" || recordings != "recordings" || account.is_empty() {
+    // Exactly seven segments, the first empty (the path starts with '/'); no allocation.
+    let mut segments = path.split('/');
+    let mut next = || segments.next().ok_or(RouteError::NotFound);
+    let (root, mot, account, agents) = (next()?, next()?, next()?, next()?);
+    let (id_type, identification, recordings) = (next()?, next()?, next()?);
+    if segments.next().is_some()
+        || !root.is_empty()
+        || mot != "mot"
+        || agents != "agents"
+        || recordings != "recordings"
+        || account.is_empty()
+    {
         return Err(RouteError::NotFound);
     }
     let account = decode(account, "account")?;
@@ -90,10 +95,12 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<Route, RouteError> {
     let id_type = IdType::parse(&decode(id_type, "identificationType")?)?;
     let identification = id_type.normalize(&decode(identification, "identification")?)?;
     Ok(Route::Recordings(RecordingsRequest {
-        account: account.into_owned(),
-        id_type,
-        identification,
-        from_queue_call_id: parse_query(query)?,
+        account,
+        query: AgentQuery {
+            id_type,
+            identification: identification.into_boxed_str(),
+            from_queue_call_id: parse_query(query)?,
+        },
     }))
 }
 
@@ -128,7 +135,7 @@ fn parse_query(query: Option<&str>) -> Result<Option<u64>, RouteError> {
 mod tests {
     use super::*;
 
-    fn recordings(path: &str, query: Option<&str>) -> RecordingsRequest {
+    fn recordings<'a>(path: &'a str, query: Option<&str>) -> RecordingsRequest<'a> {
         match parse(path, query) {
             Ok(Route::Recordings(r)) => r,
             Err(e) => panic!("{path} refused: {e}"),
@@ -139,17 +146,17 @@ mod tests {
     fn parses_the_documented_examples() {
         let r = recordings("/mot/greenbox/agents/id/103/recordings", None);
         assert_eq!(r.account, "greenbox");
-        assert_eq!(r.id_type, IdType::Id);
-        assert_eq!(r.identification, "103");
-        assert_eq!(r.from_queue_call_id, None);
+        assert_eq!(r.query.id_type, IdType::Id);
+        assert_eq!(&*r.query.identification, "103");
+        assert_eq!(r.query.from_queue_call_id, None);
 
         let r = recordings(
             "/mot/12986/agents/sipUri/sip:lp1@company.local/recordings",
             Some("fromQueueCallId=47610"),
         );
         assert_eq!(r.account, "12986");
-        assert_eq!(r.identification, "sip:lp1@company.local");
-        assert_eq!(r.from_queue_call_id, Some(47610));
+        assert_eq!(&*r.query.identification, "sip:lp1@company.local");
+        assert_eq!(r.query.from_queue_call_id, Some(47610));
     }
 
     #[test]
@@ -158,12 +165,12 @@ mod tests {
             "/mot/greenbox/agents/EMAIL/Derek.A%40Company.Local/recordings",
             None,
         );
-        assert_eq!(r.identification, "derek.a@company.local");
+        assert_eq!(&*r.query.identification, "derek.a@company.local");
         let r = recordings(
             "/mot/greenbox/agents/sipUri/%3Csip%3Alp1%40company.local%3E/recordings",
             None,
         );
-        assert_eq!(r.identification, "sip:lp1@company.local");
+        assert_eq!(&*r.query.identification, "sip:lp1@company.local");
         // Double encoding decodes to a literal `%40`, which is no '@'.
         assert!(parse("/mot/g/agents/email/a%2540b.c/recordings", None).is_err());
     }
@@ -172,7 +179,7 @@ mod tests {
     fn query_handling() {
         let q = |q: &str| parse("/mot/g/agents/id/1/recordings", Some(q));
         let from = |q: &str| match parse("/mot/g/agents/id/1/recordings", Some(q)) {
-            Ok(Route::Recordings(r)) => r.from_queue_call_id,
+            Ok(Route::Recordings(r)) => r.query.from_queue_call_id,
             Err(e) => panic!("{q}: {e}"),
         };
         assert_eq!(from("fromQueueCallId=0"), Some(0));

@@ -30,7 +30,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
-pub use self::dataset::{Agent, Dataset, SimAccount};
+pub use self::dataset::{Agent, Dataset, SimAccount, SyntheticAgents};
+
+/// Path of the simulator's own counters (JSON); not a Miralix route, never counted itself.
+pub const STATS_PATH: &str = "/_simulator/stats";
+
+/// `PUT` here with `?ms=N` to change the answer delay of a running simulator (benchmarks).
+pub const DELAY_PATH: &str = "/_simulator/delay";
 
 /// How the simulated box presents itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +93,8 @@ struct SimState {
     knobs: Mutex<Knobs>,
     received: Mutex<Vec<ReceivedRequest>>,
     count: AtomicUsize,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
     /// While `false`, answers wait (the request is already recorded); see [`Simulator::hold`].
     gate: watch::Sender<bool>,
 }
@@ -155,6 +163,8 @@ impl Simulator {
             }),
             received: Mutex::default(),
             count: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
             gate: watch::Sender::new(true),
         });
         let task = tokio::spawn(accept_loop(listener, acceptor, state.clone()));
@@ -205,6 +215,11 @@ impl Simulator {
     /// Requests received so far (on the recordings route or not).
     pub fn request_count(&self) -> usize {
         self.state.count.load(Ordering::SeqCst)
+    }
+
+    /// The most requests it was answering at the same time.
+    pub fn max_concurrency(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
     }
 
     /// Every request received so far, oldest first.
@@ -314,6 +329,29 @@ async fn answer(
     state: &SimState,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, std::io::Error> {
+    if request.uri().path() == DELAY_PATH && request.method() == Method::PUT {
+        let ms = form_urlencoded::parse(request.uri().query().unwrap_or_default().as_bytes())
+            .find(|(key, _)| key == "ms")
+            .and_then(|(_, value)| value.parse::<u64>().ok());
+        return Ok(match ms {
+            Some(ms) => {
+                lock(&state.knobs).delay = Duration::from_millis(ms);
+                json(
+                    StatusCode::OK,
+                    serde_json::json!({ "delay_ms": ms }).to_string(),
+                )
+            }
+            None => message(StatusCode::BAD_REQUEST, "expected ?ms=<milliseconds>"),
+        });
+    }
+    if request.uri().path() == STATS_PATH {
+        let stats = serde_json::json!({
+            "requests": state.count.load(Ordering::SeqCst),
+            "max_concurrency": state.max_in_flight.load(Ordering::SeqCst),
+        });
+        return Ok(json(StatusCode::OK, stats.to_string()));
+    }
+    let _in_flight = InFlight::enter(state);
     let target = request.uri().path_and_query().map_or_else(
         || request.uri().path().to_owned(),
         |pq| pq.as_str().to_owned(),
@@ -343,6 +381,23 @@ async fn answer(
             Ok(message(status, "simulated failure"))
         }
         Failure::Close => Err(std::io::Error::other("simulated connection close")),
+    }
+}
+
+/// Counts a request as being answered until dropped.
+struct InFlight<'a>(&'a SimState);
+
+impl<'a> InFlight<'a> {
+    fn enter(state: &'a SimState) -> Self {
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        Self(state)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -410,7 +465,15 @@ fn route(state: &SimState, request: &Request<Incoming>) -> Response<Full<Bytes>>
             }
         }
     }
-    match account.agents.iter().find(|a| matches(a, &identification)) {
+    if let Some(agent) = account.agents.iter().find(|a| matches(a, &identification)) {
+        return json(StatusCode::OK, agent.recordings_after(from));
+    }
+    let synthetic = state
+        .dataset
+        .synthetic
+        .filter(|_| id_type == "id")
+        .and_then(|s| s.agent(identification.parse().ok()?));
+    match synthetic {
         Some(agent) => json(StatusCode::OK, agent.recordings_after(from)),
         None => message(StatusCode::NOT_FOUND, "Agent not found."),
     }

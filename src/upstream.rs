@@ -17,7 +17,7 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
 use crate::config::AccountConfig;
-use crate::route::{FROM_QUEUE_CALL_ID, RecordingsRequest};
+use crate::route::{AgentQuery, FROM_QUEUE_CALL_ID};
 
 /// The header the box authenticates requests with.
 pub const SHARED_SECRET_HEADER: &str = "x-miralix-shared-secret";
@@ -156,7 +156,7 @@ impl UpstreamClient {
     }
 
     /// The upstream URL for a normalized request: the canonical identification as one segment.
-    pub fn url_for(&self, request: &RecordingsRequest) -> String {
+    pub fn url_for(&self, request: &AgentQuery) -> String {
         let mut url = format!(
             "{}/mot/{}/agents/{}/{}/recordings",
             self.base,
@@ -171,7 +171,7 @@ impl UpstreamClient {
     }
 
     /// Fetch one recordings list and map the box's status.
-    pub async fn fetch(&self, request: &RecordingsRequest) -> Result<UpstreamReply, UpstreamError> {
+    pub async fn fetch(&self, request: &AgentQuery) -> Result<UpstreamReply, UpstreamError> {
         let response = self
             .http
             .get(self.url_for(request))
@@ -225,9 +225,8 @@ mod tests {
         UpstreamClient::new(account, &config).unwrap()
     }
 
-    fn request(id_type: IdType, identification: &str, from: Option<u64>) -> RecordingsRequest {
-        RecordingsRequest {
-            account: "greenbox".into(),
+    fn request(id_type: IdType, identification: &str, from: Option<u64>) -> AgentQuery {
+        AgentQuery {
             id_type,
             identification: identification.into(),
             from_queue_call_id: from,

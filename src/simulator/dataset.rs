@@ -10,6 +10,34 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone, Default)]
 pub struct Dataset {
     pub accounts: BTreeMap<String, SimAccount>,
+    /// Agents generated on request, by `id` only: for load tests over many distinct agents.
+    pub synthetic: Option<SyntheticAgents>,
+}
+
+/// Ids `first_id .. first_id + count`, each with `calls` recordings, in every account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyntheticAgents {
+    pub first_id: u64,
+    pub count: u64,
+    pub calls: u64,
+}
+
+impl SyntheticAgents {
+    /// The agent with `id`, if it is in range.
+    pub fn agent(&self, id: u64) -> Option<Agent> {
+        (self.first_id..self.first_id.saturating_add(self.count))
+            .contains(&id)
+            .then(|| {
+                Agent::generate(
+                    id,
+                    &format!("Agent {id}"),
+                    &format!("agent{id}@synthetic.local"),
+                    &format!("sip:agent{id}@synthetic.local"),
+                    "00000000-0000-4000-8000-000000000000",
+                    self.calls,
+                )
+            })
+    }
 }
 
 /// One account ("domain") on the simulated box.
@@ -113,7 +141,10 @@ impl Dataset {
                 agents,
             },
         );
-        Self { accounts }
+        Self {
+            accounts,
+            synthetic: None,
+        }
     }
 }
 

@@ -1,0 +1,513 @@
+#!/usr/bin/env python3
+"""Benchmark orchestration for miralix-gateway against nginx proxy_cache (run by bench/run.sh).
+
+Starts the simulated box, nginx (caching proxy + static-file reference) and the gateway on
+loopback, pins the servers to one CPU and the load generator to the other, runs the scenarios in
+alternating rounds, and writes bench/results/latest.{json,md}, bench/results/ratios.png and the
+results section of bench/README.md.
+"""
+
+import datetime
+import json
+import os
+import re
+import shutil
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+RESULTS = os.path.join(BENCH, "results")
+BIN = os.path.join(ROOT, "target/release/miralix-gateway")
+PROBE = os.path.join(ROOT, "target/release/examples/probe")
+
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+DURATION = os.environ.get("BENCH_DURATION", "10s")
+CONNECTIONS = 64
+STORM = 500
+STORM_DELAY_MS = 300
+MISSES = 300
+FILL_AGENTS = 10_000
+SERVER_CPU, LOAD_CPU = "0", "1"
+ACCOUNT = "greenbox"
+SECRET = "bench-secret-7c41"
+HIT_PATH = f"/mot/{ACCOUNT}/agents/id/103/recordings"
+ID_TEMPLATE = f"/mot/{ACCOUNT}/agents/id/{{n}}/recordings"
+FIRST_SYNTHETIC = 1_000_000
+TTL, NEGATIVE_TTL = "10m", "5s"
+
+
+def log(message):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A process pinned to a CPU, logging to a file in the work directory."""
+
+    def __init__(self, name, cmd, work, cpu=SERVER_CPU, env=None):
+        self.name = name
+        self.log_path = os.path.join(work, f"{name}.log")
+        self.log = open(self.log_path, "w")
+        # taskset execs the command, so the pid is the server's own.
+        self.proc = subprocess.Popen(["taskset", "-c", cpu] + cmd, stdout=self.log,
+                                     stderr=subprocess.STDOUT, env=env)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+    def cpu_pid(self):
+        """The process doing the work: nginx's single worker, or the server itself."""
+        children = f"/proc/{self.proc.pid}/task/{self.proc.pid}/children"
+        if self.name == "nginx" and os.path.exists(children):
+            with open(children) as f:
+                pids = f.read().split()
+            if pids:
+                return int(pids[0])
+        return self.proc.pid
+
+    def cpu_seconds(self):
+        with open(f"/proc/{self.cpu_pid()}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_bytes(self):
+        with open(f"/proc/{self.proc.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+
+def fetch(url, ca=None, method="GET", headers=None):
+    context = ssl.create_default_context(cafile=ca) if ca else None
+    request = urllib.request.Request(url, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=30) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def wait_until_up(url, ca=None, what="server", server=None):
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if server and server.proc.poll() is not None:
+            sys.exit(f"{what} exited early; see {server.log_path}")
+        try:
+            fetch(url, ca)
+            return
+        except (OSError, urllib.error.URLError):
+            time.sleep(0.1)
+    sys.exit(f"{what} did not come up at {url}")
+
+
+def to_ms(value):
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value).groups()
+    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+
+
+def wrk(url, server):
+    """One wrk run from the load CPU: requests/s, p50 and p99 in ms, and how busy the server
+    was (1.0 = one core saturated: below that, the load generator was the limit)."""
+    cpu_before, wall_before = server.cpu_seconds(), time.monotonic()
+    out = subprocess.run(["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{CONNECTIONS}",
+                          f"-d{DURATION}", "--latency", url],
+                         capture_output=True, text=True, check=True).stdout
+    if "Non-2xx" in out or "Socket errors" in out:
+        sys.exit(f"wrk saw errors against {url}:\n{out}")
+    busy = (server.cpu_seconds() - cpu_before) / (time.monotonic() - wall_before)
+    percentile = dict(re.findall(r"^\s+(\d+)%\s+([\d.]+\w+)$", out, re.M))
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": to_ms(percentile["50"]),
+        "p99_ms": to_ms(percentile["99"]),
+        "server_cpu": round(busy, 2),
+    }
+
+
+def probe(*args):
+    out = subprocess.run(["taskset", "-c", LOAD_CPU, PROBE, *args], capture_output=True,
+                         text=True, check=True).stdout
+    return json.loads(out)
+
+
+def median(runs, key):
+    return statistics.median(run[key] for run in runs)
+
+
+def machine():
+    model = "unknown"
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "src", "Cargo.toml"],
+                           capture_output=True, text=True).stdout.strip()
+    nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit + (" (modified)" if dirty else ""),
+        "nginx": nginx.replace("nginx version: ", ""),
+        "rounds": ROUNDS,
+        "duration": DURATION,
+        "connections": CONNECTIONS,
+    }
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="miralix-bench-")
+    servers = []
+    try:
+        results = run(work, servers)
+    finally:
+        for server in reversed(servers):
+            server.stop()
+    write_results(results)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def run(work, servers):
+    ports = {name: free_port() for name in
+             ["sim", "gw_plain", "gw_tls", "gw_admin", "nginx_plain", "nginx_tls", "static",
+              "mem_plain", "mem_tls", "mem_admin"]}
+    secret_file = os.path.join(work, "secret")
+    with open(secret_file, "w") as f:
+        f.write(SECRET)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", os.path.join(work, "front.key"),
+                    "-out", os.path.join(work, "front.crt")],
+                   check=True, capture_output=True)
+
+    log("starting the simulated box")
+    sim_ca = os.path.join(work, "sim-ca.pem")
+    sim = Server("simulator", [BIN, "simulate", "--listen", f"127.0.0.1:{ports['sim']}",
+                               "--ca-out", sim_ca, "--secret-file", secret_file,
+                               "--synthetic-agents", "100000"], work, cpu=LOAD_CPU)
+    servers.append(sim)
+    sim_url = f"https://127.0.0.1:{ports['sim']}"
+    deadline = time.time() + 30
+    while not os.path.exists(sim_ca) and time.time() < deadline:
+        time.sleep(0.05)
+    wait_until_up(f"{sim_url}/_simulator/stats", sim_ca, "simulator", sim)
+    status, _, body = fetch(sim_url + HIT_PATH, sim_ca, headers={"X-Miralix-Shared-Secret": SECRET})
+    assert status == 200, status
+    os.makedirs(os.path.join(work, "static", "static"), exist_ok=True)
+    with open(os.path.join(work, "static", "static", "list.json"), "wb") as f:
+        f.write(body)
+    log(f"hit body: {len(body)} bytes, {body.count(b'QueueCallId')} recordings")
+
+    log("starting nginx")
+    # Started as root, nginx's workers run as an unprivileged user: let them into the
+    # (throw-away) work directory for the static file, the cache and the temp files.
+    os.chmod(work, 0o755)
+    for sub in ["static", "static/static", "tmp", "cache"]:
+        os.makedirs(os.path.join(work, sub), exist_ok=True)
+        os.chmod(os.path.join(work, sub), 0o777)
+    os.chmod(os.path.join(work, "static", "static", "list.json"), 0o644)
+    for sub in ["body", "proxy", "fastcgi", "uwsgi", "scgi"]:
+        os.makedirs(os.path.join(work, "tmp", sub), exist_ok=True)
+        os.chmod(os.path.join(work, "tmp", sub), 0o777)
+    with open(os.path.join(BENCH, "nginx.conf")) as f:
+        conf = f.read()
+    for key, value in {"WORK": work, "SIM_PORT": ports["sim"], "NGINX_PLAIN": ports["nginx_plain"],
+                       "NGINX_TLS": ports["nginx_tls"], "STATIC_PORT": ports["static"],
+                       "SECRET": SECRET, "TTL": TTL, "NEGATIVE_TTL": NEGATIVE_TTL}.items():
+        conf = conf.replace(f"@{key}@", str(value))
+    conf = conf.replace(f"root {work};", f"root {work}/static;")
+    nginx_conf = os.path.join(work, "nginx.conf")
+    with open(nginx_conf, "w") as f:
+        f.write(conf)
+    subprocess.run(["nginx", "-t", "-q", "-p", work, "-c", nginx_conf], check=True)
+    nginx = Server("nginx", ["nginx", "-p", work, "-c", nginx_conf], work)
+    servers.append(nginx)
+
+    def gateway_config(name, plain, tls, admin):
+        path = os.path.join(work, f"{name}.toml")
+        with open(path, "w") as f:
+            f.write(f"""
+[server]
+listen = "127.0.0.1:{tls}"
+plain_listen = "127.0.0.1:{plain}"
+[server.tls]
+cert = "{work}/front.crt"
+key = "{work}/front.key"
+[admin]
+listen = "127.0.0.1:{admin}"
+[cache]
+ttl = "{TTL}"
+negative_ttl = "{NEGATIVE_TTL}"
+max_bytes = "2GiB"
+[accounts.{ACCOUNT}]
+base_url = "{sim_url}"
+shared_secret_file = "{secret_file}"
+ca_file = "{sim_ca}"
+""")
+        return path
+
+    env = dict(os.environ, RUST_LOG="warn")
+    log("starting the gateway")
+    gateway = Server("gateway", [BIN, "serve", "--config",
+                                 gateway_config("gateway", ports["gw_plain"], ports["gw_tls"],
+                                                ports["gw_admin"])], work, env=env)
+    servers.append(gateway)
+    wait_until_up(f"http://127.0.0.1:{ports['gw_admin']}/readyz", what="gateway", server=gateway)
+    wait_until_up(f"http://127.0.0.1:{ports['static']}/static/list.json", what="nginx", server=nginx)
+
+    urls = {
+        "gateway": f"http://127.0.0.1:{ports['gw_plain']}{HIT_PATH}",
+        "nginx": f"http://127.0.0.1:{ports['nginx_plain']}{HIT_PATH}",
+        "static": f"http://127.0.0.1:{ports['static']}/static/list.json",
+        "gateway_tls": f"https://127.0.0.1:{ports['gw_tls']}{HIT_PATH}",
+        "nginx_tls": f"https://127.0.0.1:{ports['nginx_tls']}{HIT_PATH}",
+    }
+    front_ca = os.path.join(work, "front.crt")
+    for name, url in urls.items():
+        for _ in range(2):  # the first request fills each cache
+            status, headers, got = fetch(url, front_ca)
+        assert status == 200 and got == body, f"{name}: {status}, {len(got)} bytes"
+    log("all five endpoints serve the identical body")
+
+    results = {"machine": machine(), "body_bytes": len(body)}
+
+    log(f"hit throughput, plain HTTP: {ROUNDS} rounds x gateway/nginx/static x {DURATION}")
+    owner = {"gateway": gateway, "nginx": nginx, "static": nginx}
+    hit = {"gateway": [], "nginx": [], "static": []}
+    for round_ in range(ROUNDS):
+        for name in hit:
+            hit[name].append(wrk(urls[name], owner[name]))
+            log(f"  round {round_ + 1} {name}: {hit[name][-1]}")
+    results["hit_plain"] = hit
+
+    log(f"hit throughput, TLS: {ROUNDS} rounds x gateway/nginx x {DURATION}")
+    hit_tls = {"gateway": [], "nginx": []}
+    for round_ in range(ROUNDS):
+        for name in hit_tls:
+            hit_tls[name].append(wrk(urls[f"{name}_tls"], owner[name]))
+            log(f"  round {round_ + 1} {name}: {hit_tls[name][-1]}")
+    results["hit_tls"] = hit_tls
+
+    def upstream_requests():
+        return json.loads(fetch(f"{sim_url}/_simulator/stats", sim_ca)[2])["requests"]
+
+    log(f"cold-miss storm: {STORM} concurrent requests, upstream delay {STORM_DELAY_MS} ms")
+    fetch(f"{sim_url}/_simulator/delay?ms={STORM_DELAY_MS}", sim_ca, method="PUT")
+    storm = {"gateway": [], "nginx": []}
+    next_id = FIRST_SYNTHETIC
+    for round_ in range(ROUNDS):
+        for name in storm:
+            base = urls[name].split("/mot/")[0]
+            before = upstream_requests()
+            outcome = probe("storm", base + ID_TEMPLATE.replace("{n}", str(next_id)), str(STORM))
+            outcome["upstream_requests"] = upstream_requests() - before
+            next_id += 1
+            storm[name].append(outcome)
+            log(f"  round {round_ + 1} {name}: {outcome}")
+    results["storm"] = storm
+    fetch(f"{sim_url}/_simulator/delay?ms=0", sim_ca, method="PUT")
+
+    log(f"miss overhead: {MISSES} sequential misses on distinct agents")
+    misses = {}
+    for name, base, extra in [
+        ("direct", sim_url, ["--ca", sim_ca, "--header", f"X-Miralix-Shared-Secret: {SECRET}"]),
+        ("gateway", urls["gateway"].split("/mot/")[0], []),
+        ("nginx", urls["nginx"].split("/mot/")[0], []),
+    ]:
+        next_id += 10_000
+        misses[name] = probe(*extra, "sequence", base, ID_TEMPLATE, str(next_id), str(MISSES))
+        log(f"  {name}: {misses[name]}")
+    results["miss"] = misses
+
+    log(f"memory: a fresh gateway caching {FILL_AGENTS} distinct agents' lists")
+    gateway.stop()
+    servers.remove(gateway)
+    fresh = Server("gateway-memory", [BIN, "serve", "--config",
+                                      gateway_config("memory", ports["mem_plain"], ports["mem_tls"],
+                                                     ports["mem_admin"])], work, env=env)
+    servers.append(fresh)
+    wait_until_up(f"http://127.0.0.1:{ports['mem_admin']}/readyz", what="gateway", server=fresh)
+    rss_before = fresh.rss_bytes()
+    next_id += 10_000
+    fill = probe("sequence", f"http://127.0.0.1:{ports['mem_plain']}", ID_TEMPLATE, str(next_id),
+                 str(FILL_AGENTS), "--parallel", "8")
+    metrics = fetch(f"http://127.0.0.1:{ports['mem_admin']}/metrics")[2].decode()
+    cached = int(float(re.search(r"^miralix_gateway_cache_bytes (\S+)", metrics, re.M).group(1)))
+    entries = int(float(re.search(r"^miralix_gateway_cache_entries (\S+)", metrics, re.M).group(1)))
+    results["memory"] = {"rss_before": rss_before, "rss_after": fresh.rss_bytes(),
+                         "cached_bytes": cached, "entries": entries, "fill": fill}
+    log(f"  {results['memory']}")
+    return results
+
+
+def summarize(r):
+    hp, ht, storm, miss, mem = r["hit_plain"], r["hit_tls"], r["storm"], r["miss"], r["memory"]
+    s = {
+        "hit_plain": {n: {k: median(runs, k) for k in ("rps", "p50_ms", "p99_ms", "server_cpu")}
+                      for n, runs in hp.items()},
+        "hit_tls": {n: {k: median(runs, k) for k in ("rps", "p50_ms", "p99_ms", "server_cpu")}
+                    for n, runs in ht.items()},
+        "storm": {n: {"upstream_requests": max(x["upstream_requests"] for x in runs),
+                      "p50_ms": median(runs, "p50_ms"), "p99_ms": median(runs, "p99_ms"),
+                      "ok": min(x["statuses"].get("200", 0) for x in runs)}
+                  for n, runs in storm.items()},
+        "miss_p50_ms": {n: v["p50_ms"] for n, v in miss.items()},
+    }
+    s["miss_overhead_ms"] = {n: round(miss[n]["p50_ms"] - miss["direct"]["p50_ms"], 3)
+                             for n in ("gateway", "nginx")}
+    mib = 1024 * 1024
+    s["memory"] = {"rss_mib": round(mem["rss_after"] / mib, 1),
+                   "cached_mib": round(mem["cached_bytes"] / mib, 1),
+                   "entries": mem["entries"],
+                   "limit_mib": round((1.3 * mem["cached_bytes"] + 30 * mib) / mib, 1)}
+    g, n, st = s["hit_plain"]["gateway"], s["hit_plain"]["nginx"], s["hit_plain"]["static"]
+    gt, nt = s["hit_tls"]["gateway"], s["hit_tls"]["nginx"]
+    sg = s["storm"]["gateway"]
+    s["ratios"] = {
+        "hit_rps_plain": round(g["rps"] / n["rps"], 2),
+        "hit_rps_tls": round(gt["rps"] / nt["rps"], 2),
+        "hit_rps_vs_static": round(g["rps"] / st["rps"], 2),
+        "hit_p99_plain_nginx_over_gateway": round(n["p99_ms"] / g["p99_ms"], 2),
+        "hit_p99_tls_nginx_over_gateway": round(nt["p99_ms"] / gt["p99_ms"], 2),
+        "storm_p99_nginx_over_gateway": round(s["storm"]["nginx"]["p99_ms"] / sg["p99_ms"], 2),
+    }
+    s["goals"] = [
+        ("hit throughput >= 1.5x nginx (plain)", s["ratios"]["hit_rps_plain"] >= 1.5,
+         f"{s['ratios']['hit_rps_plain']}x"),
+        ("hit throughput >= 1.5x nginx (TLS)", s["ratios"]["hit_rps_tls"] >= 1.5,
+         f"{s['ratios']['hit_rps_tls']}x"),
+        ("hit p99 <= nginx's (plain)", g["p99_ms"] <= n["p99_ms"],
+         f"{g['p99_ms']:.2f} vs {n['p99_ms']:.2f} ms"),
+        ("hit p99 <= nginx's (TLS)", gt["p99_ms"] <= nt["p99_ms"],
+         f"{gt['p99_ms']:.2f} vs {nt['p99_ms']:.2f} ms"),
+        ("hit throughput >= 0.9x static file", s["ratios"]["hit_rps_vs_static"] >= 0.9,
+         f"{s['ratios']['hit_rps_vs_static']}x"),
+        ("storm: exactly 1 upstream request", sg["upstream_requests"] == 1,
+         f"{sg['upstream_requests']} (max over rounds)"),
+        (f"storm: p99 <= {STORM_DELAY_MS + 50} ms", sg["p99_ms"] <= STORM_DELAY_MS + 50,
+         f"{sg['p99_ms']:.1f} ms"),
+        ("miss overhead p50 <= 1 ms", s["miss_overhead_ms"]["gateway"] <= 1.0,
+         f"{s['miss_overhead_ms']['gateway']:.3f} ms"),
+        ("RSS <= 1.3x cached + 30 MiB", s["memory"]["rss_mib"] <= s["memory"]["limit_mib"],
+         f"{s['memory']['rss_mib']} MiB vs limit {s['memory']['limit_mib']} MiB"),
+    ]
+    return s
+
+
+def markdown(r, s):
+    m = r["machine"]
+    hp, ht, st, mo = s["hit_plain"], s["hit_tls"], s["storm"], s["miss_overhead_ms"]
+    lines = [
+        f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores), commit {m['commit']}, "
+        f"{m['nginx']}. Servers pinned to CPU {SERVER_CPU}, load generator to CPU {LOAD_CPU}; "
+        f"medians of {m['rounds']} alternating rounds; hit runs are `wrk -t1 -c{m['connections']} "
+        f"-d{m['duration']}` on one cached {r['body_bytes']}-byte list.",
+        "",
+        "| scenario | gateway | nginx proxy_cache | static file | gateway / nginx |",
+        "|---|---|---|---|---|",
+        f"| hit, plain: requests/s | {hp['gateway']['rps']:,.0f} | {hp['nginx']['rps']:,.0f} | "
+        f"{hp['static']['rps']:,.0f} | {s['ratios']['hit_rps_plain']}x |",
+        f"| hit, plain: p50 / p99 ms | {hp['gateway']['p50_ms']:.2f} / {hp['gateway']['p99_ms']:.2f} | "
+        f"{hp['nginx']['p50_ms']:.2f} / {hp['nginx']['p99_ms']:.2f} | "
+        f"{hp['static']['p50_ms']:.2f} / {hp['static']['p99_ms']:.2f} | |",
+        f"| hit, plain: server CPU (1.0 = one core busy) | {hp['gateway']['server_cpu']:.2f} | "
+        f"{hp['nginx']['server_cpu']:.2f} | {hp['static']['server_cpu']:.2f} | |",
+        f"| hit, TLS: requests/s | {ht['gateway']['rps']:,.0f} | {ht['nginx']['rps']:,.0f} | | "
+        f"{s['ratios']['hit_rps_tls']}x |",
+        f"| hit, TLS: server CPU | {ht['gateway']['server_cpu']:.2f} | "
+        f"{ht['nginx']['server_cpu']:.2f} | | |",
+        f"| hit, TLS: p50 / p99 ms | {ht['gateway']['p50_ms']:.2f} / {ht['gateway']['p99_ms']:.2f} | "
+        f"{ht['nginx']['p50_ms']:.2f} / {ht['nginx']['p99_ms']:.2f} | | |",
+        f"| cold-miss storm ({STORM} clients, box {STORM_DELAY_MS} ms): upstream requests | "
+        f"{st['gateway']['upstream_requests']} | {st['nginx']['upstream_requests']} | | |",
+        f"| cold-miss storm: client p50 / p99 ms | {st['gateway']['p50_ms']:.0f} / "
+        f"{st['gateway']['p99_ms']:.0f} | {st['nginx']['p50_ms']:.0f} / {st['nginx']['p99_ms']:.0f} "
+        f"| | |",
+        f"| miss overhead over a direct request, p50 ms | {mo['gateway']:.3f} | {mo['nginx']:.3f} "
+        f"| | |",
+        f"| memory: RSS with {s['memory']['entries']:,} lists cached | "
+        f"{s['memory']['rss_mib']} MiB for {s['memory']['cached_mib']} MiB cached | | | |",
+        "",
+        "| goal | met | measured |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {goal} | {'yes' if ok else '**no**'} | {value} |" for goal, ok, value in s["goals"]]
+    return "\n".join(lines) + "\n"
+
+
+def chart(s, path):
+    data = os.path.join(tempfile.mkdtemp(), "ratios.dat")
+    rows = [("hit req/s plain\\n(vs nginx)", s["ratios"]["hit_rps_plain"]),
+            ("hit req/s TLS\\n(vs nginx)", s["ratios"]["hit_rps_tls"]),
+            ("hit req/s\\n(vs static file)", s["ratios"]["hit_rps_vs_static"]),
+            ("hit p99 plain\\n(nginx / gateway)", s["ratios"]["hit_p99_plain_nginx_over_gateway"]),
+            ("hit p99 TLS\\n(nginx / gateway)", s["ratios"]["hit_p99_tls_nginx_over_gateway"]),
+            ("storm p99\\n(nginx / gateway)", s["ratios"]["storm_p99_nginx_over_gateway"])]
+    with open(data, "w") as f:
+        for i, (label, value) in enumerate(rows):
+            f.write(f'{i} "{label}" {value}\n')
+    top = max(v for _, v in rows) * 1.2
+    script = f"""
+set terminal pngcairo size 1000,520 font "sans,11"
+set output "{path}"
+set title "miralix-gateway relative to nginx proxy_cache (higher is better for the gateway)"
+set style fill solid 0.8
+set boxwidth 0.6
+set yrange [0:{top}]
+set grid ytics
+set xtics nomirror
+set key off
+set arrow from -0.5,1 to {len(rows) - 0.5},1 nohead dt 2 lw 2 lc rgb "#aa0000"
+plot "{data}" using 1:3:xtic(2) with boxes lc rgb "#2a6f97", \\
+     "" using 1:3:(sprintf("%.2fx", $3)) with labels offset 0,1
+"""
+    subprocess.run(["gnuplot"], input=script, text=True, check=True)
+
+
+def write_results(r):
+    os.makedirs(RESULTS, exist_ok=True)
+    s = summarize(r)
+    with open(os.path.join(RESULTS, "latest.json"), "w") as f:
+        json.dump({"raw": r, "summary": s}, f, indent=2)
+    table = markdown(r, s)
+    with open(os.path.join(RESULTS, "latest.md"), "w") as f:
+        f.write("# Latest benchmark results\n\n" + table)
+    chart(s, os.path.join(RESULTS, "ratios.png"))
+    readme = os.path.join(BENCH, "README.md")
+    with open(readme) as f:
+        text = f.read()
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    block = f"{start}\n{table}\n![gateway relative to nginx](results/ratios.png)\n{end}"
+    text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    with open(readme, "w") as f:
+        f.write(text)
+    print(table)
+    missed = [goal for goal, ok, _ in s["goals"] if not ok]
+    log("all goals met" if not missed else f"goals missed: {missed}")
+
+
+if __name__ == "__main__":
+    main()

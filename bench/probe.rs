@@ -1,0 +1,216 @@
+//! Load probe for the benchmark harness (`bench/run.sh`): timed HTTP/1.1 requests over plain
+//! TCP or TLS, for the scenarios `wrk` cannot express. Prints one JSON object of latency
+//! statistics in milliseconds.
+//!
+//! - `probe storm URL N`: N connections opened first, then one request each, all at once
+//!   (a cold-miss storm).
+//! - `probe sequence BASE TEMPLATE FROM COUNT`: COUNT requests for distinct keys (`{n}` in
+//!   TEMPLATE runs from FROM), over `--parallel` keep-alive connections (misses, or filling the
+//!   cache).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use reqwest::Url;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[derive(Parser)]
+struct Cli {
+    /// CA certificate (PEM) to trust for https:// URLs.
+    #[arg(long, global = true)]
+    ca: Option<std::path::PathBuf>,
+    /// Extra request header, `Name: value` (repeatable).
+    #[arg(long = "header", global = true)]
+    headers: Vec<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Storm {
+        url: Url,
+        concurrency: usize,
+    },
+    Sequence {
+        base: Url,
+        template: String,
+        from: u64,
+        count: u64,
+        #[arg(long, default_value_t = 1)]
+        parallel: u64,
+    },
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+struct Client {
+    tls: Option<tokio_rustls::TlsConnector>,
+    /// Extra header lines, each ending in CRLF.
+    headers: String,
+}
+
+impl Client {
+    fn new(ca: Option<&std::path::Path>, headers: &[String]) -> Self {
+        let tls = ca.map(|path| {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(path).expect("readable CA file") {
+                roots
+                    .add(cert.expect("PEM certificate"))
+                    .expect("usable CA");
+            }
+            let config = rustls::ClientConfig::builder_with_provider(
+                miralix_gateway::upstream::trust::provider(),
+            )
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+        });
+        let headers = headers.iter().map(|h| format!("{h}\r\n")).collect();
+        Self { tls, headers }
+    }
+
+    async fn connect(&self, url: &Url) -> Box<dyn Stream> {
+        let host = url.host_str().expect("URL with a host");
+        let port = url.port_or_known_default().expect("URL with a port");
+        let tcp = TcpStream::connect((host, port)).await.expect("connect");
+        tcp.set_nodelay(true).expect("nodelay");
+        if url.scheme() == "https" {
+            let connector = self.tls.as_ref().expect("--ca for https");
+            let name = ServerName::try_from(host.to_owned()).expect("server name");
+            Box::new(connector.connect(name, tcp).await.expect("TLS handshake"))
+        } else {
+            Box::new(tcp)
+        }
+    }
+}
+
+/// Send one GET and read the whole answer; returns its status.
+async fn get(
+    client: &Client,
+    stream: &mut Box<dyn Stream>,
+    url: &Url,
+    buffer: &mut Vec<u8>,
+) -> u16 {
+    let target = match url.query() {
+        Some(query) => format!("{}?{query}", url.path()),
+        None => url.path().to_owned(),
+    };
+    let head = format!(
+        "GET {target} HTTP/1.1\r\nHost: {}\r\nUser-Agent: miralix-bench-probe\r\n{}\r\n",
+        url.host_str().unwrap_or("localhost"),
+        client.headers
+    );
+    stream.write_all(head.as_bytes()).await.expect("write");
+    buffer.clear();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut headers);
+        if let Ok(httparse::Status::Complete(head_len)) = response.parse(buffer) {
+            let length: usize = response
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
+                .unwrap_or(0);
+            let status = response.code.unwrap_or(0);
+            while buffer.len() < head_len + length {
+                let n = stream.read(&mut chunk).await.expect("read");
+                assert!(n > 0, "connection closed mid-answer");
+                buffer.extend_from_slice(&chunk[..n]);
+            }
+            return status;
+        }
+        let n = stream.read(&mut chunk).await.expect("read");
+        assert!(n > 0, "connection closed before an answer");
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn report(mut samples: Vec<(u16, Duration)>) -> serde_json::Value {
+    samples.sort_by_key(|(_, d)| *d);
+    let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+    let at = |q: f64| {
+        let index = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+        ms(samples[index].1)
+    };
+    let mut statuses = std::collections::BTreeMap::<String, u64>::new();
+    for (status, _) in &samples {
+        *statuses.entry(status.to_string()).or_default() += 1;
+    }
+    serde_json::json!({
+        "n": samples.len(),
+        "statuses": statuses,
+        "p50_ms": at(0.50),
+        "p99_ms": at(0.99),
+        "max_ms": ms(samples.last().map_or(Duration::ZERO, |s| s.1)),
+    })
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let client = Arc::new(Client::new(cli.ca.as_deref(), &cli.headers));
+    let samples = match cli.command {
+        Command::Storm { url, concurrency } => {
+            let start = Arc::new(tokio::sync::Barrier::new(concurrency));
+            let mut tasks = Vec::new();
+            for _ in 0..concurrency {
+                let (client, url, start) = (client.clone(), url.clone(), start.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut stream = client.connect(&url).await;
+                    start.wait().await;
+                    let began = Instant::now();
+                    let status = get(&client, &mut stream, &url, &mut Vec::new()).await;
+                    (status, began.elapsed())
+                }));
+            }
+            let mut samples = Vec::new();
+            for task in tasks {
+                samples.push(task.await.expect("storm task"));
+            }
+            samples
+        }
+        Command::Sequence {
+            base,
+            template,
+            from,
+            count,
+            parallel,
+        } => {
+            let mut tasks = Vec::new();
+            for worker in 0..parallel {
+                let (client, base, template) = (client.clone(), base.clone(), template.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut stream = client.connect(&base).await;
+                    let mut buffer = Vec::new();
+                    let mut samples = Vec::new();
+                    let mut n = worker;
+                    while n < count {
+                        let path = template.replace("{n}", &(from + n).to_string());
+                        let url = base.join(&path).expect("URL");
+                        let began = Instant::now();
+                        let status = get(&client, &mut stream, &url, &mut buffer).await;
+                        samples.push((status, began.elapsed()));
+                        n += parallel;
+                    }
+                    samples
+                }));
+            }
+            let mut samples = Vec::new();
+            for task in tasks {
+                samples.extend(task.await.expect("sequence task"));
+            }
+            samples
+        }
+    };
+    println!("{}", report(samples));
+}

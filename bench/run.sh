@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The benchmark: miralix-gateway against nginx proxy_cache and a static-file reference, on this
+# machine, in one run. Installs what it needs on Debian/Ubuntu, builds the release binary and the
+# load probe, then runs bench/bench.py. Results: bench/results/latest.{md,json}, ratios.png and
+# the results section of bench/README.md.
+#
+# Knobs: BENCH_ROUNDS (default 3), BENCH_DURATION (wrk duration per run, default 10s).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v nginx >/dev/null 2>&1 || need+=(nginx)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v gnuplot >/dev/null 2>&1 || need+=(gnuplot-nox)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v taskset >/dev/null 2>&1 || need+=(util-linux)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "[bench] installing ${need[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
+fi
+if [ "$(nproc)" -lt 2 ]; then
+  echo "[bench] needs at least 2 CPUs (servers on CPU 0, load generator on CPU 1)" >&2
+  exit 1
+fi
+
+echo "[bench] building the release binary and the load probe"
+cargo build --release --locked --bin miralix-gateway --example probe
+
+exec python3 bench/bench.py
