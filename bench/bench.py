@@ -177,7 +177,55 @@ def machine():
     }
 
 
+def make_front_certificate(work):
+    """A self-signed P-256 certificate for 127.0.0.1/localhost, for both proxies' TLS listeners."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", os.path.join(work, "front.key"),
+                    "-out", os.path.join(work, "front.crt")],
+                   check=True, capture_output=True)
+
+
+def render_nginx_conf(work, ports):
+    """Fill in bench/nginx.conf for `work` and make the directories nginx writes to."""
+    # Started as root, nginx's workers run as an unprivileged user: let them into the
+    # (throw-away) work directory for the static file, the cache and the temp files.
+    os.chmod(work, 0o755)
+    for sub in ["static", "static/static", "tmp", "cache", "tmp/body", "tmp/proxy",
+                "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi"]:
+        os.makedirs(os.path.join(work, sub), exist_ok=True)
+        os.chmod(os.path.join(work, sub), 0o777)
+    with open(os.path.join(BENCH, "nginx.conf")) as f:
+        conf = f.read()
+    for key, value in {"WORK": work, "SIM_PORT": ports["sim"], "NGINX_PLAIN": ports["nginx_plain"],
+                       "NGINX_TLS": ports["nginx_tls"], "STATIC_PORT": ports["static"],
+                       "SECRET": SECRET, "TTL": TTL, "NEGATIVE_TTL": NEGATIVE_TTL}.items():
+        conf = conf.replace(f"@{key}@", str(value))
+    conf = conf.replace(f"root {work};", f"root {work}/static;")
+    path = os.path.join(work, "nginx.conf")
+    with open(path, "w") as f:
+        f.write(conf)
+    return path
+
+
+def check():
+    """For CI: the nginx configuration renders and passes `nginx -t`."""
+    work = tempfile.mkdtemp(prefix="miralix-bench-check-")
+    try:
+        make_front_certificate(work)
+        shutil.copy(os.path.join(work, "front.crt"), os.path.join(work, "sim-ca.pem"))
+        ports = {name: free_port() for name in ["sim", "nginx_plain", "nginx_tls", "static"]}
+        conf = render_nginx_conf(work, ports)
+        subprocess.run(["nginx", "-t", "-q", "-p", work, "-c", conf], check=True)
+        print("bench/nginx.conf: nginx -t ok")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main():
+    if sys.argv[1:] == ["--check"]:
+        return check()
     work = tempfile.mkdtemp(prefix="miralix-bench-")
     servers = []
     try:
@@ -196,12 +244,7 @@ def run(work, servers):
     secret_file = os.path.join(work, "secret")
     with open(secret_file, "w") as f:
         f.write(SECRET)
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                    "-keyout", os.path.join(work, "front.key"),
-                    "-out", os.path.join(work, "front.crt")],
-                   check=True, capture_output=True)
+    make_front_certificate(work)
 
     log("starting the simulated box")
     sim_ca = os.path.join(work, "sim-ca.pem")
@@ -222,26 +265,7 @@ def run(work, servers):
     log(f"hit body: {len(body)} bytes, {body.count(b'QueueCallId')} recordings")
 
     log("starting nginx")
-    # Started as root, nginx's workers run as an unprivileged user: let them into the
-    # (throw-away) work directory for the static file, the cache and the temp files.
-    os.chmod(work, 0o755)
-    for sub in ["static", "static/static", "tmp", "cache"]:
-        os.makedirs(os.path.join(work, sub), exist_ok=True)
-        os.chmod(os.path.join(work, sub), 0o777)
-    os.chmod(os.path.join(work, "static", "static", "list.json"), 0o644)
-    for sub in ["body", "proxy", "fastcgi", "uwsgi", "scgi"]:
-        os.makedirs(os.path.join(work, "tmp", sub), exist_ok=True)
-        os.chmod(os.path.join(work, "tmp", sub), 0o777)
-    with open(os.path.join(BENCH, "nginx.conf")) as f:
-        conf = f.read()
-    for key, value in {"WORK": work, "SIM_PORT": ports["sim"], "NGINX_PLAIN": ports["nginx_plain"],
-                       "NGINX_TLS": ports["nginx_tls"], "STATIC_PORT": ports["static"],
-                       "SECRET": SECRET, "TTL": TTL, "NEGATIVE_TTL": NEGATIVE_TTL}.items():
-        conf = conf.replace(f"@{key}@", str(value))
-    conf = conf.replace(f"root {work};", f"root {work}/static;")
-    nginx_conf = os.path.join(work, "nginx.conf")
-    with open(nginx_conf, "w") as f:
-        f.write(conf)
+    nginx_conf = render_nginx_conf(work, ports)
     subprocess.run(["nginx", "-t", "-q", "-p", work, "-c", nginx_conf], check=True)
     nginx = Server("nginx", ["nginx", "-p", work, "-c", nginx_conf], work)
     servers.append(nginx)
@@ -394,11 +418,16 @@ def summarize(r):
         "hit_p99_tls_nginx_over_gateway": round(nt["p99_ms"] / gt["p99_ms"], 2),
         "storm_p99_nginx_over_gateway": round(s["storm"]["nginx"]["p99_ms"] / sg["p99_ms"], 2),
     }
+    def bound(runs):
+        # Below 0.95 of a core the server had capacity left: wrk, not the server, was the limit.
+        low = [n for n, r in runs.items() if r["server_cpu"] < 0.95]
+        return f" (load-generator bound: {', '.join(low)} CPU < 0.95)" if low else ""
+
     s["goals"] = [
         ("hit throughput >= 1.5x nginx (plain)", s["ratios"]["hit_rps_plain"] >= 1.5,
-         f"{s['ratios']['hit_rps_plain']}x"),
+         f"{s['ratios']['hit_rps_plain']}x{bound(s['hit_plain'])}"),
         ("hit throughput >= 1.5x nginx (TLS)", s["ratios"]["hit_rps_tls"] >= 1.5,
-         f"{s['ratios']['hit_rps_tls']}x"),
+         f"{s['ratios']['hit_rps_tls']}x{bound(s['hit_tls'])}"),
         ("hit p99 <= nginx's (plain)", g["p99_ms"] <= n["p99_ms"],
          f"{g['p99_ms']:.2f} vs {n['p99_ms']:.2f} ms"),
         ("hit p99 <= nginx's (TLS)", gt["p99_ms"] <= nt["p99_ms"],
@@ -473,12 +502,13 @@ def chart(s, path):
     script = f"""
 set terminal pngcairo size 1000,520 font "sans,11"
 set output "{path}"
-set title "miralix-gateway relative to nginx proxy_cache (higher is better for the gateway)"
+set title "miralix-gateway relative to nginx proxy_cache (higher is better for the gateway)" noenhanced
+set bmargin 5
 set style fill solid 0.8
 set boxwidth 0.6
 set yrange [0:{top}]
 set grid ytics
-set xtics nomirror
+set xtics nomirror noenhanced
 set key off
 set arrow from -0.5,1 to {len(rows) - 0.5},1 nohead dt 2 lw 2 lc rgb "#aa0000"
 plot "{data}" using 1:3:xtic(2) with boxes lc rgb "#2a6f97", \\
