@@ -1,12 +1,22 @@
-//! The response cache: stored upstream answers keyed by normalized request, with coalescing.
+//! The response cache: stored upstream answers keyed by normalized request, with coalescing,
+//! stale serving and per-key error backoff.
 //!
-//! Entries live in a byte-bounded moka cache. Concurrent misses on one key share a single
-//! upstream fetch: the first request (the leader) spawns the fetch as its own task and registers
-//! a `watch` channel in the in-flight map; later requests (collapsed waiters) subscribe to it and
-//! are woken the moment the fetch completes. Because the fetch is a task of its own, a leader
-//! whose client hangs up does not cancel it for the others, and it is not started a second time.
+//! Entries live in a byte-bounded moka cache. Whether an entry may be served is decided by the
+//! pure rules in [`policy`] from the injected clock: fresh, stale while a refresh runs, stale
+//! because the box fails, or expired. moka's own expiry only bounds memory, at the end of the
+//! last window in which an entry could still be served.
+//!
+//! Concurrent misses on one key share a single upstream fetch: the first request (the leader)
+//! spawns the fetch as its own task and registers a `watch` channel in the in-flight map; later
+//! requests subscribe to it and are woken the moment it completes. Because the fetch is a task of
+//! its own, a leader whose client hangs up neither cancels nor restarts it. A background refresh
+//! of a stale entry is the same kind of flight with nobody waiting, so a key never has two.
 //! moka's `try_get_with` would restart the fetch when its leader is dropped, and cannot coalesce
 //! the refresh of an entry that is still present, which is why the in-flight map is our own.
+//!
+//! A failed fetch never replaces a stored entry. It is remembered for `cache.error_backoff`, and
+//! requests for that key in the meantime get the same failure (or the stale entry) without
+//! asking the box again.
 
 pub mod policy;
 
@@ -18,14 +28,16 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
+use moka::notification::RemovalCause;
 use tokio::sync::{Mutex, watch};
 
 use crate::clock::Clock;
 use crate::config::CacheConfig;
+use crate::metrics::EvictionCounters;
 use crate::route::AgentQuery;
 use crate::upstream::{UpstreamError, UpstreamReply};
 
-use self::policy::Freshness;
+use self::policy::{Freshness, Lifetime};
 
 /// What identifies one cacheable upstream answer. Built from the normalized request only, so
 /// every spelling of one agent maps to the same key.
@@ -43,8 +55,17 @@ pub struct CachedResponse {
     /// The upstream body, byte for byte; served by cloning the `Bytes` handle.
     pub body: Bytes,
     pub fetched_at: Instant,
-    /// How long it is fresh; `None` when it was not stored at all.
-    pub ttl: Option<Duration>,
+    /// How long it may be served; `None` when it was not stored at all.
+    pub lifetime: Option<Lifetime>,
+}
+
+/// Why a stale entry was served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StaleReason {
+    /// Within `stale_while_revalidate`: served at once, refreshed in the background.
+    Revalidating,
+    /// Within `stale_if_error`: the box failed, so the stored entry stands in.
+    Error,
 }
 
 /// How a request was answered by the cache; `as_str` is the stable name used in logs.
@@ -56,6 +77,10 @@ pub enum CacheStatus {
     Miss,
     /// This request waited for another request's upstream fetch.
     Collapsed,
+    /// Served from a stale entry.
+    Stale(StaleReason),
+    /// The key failed moments ago: answered with that failure, the box not asked again.
+    Backoff,
     /// The request never reached the cache (refused, unknown account, admin paths).
     None,
 }
@@ -66,6 +91,9 @@ impl CacheStatus {
             CacheStatus::Hit => "hit",
             CacheStatus::Miss => "miss",
             CacheStatus::Collapsed => "collapsed",
+            CacheStatus::Stale(StaleReason::Revalidating) => "stale-revalidating",
+            CacheStatus::Stale(StaleReason::Error) => "stale-error",
+            CacheStatus::Backoff => "backoff",
             CacheStatus::None => "none",
         }
     }
@@ -74,15 +102,53 @@ impl CacheStatus {
 /// What every request for a key receives when its fetch completes.
 pub type FetchResult = Result<Arc<CachedResponse>, UpstreamError>;
 
+/// Whether a fetch serves waiting requests or refreshes a stale entry in the background.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchKind {
+    Miss,
+    Refresh,
+}
+
+/// The answer to one lookup.
+#[derive(Debug)]
+pub struct Outcome {
+    pub status: CacheStatus,
+    /// The entry to serve, or the failure to report.
+    pub result: FetchResult,
+    /// For a stale answer served because the box failed: that failure.
+    pub stale_because: Option<UpstreamError>,
+    /// This lookup started a background refresh.
+    pub refresh_started: bool,
+}
+
+impl Outcome {
+    fn new(status: CacheStatus, result: FetchResult) -> Self {
+        Self {
+            status,
+            result,
+            stale_because: None,
+            refresh_started: false,
+        }
+    }
+}
+
 /// Fetches in flight: a sender of each fetch's channel, to subscribe joiners and count them.
 type Flights = HashMap<CacheKey, watch::Sender<Option<FetchResult>>>;
+
+/// A failed fetch, remembered for the error backoff.
+#[derive(Debug)]
+struct Failure {
+    error: UpstreamError,
+    at: Instant,
+}
 
 /// Stored responses plus the map of fetches in flight. Cheap to clone: clones share state.
 #[derive(Clone)]
 pub struct ResponseCache {
     store: moka::future::Cache<CacheKey, Arc<CachedResponse>>,
+    failures: moka::future::Cache<CacheKey, Arc<Failure>>,
     in_flight: Arc<Mutex<Flights>>,
-    /// TTLs in force; replaced on reload (`max_bytes` is fixed when the store is built).
+    /// TTLs and windows in force; replaced on reload (`max_bytes` is fixed when built).
     config: Arc<ArcSwap<CacheConfig>>,
     clock: Arc<dyn Clock>,
 }
@@ -97,7 +163,7 @@ impl moka::Expiry<CacheKey, Arc<CachedResponse>> for EntryExpiry {
         value: &Arc<CachedResponse>,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
-        value.ttl
+        value.lifetime.map(|l| l.servable_for())
     }
 
     fn expire_after_update(
@@ -107,7 +173,7 @@ impl moka::Expiry<CacheKey, Arc<CachedResponse>> for EntryExpiry {
         _updated_at: std::time::Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
-        value.ttl
+        value.lifetime.map(|l| l.servable_for())
     }
 }
 
@@ -118,23 +184,44 @@ fn weigh(key: &CacheKey, value: &Arc<CachedResponse>) -> u32 {
     u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
+/// Keys remembered as failing at most; far more than the keys that can fail within a backoff.
+const MAX_REMEMBERED_FAILURES: u64 = 100_000;
+
 impl ResponseCache {
-    pub fn new(config: CacheConfig, clock: Arc<dyn Clock>) -> Self {
+    /// A cache bounded by `config.max_bytes`; removals are counted in `evictions`.
+    pub fn new(config: CacheConfig, clock: Arc<dyn Clock>, evictions: EvictionCounters) -> Self {
         let store = moka::future::Cache::builder()
             .max_capacity(config.max_bytes)
             .weigher(weigh)
             .expire_after(EntryExpiry)
             .support_invalidation_closures()
+            .eviction_listener(move |_key, _value, cause| {
+                let counter = match cause {
+                    RemovalCause::Expired => &evictions.expired,
+                    RemovalCause::Size => &evictions.size,
+                    RemovalCause::Explicit => &evictions.explicit,
+                    // Replaced by a newer answer for the same key: nothing was lost.
+                    RemovalCause::Replaced => return,
+                };
+                counter.inc();
+            })
+            .build();
+        // The backoff itself is judged by the injected clock; this only bounds memory, with
+        // room for a longer backoff set by a reload.
+        let failures = moka::future::Cache::builder()
+            .max_capacity(MAX_REMEMBERED_FAILURES)
+            .time_to_live(config.error_backoff.max(Duration::from_secs(60)))
             .build();
         Self {
             store,
+            failures,
             in_flight: Arc::default(),
             config: Arc::new(ArcSwap::from_pointee(config)),
             clock,
         }
     }
 
-    /// Use new TTLs for entries stored from now on.
+    /// Use new TTLs and windows for entries stored from now on.
     pub fn set_config(&self, config: CacheConfig) {
         self.config.store(Arc::new(config));
     }
@@ -153,46 +240,103 @@ impl ResponseCache {
         self.clock.now()
     }
 
-    /// Serve `key` from a fresh entry, or join or lead the one upstream fetch for it.
+    /// Serve `key` from the cache, or join or lead the one upstream fetch for it.
     ///
-    /// `fetch` is called (with the key) only by the leader, and its future runs as a task of
-    /// its own.
-    pub async fn get_or_fetch<F, Fut>(&self, key: CacheKey, fetch: F) -> (CacheStatus, FetchResult)
+    /// `fetch` is called (with the key) only when a fetch starts, and its future runs as a task
+    /// of its own.
+    pub async fn get_or_fetch<F, Fut>(&self, key: CacheKey, fetch: F) -> Outcome
     where
-        F: FnOnce(&CacheKey) -> Fut,
+        F: FnOnce(&CacheKey, FetchKind) -> Fut,
         Fut: Future<Output = Result<UpstreamReply, UpstreamError>> + Send + 'static,
     {
-        if let Some(entry) = self.fresh(&key).await {
-            return (CacheStatus::Hit, Ok(entry));
+        let mut fallback = None;
+        if let Some(entry) = self.store.get(&key).await
+            && let Some(lifetime) = entry.lifetime
+        {
+            match policy::freshness(&lifetime, self.clock.now()) {
+                Freshness::Fresh { .. } => return Outcome::new(CacheStatus::Hit, Ok(entry)),
+                Freshness::StaleRevalidate => {
+                    let refresh_started = self.refresh(key, fetch).await;
+                    let stale = CacheStatus::Stale(StaleReason::Revalidating);
+                    return Outcome {
+                        refresh_started,
+                        ..Outcome::new(stale, Ok(entry))
+                    };
+                }
+                Freshness::StaleIfError => fallback = Some(entry),
+                Freshness::Expired => {}
+            }
         }
+        let outcome = match self.recent_failure(&key).await {
+            Some(error) => Outcome::new(CacheStatus::Backoff, Err(error)),
+            None => self.join_or_lead(key, fetch).await,
+        };
+        match (outcome.result, fallback) {
+            (Err(error), Some(stale)) => Outcome {
+                stale_because: Some(error),
+                ..Outcome::new(CacheStatus::Stale(StaleReason::Error), Ok(stale))
+            },
+            (result, _) => Outcome { result, ..outcome },
+        }
+    }
+
+    /// The failure of this key's last fetch, while its backoff lasts.
+    async fn recent_failure(&self, key: &CacheKey) -> Option<UpstreamError> {
+        let failure = self.failures.get(key).await?;
+        let backoff = self.config.load().error_backoff;
+        policy::in_backoff(failure.at, backoff, self.clock.now()).then(|| failure.error.clone())
+    }
+
+    async fn join_or_lead<F, Fut>(&self, key: CacheKey, fetch: F) -> Outcome
+    where
+        F: FnOnce(&CacheKey, FetchKind) -> Fut,
+        Fut: Future<Output = Result<UpstreamReply, UpstreamError>> + Send + 'static,
+    {
         let (status, mut receiver) = {
             let mut flights = self.in_flight.lock().await;
             if let Some(flight) = flights.get(&key) {
                 (CacheStatus::Collapsed, flight.subscribe())
             } else if let Some(entry) = self.fresh(&key).await {
-                // A fetch completed between the lookup above and taking the lock.
-                return (CacheStatus::Hit, Ok(entry));
+                // A fetch completed between the lookup and taking the lock.
+                return Outcome::new(CacheStatus::Hit, Ok(entry));
             } else {
                 let (sender, receiver) = watch::channel(None);
                 flights.insert(key.clone(), sender.clone());
-                let fetch = fetch(&key);
+                let fetch = fetch(&key, FetchKind::Miss);
                 self.spawn_fetch(key, sender, fetch);
                 (CacheStatus::Miss, receiver)
             }
         };
         let result = match receiver.wait_for(Option::is_some).await {
-            Ok(done) => done.clone().unwrap_or_else(|| Err(UpstreamError::Aborted)),
+            Ok(done) => done.clone().unwrap_or(Err(UpstreamError::Aborted)),
             Err(_) => Err(UpstreamError::Aborted),
         };
-        (status, result)
+        Outcome::new(status, result)
+    }
+
+    /// Start a background refresh of `key` unless one is running or the key is backing off.
+    async fn refresh<F, Fut>(&self, key: CacheKey, fetch: F) -> bool
+    where
+        F: FnOnce(&CacheKey, FetchKind) -> Fut,
+        Fut: Future<Output = Result<UpstreamReply, UpstreamError>> + Send + 'static,
+    {
+        let mut flights = self.in_flight.lock().await;
+        if flights.contains_key(&key) || self.recent_failure(&key).await.is_some() {
+            return false;
+        }
+        let (sender, _) = watch::channel(None);
+        flights.insert(key.clone(), sender.clone());
+        let fetch = fetch(&key, FetchKind::Refresh);
+        self.spawn_fetch(key, sender, fetch);
+        true
     }
 
     async fn fresh(&self, key: &CacheKey) -> Option<Arc<CachedResponse>> {
         let entry = self.store.get(key).await?;
-        let ttl = entry.ttl?;
-        match policy::freshness(entry.fetched_at, ttl, self.clock.now()) {
+        let lifetime = entry.lifetime?;
+        match policy::freshness(&lifetime, self.clock.now()) {
             Freshness::Fresh { .. } => Some(entry),
-            Freshness::Expired => None,
+            _ => None,
         }
     }
 
@@ -211,22 +355,40 @@ impl ResponseCache {
             let reply = tokio::spawn(fetch)
                 .await
                 .unwrap_or(Err(UpstreamError::Aborted));
+            let now = cache.clock.now();
             let result = reply.map(|reply| {
+                let config = cache.config.load();
                 Arc::new(CachedResponse {
-                    ttl: policy::ttl_for(reply.status, &cache.config.load()),
+                    lifetime: policy::ttl_for(reply.status, &config).map(|ttl| Lifetime {
+                        fetched_at: now,
+                        ttl,
+                        stale_while_revalidate: config.stale_while_revalidate,
+                        stale_if_error: config.stale_if_error,
+                    }),
                     status: reply.status,
                     content_type: reply.content_type,
                     body: reply.body,
-                    fetched_at: cache.clock.now(),
+                    fetched_at: now,
                 })
             });
-            if let Ok(entry) = &result
-                && entry.ttl.is_some()
-            {
-                cache.store.insert(key.clone(), entry.clone()).await;
+            match &result {
+                Ok(entry) if entry.lifetime.is_some() => {
+                    cache.failures.invalidate(&key).await;
+                    cache.store.insert(key.clone(), entry.clone()).await;
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    if !cache.config.load().error_backoff.is_zero() {
+                        let failure = Failure {
+                            error: error.clone(),
+                            at: now,
+                        };
+                        cache.failures.insert(key.clone(), Arc::new(failure)).await;
+                    }
+                }
             }
             // Store first, then leave the in-flight map: a request arriving in between joins
-            // this flight, one arriving after finds the stored entry.
+            // this flight, one arriving after finds the stored entry (or the failure).
             cache.in_flight.lock().await.remove(&key);
             sender.send_replace(Some(result));
         });
@@ -236,6 +398,11 @@ impl ResponseCache {
     pub async fn waiting(&self) -> usize {
         let flights = self.in_flight.lock().await;
         flights.values().map(watch::Sender::receiver_count).sum()
+    }
+
+    /// Fetches in flight, including background refreshes.
+    pub async fn fetches_in_flight(&self) -> usize {
+        self.in_flight.lock().await.len()
     }
 
     /// Entries currently stored.

@@ -124,6 +124,12 @@ pub struct CacheConfig {
     pub negative_ttl: Duration,
     /// Bound on the bytes held by the cache (bodies plus keys).
     pub max_bytes: u64,
+    /// After `ttl`, how long an entry is still served at once while one background refresh runs.
+    pub stale_while_revalidate: Duration,
+    /// After `ttl`, how long an entry is served when the box fails instead of the error.
+    pub stale_if_error: Duration,
+    /// After a failed fetch, how long requests for that key get the failure without asking the box.
+    pub error_backoff: Duration,
 }
 
 /// One OfficeTeam account (the box's "domain") and how to reach its box.
@@ -133,8 +139,41 @@ pub struct AccountConfig {
     pub base_url: reqwest::Url,
     pub shared_secret: Secret,
     pub trust: UpstreamTrust,
+    pub upstream: UpstreamSettings,
+}
+
+/// How the gateway treats one box: timeouts, limits and the circuit breaker. `[upstream]` sets
+/// the defaults; each account may override every key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamSettings {
+    /// The whole request, from connecting to the last body byte.
     pub timeout: Duration,
+    /// TCP connect plus TLS handshake.
     pub connect_timeout: Duration,
+    /// Requests to the box at once; further fetches queue.
+    pub max_concurrent_requests: usize,
+    /// How long a fetch may wait in that queue before it fails with `503`.
+    pub queue_timeout: Duration,
+    /// A larger body is refused with `502` and never stored.
+    pub max_body_bytes: u64,
+    /// Consecutive failures that open the circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker fails fast before it lets one probe through.
+    pub breaker_cooldown: Duration,
+}
+
+impl Default for UpstreamSettings {
+    fn default() -> Self {
+        Self {
+            timeout: DEFAULT_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS,
+            queue_timeout: DEFAULT_QUEUE_TIMEOUT,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            breaker_failures: DEFAULT_BREAKER_FAILURES,
+            breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
+        }
+    }
 }
 
 /// How the box's certificate is verified. There is deliberately no "accept anything" option.
@@ -358,22 +397,38 @@ pub struct RawCache {
     pub negative_ttl: Option<String>,
     /// Default `256MiB`; a string with a unit or a plain number of bytes.
     pub max_bytes: Option<RawSize>,
+    /// Default `30s`.
+    pub stale_while_revalidate: Option<String>,
+    /// Default `10m`.
+    pub stale_if_error: Option<String>,
+    /// Default `1s`.
+    pub error_backoff: Option<String>,
 }
 
 /// A byte size written as `"256MiB"` or as a plain integer.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum RawSize {
     Bytes(u64),
     Text(String),
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 pub struct RawUpstream {
     /// Default `30s`.
     pub timeout: Option<String>,
     /// Default `3s`.
     pub connect_timeout: Option<String>,
+    /// Default 8.
+    pub max_concurrent_requests: Option<u64>,
+    /// Default `5s`.
+    pub queue_timeout: Option<String>,
+    /// Default `64MiB`.
+    pub max_body_bytes: Option<RawSize>,
+    /// Default 5.
+    pub breaker_failures: Option<u64>,
+    /// Default `30s`.
+    pub breaker_cooldown: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -385,8 +440,29 @@ pub struct RawAccount {
     pub ca_file: Option<PathBuf>,
     pub pin_sha256: Option<String>,
     pub server_name: Option<String>,
+    // Overrides of [upstream]; the same keys as `RawUpstream`.
     pub timeout: Option<String>,
     pub connect_timeout: Option<String>,
+    pub max_concurrent_requests: Option<u64>,
+    pub queue_timeout: Option<String>,
+    pub max_body_bytes: Option<RawSize>,
+    pub breaker_failures: Option<u64>,
+    pub breaker_cooldown: Option<String>,
+}
+
+impl RawAccount {
+    /// This account's overrides of `[upstream]`.
+    fn upstream(&mut self) -> RawUpstream {
+        RawUpstream {
+            timeout: self.timeout.take(),
+            connect_timeout: self.connect_timeout.take(),
+            max_concurrent_requests: self.max_concurrent_requests.take(),
+            queue_timeout: self.queue_timeout.take(),
+            max_body_bytes: self.max_body_bytes.take(),
+            breaker_failures: self.breaker_failures.take(),
+            breaker_cooldown: self.breaker_cooldown.take(),
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for Secret {
@@ -407,6 +483,14 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+pub const DEFAULT_STALE_WHILE_REVALIDATE: Duration = Duration::from_secs(30);
+pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(600);
+pub const DEFAULT_ERROR_BACKOFF: Duration = Duration::from_secs(1);
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 8;
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_BREAKER_FAILURES: u32 = 5;
+pub const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_secs(30);
 
 /// Collects problems while validating, so one pass reports all of them.
 #[derive(Default)]
@@ -440,15 +524,33 @@ impl RawConfig {
             "cache.negative_ttl",
             duration_or(&self.cache.negative_ttl, DEFAULT_NEGATIVE_TTL),
         );
-        let max_bytes = problems.check("cache.max_bytes", parse_size(self.cache.max_bytes));
-        let timeout = problems.check(
-            "upstream.timeout",
-            positive_duration_or(&self.upstream.timeout, DEFAULT_TIMEOUT),
+        let max_bytes = problems.check(
+            "cache.max_bytes",
+            parse_size(self.cache.max_bytes, DEFAULT_MAX_BYTES),
         );
-        let connect_timeout = problems.check(
-            "upstream.connect_timeout",
-            positive_duration_or(&self.upstream.connect_timeout, DEFAULT_CONNECT_TIMEOUT),
+        let stale_while_revalidate = problems.check(
+            "cache.stale_while_revalidate",
+            duration_or(
+                &self.cache.stale_while_revalidate,
+                DEFAULT_STALE_WHILE_REVALIDATE,
+            ),
         );
+        let stale_if_error = problems.check(
+            "cache.stale_if_error",
+            duration_or(&self.cache.stale_if_error, DEFAULT_STALE_IF_ERROR),
+        );
+        let error_backoff = problems.check(
+            "cache.error_backoff",
+            duration_or(&self.cache.error_backoff, DEFAULT_ERROR_BACKOFF),
+        );
+        // Accounts inherit [upstream]; when it is invalid they are checked against the defaults.
+        let upstream = validate_upstream(
+            self.upstream,
+            &UpstreamSettings::default(),
+            "upstream",
+            &mut problems,
+        )
+        .unwrap_or_default();
         let log_format = problems.check("log.format", parse_log_format(self.log.format.as_deref()));
 
         if self.accounts.is_empty() {
@@ -459,11 +561,7 @@ impl RawConfig {
         }
         let mut accounts = BTreeMap::new();
         for (name, raw) in self.accounts {
-            let defaults = (
-                timeout.unwrap_or(DEFAULT_TIMEOUT),
-                connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
-            );
-            if let Some(account) = validate_account(&name, raw, defaults, context, &mut problems) {
+            if let Some(account) = validate_account(&name, raw, &upstream, context, &mut problems) {
                 accounts.insert(name, account);
             }
         }
@@ -481,32 +579,26 @@ impl RawConfig {
             }
         }
 
-        match (
-            server,
-            admin_listen,
-            ttl,
-            negative_ttl,
-            max_bytes,
-            log_format,
-        ) {
-            (
-                Some(server),
-                Some(admin),
-                Some(ttl),
-                Some(negative_ttl),
-                Some(max_bytes),
-                Some(format),
-            ) if problems.0.is_empty() => Ok(Config {
-                server,
-                admin: AdminConfig { listen: admin },
-                cache: CacheConfig {
-                    ttl,
-                    negative_ttl,
-                    max_bytes,
-                },
-                log: LogConfig { format },
-                accounts,
-            }),
+        let cache = (|| {
+            Some(CacheConfig {
+                ttl: ttl?,
+                negative_ttl: negative_ttl?,
+                max_bytes: max_bytes?,
+                stale_while_revalidate: stale_while_revalidate?,
+                stale_if_error: stale_if_error?,
+                error_backoff: error_backoff?,
+            })
+        })();
+        match (server, admin_listen, cache, log_format) {
+            (Some(server), Some(admin), Some(cache), Some(format)) if problems.0.is_empty() => {
+                Ok(Config {
+                    server,
+                    admin: AdminConfig { listen: admin },
+                    cache,
+                    log: LogConfig { format },
+                    accounts,
+                })
+            }
             _ => Err(problems.0),
         }
     }
@@ -663,11 +755,17 @@ fn parse_log_format(value: Option<&str>) -> Result<LogFormat, String> {
 
 fn validate_account(
     name: &str,
-    raw: RawAccount,
-    (default_timeout, default_connect_timeout): (Duration, Duration),
+    mut raw: RawAccount,
+    defaults: &UpstreamSettings,
     context: &LoadContext,
     problems: &mut Problems,
 ) -> Option<AccountConfig> {
+    let upstream = validate_upstream(
+        raw.upstream(),
+        defaults,
+        &format!("accounts.{name}"),
+        problems,
+    );
     let key = |field: &str| format!("accounts.{name}.{field}");
     if name.is_empty()
         || !name
@@ -739,14 +837,6 @@ fn validate_account(
         ),
         None => Some(None),
     };
-    let timeout = problems.check(
-        &key("timeout"),
-        positive_duration_or(&raw.timeout, default_timeout),
-    );
-    let connect_timeout = problems.check(
-        &key("connect_timeout"),
-        positive_duration_or(&raw.connect_timeout, default_connect_timeout),
-    );
     if let Some(url) = &base_url
         && url.scheme() == "http"
         && (raw.ca_file.is_some()
@@ -766,9 +856,73 @@ fn validate_account(
             pin_sha256: pin_sha256?,
             server_name: server_name?,
         },
+        upstream: upstream?,
+    })
+}
+
+/// `[upstream]` (prefix `upstream`) or an account's overrides of it (prefix `accounts.<name>`).
+fn validate_upstream(
+    raw: RawUpstream,
+    defaults: &UpstreamSettings,
+    prefix: &str,
+    problems: &mut Problems,
+) -> Option<UpstreamSettings> {
+    let key = |field: &str| format!("{prefix}.{field}");
+    let mut duration = |field: &str, value: &Option<String>, default: Duration| {
+        problems.check(&key(field), positive_duration_or(value, default))
+    };
+    let timeout = duration("timeout", &raw.timeout, defaults.timeout);
+    let connect_timeout = duration(
+        "connect_timeout",
+        &raw.connect_timeout,
+        defaults.connect_timeout,
+    );
+    let queue_timeout = duration("queue_timeout", &raw.queue_timeout, defaults.queue_timeout);
+    let breaker_cooldown = duration(
+        "breaker_cooldown",
+        &raw.breaker_cooldown,
+        defaults.breaker_cooldown,
+    );
+    let max_concurrent_requests = problems.check(
+        &key("max_concurrent_requests"),
+        count_in(
+            raw.max_concurrent_requests,
+            defaults.max_concurrent_requests as u64,
+            1,
+            10_000,
+        )
+        .map(|n| n as usize),
+    );
+    let breaker_failures = problems.check(
+        &key("breaker_failures"),
+        count_in(
+            raw.breaker_failures,
+            u64::from(defaults.breaker_failures),
+            1,
+            1_000,
+        )
+        .map(|n| n as u32),
+    );
+    let max_body_bytes = problems.check(
+        &key("max_body_bytes"),
+        parse_size(raw.max_body_bytes, defaults.max_body_bytes),
+    );
+    Some(UpstreamSettings {
         timeout: timeout?,
         connect_timeout: connect_timeout?,
+        max_concurrent_requests: max_concurrent_requests?,
+        queue_timeout: queue_timeout?,
+        max_body_bytes: max_body_bytes?,
+        breaker_failures: breaker_failures?,
+        breaker_cooldown: breaker_cooldown?,
     })
+}
+
+fn count_in(value: Option<u64>, default: u64, min: u64, max: u64) -> Result<u64, String> {
+    match value.unwrap_or(default) {
+        n if (min..=max).contains(&n) => Ok(n),
+        n => Err(format!("{n} is out of range: expected {min} to {max}")),
+    }
 }
 
 fn parse_addr(value: &str) -> Result<SocketAddr, String> {
@@ -794,9 +948,9 @@ fn positive_duration_or(value: &Option<String>, default: Duration) -> Result<Dur
     }
 }
 
-fn parse_size(value: Option<RawSize>) -> Result<u64, String> {
+fn parse_size(value: Option<RawSize>, default: u64) -> Result<u64, String> {
     let bytes = match value {
-        None => return Ok(DEFAULT_MAX_BYTES),
+        None => return Ok(default),
         Some(RawSize::Bytes(n)) => n,
         Some(RawSize::Text(text)) => text
             .trim()
@@ -920,23 +1074,30 @@ mod tests {
         assert_eq!(config.cache.ttl, DEFAULT_TTL);
         assert_eq!(config.cache.negative_ttl, DEFAULT_NEGATIVE_TTL);
         assert_eq!(config.cache.max_bytes, DEFAULT_MAX_BYTES);
+        assert_eq!(
+            config.cache.stale_while_revalidate,
+            DEFAULT_STALE_WHILE_REVALIDATE
+        );
+        assert_eq!(config.cache.stale_if_error, DEFAULT_STALE_IF_ERROR);
         let account = &config.accounts["greenbox"];
-        assert_eq!(account.timeout, DEFAULT_TIMEOUT);
-        assert_eq!(account.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(account.upstream, UpstreamSettings::default());
         assert_eq!(account.trust, UpstreamTrust::default());
     }
 
     #[test]
     fn sizes_accept_units_and_integers() {
         assert_eq!(
-            parse_size(Some(RawSize::Text("256MiB".into()))),
+            parse_size(Some(RawSize::Text("256MiB".into())), 1),
             Ok(256 << 20)
         );
-        assert_eq!(parse_size(Some(RawSize::Text("1 GiB".into()))), Ok(1 << 30));
-        assert_eq!(parse_size(Some(RawSize::Text("4096".into()))), Ok(4096));
-        assert_eq!(parse_size(Some(RawSize::Bytes(1000))), Ok(1000));
-        assert!(parse_size(Some(RawSize::Text("lots".into()))).is_err());
-        assert!(parse_size(Some(RawSize::Bytes(0))).is_err());
+        assert_eq!(
+            parse_size(Some(RawSize::Text("1 GiB".into())), 1),
+            Ok(1 << 30)
+        );
+        assert_eq!(parse_size(Some(RawSize::Text("4096".into())), 1), Ok(4096));
+        assert_eq!(parse_size(Some(RawSize::Bytes(1000)), 1), Ok(1000));
+        assert!(parse_size(Some(RawSize::Text("lots".into())), 1).is_err());
+        assert!(parse_size(Some(RawSize::Bytes(0)), 1).is_err());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! `{"status": 400, "error": "<what was wrong and what is accepted>"}`, built here.
 
 use bytes::Bytes;
-use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE};
+use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Method, Response, StatusCode};
 use http_body_util::Full;
 
@@ -35,6 +35,9 @@ impl ProxyError {
             ProxyError::Route(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Upstream(UpstreamError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Upstream(
+                UpstreamError::QueueTimeout(_) | UpstreamError::CircuitOpen { .. },
+            ) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
         }
     }
@@ -43,8 +46,18 @@ impl ProxyError {
     pub fn to_response(&self) -> Response<Full<Bytes>> {
         let mut response = json_error(self.status(), &self.to_string());
         let headers = response.headers_mut();
-        if let ProxyError::MethodNotAllowed(_) = self {
-            headers.insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        match self {
+            ProxyError::MethodNotAllowed(_) => {
+                headers.insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            }
+            ProxyError::Upstream(upstream) => {
+                if let Some(after) = upstream.retry_after() {
+                    // Whole seconds, rounded up: a client must not come back too early.
+                    let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+                    headers.insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+                }
+            }
+            _ => {}
         }
         response
     }

@@ -14,6 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::upstream::protect::ProtectionMetrics;
+
 /// Upper bounds (seconds) of the upstream latency histogram: a list on a long history can take
 /// tens of seconds, a cached-by-the-box answer a few milliseconds.
 const UPSTREAM_BUCKETS: [f64; 14] = [
@@ -37,6 +39,27 @@ struct StatusLabels {
     status: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    account: String,
+    /// `revalidate` (within stale_while_revalidate) or `error` (the box failed).
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabels {
+    /// `expired`, `size` or `explicit`.
+    cause: &'static str,
+}
+
+/// Counters the cache's eviction listener bumps.
+#[derive(Clone, Debug)]
+pub struct EvictionCounters {
+    pub expired: Counter,
+    pub size: Counter,
+    pub explicit: Counter,
+}
+
 fn upstream_histogram() -> Histogram {
     Histogram::new(UPSTREAM_BUCKETS)
 }
@@ -54,6 +77,14 @@ pub struct Metrics {
     requests_by_status: Box<[OnceLock<Counter>]>,
     cache_entries: Gauge,
     cache_bytes: Gauge,
+    stale: Family<ReasonLabels, Counter>,
+    refreshes: Family<AccountLabels, Counter>,
+    refresh_failures: Family<AccountLabels, Counter>,
+    evictions: Family<CauseLabels, Counter>,
+    upstream_in_flight: Family<AccountLabels, Gauge>,
+    breaker_state: Family<AccountLabels, Gauge>,
+    queue_rejections: Family<AccountLabels, Counter>,
+    breaker_rejections: Family<AccountLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -81,6 +112,14 @@ impl Metrics {
             requests_by_status: (0..1000).map(|_| OnceLock::new()).collect(),
             cache_entries: Gauge::default(),
             cache_bytes: Gauge::default(),
+            stale: Family::default(),
+            refreshes: Family::default(),
+            refresh_failures: Family::default(),
+            evictions: Family::default(),
+            upstream_in_flight: Family::default(),
+            breaker_state: Family::default(),
+            queue_rejections: Family::default(),
+            breaker_rejections: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -124,6 +163,46 @@ impl Metrics {
             "Bytes currently held by the cache, as weighed against cache.max_bytes",
             metrics.cache_bytes.clone(),
         );
+        registry.register(
+            "cache_stale_served",
+            "Requests answered from a stale entry, by reason (revalidate, error)",
+            metrics.stale.clone(),
+        );
+        registry.register(
+            "cache_refreshes",
+            "Background refreshes of stale entries started",
+            metrics.refreshes.clone(),
+        );
+        registry.register(
+            "cache_refresh_failures",
+            "Background refreshes that failed (the stale entry was kept)",
+            metrics.refresh_failures.clone(),
+        );
+        registry.register(
+            "cache_evictions",
+            "Entries removed from memory, by cause (expired, size, explicit)",
+            metrics.evictions.clone(),
+        );
+        registry.register(
+            "upstream_in_flight",
+            "Requests to the Miralix box in progress",
+            metrics.upstream_in_flight.clone(),
+        );
+        registry.register(
+            "upstream_breaker_state",
+            "Circuit breaker per account: 0 closed, 1 half-open, 2 open",
+            metrics.breaker_state.clone(),
+        );
+        registry.register(
+            "upstream_queue_rejections",
+            "Fetches refused because max_concurrent_requests stayed busy for queue_timeout",
+            metrics.queue_rejections.clone(),
+        );
+        registry.register(
+            "upstream_breaker_rejections",
+            "Fetches refused at once because the circuit breaker was open",
+            metrics.breaker_rejections.clone(),
+        );
         Self {
             registry,
             ..metrics
@@ -135,13 +214,60 @@ impl Metrics {
         let labels = AccountLabels {
             account: account.to_owned(),
         };
+        let reason = |reason| ReasonLabels {
+            account: account.to_owned(),
+            reason,
+        };
+        // One statement per series: a `get_or_create` guard lives until the end of its
+        // statement, and a second one on the same family within it would deadlock.
+        let stale_revalidate = self.stale.get_or_create(&reason("revalidate")).clone();
+        let stale_error = self.stale.get_or_create(&reason("error")).clone();
         AccountMetrics {
             account: account.to_owned(),
             hits: self.hits.get_or_create(&labels).clone(),
             misses: self.misses.get_or_create(&labels).clone(),
             coalesced: self.coalesced.get_or_create(&labels).clone(),
+            stale_revalidate,
+            stale_error,
+            refreshes: self.refreshes.get_or_create(&labels).clone(),
+            refresh_failures: self.refresh_failures.get_or_create(&labels).clone(),
             upstream_duration: self.upstream_duration.get_or_create(&labels).clone(),
             upstream_requests: self.upstream_requests.clone(),
+        }
+    }
+
+    /// The series an account's upstream protection keeps current.
+    pub fn protection(&self, account: &str) -> ProtectionMetrics {
+        let labels = AccountLabels {
+            account: account.to_owned(),
+        };
+        ProtectionMetrics {
+            in_flight: self.upstream_in_flight.get_or_create(&labels).clone(),
+            breaker_state: self.breaker_state.get_or_create(&labels).clone(),
+            queue_rejections: self.queue_rejections.get_or_create(&labels).clone(),
+            breaker_rejections: self.breaker_rejections.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// The counters the cache's eviction listener bumps.
+    pub fn evictions(&self) -> EvictionCounters {
+        // One statement per series (see `account`).
+        let expired = self
+            .evictions
+            .get_or_create(&CauseLabels { cause: "expired" })
+            .clone();
+        let size = self
+            .evictions
+            .get_or_create(&CauseLabels { cause: "size" })
+            .clone();
+        let explicit = self
+            .evictions
+            .get_or_create(&CauseLabels { cause: "explicit" })
+            .clone();
+        EvictionCounters {
+            expired,
+            size,
+            explicit,
         }
     }
 
@@ -180,6 +306,10 @@ pub struct AccountMetrics {
     pub hits: Counter,
     pub misses: Counter,
     pub coalesced: Counter,
+    pub stale_revalidate: Counter,
+    pub stale_error: Counter,
+    pub refreshes: Counter,
+    pub refresh_failures: Counter,
     upstream_duration: Histogram,
     upstream_requests: Family<UpstreamLabels, Counter>,
 }

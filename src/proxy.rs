@@ -11,9 +11,10 @@
 //! answer, counts the response and writes the one access-log event of the request.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -23,13 +24,14 @@ use http_body_util::Full;
 use tokio_rustls::TlsAcceptor;
 
 use crate::cache::policy::{self, Freshness};
-use crate::cache::{CacheKey, CacheStatus, CachedResponse, ResponseCache};
+use crate::cache::{CacheKey, CacheStatus, CachedResponse, FetchKind, ResponseCache, StaleReason};
 use crate::clock::Clock;
 use crate::config::{AccountConfig, Config};
 use crate::error::{ProxyError, json_error};
 use crate::metrics::{AccountMetrics, Metrics};
 use crate::route::{self, AgentQuery, Route};
 use crate::server;
+use crate::upstream::protect::{BreakerState, Protection};
 use crate::upstream::{self, UpstreamClient, UpstreamError};
 
 /// `X-Cache: HIT|MISS`, the header most dashboards and curl users look at.
@@ -47,6 +49,8 @@ pub struct Account {
     pub name: Arc<str>,
     pub client: UpstreamClient,
     pub metrics: AccountMetrics,
+    /// Concurrency limit and circuit breaker for this account's box.
+    pub protection: Arc<Protection>,
     /// The settings the client was built from, to tell on reload whether it can be kept.
     settings: AccountConfig,
 }
@@ -65,6 +69,7 @@ impl Runtime {
         config: Config,
         previous: Option<&Runtime>,
         metrics: &Metrics,
+        clock: &Arc<dyn Clock>,
     ) -> Result<Self, StateError> {
         let mut accounts = HashMap::new();
         for (name, settings) in &config.accounts {
@@ -82,6 +87,11 @@ impl Runtime {
                         }
                     })?,
                     metrics: metrics.account(name),
+                    protection: Arc::new(Protection::new(
+                        &settings.upstream,
+                        clock.clone(),
+                        metrics.protection(name),
+                    )),
                     settings: settings.clone(),
                 },
             };
@@ -104,6 +114,7 @@ pub struct AppState {
     runtime: ArcSwap<Runtime>,
     pub cache: ResponseCache,
     pub metrics: Metrics,
+    clock: Arc<dyn Clock>,
     ready: AtomicBool,
     /// Reloads run one at a time.
     reloading: tokio::sync::Mutex<()>,
@@ -113,12 +124,13 @@ impl AppState {
     /// Build the clients, cache and metrics for a validated configuration.
     pub fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StateError> {
         let metrics = Metrics::new();
-        let cache = ResponseCache::new(config.cache.clone(), clock);
-        let runtime = Runtime::build(config, None, &metrics)?;
+        let cache = ResponseCache::new(config.cache.clone(), clock.clone(), metrics.evictions());
+        let runtime = Runtime::build(config, None, &metrics, &clock)?;
         Ok(Self {
             runtime: ArcSwap::from_pointee(runtime),
             cache,
             metrics,
+            clock,
             ready: AtomicBool::new(false),
             reloading: tokio::sync::Mutex::new(()),
         })
@@ -137,7 +149,7 @@ impl AppState {
     pub async fn reload(&self, config: Config) -> Result<ReloadReport, StateError> {
         let _one_at_a_time = self.reloading.lock().await;
         let old = self.runtime();
-        let new = Runtime::build(config, Some(&old), &self.metrics)?;
+        let new = Runtime::build(config, Some(&old), &self.metrics, &self.clock)?;
         let report = ReloadReport::compare(&old, &new);
         self.cache.set_config(new.config.cache.clone());
         self.runtime.store(Arc::new(new));
@@ -292,71 +304,97 @@ async fn handle_inner<B>(
         account: account.name.clone(),
         query: recordings.query,
     };
-    // Clones for the fetch task are made only when this request leads a fetch.
-    let (status, result) = state
+    // Clones for the fetch task are made only when this request starts a fetch.
+    let outcome = state
         .cache
-        .get_or_fetch(key, |key| {
-            fetch(
-                account.client.clone(),
-                account.metrics.clone(),
-                key.query.clone(),
-            )
-        })
+        .get_or_fetch(key, |key, kind| fetch(account, key.query.clone(), kind))
         .await;
-    exchange.cache = status;
-    match status {
-        CacheStatus::Hit => account.metrics.hits.inc(),
-        CacheStatus::Miss => account.metrics.misses.inc(),
-        CacheStatus::Collapsed => account.metrics.coalesced.inc(),
+    exchange.cache = outcome.status;
+    let metrics = &account.metrics;
+    match outcome.status {
+        CacheStatus::Hit => metrics.hits.inc(),
+        CacheStatus::Miss | CacheStatus::Backoff => metrics.misses.inc(),
+        CacheStatus::Collapsed => metrics.coalesced.inc(),
+        CacheStatus::Stale(StaleReason::Revalidating) => metrics.stale_revalidate.inc(),
+        CacheStatus::Stale(StaleReason::Error) => metrics.stale_error.inc(),
         CacheStatus::None => 0,
     };
-    let entry = result.inspect_err(|e| exchange.upstream_status = e.upstream_status())?;
-    if status != CacheStatus::Hit {
-        exchange.upstream_status = Some(entry.status);
+    if outcome.refresh_started {
+        metrics.refreshes.inc();
     }
-    Ok(cached_response(&entry, status, state.cache.now()))
-}
-
-/// The leader's upstream request, timed and counted.
-async fn fetch(
-    client: UpstreamClient,
-    metrics: AccountMetrics,
-    request: AgentQuery,
-) -> Result<upstream::UpstreamReply, UpstreamError> {
-    let started = Instant::now();
-    let result = client.fetch(&request).await;
-    let outcome = match &result {
-        Ok(reply) => reply.status.as_u16().to_string(),
-        Err(error) => {
-            // Logged here, once per fetch, not once per request that waited on it.
-            tracing::warn!(
-                account = %client.account(),
-                error = %error.detail(),
-                "upstream fetch failed"
-            );
-            upstream_outcome(error)
-        }
+    let entry = outcome
+        .result
+        .inspect_err(|e| exchange.upstream_status = e.upstream_status())?;
+    exchange.upstream_status = match (&outcome.stale_because, outcome.status) {
+        (Some(error), _) => error.upstream_status(),
+        (None, CacheStatus::Miss | CacheStatus::Collapsed) => Some(entry.status),
+        (None, _) => None,
     };
-    metrics.record_upstream(&outcome, started.elapsed().as_secs_f64());
-    result
+    Ok(cached_response(
+        &entry,
+        outcome.status,
+        outcome.stale_because.as_ref(),
+        state.cache.now(),
+    ))
 }
 
-fn upstream_outcome(error: &UpstreamError) -> String {
-    match error {
-        UpstreamError::Timeout(_) => "timeout".into(),
-        UpstreamError::Connect(_) => "connect_error".into(),
-        UpstreamError::Transport(_) => "transport_error".into(),
-        UpstreamError::Aborted => "aborted".into(),
-        UpstreamError::RejectedSecret | UpstreamError::Status(_) => error
-            .upstream_status()
-            .map_or_else(|| "unknown".into(), |s| s.as_u16().to_string()),
+/// One upstream fetch for `account`, through its protection, timed and counted. Runs as a task
+/// of its own, so it owns clones of what it needs.
+fn fetch(
+    account: &Account,
+    query: AgentQuery,
+    kind: FetchKind,
+) -> impl Future<Output = Result<upstream::UpstreamReply, UpstreamError>> + Send + 'static {
+    let (client, metrics, protection) = (
+        account.client.clone(),
+        account.metrics.clone(),
+        account.protection.clone(),
+    );
+    async move {
+        let started = Instant::now();
+        // reqwest's timeout bounds each attempt; this bounds the whole fetch (a retry and the
+        // queue included), so no fetch, and no refresh, can hang on.
+        let limit = client.timeout() * 2 + protection.queue_timeout() + Duration::from_secs(1);
+        let result = protection
+            .run(async {
+                tokio::time::timeout(limit, client.fetch(&query))
+                    .await
+                    .unwrap_or(Err(UpstreamError::Timeout(limit)))
+            })
+            .await;
+        let outcome = match &result {
+            Ok(reply) => reply.status.as_u16().to_string(),
+            Err(error) => {
+                // Logged here, once per fetch, not once per request that waited on it.
+                tracing::warn!(
+                    account = %client.account(),
+                    error = %error.detail(),
+                    refresh = kind == FetchKind::Refresh,
+                    "upstream fetch failed"
+                );
+                if kind == FetchKind::Refresh {
+                    metrics.refresh_failures.inc();
+                }
+                upstream_outcome(error)
+            }
+        };
+        metrics.record_upstream(&outcome, started.elapsed().as_secs_f64());
+        result
     }
+}
+
+/// The `status` label of `upstream_requests_total`: the box's status, or what went wrong.
+fn upstream_outcome(error: &UpstreamError) -> String {
+    error
+        .upstream_status()
+        .map_or_else(|| error.kind().to_owned(), |s| s.as_u16().to_string())
 }
 
 /// The stored (or just fetched) answer with the cache's headers.
 fn cached_response(
     entry: &CachedResponse,
     status: CacheStatus,
+    stale_because: Option<&UpstreamError>,
     now: Instant,
 ) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(entry.body.clone()));
@@ -364,14 +402,21 @@ fn cached_response(
     // Room for the headers below (and hyper's `date`), so the map is allocated once.
     *response.headers_mut() = http::HeaderMap::with_capacity(8);
     let age = policy::age(entry.fetched_at, now).as_secs();
-    let remaining = entry
-        .ttl
-        .map(|ttl| match policy::freshness(entry.fetched_at, ttl, now) {
-            Freshness::Fresh { remaining } => remaining.as_secs(),
-            Freshness::Expired => 0,
-        });
+    let remaining = entry.lifetime.map(|l| match policy::freshness(&l, now) {
+        Freshness::Fresh { remaining } => remaining.as_secs(),
+        _ => 0,
+    });
     let cache_status = match (status, remaining) {
         (CacheStatus::Hit, Some(ttl)) => format!("{CACHE_NAME}; hit; ttl={ttl}"),
+        (CacheStatus::Stale(StaleReason::Revalidating), _) => {
+            format!("{CACHE_NAME}; hit; stale; fwd=stale")
+        }
+        (CacheStatus::Stale(StaleReason::Error), _) => {
+            format!(
+                "{CACHE_NAME}; hit; stale; fwd=miss{}",
+                failure_params(stale_because)
+            )
+        }
         (CacheStatus::Collapsed, Some(_)) => format!("{CACHE_NAME}; fwd=miss; collapsed; stored"),
         (CacheStatus::Collapsed, None) => format!(
             "{CACHE_NAME}; fwd=miss; fwd-status={}; collapsed",
@@ -387,10 +432,10 @@ fn cached_response(
     if let Some(content_type) = &entry.content_type {
         headers.insert(CONTENT_TYPE, content_type.clone());
     }
-    let x_cache = if status == CacheStatus::Hit {
-        "HIT"
-    } else {
-        "MISS"
+    let x_cache = match status {
+        CacheStatus::Hit => "HIT",
+        CacheStatus::Stale(_) => "STALE",
+        _ => "MISS",
     };
     headers.insert(X_CACHE, HeaderValue::from_static(x_cache));
     headers.insert(CACHE_STATUS, header_value(cache_status));
@@ -403,16 +448,27 @@ fn cached_response(
     response
 }
 
-/// An error answer; upstream failures also say, in the cache headers, that the box was asked.
+/// `; fwd-status=503` when the box answered, `; detail=timeout` (etc.) when it did not.
+fn failure_params(error: Option<&UpstreamError>) -> String {
+    match error {
+        Some(error) => match error.upstream_status() {
+            Some(status) => format!("; fwd-status={}", status.as_u16()),
+            None => format!("; detail={}", error.kind()),
+        },
+        None => String::new(),
+    }
+}
+
+/// An error answer; upstream failures also say, in the cache headers, what the box did.
 fn error_response(error: &ProxyError, cache: CacheStatus) -> Response<Full<Bytes>> {
     let mut response = error.to_response();
     if let ProxyError::Upstream(upstream) = error {
-        let mut cache_status = format!("{CACHE_NAME}; fwd=miss");
-        if let Some(status) = upstream.upstream_status() {
-            cache_status.push_str(&format!("; fwd-status={}", status.as_u16()));
-        }
-        if cache == CacheStatus::Collapsed {
-            cache_status.push_str("; collapsed");
+        let mut cache_status = format!("{CACHE_NAME}; fwd=miss{}", failure_params(Some(upstream)));
+        match cache {
+            CacheStatus::Collapsed => cache_status.push_str("; collapsed"),
+            // RFC 9211 `detail`: this failure is a remembered one; the box was not asked.
+            CacheStatus::Backoff => cache_status.push_str("; detail=backoff"),
+            _ => {}
         }
         let headers = response.headers_mut();
         headers.insert(X_CACHE, HeaderValue::from_static("MISS"));
@@ -455,8 +511,7 @@ pub async fn handle_admin<B>(state: Arc<AppState>, request: Request<B>) -> Respo
             response
         }
         "/healthz" => plain(StatusCode::OK, "ok\n"),
-        "/readyz" if state.is_ready() => plain(StatusCode::OK, "ready\n"),
-        "/readyz" => plain(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/readyz" => readiness(&state),
         _ => json_error(
             StatusCode::NOT_FOUND,
             "no such admin endpoint: the admin listener serves /metrics, /healthz and /readyz",
@@ -468,8 +523,32 @@ pub async fn handle_admin<B>(state: Arc<AppState>, request: Request<B>) -> Respo
     response
 }
 
-fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+/// `/readyz`: 200 while the listeners serve and at least one account's box can be asked (its
+/// circuit breaker is not open); the body lists every account's breaker.
+fn readiness(state: &AppState) -> Response<Full<Bytes>> {
+    let runtime = state.runtime();
+    let mut names: Vec<&String> = runtime.accounts.keys().collect();
+    names.sort();
+    let mut body = String::new();
+    let mut reachable = false;
+    for name in names {
+        let breaker = runtime.accounts[name].protection.state();
+        reachable |= breaker != BreakerState::Open;
+        body.push_str(&format!("account {name}: breaker {}\n", breaker.as_str()));
+    }
+    let (status, verdict) = match (state.is_ready(), reachable) {
+        (true, true) => (StatusCode::OK, "ready"),
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "not ready: not serving"),
+        (true, false) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: every account's breaker is open",
+        ),
+    };
+    plain(status, format!("{verdict}\n{body}"))
+}
+
+fn plain(status: StatusCode, text: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(text.into()));
     *response.status_mut() = status;
     response.headers_mut().insert(
         CONTENT_TYPE,

@@ -6,6 +6,7 @@
 //! secret can reach the box. Upstream statuses are mapped here into a reply that passes through
 //! or an [`UpstreamError`].
 
+pub mod protect;
 pub mod trust;
 
 use std::sync::Arc;
@@ -69,6 +70,17 @@ pub enum UpstreamError {
     RejectedSecret,
     #[error("the Miralix box answered {0}")]
     Status(StatusCode),
+    #[error("the Miralix box sent more than the {} bytes allowed (upstream.max_body_bytes)", .0)]
+    BodyTooLarge(u64),
+    #[error("the Miralix box answered 200 with a body that is not JSON")]
+    InvalidBody,
+    #[error(
+        "the Miralix box is already answering as many requests as allowed, and none finished within {}",
+        humantime::format_duration(*.0)
+    )]
+    QueueTimeout(Duration),
+    #[error("the Miralix box is failing; requests to it are paused (circuit breaker open)")]
+    CircuitOpen { retry_after: Duration },
     #[error("the upstream request was aborted")]
     Aborted,
 }
@@ -80,6 +92,42 @@ impl UpstreamError {
             UpstreamError::RejectedSecret => Some(StatusCode::UNAUTHORIZED),
             UpstreamError::Status(status) => Some(*status),
             _ => None,
+        }
+    }
+
+    /// Whether this says the box is failing (counts towards opening the circuit breaker), as
+    /// opposed to the gateway holding the request back.
+    pub fn is_box_failure(&self) -> bool {
+        !matches!(
+            self,
+            UpstreamError::QueueTimeout(_)
+                | UpstreamError::CircuitOpen { .. }
+                | UpstreamError::Aborted
+        )
+    }
+
+    /// When a client may try again, for the errors that have an answer to that.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            UpstreamError::QueueTimeout(_) => Some(Duration::from_secs(1)),
+            UpstreamError::CircuitOpen { retry_after } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    /// A short token naming the failure, for `Cache-Status` and metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Timeout(_) => "timeout",
+            UpstreamError::Connect(_) => "connect_error",
+            UpstreamError::Transport(_) => "transport_error",
+            UpstreamError::RejectedSecret => "rejected_secret",
+            UpstreamError::Status(_) => "error_status",
+            UpstreamError::BodyTooLarge(_) => "body_too_large",
+            UpstreamError::InvalidBody => "invalid_body",
+            UpstreamError::QueueTimeout(_) => "queue_timeout",
+            UpstreamError::CircuitOpen { .. } => "circuit_open",
+            UpstreamError::Aborted => "aborted",
         }
     }
 
@@ -113,6 +161,7 @@ pub struct UpstreamClient {
     base: Arc<str>,
     account: Arc<str>,
     timeout: Duration,
+    max_body_bytes: u64,
 }
 
 impl UpstreamClient {
@@ -132,8 +181,8 @@ impl UpstreamClient {
         let http = reqwest::Client::builder()
             .default_headers(headers)
             .user_agent(USER_AGENT)
-            .timeout(config.timeout)
-            .connect_timeout(config.connect_timeout)
+            .timeout(config.upstream.timeout)
+            .connect_timeout(config.upstream.connect_timeout)
             // A redirect from the box is unexpected and would carry the secret elsewhere.
             .redirect(reqwest::redirect::Policy::none())
             // The box sits on the local network; an environment proxy would only get in the way.
@@ -146,8 +195,14 @@ impl UpstreamClient {
             http,
             base: config.base_url.as_str().trim_end_matches('/').into(),
             account: account.into(),
-            timeout: config.timeout,
+            timeout: config.upstream.timeout,
+            max_body_bytes: config.upstream.max_body_bytes,
         })
+    }
+
+    /// The per-attempt timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// The account this client serves.
@@ -171,13 +226,25 @@ impl UpstreamClient {
     }
 
     /// Fetch one recordings list and map the box's status.
+    ///
+    /// A request that failed before any byte of an answer arrived (connection refused or reset,
+    /// TLS failure) is sent once more after a short random pause: a GET is safe to repeat. A
+    /// timeout is not retried; the box is slow, not gone.
     pub async fn fetch(&self, request: &AgentQuery) -> Result<UpstreamReply, UpstreamError> {
-        let response = self
-            .http
-            .get(self.url_for(request))
-            .send()
-            .await
-            .map_err(|e| self.classify(e))?;
+        let url = self.url_for(request);
+        let response = match self.http.get(&url).send().await {
+            Ok(response) => response,
+            Err(error) if error.is_timeout() => return Err(self.classify(error)),
+            Err(error) => {
+                tracing::debug!(account = %self.account, error = %error, "retrying once");
+                tokio::time::sleep(retry_pause()).await;
+                self.http
+                    .get(&url)
+                    .send()
+                    .await
+                    .map_err(|e| self.classify(e))?
+            }
+        };
         let status = response.status();
         match status {
             StatusCode::OK
@@ -185,7 +252,12 @@ impl UpstreamClient {
             | StatusCode::BAD_REQUEST
             | StatusCode::FORBIDDEN => {
                 let content_type = response.headers().get(CONTENT_TYPE).cloned();
-                let body = response.bytes().await.map_err(|e| self.classify(e))?;
+                let body = self.read_body(response).await?;
+                if status == StatusCode::OK
+                    && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err()
+                {
+                    return Err(UpstreamError::InvalidBody);
+                }
                 Ok(UpstreamReply {
                     status,
                     content_type,
@@ -195,6 +267,42 @@ impl UpstreamClient {
             StatusCode::UNAUTHORIZED => Err(UpstreamError::RejectedSecret),
             other => Err(UpstreamError::Status(other)),
         }
+    }
+
+    /// The whole body, refusing (without reading further) one beyond `max_body_bytes`.
+    async fn read_body(&self, mut response: reqwest::Response) -> Result<Bytes, UpstreamError> {
+        let limit = self.max_body_bytes;
+        if response
+            .content_length()
+            .is_some_and(|length| length > limit)
+        {
+            return Err(UpstreamError::BodyTooLarge(limit));
+        }
+        let mut first: Option<Bytes> = None;
+        let mut more: Option<bytes::BytesMut> = None;
+        let mut received: u64 = 0;
+        while let Some(chunk) = response.chunk().await.map_err(|e| self.classify(e))? {
+            received += chunk.len() as u64;
+            if received > limit {
+                return Err(UpstreamError::BodyTooLarge(limit));
+            }
+            // Most bodies arrive as one chunk: keep it as it is, copy only when there are more.
+            match (&mut first, &mut more) {
+                (None, _) => first = Some(chunk),
+                (Some(head), None) => {
+                    let mut joined = bytes::BytesMut::with_capacity(head.len() + chunk.len());
+                    joined.extend_from_slice(head);
+                    joined.extend_from_slice(&chunk);
+                    more = Some(joined);
+                }
+                (Some(_), Some(joined)) => joined.extend_from_slice(&chunk),
+            }
+        }
+        Ok(match (first, more) {
+            (_, Some(joined)) => joined.freeze(),
+            (Some(only), None) => only,
+            (None, None) => Bytes::new(),
+        })
     }
 
     fn classify(&self, error: reqwest::Error) -> UpstreamError {
@@ -208,6 +316,16 @@ impl UpstreamClient {
     }
 }
 
+/// 50 to 150 ms, so that many gateways retrying a rebooted box do not arrive together.
+fn retry_pause() -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    // A fresh `RandomState` is randomly seeded: a dependency-free source of jitter.
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    Duration::from_millis(50 + random % 101)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,8 +337,7 @@ mod tests {
             base_url: base.parse().unwrap(),
             shared_secret: Secret::new("x"),
             trust: UpstreamTrust::default(),
-            timeout: Duration::from_secs(1),
-            connect_timeout: Duration::from_secs(1),
+            upstream: crate::config::UpstreamSettings::default(),
         };
         UpstreamClient::new(account, &config).unwrap()
     }

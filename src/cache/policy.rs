@@ -23,25 +23,69 @@ pub fn ttl_for(status: StatusCode, cache: &CacheConfig) -> Option<Duration> {
     (!ttl.is_zero()).then_some(ttl)
 }
 
-/// Freshness of a stored entry at `now`.
+/// The lifetime of a stored entry, fixed when it is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetime {
+    pub fetched_at: Instant,
+    /// Fresh for this long.
+    pub ttl: Duration,
+    /// Then served at once while it is refreshed, for this long.
+    pub stale_while_revalidate: Duration,
+    /// Then (counted from the end of `ttl` too) served when the box fails, for this long.
+    pub stale_if_error: Duration,
+}
+
+impl Lifetime {
+    pub fn fresh_until(&self) -> Instant {
+        self.fetched_at + self.ttl
+    }
+
+    /// After this, the entry can never be served again, so it need not stay in memory.
+    pub fn servable_for(&self) -> Duration {
+        self.ttl + self.stale_while_revalidate.max(self.stale_if_error)
+    }
+}
+
+/// What an entry may be used for at `now`.
+///
+/// ```text
+/// fetched_at      fresh_until        + stale_while_revalidate
+///     |--- Fresh ---|--- StaleRevalidate ---|
+///                   |------------ StaleIfError ------------|--- Expired ...
+///                                       + stale_if_error
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Freshness {
-    /// Servable; `remaining` until it expires.
+    /// Servable; `remaining` until it goes stale.
     Fresh { remaining: Duration },
-    /// Must be fetched again.
+    /// Serve it at once and refresh it in the background.
+    StaleRevalidate,
+    /// Fetch again; serve it only if that fetch fails.
+    StaleIfError,
+    /// Must be fetched again; never served.
     Expired,
 }
 
-/// An entry fetched at `fetched_at` and fresh for `ttl` is fresh strictly before the deadline.
-pub fn freshness(fetched_at: Instant, ttl: Duration, now: Instant) -> Freshness {
-    let expires_at = fetched_at + ttl;
-    if now < expires_at {
-        Freshness::Fresh {
-            remaining: expires_at - now,
-        }
+pub fn freshness(lifetime: &Lifetime, now: Instant) -> Freshness {
+    let fresh_until = lifetime.fresh_until();
+    if now < fresh_until {
+        return Freshness::Fresh {
+            remaining: fresh_until - now,
+        };
+    }
+    let stale_for = now - fresh_until;
+    if stale_for < lifetime.stale_while_revalidate {
+        Freshness::StaleRevalidate
+    } else if stale_for < lifetime.stale_if_error {
+        Freshness::StaleIfError
     } else {
         Freshness::Expired
     }
+}
+
+/// Whether a failure recorded at `failed_at` still holds requests back from the box at `now`.
+pub fn in_backoff(failed_at: Instant, backoff: Duration, now: Instant) -> bool {
+    now < failed_at + backoff
 }
 
 /// Age of an entry at `now` (zero if the clock reads earlier than the fetch).
@@ -58,6 +102,9 @@ mod tests {
             ttl: Duration::from_secs(ttl),
             negative_ttl: Duration::from_secs(negative_ttl),
             max_bytes: 1 << 20,
+            stale_while_revalidate: Duration::from_secs(30),
+            stale_if_error: Duration::from_secs(600),
+            error_backoff: Duration::from_secs(1),
         }
     }
 
@@ -82,22 +129,83 @@ mod tests {
         assert_eq!(ttl_for(StatusCode::NOT_FOUND, &c), None);
     }
 
+    fn lifetime(t0: Instant) -> Lifetime {
+        Lifetime {
+            fetched_at: t0,
+            ttl: Duration::from_secs(30),
+            stale_while_revalidate: Duration::from_secs(30),
+            stale_if_error: Duration::from_secs(600),
+        }
+    }
+
     #[test]
-    fn fresh_until_the_deadline_then_expired() {
+    fn the_timeline_from_fresh_to_expired() {
         let t0 = Instant::now();
-        let ttl = Duration::from_secs(30);
-        assert_eq!(freshness(t0, ttl, t0), Freshness::Fresh { remaining: ttl });
+        let l = lifetime(t0);
+        let at = |secs| freshness(&l, t0 + Duration::from_secs(secs));
         assert_eq!(
-            freshness(t0, ttl, t0 + Duration::from_secs(29)),
+            at(0),
+            Freshness::Fresh {
+                remaining: Duration::from_secs(30)
+            }
+        );
+        assert_eq!(
+            at(29),
             Freshness::Fresh {
                 remaining: Duration::from_secs(1)
             }
         );
-        assert_eq!(freshness(t0, ttl, t0 + ttl), Freshness::Expired);
+        assert_eq!(at(30), Freshness::StaleRevalidate);
+        assert_eq!(at(59), Freshness::StaleRevalidate);
+        assert_eq!(at(60), Freshness::StaleIfError);
+        assert_eq!(at(629), Freshness::StaleIfError);
+        assert_eq!(at(630), Freshness::Expired);
+        assert_eq!(l.servable_for(), Duration::from_secs(630));
+    }
+
+    #[test]
+    fn zero_windows_go_straight_from_fresh_to_expired() {
+        let t0 = Instant::now();
+        let l = Lifetime {
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            ..lifetime(t0)
+        };
         assert_eq!(
-            freshness(t0, ttl, t0 + Duration::from_secs(90)),
+            freshness(&l, t0 + Duration::from_secs(30)),
             Freshness::Expired
         );
+        assert_eq!(l.servable_for(), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_longer_revalidate_window_wins_over_stale_if_error() {
+        let t0 = Instant::now();
+        let l = Lifetime {
+            stale_while_revalidate: Duration::from_secs(120),
+            stale_if_error: Duration::from_secs(60),
+            ..lifetime(t0)
+        };
+        assert_eq!(
+            freshness(&l, t0 + Duration::from_secs(100)),
+            Freshness::StaleRevalidate
+        );
+        assert_eq!(
+            freshness(&l, t0 + Duration::from_secs(150)),
+            Freshness::Expired
+        );
+    }
+
+    #[test]
+    fn backoff_holds_until_it_ends() {
+        let t0 = Instant::now();
+        assert!(in_backoff(t0, Duration::from_secs(1), t0));
+        assert!(!in_backoff(
+            t0,
+            Duration::from_secs(1),
+            t0 + Duration::from_secs(1)
+        ));
+        assert!(!in_backoff(t0, Duration::ZERO, t0));
     }
 
     #[test]

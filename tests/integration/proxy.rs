@@ -298,7 +298,11 @@ async fn other_methods_get_405_with_allow_and_head_gets_headers_only() {
 
 #[tokio::test]
 async fn unknown_agents_are_remembered_for_the_negative_ttl() {
-    let gw = Gateway::start(Options::default()).await;
+    let gw = Gateway::start(Options {
+        cache: NO_STALE,
+        ..Options::default()
+    })
+    .await;
     let first = gw.get(&path("id", "999")).await;
     assert_eq!(first.status, 404);
     assert_eq!(
@@ -321,7 +325,11 @@ async fn unknown_agents_are_remembered_for_the_negative_ttl() {
 
 #[tokio::test]
 async fn entries_expire_after_the_ttl() {
-    let gw = Gateway::start(Options::default()).await;
+    let gw = Gateway::start(Options {
+        cache: NO_STALE,
+        ..Options::default()
+    })
+    .await;
     assert_eq!(
         gw.get(&path("id", "1")).await.header("x-cache"),
         Some("MISS")

@@ -26,6 +26,9 @@ pub const SECRET: &str = "sec-7Qx9-do-not-leak-5mK2";
 /// Agent 103's canonical email address on the simulated box.
 pub const EMAIL: &str = "derek.a@company.local";
 
+/// `[cache]` lines for tests of plain expiry: no stale windows, no error backoff.
+pub const NO_STALE: &str = "ttl = \"30s\"\nnegative_ttl = \"5s\"\nstale_while_revalidate = \"0s\"\nstale_if_error = \"0s\"\nerror_backoff = \"0s\"";
+
 /// How the gateway is told to trust the simulated box.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trust {

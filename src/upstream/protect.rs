@@ -1,0 +1,309 @@
+//! Protecting one box: at most `max_concurrent_requests` requests at once (a bounded queue wait
+//! beyond that), and a circuit breaker that fails fast after `breaker_failures` consecutive
+//! failures, for `breaker_cooldown`, then lets one probe through.
+//!
+//! [`Breaker`] is a pure state machine: every transition takes `now`, so tests drive it with an
+//! injected clock.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::Semaphore;
+
+use crate::clock::Clock;
+use crate::config::UpstreamSettings;
+use crate::upstream::UpstreamError;
+
+/// Where a breaker stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Requests flow.
+    Closed,
+    /// Requests fail fast until the cool-down ends.
+    Open,
+    /// The cool-down ended: one probe decides between closed and open.
+    HalfOpen,
+}
+
+impl BreakerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half-open",
+        }
+    }
+
+    /// The value of the `upstream_breaker_state` gauge.
+    pub fn as_gauge(self) -> i64 {
+        match self {
+            BreakerState::Closed => 0,
+            BreakerState::HalfOpen => 1,
+            BreakerState::Open => 2,
+        }
+    }
+}
+
+/// What the breaker says to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Go ahead (closed).
+    Allowed,
+    /// Go ahead as the one probe (half-open).
+    Probe,
+    /// Fail fast; the breaker may let a probe through after `retry_after`.
+    Rejected { retry_after: Duration },
+}
+
+/// Consecutive-failure circuit breaker.
+#[derive(Debug, Clone)]
+pub struct Breaker {
+    failures_to_open: u32,
+    cooldown: Duration,
+    consecutive_failures: u32,
+    opened_at: Option<Instant>,
+    probing: bool,
+}
+
+impl Breaker {
+    pub fn new(failures_to_open: u32, cooldown: Duration) -> Self {
+        Self {
+            failures_to_open: failures_to_open.max(1),
+            cooldown,
+            consecutive_failures: 0,
+            opened_at: None,
+            probing: false,
+        }
+    }
+
+    pub fn state(&self, now: Instant) -> BreakerState {
+        match self.opened_at {
+            None => BreakerState::Closed,
+            Some(at) if now < at + self.cooldown => BreakerState::Open,
+            Some(_) => BreakerState::HalfOpen,
+        }
+    }
+
+    /// May a request go to the box at `now`?
+    pub fn admit(&mut self, now: Instant) -> Admission {
+        match (self.state(now), self.opened_at) {
+            (BreakerState::Closed, _) => Admission::Allowed,
+            (BreakerState::HalfOpen, _) if !self.probing => {
+                self.probing = true;
+                Admission::Probe
+            }
+            (_, Some(at)) => Admission::Rejected {
+                // While a probe is out, ask clients back after a second.
+                retry_after: (at + self.cooldown)
+                    .saturating_duration_since(now)
+                    .max(Duration::from_secs(1)),
+            },
+            (_, None) => Admission::Allowed,
+        }
+    }
+
+    /// Record the outcome of a request admitted with `admission`.
+    pub fn record(&mut self, admission: Admission, success: bool, now: Instant) {
+        match (admission, success) {
+            (Admission::Probe, true) => self.close(),
+            (Admission::Probe, false) => {
+                self.probing = false;
+                self.opened_at = Some(now);
+            }
+            // Late answers to requests admitted before the breaker opened change nothing.
+            (Admission::Allowed, _) if self.opened_at.is_some() => {}
+            (Admission::Allowed, true) => self.consecutive_failures = 0,
+            (Admission::Allowed, false) => {
+                self.consecutive_failures += 1;
+                if self.consecutive_failures >= self.failures_to_open {
+                    self.opened_at = Some(now);
+                }
+            }
+            (Admission::Rejected { .. }, _) => {}
+        }
+    }
+
+    /// A probe that never reached the box (it waited too long in the queue) decides nothing.
+    pub fn abandon(&mut self, admission: Admission) {
+        if admission == Admission::Probe {
+            self.probing = false;
+        }
+    }
+
+    fn close(&mut self) {
+        self.consecutive_failures = 0;
+        self.opened_at = None;
+        self.probing = false;
+    }
+}
+
+/// The metrics protection keeps current.
+#[derive(Debug, Clone, Default)]
+pub struct ProtectionMetrics {
+    pub in_flight: Gauge,
+    pub breaker_state: Gauge,
+    pub queue_rejections: Counter,
+    pub breaker_rejections: Counter,
+}
+
+/// Concurrency limit and circuit breaker for one account's box.
+pub struct Protection {
+    permits: Semaphore,
+    queue_timeout: Duration,
+    breaker: Mutex<Breaker>,
+    clock: Arc<dyn Clock>,
+    metrics: ProtectionMetrics,
+}
+
+impl std::fmt::Debug for Protection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Protection")
+            .field("available", &self.permits.available_permits())
+            .field("breaker", &self.breaker())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Protection {
+    pub fn new(
+        settings: &UpstreamSettings,
+        clock: Arc<dyn Clock>,
+        metrics: ProtectionMetrics,
+    ) -> Self {
+        Self {
+            permits: Semaphore::new(settings.max_concurrent_requests),
+            queue_timeout: settings.queue_timeout,
+            breaker: Mutex::new(Breaker::new(
+                settings.breaker_failures,
+                settings.breaker_cooldown,
+            )),
+            clock,
+            metrics,
+        }
+    }
+
+    fn breaker(&self) -> MutexGuard<'_, Breaker> {
+        self.breaker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How long a fetch may wait for a free slot.
+    pub fn queue_timeout(&self) -> Duration {
+        self.queue_timeout
+    }
+
+    /// The breaker's state now.
+    pub fn state(&self) -> BreakerState {
+        self.breaker().state(self.clock.now())
+    }
+
+    /// Run `request` if the breaker admits it and a slot frees up within the queue timeout.
+    pub async fn run<T, F>(&self, request: F) -> Result<T, UpstreamError>
+    where
+        F: Future<Output = Result<T, UpstreamError>>,
+    {
+        let admission = self.breaker().admit(self.clock.now());
+        self.publish_state();
+        if let Admission::Rejected { retry_after } = admission {
+            self.metrics.breaker_rejections.inc();
+            return Err(UpstreamError::CircuitOpen { retry_after });
+        }
+        let permit = match tokio::time::timeout(self.queue_timeout, self.permits.acquire()).await {
+            Ok(Ok(permit)) => permit,
+            _ => {
+                self.breaker().abandon(admission);
+                self.metrics.queue_rejections.inc();
+                return Err(UpstreamError::QueueTimeout(self.queue_timeout));
+            }
+        };
+        self.metrics.in_flight.inc();
+        let result = request.await;
+        self.metrics.in_flight.dec();
+        drop(permit);
+        let success = match &result {
+            Ok(_) => true,
+            Err(error) => !error.is_box_failure(),
+        };
+        self.breaker().record(admission, success, self.clock.now());
+        self.publish_state();
+        result
+    }
+
+    fn publish_state(&self) {
+        self.metrics.breaker_state.set(self.state().as_gauge());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const COOLDOWN: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn opens_after_consecutive_failures_only() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(3, COOLDOWN);
+        for _ in 0..2 {
+            assert_eq!(b.admit(t0), Admission::Allowed);
+            b.record(Admission::Allowed, false, t0);
+        }
+        b.record(Admission::Allowed, true, t0);
+        for _ in 0..2 {
+            b.record(Admission::Allowed, false, t0);
+        }
+        assert_eq!(
+            b.state(t0),
+            BreakerState::Closed,
+            "a success reset the count"
+        );
+        b.record(Admission::Allowed, false, t0);
+        assert_eq!(b.state(t0), BreakerState::Open);
+        assert_eq!(
+            b.admit(t0 + Duration::from_secs(10)),
+            Admission::Rejected {
+                retry_after: Duration::from_secs(20)
+            }
+        );
+    }
+
+    #[test]
+    fn one_probe_after_the_cooldown_decides() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(1, COOLDOWN);
+        b.record(Admission::Allowed, false, t0);
+        let later = t0 + COOLDOWN;
+        assert_eq!(b.state(later), BreakerState::HalfOpen);
+        assert_eq!(b.admit(later), Admission::Probe);
+        assert!(
+            matches!(b.admit(later), Admission::Rejected { .. }),
+            "one probe at a time"
+        );
+        b.record(Admission::Probe, false, later);
+        assert_eq!(b.state(later), BreakerState::Open, "a failed probe reopens");
+        let again = later + COOLDOWN;
+        assert_eq!(b.admit(again), Admission::Probe);
+        b.record(Admission::Probe, true, again);
+        assert_eq!(b.state(again), BreakerState::Closed);
+        assert_eq!(b.admit(again), Admission::Allowed);
+    }
+
+    #[test]
+    fn an_abandoned_probe_frees_the_slot_and_late_answers_change_nothing() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(1, COOLDOWN);
+        b.record(Admission::Allowed, false, t0);
+        b.record(Admission::Allowed, true, t0);
+        assert_eq!(
+            b.state(t0),
+            BreakerState::Open,
+            "a late success does not close it"
+        );
+        let later = t0 + COOLDOWN;
+        assert_eq!(b.admit(later), Admission::Probe);
+        b.abandon(Admission::Probe);
+        assert_eq!(b.admit(later), Admission::Probe);
+    }
+}
