@@ -17,7 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -37,6 +37,9 @@ pub const STATS_PATH: &str = "/_simulator/stats";
 
 /// `PUT` here with `?ms=N` to change the answer delay of a running simulator (benchmarks).
 pub const DELAY_PATH: &str = "/_simulator/delay";
+
+/// `PUT` here with `?mode=...` (see [`Failure::parse`]) to make a running simulator fail.
+pub const FAILURE_PATH: &str = "/_simulator/failure";
 
 /// How the simulated box presents itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,8 +62,56 @@ pub enum Failure {
     None,
     /// Answer with this status and a small JSON error body.
     Status(u16),
-    /// Close the connection without answering.
+    /// Close the connection after reading the request, without answering.
     Close,
+    /// Close every new connection at once, before TLS: as if the box were rebooting.
+    Refuse,
+    /// Send the headers and part of the body, then drop the connection.
+    ResetMidBody,
+    /// Answer `200` with a JSON array of about this many bytes.
+    Oversized(usize),
+    /// Answer `200` with a body that is not JSON.
+    InvalidJson,
+}
+
+impl Failure {
+    /// Parse the control endpoint's `mode`: `none`, `close`, `refuse`, `reset`, `invalid-json`,
+    /// `oversized-<bytes>` or `status-<code>`.
+    pub fn parse(mode: &str) -> Option<Self> {
+        Some(match mode {
+            "none" => Failure::None,
+            "close" => Failure::Close,
+            "refuse" => Failure::Refuse,
+            "reset" => Failure::ResetMidBody,
+            "invalid-json" => Failure::InvalidJson,
+            _ => match mode.split_once('-')? {
+                ("oversized", bytes) => Failure::Oversized(bytes.parse().ok()?),
+                ("status", code) => Failure::Status(code.parse().ok()?),
+                _ => return None,
+            },
+        })
+    }
+}
+
+/// The simulator's response body: whole, or one that breaks off (for `ResetMidBody`).
+type SimBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+/// Yields its first chunk, then fails, so hyper drops the connection mid-body.
+struct BrokenBody(Option<Bytes>);
+
+impl http_body::Body for BrokenBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        std::task::Poll::Ready(Some(match self.get_mut().0.take() {
+            Some(chunk) => Ok(http_body::Frame::data(chunk)),
+            None => Err(std::io::Error::other("simulated reset mid-body")),
+        }))
+    }
 }
 
 /// The certificate the box presents, for the gateway's trust settings.
@@ -298,6 +349,10 @@ async fn accept_loop(listener: TcpListener, acceptor: Option<TlsAcceptor>, state
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        if lock(&state.knobs).failure == Failure::Refuse {
+            drop(stream);
+            continue;
+        }
         let builder = builder.clone();
         let acceptor = acceptor.clone();
         let state = state.clone();
@@ -328,12 +383,40 @@ async fn accept_loop(listener: TcpListener, acceptor: Option<TlsAcceptor>, state
 async fn answer(
     state: &SimState,
     request: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, std::io::Error> {
+) -> Result<Response<SimBody>, std::io::Error> {
+    match control(state, &request) {
+        Some(response) => Ok(whole(response)),
+        None => serve(state, request).await,
+    }
+}
+
+/// The simulator's own endpoints (stats, delay, failure), or `None` for everything else.
+fn control(state: &SimState, request: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    let query = || form_urlencoded::parse(request.uri().query().unwrap_or_default().as_bytes());
+    if request.uri().path() == FAILURE_PATH && request.method() == Method::PUT {
+        let failure = query()
+            .find(|(key, _)| key == "mode")
+            .and_then(|(_, mode)| Failure::parse(&mode));
+        return Some(match failure {
+            Some(failure) => {
+                let text = format!("{failure:?}");
+                lock(&state.knobs).failure = failure;
+                json(
+                    StatusCode::OK,
+                    serde_json::json!({ "failure": text }).to_string(),
+                )
+            }
+            None => message(
+                StatusCode::BAD_REQUEST,
+                "expected ?mode=none|close|refuse|reset|invalid-json|oversized-<bytes>|status-<code>",
+            ),
+        });
+    }
     if request.uri().path() == DELAY_PATH && request.method() == Method::PUT {
-        let ms = form_urlencoded::parse(request.uri().query().unwrap_or_default().as_bytes())
+        let ms = query()
             .find(|(key, _)| key == "ms")
             .and_then(|(_, value)| value.parse::<u64>().ok());
-        return Ok(match ms {
+        return Some(match ms {
             Some(ms) => {
                 lock(&state.knobs).delay = Duration::from_millis(ms);
                 json(
@@ -349,8 +432,20 @@ async fn answer(
             "requests": state.count.load(Ordering::SeqCst),
             "max_concurrency": state.max_in_flight.load(Ordering::SeqCst),
         });
-        return Ok(json(StatusCode::OK, stats.to_string()));
+        return Some(json(StatusCode::OK, stats.to_string()));
     }
+    None
+}
+
+fn whole(response: Response<Full<Bytes>>) -> Response<SimBody> {
+    response.map(|body| body.map_err(|never| match never {}).boxed())
+}
+
+/// A request for the Miralix API: recorded, counted, delayed and failed as the knobs say.
+async fn serve(
+    state: &SimState,
+    request: Request<Incoming>,
+) -> Result<Response<SimBody>, std::io::Error> {
     let _in_flight = InFlight::enter(state);
     let target = request.uri().path_and_query().map_or_else(
         || request.uri().path().to_owned(),
@@ -375,12 +470,46 @@ async fn answer(
         tokio::time::sleep(delay).await;
     }
     match failure {
-        Failure::None => Ok(route(state, &request)),
+        Failure::None => Ok(whole(route(state, &request))),
+        // A rebooting box drops the connections it had, too.
+        Failure::Close | Failure::Refuse => {
+            Err(std::io::Error::other("simulated connection close"))
+        }
         Failure::Status(code) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            Ok(message(status, "simulated failure"))
+            Ok(whole(message(status, "simulated failure")))
         }
-        Failure::Close => Err(std::io::Error::other("simulated connection close")),
+        Failure::ResetMidBody => {
+            let full = route(state, &request);
+            let (parts, body) = full.into_parts();
+            let bytes = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let half = bytes.slice(..bytes.len() / 2);
+            let mut response = Response::from_parts(parts, BrokenBody(Some(half)).boxed());
+            response
+                .headers_mut()
+                .insert(http::header::CONTENT_LENGTH, bytes.len().into());
+            Ok(response)
+        }
+        Failure::Oversized(size) => {
+            let element =
+                r#"{"QueueCallId":1,"Padding":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"},"#;
+            let mut body = String::with_capacity(size + element.len());
+            body.push('[');
+            while body.len() < size {
+                body.push_str(element);
+            }
+            body.pop();
+            body.push(']');
+            Ok(whole(json(StatusCode::OK, body)))
+        }
+        Failure::InvalidJson => Ok(whole(json(
+            StatusCode::OK,
+            r#"[{"QueueCallId":47610,"AgentName":"Claus"#.to_owned(),
+        ))),
     }
 }
 

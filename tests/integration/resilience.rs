@@ -1,0 +1,398 @@
+//! When the box is slow or down: stale serving, background refresh, error backoff, the
+//! concurrency cap and the circuit breaker. Windows are crossed by moving the injected clock.
+
+use std::time::Duration;
+
+use miralix_gateway::simulator::Failure;
+
+use crate::support::*;
+
+/// ttl 30s, then 30s stale-while-revalidate, 10m stale-if-error, 1s error backoff (defaults).
+const WINDOWS: &str = "ttl = \"30s\"\nnegative_ttl = \"5s\"";
+
+fn account_metric(metrics: &str, name: &str) -> f64 {
+    sample(
+        metrics,
+        &format!("miralix_gateway_{name}{{account=\"greenbox\"}}"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_entry_is_served_at_once_while_exactly_one_refresh_runs() {
+    let gw = Gateway::start(Options {
+        cache: WINDOWS,
+        ..Options::default()
+    })
+    .await;
+    let first = gw.get(&path("id", "103")).await;
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+    gw.clock.advance(Duration::from_secs(31));
+
+    // The box holds every answer: stale answers must not wait for it.
+    gw.simulator.hold();
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        let addr = gw.addr;
+        clients.push(tokio::spawn(async move {
+            request(addr, "GET", &path("id", "103"), &[]).await
+        }));
+    }
+    for client in clients {
+        let reply = client.await.unwrap();
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("x-cache"), Some("STALE"));
+        assert_eq!(
+            reply.header("cache-status"),
+            Some("miralix-gateway; hit; stale; fwd=stale")
+        );
+        assert_eq!(reply.header("age"), Some("31"));
+        assert_eq!(reply.body, first.body);
+    }
+    assert!(
+        gw.simulator
+            .wait_for_requests(2, Duration::from_secs(10))
+            .await
+    );
+    assert_eq!(
+        gw.simulator.request_count(),
+        2,
+        "one refresh for twenty stale reads"
+    );
+
+    gw.simulator.release();
+    wait_until("the refresh completes", || async {
+        gw.state.cache.fetches_in_flight().await == 0
+    })
+    .await;
+    let refreshed = gw.get(&path("id", "103")).await;
+    assert_eq!(refreshed.header("x-cache"), Some("HIT"));
+    assert_eq!(refreshed.header("age"), Some("0"));
+    assert_eq!(gw.simulator.request_count(), 2);
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "miralix_gateway_cache_stale_served_total{account=\"greenbox\",reason=\"revalidate\"}"
+        ),
+        20.0
+    );
+    assert_eq!(account_metric(&metrics, "cache_refreshes_total"), 1.0);
+}
+
+#[tokio::test]
+async fn every_kind_of_failure_is_covered_by_stale_if_error_within_the_window() {
+    let gw = Gateway::start(Options {
+        cache: "ttl = \"30s\"\nstale_while_revalidate = \"0s\"\nstale_if_error = \"60s\"\nerror_backoff = \"0s\"",
+        account: "timeout = \"300ms\"\nmax_body_bytes = \"100KiB\"\nbreaker_failures = 100".into(),
+        ..Options::default()
+    })
+    .await;
+    let good = gw.get(&path("id", "103")).await;
+    assert_eq!(good.status, 200);
+    gw.clock.advance(Duration::from_secs(45));
+    let cases = [
+        (Failure::Status(500), "fwd-status=500"),
+        (Failure::Status(503), "fwd-status=503"),
+        (Failure::Status(401), "fwd-status=401"),
+        (Failure::Refuse, "detail=connect_error"),
+        (Failure::Close, "detail=transport_error"),
+        (Failure::ResetMidBody, "detail=transport_error"),
+        (Failure::Oversized(200 * 1024), "detail=body_too_large"),
+        (Failure::InvalidJson, "detail=invalid_body"),
+    ];
+    for (failure, recorded) in &cases {
+        gw.simulator.set_failure(failure.clone());
+        let reply = gw.get(&path("id", "103")).await;
+        assert_eq!(reply.status, 200, "{failure:?}: {}", reply.text());
+        assert_eq!(reply.header("x-cache"), Some("STALE"), "{failure:?}");
+        assert_eq!(
+            reply.header("cache-status").unwrap(),
+            format!("miralix-gateway; hit; stale; fwd=miss; {recorded}"),
+            "{failure:?}"
+        );
+        assert_eq!(
+            reply.body, good.body,
+            "{failure:?}: a failed fetch never replaces the entry"
+        );
+        assert_eq!(reply.header("cache-control"), Some("private, max-age=0"));
+    }
+    // A slow box: the timeout is a failure too.
+    gw.simulator.set_failure(Failure::None);
+    gw.simulator.set_delay(Duration::from_secs(3));
+    let slow = gw.get(&path("id", "103")).await;
+    assert_eq!(slow.header("x-cache"), Some("STALE"));
+    assert!(
+        slow.header("cache-status")
+            .unwrap()
+            .ends_with("detail=timeout")
+    );
+    gw.simulator.set_delay(Duration::ZERO);
+
+    // Past the window the error is returned.
+    gw.clock.advance(Duration::from_secs(60));
+    gw.simulator.set_failure(Failure::Status(500));
+    let expired = gw.get(&path("id", "103")).await;
+    assert_eq!(expired.status, 502);
+    assert_eq!(expired.header("x-cache"), Some("MISS"));
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "miralix_gateway_cache_stale_served_total{account=\"greenbox\",reason=\"error\"}"
+        ),
+        (cases.len() + 1) as f64
+    );
+}
+
+#[tokio::test]
+async fn a_hung_refresh_is_abandoned_after_the_timeout() {
+    let gw = Gateway::start(Options {
+        cache: WINDOWS,
+        account: "timeout = \"200ms\"".into(),
+        ..Options::default()
+    })
+    .await;
+    gw.get(&path("id", "1")).await;
+    gw.clock.advance(Duration::from_secs(31));
+    gw.simulator.set_delay(Duration::from_secs(30));
+    let stale = gw.get(&path("id", "1")).await;
+    assert_eq!(stale.header("x-cache"), Some("STALE"));
+    wait_until("the hung refresh is released", || async {
+        gw.state.cache.fetches_in_flight().await == 0
+    })
+    .await;
+    assert_eq!(gw.simulator.request_count(), 2);
+    // The failure holds the key back for the error backoff, then a new refresh may start.
+    assert_eq!(
+        gw.get(&path("id", "1")).await.header("x-cache"),
+        Some("STALE")
+    );
+    assert_eq!(
+        gw.state.cache.fetches_in_flight().await,
+        0,
+        "no refresh during backoff"
+    );
+    gw.clock.advance(Duration::from_secs(1));
+    gw.simulator.set_delay(Duration::ZERO);
+    assert_eq!(
+        gw.get(&path("id", "1")).await.header("x-cache"),
+        Some("STALE")
+    );
+    wait_until("the second refresh completes", || async {
+        gw.state.cache.fetches_in_flight().await == 0
+    })
+    .await;
+    assert_eq!(
+        gw.get(&path("id", "1")).await.header("x-cache"),
+        Some("HIT")
+    );
+    assert_eq!(gw.simulator.request_count(), 3);
+    assert_eq!(
+        account_metric(&gw.metrics().await, "cache_refresh_failures_total"),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fetch_reaches_every_waiter_at_once_and_backs_off() {
+    let gw = Gateway::start(Options {
+        account: "breaker_failures = 100".into(),
+        ..Options::default()
+    })
+    .await;
+    gw.simulator.set_failure(Failure::Status(500));
+    gw.simulator.hold();
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        let addr = gw.addr;
+        clients.push(tokio::spawn(async move {
+            request(addr, "GET", &path("id", "1"), &[]).await
+        }));
+    }
+    wait_until("all ten wait on the one fetch", || async {
+        gw.state.cache.waiting().await == 10
+    })
+    .await;
+    gw.simulator.release();
+    for client in clients {
+        assert_eq!(client.await.unwrap().status, 502);
+    }
+    assert_eq!(gw.simulator.request_count(), 1);
+
+    let held_back = gw.get(&path("id", "1")).await;
+    assert_eq!(held_back.status, 502);
+    assert!(
+        held_back
+            .header("cache-status")
+            .unwrap()
+            .ends_with("detail=backoff")
+    );
+    assert_eq!(
+        gw.simulator.request_count(),
+        1,
+        "not hammered during the backoff"
+    );
+    gw.clock.advance(Duration::from_secs(1));
+    gw.simulator.set_failure(Failure::None);
+    assert_eq!(gw.get(&path("id", "1")).await.status, 200);
+    assert_eq!(gw.simulator.request_count(), 2);
+}
+
+#[tokio::test]
+async fn the_breaker_opens_fails_fast_and_closes_after_a_good_probe() {
+    let gw = Gateway::start(Options {
+        cache: "ttl = \"30s\"\nerror_backoff = \"0s\"",
+        account: "breaker_failures = 3\nbreaker_cooldown = \"10s\"".into(),
+        ..Options::default()
+    })
+    .await;
+    gw.simulator.set_failure(Failure::Status(500));
+    for id in ["1", "103", "104"] {
+        assert_eq!(gw.get(&path("id", id)).await.status, 502);
+    }
+    let fast = gw.get(&path("id", "105")).await;
+    assert_eq!(fast.status, 503, "{}", fast.text());
+    assert_eq!(fast.header("retry-after"), Some("10"));
+    assert!(
+        fast.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("circuit breaker open")
+    );
+    assert_eq!(
+        gw.simulator.request_count(),
+        3,
+        "failed fast, the box was not asked"
+    );
+    let ready = request(gw.admin, "GET", "/readyz", &[]).await;
+    assert_eq!(ready.status, 503);
+    assert!(
+        ready.text().contains("account greenbox: breaker open"),
+        "{}",
+        ready.text()
+    );
+    let metrics = gw.metrics().await;
+    assert_eq!(account_metric(&metrics, "upstream_breaker_state"), 2.0);
+    assert_eq!(
+        account_metric(&metrics, "upstream_breaker_rejections_total"),
+        1.0
+    );
+
+    // After the cool-down one probe goes through; it fails, so the breaker opens again.
+    gw.clock.advance(Duration::from_secs(10));
+    assert_eq!(gw.get(&path("id", "105")).await.status, 502);
+    assert_eq!(gw.simulator.request_count(), 4);
+    assert_eq!(gw.get(&path("id", "105")).await.status, 503);
+    // The next probe succeeds and closes it.
+    gw.clock.advance(Duration::from_secs(10));
+    gw.simulator.set_failure(Failure::None);
+    assert_eq!(gw.get(&path("id", "105")).await.status, 200);
+    assert_eq!(gw.get(&path("id", "104")).await.status, 200);
+    let ready = request(gw.admin, "GET", "/readyz", &[]).await;
+    assert_eq!(ready.status, 200);
+    assert!(ready.text().contains("account greenbox: breaker closed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_concurrency_cap_holds_under_a_burst_of_distinct_keys() {
+    let gw = Gateway::start(Options {
+        account: "max_concurrent_requests = 2".into(),
+        ..Options::default()
+    })
+    .await;
+    gw.simulator.set_delay(Duration::from_millis(50));
+    let mut clients = Vec::new();
+    for n in 0..12 {
+        let addr = gw.addr;
+        let target = format!("{}?fromQueueCallId={n}", path("id", "103"));
+        clients.push(tokio::spawn(async move {
+            request(addr, "GET", &target, &[]).await
+        }));
+    }
+    for client in clients {
+        assert_eq!(client.await.unwrap().status, 200);
+    }
+    assert_eq!(gw.simulator.request_count(), 12);
+    assert_eq!(gw.simulator.max_concurrency(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_that_waits_too_long_for_a_slot_is_a_503() {
+    let gw = Gateway::start(Options {
+        account: "max_concurrent_requests = 1\nqueue_timeout = \"100ms\"".into(),
+        ..Options::default()
+    })
+    .await;
+    gw.simulator.hold();
+    let first = {
+        let addr = gw.addr;
+        tokio::spawn(async move { request(addr, "GET", &path("id", "1"), &[]).await })
+    };
+    assert!(
+        gw.simulator
+            .wait_for_requests(1, Duration::from_secs(10))
+            .await
+    );
+    let queued = gw.get(&path("id", "103")).await;
+    assert_eq!(queued.status, 503, "{}", queued.text());
+    assert_eq!(queued.header("retry-after"), Some("1"));
+    assert!(
+        queued
+            .header("cache-status")
+            .unwrap()
+            .contains("detail=queue_timeout")
+    );
+    gw.simulator.release();
+    assert_eq!(first.await.unwrap().status, 200);
+    assert_eq!(
+        account_metric(&gw.metrics().await, "upstream_queue_rejections_total"),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_body_is_a_502_and_not_stored() {
+    let gw = Gateway::start(Options {
+        account: "max_body_bytes = \"4KiB\"".into(),
+        cache: NO_STALE,
+        ..Options::default()
+    })
+    .await;
+    for _ in 0..2 {
+        let reply = gw.get(&path("id", "103")).await;
+        assert_eq!(reply.status, 502);
+        assert!(
+            reply.json()["error"]
+                .as_str()
+                .unwrap()
+                .contains("4096 bytes")
+        );
+    }
+    assert_eq!(gw.simulator.request_count(), 2);
+    assert_eq!(
+        sample(&gw.metrics().await, "miralix_gateway_cache_entries"),
+        0.0
+    );
+    // A list under the cap is served.
+    assert_eq!(gw.get(&path("id", "105")).await.status, 200);
+}
+
+#[tokio::test]
+async fn evictions_are_counted_by_cause() {
+    let gw = Gateway::start(Options {
+        cache: "max_bytes = \"16KiB\"",
+        ..Options::default()
+    })
+    .await;
+    for id in ["103", "1", "104"] {
+        assert_eq!(gw.get(&path("id", id)).await.status, 200);
+    }
+    let metrics = gw.metrics().await;
+    assert!(
+        sample(
+            &metrics,
+            "miralix_gateway_cache_evictions_total{cause=\"size\"}"
+        ) >= 1.0
+    );
+    assert!(sample(&metrics, "miralix_gateway_cache_bytes") <= 16.0 * 1024.0);
+}
