@@ -32,6 +32,8 @@ DURATION = os.environ.get("BENCH_DURATION", "10s")
 CONNECTIONS = 64
 STORM = 500
 STORM_DELAY_MS = 300
+OUTAGE_SECONDS = int(os.environ.get("BENCH_OUTAGE_SECONDS", "60"))
+OUTAGE_KEYS = 20
 MISSES = 300
 FILL_AGENTS = 10_000
 SERVER_CPU, LOAD_CPU = "0", "1"
@@ -240,7 +242,7 @@ def main():
 def run(work, servers):
     ports = {name: free_port() for name in
              ["sim", "gw_plain", "gw_tls", "gw_admin", "nginx_plain", "nginx_tls", "static",
-              "mem_plain", "mem_tls", "mem_admin"]}
+              "mem_plain", "mem_tls", "mem_admin", "out_plain", "out_tls", "out_admin"]}
     secret_file = os.path.join(work, "secret")
     with open(secret_file, "w") as f:
         f.write(SECRET)
@@ -270,7 +272,7 @@ def run(work, servers):
     nginx = Server("nginx", ["nginx", "-p", work, "-c", nginx_conf], work)
     servers.append(nginx)
 
-    def gateway_config(name, plain, tls, admin):
+    def gateway_config(name, plain, tls, admin, cache=f'ttl = "{TTL}"\nnegative_ttl = "{NEGATIVE_TTL}"'):
         path = os.path.join(work, f"{name}.toml")
         with open(path, "w") as f:
             f.write(f"""
@@ -283,8 +285,7 @@ key = "{work}/front.key"
 [admin]
 listen = "127.0.0.1:{admin}"
 [cache]
-ttl = "{TTL}"
-negative_ttl = "{NEGATIVE_TTL}"
+{cache}
 max_bytes = "2GiB"
 [accounts.{ACCOUNT}]
 base_url = "{sim_url}"
@@ -366,6 +367,34 @@ ca_file = "{sim_ca}"
         log(f"  {name}: {misses[name]}")
     results["miss"] = misses
 
+    log(f"upstream outage: the box drops every request for {OUTAGE_SECONDS} s; a client keeps "
+        f"reading {OUTAGE_KEYS} cached keys (ttl 2s, stale_while_revalidate 2s, stale_if_error 10m)")
+    outage_gw = Server("gateway-outage", [BIN, "serve", "--config", gateway_config(
+        "outage", ports["out_plain"], ports["out_tls"], ports["out_admin"],
+        cache='ttl = "2s"\nstale_while_revalidate = "2s"\nstale_if_error = "10m"')],
+        work, env=env)
+    servers.append(outage_gw)
+    wait_until_up(f"http://127.0.0.1:{ports['out_admin']}/readyz", what="gateway", server=outage_gw)
+    outage_base = f"http://127.0.0.1:{ports['out_plain']}"
+    next_id += 10_000
+    warm = probe("sequence", outage_base, ID_TEMPLATE, str(next_id), str(OUTAGE_KEYS))
+    assert warm["statuses"] == {"200": OUTAGE_KEYS}, warm
+    fetch(f"{sim_url}/_simulator/failure?mode=close", sim_ca, method="PUT")
+    try:
+        soak = probe("soak", outage_base, ID_TEMPLATE, str(next_id), str(OUTAGE_KEYS),
+                     str(OUTAGE_SECONDS))
+    finally:
+        fetch(f"{sim_url}/_simulator/failure?mode=none", sim_ca, method="PUT")
+    metrics = fetch(f"http://127.0.0.1:{ports['out_admin']}/metrics")[2].decode()
+    stale = sum(float(v) for v in re.findall(
+        r'^miralix_gateway_cache_stale_served_total\{[^}]*\} (\S+)', metrics, re.M))
+    soak["stale_served"] = int(stale)
+    soak["failed"] = soak["n"] - soak["statuses"].get("200", 0)
+    results["outage"] = soak
+    log(f"  {soak}")
+    outage_gw.stop()
+    servers.remove(outage_gw)
+
     log(f"memory: a fresh gateway caching {FILL_AGENTS} distinct agents' lists")
     gateway.stop()
     servers.remove(gateway)
@@ -402,6 +431,7 @@ def summarize(r):
     }
     s["miss_overhead_ms"] = {n: round(miss[n]["p50_ms"] - miss["direct"]["p50_ms"], 3)
                              for n in ("gateway", "nginx")}
+    s["outage"] = r["outage"]
     mib = 1024 * 1024
     s["memory"] = {"rss_mib": round(mem["rss_after"] / mib, 1),
                    "cached_mib": round(mem["cached_bytes"] / mib, 1),
@@ -442,6 +472,9 @@ def summarize(r):
          f"{s['miss_overhead_ms']['gateway']:.3f} ms"),
         ("RSS <= 1.3x cached + 30 MiB", s["memory"]["rss_mib"] <= s["memory"]["limit_mib"],
          f"{s['memory']['rss_mib']} MiB vs limit {s['memory']['limit_mib']} MiB"),
+        (f"outage: no failed request for cached keys during {OUTAGE_SECONDS} s",
+         s["outage"]["failed"] == 0,
+         f"{s['outage']['failed']} failed of {s['outage']['n']}"),
     ]
     return s
 
@@ -479,6 +512,9 @@ def markdown(r, s):
         f"| | |",
         f"| memory: RSS with {s['memory']['entries']:,} lists cached | "
         f"{s['memory']['rss_mib']} MiB for {s['memory']['cached_mib']} MiB cached | | | |",
+        f"| upstream outage ({OUTAGE_SECONDS} s, {OUTAGE_KEYS} cached keys): failed / stale / all "
+        f"requests | {s['outage']['failed']} / {s['outage']['stale_served']:,} / "
+        f"{s['outage']['n']:,} | | | |",
         "",
         "| goal | met | measured |",
         "|---|---|---|",

@@ -7,6 +7,8 @@
 //! - `probe sequence BASE TEMPLATE FROM COUNT`: COUNT requests for distinct keys (`{n}` in
 //!   TEMPLATE runs from FROM), over `--parallel` keep-alive connections (misses, or filling the
 //!   cache).
+//! - `probe soak BASE TEMPLATE FROM KEYS SECONDS`: the KEYS keys from FROM, round and round on
+//!   one keep-alive connection for SECONDS (reads during an outage).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,6 +45,13 @@ enum Command {
         count: u64,
         #[arg(long, default_value_t = 1)]
         parallel: u64,
+    },
+    Soak {
+        base: Url,
+        template: String,
+        from: u64,
+        keys: u64,
+        seconds: u64,
     },
 }
 
@@ -211,6 +220,41 @@ async fn main() {
             }
             samples
         }
+        Command::Soak {
+            base,
+            template,
+            from,
+            keys,
+            seconds,
+        } => soak(&client, &base, &template, from, keys, seconds).await,
     };
     println!("{}", report(samples));
+}
+
+/// Requests over the keys, round and round, for `seconds`; reconnects if the server closes.
+async fn soak(
+    client: &Client,
+    base: &Url,
+    template: &str,
+    from: u64,
+    keys: u64,
+    seconds: u64,
+) -> Vec<(u16, Duration)> {
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let mut stream = client.connect(base).await;
+    let mut buffer = Vec::new();
+    let mut samples = Vec::new();
+    let mut n = 0;
+    while Instant::now() < until {
+        let url = base
+            .join(&template.replace("{n}", &(from + n % keys).to_string()))
+            .expect("URL");
+        let began = Instant::now();
+        let status = get(client, &mut stream, &url, &mut buffer).await;
+        samples.push((status, began.elapsed()));
+        n += 1;
+        // A short pause keeps this a steady reader, not a load test.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    samples
 }
