@@ -313,11 +313,12 @@ async fn handle_inner<B>(
     let metrics = &account.metrics;
     match outcome.status {
         CacheStatus::Hit => metrics.hits.inc(),
-        CacheStatus::Miss | CacheStatus::Backoff => metrics.misses.inc(),
+        CacheStatus::Miss => metrics.misses.inc(),
         CacheStatus::Collapsed => metrics.coalesced.inc(),
         CacheStatus::Stale(StaleReason::Revalidating) => metrics.stale_revalidate.inc(),
         CacheStatus::Stale(StaleReason::Error) => metrics.stale_error.inc(),
-        CacheStatus::None => 0,
+        // The box was not asked: neither a hit nor a miss (requests_total still counts it).
+        CacheStatus::Backoff | CacheStatus::None => 0,
     };
     if outcome.refresh_started {
         metrics.refreshes.inc();

@@ -410,10 +410,7 @@ async fn a_hundred_concurrent_cold_requests_make_one_upstream_request() {
             1 => path("EMAIL", EMAIL),
             _ => path("email", "DEREK.A%40company.local"),
         };
-        let addr = gw.addr;
-        clients.push(tokio::spawn(async move {
-            request(addr, "GET", &target, &[]).await
-        }));
+        clients.push(spawn_get(gw.addr, target));
     }
     wait_until("100 requests waiting on the one fetch", || async {
         gw.state.cache.waiting().await == 100
@@ -464,10 +461,7 @@ async fn a_hundred_concurrent_cold_requests_make_one_upstream_request() {
 async fn a_leader_that_hangs_up_does_not_cancel_the_fetch_for_others() {
     let gw = Gateway::start(Options::default()).await;
     gw.simulator.hold();
-    let leader = {
-        let addr = gw.addr;
-        tokio::spawn(async move { request(addr, "GET", &path("id", "104"), &[]).await })
-    };
+    let leader = spawn_get(gw.addr, path("id", "104"));
     assert!(
         gw.simulator
             .wait_for_requests(1, Duration::from_secs(10))
@@ -475,10 +469,7 @@ async fn a_leader_that_hangs_up_does_not_cancel_the_fetch_for_others() {
     );
     leader.abort();
     let _ = leader.await;
-    let follower = {
-        let addr = gw.addr;
-        tokio::spawn(async move { request(addr, "GET", &path("id", "104"), &[]).await })
-    };
+    let follower = spawn_get(gw.addr, path("id", "104"));
     wait_until("the follower joins the flight", || async {
         gw.state.cache.waiting().await >= 1
     })

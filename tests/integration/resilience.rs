@@ -32,10 +32,7 @@ async fn a_stale_entry_is_served_at_once_while_exactly_one_refresh_runs() {
     gw.simulator.hold();
     let mut clients = Vec::new();
     for _ in 0..20 {
-        let addr = gw.addr;
-        clients.push(tokio::spawn(async move {
-            request(addr, "GET", &path("id", "103"), &[]).await
-        }));
+        clients.push(spawn_get(gw.addr, path("id", "103")));
     }
     for client in clients {
         let reply = client.await.unwrap();
@@ -204,10 +201,7 @@ async fn a_failed_fetch_reaches_every_waiter_at_once_and_backs_off() {
     gw.simulator.hold();
     let mut clients = Vec::new();
     for _ in 0..10 {
-        let addr = gw.addr;
-        clients.push(tokio::spawn(async move {
-            request(addr, "GET", &path("id", "1"), &[]).await
-        }));
+        clients.push(spawn_get(gw.addr, path("id", "1")));
     }
     wait_until("all ten wait on the one fetch", || async {
         gw.state.cache.waiting().await == 10
@@ -303,11 +297,8 @@ async fn the_concurrency_cap_holds_under_a_burst_of_distinct_keys() {
     gw.simulator.set_delay(Duration::from_millis(50));
     let mut clients = Vec::new();
     for n in 0..12 {
-        let addr = gw.addr;
         let target = format!("{}?fromQueueCallId={n}", path("id", "103"));
-        clients.push(tokio::spawn(async move {
-            request(addr, "GET", &target, &[]).await
-        }));
+        clients.push(spawn_get(gw.addr, target));
     }
     for client in clients {
         assert_eq!(client.await.unwrap().status, 200);
@@ -324,10 +315,7 @@ async fn a_fetch_that_waits_too_long_for_a_slot_is_a_503() {
     })
     .await;
     gw.simulator.hold();
-    let first = {
-        let addr = gw.addr;
-        tokio::spawn(async move { request(addr, "GET", &path("id", "1"), &[]).await })
-    };
+    let first = spawn_get(gw.addr, path("id", "1"));
     assert!(
         gw.simulator
             .wait_for_requests(1, Duration::from_secs(10))

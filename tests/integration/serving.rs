@@ -214,10 +214,7 @@ async fn shutdown_lets_an_in_flight_request_finish_and_refuses_new_connections()
     })
     .await;
     gw.simulator.hold();
-    let in_flight = {
-        let addr = gw.addr;
-        tokio::spawn(async move { request(addr, "GET", &path("id", "103"), &[]).await })
-    };
+    let in_flight = spawn_get(gw.addr, path("id", "103"));
     assert!(
         gw.simulator
             .wait_for_requests(1, Duration::from_secs(10))
@@ -325,10 +322,7 @@ async fn connections_beyond_max_connections_wait_for_a_free_slot() {
     .await;
     let mut first = KeepAlive::new(TcpStream::connect(gw.addr).await.unwrap());
     assert_eq!(first.get(&path("id", "1")).await.unwrap().status, 200);
-    let second = {
-        let addr = gw.addr;
-        tokio::spawn(async move { request(addr, "GET", &path("id", "1"), &[]).await })
-    };
+    let second = spawn_get(gw.addr, path("id", "1"));
     // The second client is connected (kernel backlog) but not served while the first is open.
     tokio::task::yield_now().await;
     let waited = tokio::time::timeout(Duration::from_millis(300), async {

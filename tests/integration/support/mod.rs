@@ -324,6 +324,11 @@ impl Reply {
     }
 }
 
+/// A GET running in the background (one of many concurrent clients).
+pub fn spawn_get(addr: SocketAddr, target: String) -> JoinHandle<Reply> {
+    tokio::spawn(async move { request(addr, "GET", &target, &[]).await })
+}
+
 /// Send one request with `Connection: close` and read the whole answer.
 pub async fn request(
     addr: SocketAddr,
