@@ -10,9 +10,11 @@
 //!
 //! - [`config`]: raw TOML + environment, validated once into typed [`config::Config`].
 //! - [`route`] and [`identity`]: parse the request target and normalize the identification.
-//! - [`cache`] (+ [`cache::policy`]): stored answers, coalescing, pure freshness rules.
+//! - [`cache`] (+ [`cache::policy`]): stored answers, coalescing, stale serving, error
+//!   backoff; pure freshness rules.
 //! - [`clock`]: the injectable time source every freshness decision reads.
-//! - [`upstream`] (+ [`upstream::trust`]): one rustls reqwest client per account.
+//! - [`upstream`] (+ [`upstream::trust`], [`upstream::protect`]): one rustls reqwest client per
+//!   account; certificate trust; concurrency cap and circuit breaker.
 //! - [`proxy`]: the request handler and [`proxy::AppState`]; [`error`]: errors to statuses.
 //! - [`server`] (+ [`server::tls`]): accept loops, TLS termination, timeouts, graceful shutdown.
 //! - [`systemd`]: `sd_notify` readiness, reload and stop messages, and the watchdog.

@@ -7,7 +7,7 @@
 //!            JSON error ◄────────┴────────────────┘ fetch, shared by waiters    Cache-Control
 //! ```
 //!
-//! [`handle`] is infallible: it calls [`handle_inner`], turns a [`ProxyError`] into its JSON
+//! [`handle`] is infallible: it calls `handle_inner`, turns a [`ProxyError`] into its JSON
 //! answer, counts the response and writes the one access-log event of the request.
 
 use std::collections::HashMap;

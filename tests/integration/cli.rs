@@ -218,6 +218,10 @@ pin_sha256 = "{pin}"
         "the access log was captured:\n{logs}"
     );
     assert!(logs.contains("TRACE"), "trace level was on");
+    assert!(
+        !logs.contains('\u{1b}'),
+        "no ANSI colour codes when not on a terminal"
+    );
     for (what, text) in [
         ("logs", logs.clone()),
         ("metrics", metrics.text()),
@@ -412,4 +416,43 @@ async fn under_systemd_it_notifies_reloads_on_sighup_and_stops_cleanly() {
     notify.wait_for(&["STOPPING=1"]);
     let status = gateway.child.wait().unwrap();
     assert!(status.success(), "exit status after SIGTERM: {status}");
+}
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line() {
+    let simulator = start_box(SimulatorTls::SelfSigned).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n\
+             [accounts.{ACCOUNT}]\nbase_url = \"{}\"\nshared_secret = \"{SECRET}\"\npin_sha256 = \"{}\"\n",
+            simulator.base_url(),
+            pin_of(&simulator)
+        ),
+    )
+    .unwrap();
+    let mut gateway = Running::spawn(
+        Command::new(BIN).args(["serve", "--config"]).arg(&config),
+        false,
+    );
+    let serving = gateway.wait_for("miralix-gateway serving");
+    let line: serde_json::Value = serde_json::from_str(&serving).expect("a JSON log line");
+    let public: SocketAddr = line["fields"]["public"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        request(public, "GET", &path("id", "1"), &[]).await.status,
+        200
+    );
+    let access = gateway.wait_for("miralix_gateway::access");
+    let access: serde_json::Value = serde_json::from_str(&access).expect("a JSON access line");
+    assert_eq!(access["fields"]["cache"], "miss");
+    assert_eq!(access["fields"]["status"], 200);
+    assert_eq!(access["span"]["name"], "conn");
+    let logs = gateway.finish();
+    for line in logs.lines() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    }
+    assert!(!logs.contains(SECRET));
 }
