@@ -204,11 +204,11 @@ async fn main() {
                     let mut samples = Vec::new();
                     let mut n = worker;
                     while n < count {
-                        let path = template.replace("{n}", &(from + n).to_string());
-                        let url = base.join(&path).expect("URL");
-                        let began = Instant::now();
-                        let status = get(&client, &mut stream, &url, &mut buffer).await;
-                        samples.push((status, began.elapsed()));
+                        let key = from + n;
+                        samples.push(
+                            timed_get(&client, &mut stream, &base, &template, key, &mut buffer)
+                                .await,
+                        );
                         n += parallel;
                     }
                     samples
@@ -231,7 +231,24 @@ async fn main() {
     println!("{}", report(samples));
 }
 
-/// Requests over the keys, round and round, for `seconds`; reconnects if the server closes.
+/// One GET for key `n` (`{n}` in `template`), with its status and how long it took.
+async fn timed_get(
+    client: &Client,
+    stream: &mut Box<dyn Stream>,
+    base: &Url,
+    template: &str,
+    n: u64,
+    buffer: &mut Vec<u8>,
+) -> (u16, Duration) {
+    let url = base
+        .join(&template.replace("{n}", &n.to_string()))
+        .expect("URL");
+    let began = Instant::now();
+    let status = get(client, stream, &url, buffer).await;
+    (status, began.elapsed())
+}
+
+/// Requests over the keys, round and round, for `seconds`, on one keep-alive connection.
 async fn soak(
     client: &Client,
     base: &Url,
@@ -246,12 +263,8 @@ async fn soak(
     let mut samples = Vec::new();
     let mut n = 0;
     while Instant::now() < until {
-        let url = base
-            .join(&template.replace("{n}", &(from + n % keys).to_string()))
-            .expect("URL");
-        let began = Instant::now();
-        let status = get(client, &mut stream, &url, &mut buffer).await;
-        samples.push((status, began.elapsed()));
+        let key = from + n % keys;
+        samples.push(timed_get(client, &mut stream, base, template, key, &mut buffer).await);
         n += 1;
         // A short pause keeps this a steady reader, not a load test.
         tokio::time::sleep(Duration::from_millis(5)).await;
