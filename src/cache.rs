@@ -18,6 +18,7 @@
 //! requests for that key in the meantime get the same failure (or the stale entry) without
 //! asking the box again.
 
+pub mod conditional;
 pub mod policy;
 
 use std::collections::HashMap;
@@ -57,6 +58,8 @@ pub struct CachedResponse {
     pub fetched_at: Instant,
     /// How long it may be served; `None` when it was not stored at all.
     pub lifetime: Option<Lifetime>,
+    /// Strong entity tag of a stored `200` list, for `If-None-Match`.
+    pub etag: Option<HeaderValue>,
 }
 
 /// Why a stale entry was served.
@@ -358,13 +361,18 @@ impl ResponseCache {
             let now = cache.clock.now();
             let result = reply.map(|reply| {
                 let config = cache.config.load();
+                let lifetime = policy::ttl_for(reply.status, &config).map(|ttl| Lifetime {
+                    fetched_at: now,
+                    ttl,
+                    stale_while_revalidate: config.stale_while_revalidate,
+                    stale_if_error: config.stale_if_error,
+                });
+                // Computed once here, on the miss path, so a conditional hit costs a comparison.
+                let etag = (lifetime.is_some() && reply.status == StatusCode::OK)
+                    .then(|| conditional::entity_tag(&reply.body));
                 Arc::new(CachedResponse {
-                    lifetime: policy::ttl_for(reply.status, &config).map(|ttl| Lifetime {
-                        fetched_at: now,
-                        ttl,
-                        stale_while_revalidate: config.stale_while_revalidate,
-                        stale_if_error: config.stale_if_error,
-                    }),
+                    lifetime,
+                    etag,
                     status: reply.status,
                     content_type: reply.content_type,
                     body: reply.body,

@@ -18,11 +18,12 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{AGE, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{AGE, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use tokio_rustls::TlsAcceptor;
 
+use crate::cache::conditional;
 use crate::cache::policy::{self, Freshness};
 use crate::cache::{CacheKey, CacheStatus, CachedResponse, FetchKind, ResponseCache, StaleReason};
 use crate::clock::Clock;
@@ -263,7 +264,8 @@ pub async fn handle<B>(state: Arc<AppState>, request: Request<B>) -> Response<Fu
         Ok(response) => response,
         Err(error) => error_response(&error, exchange.cache),
     };
-    if request.method() == Method::HEAD {
+    // A 304 has no body, and no length to announce for one.
+    if request.method() == Method::HEAD && response.status() != StatusCode::NOT_MODIFIED {
         strip_body(&mut response);
     }
     state.metrics.record_response(response.status());
@@ -331,12 +333,31 @@ async fn handle_inner<B>(
         (None, CacheStatus::Miss | CacheStatus::Collapsed) => Some(entry.status),
         (None, _) => None,
     };
-    Ok(cached_response(
+    let mut response = cached_response(
         &entry,
         outcome.status,
         outcome.stale_because.as_ref(),
         state.cache.now(),
-    ))
+    );
+    if let Some(etag) = &entry.etag {
+        let if_none_match: Vec<&[u8]> = request
+            .headers()
+            .get_all(IF_NONE_MATCH)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        if !if_none_match.is_empty() && conditional::none_match(&if_none_match, etag) {
+            not_modified(&mut response);
+        }
+    }
+    Ok(response)
+}
+
+/// Turn a `200` answer into `304 Not Modified`: the same caching headers and `ETag`, no body.
+fn not_modified(response: &mut Response<Full<Bytes>>) {
+    *response.status_mut() = StatusCode::NOT_MODIFIED;
+    *response.body_mut() = Full::new(Bytes::new());
+    response.headers_mut().remove(CONTENT_TYPE);
 }
 
 /// One upstream fetch for `account`, through its protection, timed and counted. Runs as a task
@@ -432,6 +453,9 @@ fn cached_response(
     let headers = response.headers_mut();
     if let Some(content_type) = &entry.content_type {
         headers.insert(CONTENT_TYPE, content_type.clone());
+    }
+    if let Some(etag) = &entry.etag {
+        headers.insert(ETAG, etag.clone());
     }
     let x_cache = match status {
         CacheStatus::Hit => "HIT",

@@ -563,3 +563,91 @@ async fn health_and_readiness_on_the_admin_listener_only() {
     assert_eq!(request(gw.admin, "GET", "/nope", &[]).await.status, 404);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn if_none_match_with_the_current_etag_is_answered_304() {
+    let gw = Gateway::start(Options::default()).await;
+    let first = gw.get(&path("id", "103")).await;
+    let etag = first
+        .header("etag")
+        .expect("a stored list has an ETag")
+        .to_owned();
+    assert!(
+        etag.starts_with('"') && !etag.starts_with("W/"),
+        "strong: {etag}"
+    );
+
+    for (value, expected) in [
+        (etag.clone(), 304),
+        (format!("W/{etag}"), 304),
+        ("*".to_owned(), 304),
+        (format!("\"other\", {etag}"), 304),
+        ("\"other\"".to_owned(), 200),
+    ] {
+        let reply = request(
+            gw.addr,
+            "GET",
+            &path("id", "103"),
+            &[("If-None-Match", &value)],
+        )
+        .await;
+        assert_eq!(reply.status, expected, "If-None-Match: {value}");
+        assert_eq!(reply.header("etag"), Some(etag.as_str()));
+        assert_eq!(reply.header("x-cache"), Some("HIT"));
+        assert!(
+            reply
+                .header("cache-control")
+                .unwrap()
+                .starts_with("private, max-age=")
+        );
+        if expected == 304 {
+            assert!(reply.body.is_empty());
+            assert_eq!(reply.header("content-type"), None);
+        } else {
+            assert_eq!(reply.body, first.body);
+        }
+    }
+    let head = request(
+        gw.addr,
+        "HEAD",
+        &path("id", "103"),
+        &[("If-None-Match", &etag)],
+    )
+    .await;
+    assert_eq!(head.status, 304);
+    assert_eq!(
+        gw.simulator.request_count(),
+        1,
+        "all answered from the cache"
+    );
+
+    // The same bytes fetched again carry the same tag.
+    gw.clock.advance(Duration::from_secs(61));
+    let refetched = gw.get(&path("id", "103")).await;
+    assert_eq!(refetched.header("x-cache"), Some("MISS"));
+    assert_eq!(refetched.header("etag"), Some(etag.as_str()));
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        sample(&metrics, "miralix_gateway_requests_total{status=\"304\"}"),
+        5.0
+    );
+}
+
+#[tokio::test]
+async fn unknown_agents_and_uncached_answers_have_no_etag() {
+    let gw = Gateway::start(Options::default()).await;
+    let missing = request(
+        gw.addr,
+        "GET",
+        &path("id", "999"),
+        &[("If-None-Match", "*")],
+    )
+    .await;
+    assert_eq!(missing.status, 404, "no representation to match");
+    assert_eq!(missing.header("etag"), None);
+    gw.simulator
+        .set_failure(miralix_gateway::simulator::Failure::Status(403));
+    let forbidden = gw.get(&path("id", "1")).await;
+    assert_eq!(forbidden.status, 403);
+    assert_eq!(forbidden.header("etag"), None);
+}
