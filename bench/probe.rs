@@ -179,14 +179,10 @@ async fn main() {
                     start.wait().await;
                     let began = Instant::now();
                     let status = get(&client, &mut stream, &url, &mut Vec::new()).await;
-                    (status, began.elapsed())
+                    vec![(status, began.elapsed())]
                 }));
             }
-            let mut samples = Vec::new();
-            for task in tasks {
-                samples.push(task.await.expect("storm task"));
-            }
-            samples
+            gather(tasks).await
         }
         Command::Sequence {
             base,
@@ -214,11 +210,7 @@ async fn main() {
                     samples
                 }));
             }
-            let mut samples = Vec::new();
-            for task in tasks {
-                samples.extend(task.await.expect("sequence task"));
-            }
-            samples
+            gather(tasks).await
         }
         Command::Soak {
             base,
@@ -229,6 +221,15 @@ async fn main() {
         } => soak(&client, &base, &template, from, keys, seconds).await,
     };
     println!("{}", report(samples));
+}
+
+/// Every sample of every task, once all have finished.
+async fn gather(tasks: Vec<tokio::task::JoinHandle<Vec<(u16, Duration)>>>) -> Vec<(u16, Duration)> {
+    let mut samples = Vec::new();
+    for task in tasks {
+        samples.extend(task.await.expect("probe task"));
+    }
+    samples
 }
 
 /// One GET for key `n` (`{n}` in `template`), with its status and how long it took.
