@@ -19,6 +19,7 @@
 //! asking the box again.
 
 pub mod conditional;
+pub mod encoding;
 pub mod policy;
 
 use std::collections::HashMap;
@@ -35,6 +36,7 @@ use tokio::sync::{Mutex, watch};
 use crate::clock::Clock;
 use crate::config::CacheConfig;
 use crate::metrics::EvictionCounters;
+use crate::recordings::RecordingList;
 use crate::route::AgentQuery;
 use crate::upstream::{UpstreamError, UpstreamReply};
 
@@ -60,6 +62,33 @@ pub struct CachedResponse {
     pub lifetime: Option<Lifetime>,
     /// Strong entity tag of a stored `200` list, for `If-None-Match`.
     pub etag: Option<HeaderValue>,
+    /// The same body gzip-compressed, made once when it was stored.
+    pub gzip: Option<Encoded>,
+    /// A full `200` recordings list, parsed into its elements.
+    pub list: Option<StoredList>,
+}
+
+/// A compressed copy of a stored body, with its own entity tag.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    pub body: Bytes,
+    pub etag: HeaderValue,
+}
+
+/// The parsed elements of a stored full list, and when the box last sent it whole.
+#[derive(Debug, Clone)]
+pub struct StoredList {
+    pub recordings: Arc<RecordingList>,
+    /// Delta refreshes are appended until this is `cache.full_refresh_interval` old.
+    pub fetched_whole_at: Instant,
+}
+
+/// What a fetch gives the cache: the answer to store and serve, and for a full `200` list its
+/// parsed elements.
+#[derive(Debug)]
+pub struct Fetched {
+    pub reply: UpstreamReply,
+    pub list: Option<StoredList>,
 }
 
 /// Why a stale entry was served.
@@ -105,12 +134,17 @@ impl CacheStatus {
 /// What every request for a key receives when its fetch completes.
 pub type FetchResult = Result<Arc<CachedResponse>, UpstreamError>;
 
-/// Whether a fetch serves waiting requests or refreshes a stale entry in the background.
+/// Why a fetch runs: requests wait for it, it refreshes a stale entry in the background, or an
+/// operator asked for it (which never settles for a delta).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FetchKind {
     Miss,
     Refresh,
+    Forced,
 }
+
+/// The entry stored for a key when its fetch starts, if any: the base of a delta refresh.
+pub type Previous = Option<Arc<CachedResponse>>;
 
 /// The answer to one lookup.
 #[derive(Debug)]
@@ -180,10 +214,24 @@ impl moka::Expiry<CacheKey, Arc<CachedResponse>> for EntryExpiry {
     }
 }
 
-/// Bytes an entry costs: its body, its key, and a fixed allowance for the bookkeeping.
+/// Bytes an element index costs beside the body it points into: an id and a `Bytes` view.
+const ELEMENT_OVERHEAD: usize = 40;
+
+/// Bytes an entry costs: its bodies, its element index, its key, and an allowance for the
+/// bookkeeping.
 fn weigh(key: &CacheKey, value: &Arc<CachedResponse>) -> u32 {
     const OVERHEAD: usize = 256;
-    let bytes = value.body.len() + key.query.identification.len() + key.account.len() + OVERHEAD;
+    let elements = value
+        .list
+        .as_ref()
+        .map_or(0, |l| l.recordings.len() * ELEMENT_OVERHEAD);
+    let gzip = value.gzip.as_ref().map_or(0, |g| g.body.len());
+    let bytes = value.body.len()
+        + gzip
+        + elements
+        + key.query.identification.len()
+        + key.account.len()
+        + OVERHEAD;
     u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
@@ -249,30 +297,34 @@ impl ResponseCache {
     /// of its own.
     pub async fn get_or_fetch<F, Fut>(&self, key: CacheKey, fetch: F) -> Outcome
     where
-        F: FnOnce(&CacheKey, FetchKind) -> Fut,
-        Fut: Future<Output = Result<UpstreamReply, UpstreamError>> + Send + 'static,
+        F: FnOnce(&CacheKey, FetchKind, Previous) -> Fut,
+        Fut: Future<Output = Result<Fetched, UpstreamError>> + Send + 'static,
     {
         let mut fallback = None;
-        if let Some(entry) = self.store.get(&key).await
+        let stored = self.store.get(&key).await;
+        if let Some(entry) = &stored
             && let Some(lifetime) = entry.lifetime
         {
             match policy::freshness(&lifetime, self.clock.now()) {
-                Freshness::Fresh { .. } => return Outcome::new(CacheStatus::Hit, Ok(entry)),
+                Freshness::Fresh { .. } => {
+                    return Outcome::new(CacheStatus::Hit, Ok(entry.clone()));
+                }
                 Freshness::StaleRevalidate => {
-                    let refresh_started = self.refresh(key, fetch).await;
+                    let entry = entry.clone();
+                    let refresh_started = self.refresh(key, fetch, stored).await;
                     let stale = CacheStatus::Stale(StaleReason::Revalidating);
                     return Outcome {
                         refresh_started,
                         ..Outcome::new(stale, Ok(entry))
                     };
                 }
-                Freshness::StaleIfError => fallback = Some(entry),
+                Freshness::StaleIfError => fallback = Some(entry.clone()),
                 Freshness::Expired => {}
             }
         }
         let outcome = match self.recent_failure(&key).await {
             Some(error) => Outcome::new(CacheStatus::Backoff, Err(error)),
-            None => self.join_or_lead(key, fetch).await,
+            None => self.join_or_lead(key, fetch, stored).await,
         };
         match (outcome.result, fallback) {
             (Err(error), Some(stale)) => Outcome {
@@ -290,10 +342,10 @@ impl ResponseCache {
         policy::in_backoff(failure.at, backoff, self.clock.now()).then(|| failure.error.clone())
     }
 
-    async fn join_or_lead<F, Fut>(&self, key: CacheKey, fetch: F) -> Outcome
+    async fn join_or_lead<F, Fut>(&self, key: CacheKey, fetch: F, previous: Previous) -> Outcome
     where
-        F: FnOnce(&CacheKey, FetchKind) -> Fut,
-        Fut: Future<Output = Result<UpstreamReply, UpstreamError>> + Send + 'static,
+        F: FnOnce(&CacheKey, FetchKind, Previous) -> Fut,
+        Fut: Future<Output = Result<Fetched, UpstreamError>> + Send + 'static,
     {
         let (status, mut receiver) = {
             let mut flights = self.in_flight.lock().await;
@@ -305,8 +357,8 @@ impl ResponseCache {
             } else {
                 let (sender, receiver) = watch::channel(None);
                 flights.insert(key.clone(), sender.clone());
-                let fetch = fetch(&key, FetchKind::Miss);
-                self.spawn_fetch(key, sender, fetch);
+                let fetch = fetch(&key, FetchKind::Miss, previous.clone());
+                self.spawn_fetch(key, sender, fetch, previous);
                 (CacheStatus::Miss, receiver)
             }
         };
@@ -318,10 +370,10 @@ impl ResponseCache {
     }
 
     /// Start a background refresh of `key` unless one is running or the key is backing off.
-    async fn refresh<F, Fut>(&self, key: CacheKey, fetch: F) -> bool
+    async fn refresh<F, Fut>(&self, key: CacheKey, fetch: F, previous: Previous) -> bool
     where
-        F: FnOnce(&CacheKey, FetchKind) -> Fut,
-        Fut: Future<Output = Result<UpstreamReply, UpstreamError>> + Send + 'static,
+        F: FnOnce(&CacheKey, FetchKind, Previous) -> Fut,
+        Fut: Future<Output = Result<Fetched, UpstreamError>> + Send + 'static,
     {
         let mut flights = self.in_flight.lock().await;
         if flights.contains_key(&key) || self.recent_failure(&key).await.is_some() {
@@ -329,9 +381,64 @@ impl ResponseCache {
         }
         let (sender, _) = watch::channel(None);
         flights.insert(key.clone(), sender.clone());
-        let fetch = fetch(&key, FetchKind::Refresh);
-        self.spawn_fetch(key, sender, fetch);
+        let fetch = fetch(&key, FetchKind::Refresh, previous.clone());
+        self.spawn_fetch(key, sender, fetch, previous);
         true
+    }
+
+    /// Fetch `key` now, whatever is stored and whatever its backoff says, and wait for the
+    /// result; joins a fetch already in flight instead of starting a second one.
+    pub async fn fetch_now<F, Fut>(&self, key: CacheKey, fetch: F) -> Outcome
+    where
+        F: FnOnce(&CacheKey, FetchKind, Previous) -> Fut,
+        Fut: Future<Output = Result<Fetched, UpstreamError>> + Send + 'static,
+    {
+        let mut receiver = {
+            let mut flights = self.in_flight.lock().await;
+            match flights.get(&key) {
+                Some(flight) => flight.subscribe(),
+                None => {
+                    let previous = self.store.get(&key).await;
+                    let (sender, receiver) = watch::channel(None);
+                    flights.insert(key.clone(), sender.clone());
+                    let fetch = fetch(&key, FetchKind::Forced, previous.clone());
+                    self.spawn_fetch(key, sender, fetch, previous);
+                    receiver
+                }
+            }
+        };
+        let result = match receiver.wait_for(Option::is_some).await {
+            Ok(done) => done.clone().unwrap_or(Err(UpstreamError::Aborted)),
+            Err(_) => Err(UpstreamError::Aborted),
+        };
+        Outcome::new(CacheStatus::Miss, result)
+    }
+
+    /// Remove every stored entry (and remembered failure) whose key matches; returns how many
+    /// entries went. A fetch in flight is not stopped: what it brings is stored as usual.
+    pub async fn purge(&self, matches: impl Fn(&CacheKey) -> bool) -> usize {
+        let keys: Vec<CacheKey> = self
+            .store
+            .iter()
+            .filter(|(key, _)| matches(key))
+            .map(|(key, _)| CacheKey::clone(&key))
+            .collect();
+        let mut removed = 0;
+        for key in keys {
+            if self.store.remove(&key).await.is_some() {
+                removed += 1;
+            }
+        }
+        let failed: Vec<CacheKey> = self
+            .failures
+            .iter()
+            .filter(|(key, _)| matches(key))
+            .map(|(key, _)| CacheKey::clone(&key))
+            .collect();
+        for key in failed {
+            self.failures.invalidate(&key).await;
+        }
+        removed
     }
 
     async fn fresh(&self, key: &CacheKey) -> Option<Arc<CachedResponse>> {
@@ -348,37 +455,22 @@ impl ResponseCache {
         key: CacheKey,
         sender: watch::Sender<Option<FetchResult>>,
         fetch: Fut,
+        previous: Previous,
     ) where
-        Fut: Future<Output = Result<UpstreamReply, UpstreamError>> + Send + 'static,
+        Fut: Future<Output = Result<Fetched, UpstreamError>> + Send + 'static,
     {
         let cache = self.clone();
         tokio::spawn(async move {
             // The fetch runs in a task of its own so that a panic in it still releases the
             // waiters below instead of leaving the key in flight forever.
-            let reply = tokio::spawn(fetch)
+            let fetched = tokio::spawn(fetch)
                 .await
                 .unwrap_or(Err(UpstreamError::Aborted));
+            let result = match fetched {
+                Ok(fetched) => Ok(cache.entry_for(fetched, previous.as_deref()).await),
+                Err(error) => Err(error),
+            };
             let now = cache.clock.now();
-            let result = reply.map(|reply| {
-                let config = cache.config.load();
-                let lifetime = policy::ttl_for(reply.status, &config).map(|ttl| Lifetime {
-                    fetched_at: now,
-                    ttl,
-                    stale_while_revalidate: config.stale_while_revalidate,
-                    stale_if_error: config.stale_if_error,
-                });
-                // Computed once here, on the miss path, so a conditional hit costs a comparison.
-                let etag = (lifetime.is_some() && reply.status == StatusCode::OK)
-                    .then(|| conditional::entity_tag(&reply.body));
-                Arc::new(CachedResponse {
-                    lifetime,
-                    etag,
-                    status: reply.status,
-                    content_type: reply.content_type,
-                    body: reply.body,
-                    fetched_at: now,
-                })
-            });
             match &result {
                 Ok(entry) if entry.lifetime.is_some() => {
                     cache.failures.invalidate(&key).await;
@@ -400,6 +492,48 @@ impl ResponseCache {
             cache.in_flight.lock().await.remove(&key);
             sender.send_replace(Some(result));
         });
+    }
+
+    /// The entry for a fetched answer: its lifetime, and for a `200` that is stored, its entity
+    /// tag and compressed copy, made here once so that hits cost neither. When the body is the
+    /// same bytes as the previous entry's (a refresh that brought nothing new), that entry's
+    /// tag and compressed copy are reused.
+    async fn entry_for(
+        &self,
+        fetched: Fetched,
+        previous: Option<&CachedResponse>,
+    ) -> Arc<CachedResponse> {
+        let Fetched { reply, list } = fetched;
+        let config = self.config.load_full();
+        let now = self.clock.now();
+        let lifetime = policy::ttl_for(reply.status, &config).map(|ttl| Lifetime {
+            fetched_at: now,
+            ttl,
+            stale_while_revalidate: config.stale_while_revalidate,
+            stale_if_error: config.stale_if_error,
+        });
+        let stored_list = lifetime.is_some() && reply.status == StatusCode::OK;
+        let same_bytes = previous.filter(|p| p.etag.is_some() && p.body == reply.body);
+        let etag = stored_list.then(|| match same_bytes {
+            Some(previous) => previous.etag.clone(),
+            None => Some(conditional::entity_tag(&reply.body)),
+        });
+        let gzip = match same_bytes.and_then(|p| p.gzip.clone()) {
+            Some(gzip) if config.gzip => Some(gzip),
+            _ if stored_list => encoding::gzip_for_storage(&reply.body, &config).await,
+            _ => None,
+        };
+        Arc::new(CachedResponse {
+            lifetime,
+            etag: etag.flatten(),
+            gzip,
+            // Kept even when not stored: this one answer may still be selected from.
+            list,
+            status: reply.status,
+            content_type: reply.content_type,
+            body: reply.body,
+            fetched_at: now,
+        })
     }
 
     /// Requests currently waiting for an upstream fetch, leaders and collapsed waiters alike.

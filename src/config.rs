@@ -130,6 +130,15 @@ pub struct CacheConfig {
     pub stale_if_error: Duration,
     /// After a failed fetch, how long requests for that key get the failure without asking the box.
     pub error_backoff: Duration,
+    /// A stored full list is refreshed by delta (`fromQueueCallId=<highest id>`) until it was
+    /// last fetched whole this long ago; then it is fetched whole. Zero: always whole.
+    pub full_refresh_interval: Duration,
+    /// Stored `200` lists are also kept gzip-compressed for clients that accept it.
+    pub gzip: bool,
+    /// Smaller bodies are not compressed.
+    pub gzip_min_bytes: u64,
+    /// 1 (fastest) to 9 (smallest).
+    pub gzip_level: u32,
 }
 
 /// One OfficeTeam account (the box's "domain") and how to reach its box.
@@ -140,6 +149,25 @@ pub struct AccountConfig {
     pub shared_secret: Secret,
     pub trust: UpstreamTrust,
     pub upstream: UpstreamSettings,
+    /// Which API the box speaks; 6.5 has no `fromQueueCallId`.
+    pub api_version: ApiVersion,
+}
+
+/// The OfficeTeam API version of a box, as far as the gateway cares.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ApiVersion {
+    /// No query parameters: `fromQueueCallId` is emulated from the full list.
+    V6_5,
+    /// 7.0 and later: `fromQueueCallId` is understood (and used for delta refreshes).
+    #[default]
+    V7,
+}
+
+impl ApiVersion {
+    /// Whether the box understands `fromQueueCallId`.
+    pub fn has_from_queue_call_id(self) -> bool {
+        self == ApiVersion::V7
+    }
 }
 
 /// How the gateway treats one box: timeouts, limits and the circuit breaker. `[upstream]` sets
@@ -160,6 +188,8 @@ pub struct UpstreamSettings {
     pub breaker_failures: u32,
     /// How long an open breaker fails fast before it lets one probe through.
     pub breaker_cooldown: Duration,
+    /// Audio downloads streamed from the box at once; further ones get `503`.
+    pub max_audio_streams: usize,
 }
 
 impl Default for UpstreamSettings {
@@ -172,6 +202,7 @@ impl Default for UpstreamSettings {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             breaker_failures: DEFAULT_BREAKER_FAILURES,
             breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
+            max_audio_streams: DEFAULT_MAX_AUDIO_STREAMS,
         }
     }
 }
@@ -403,6 +434,14 @@ pub struct RawCache {
     pub stale_if_error: Option<String>,
     /// Default `1s`.
     pub error_backoff: Option<String>,
+    /// Default `15m`.
+    pub full_refresh_interval: Option<String>,
+    /// Default true.
+    pub gzip: Option<bool>,
+    /// Default `1KiB`.
+    pub gzip_min_bytes: Option<RawSize>,
+    /// Default 6.
+    pub gzip_level: Option<u64>,
 }
 
 /// A byte size written as `"256MiB"` or as a plain integer.
@@ -429,6 +468,8 @@ pub struct RawUpstream {
     pub breaker_failures: Option<u64>,
     /// Default `30s`.
     pub breaker_cooldown: Option<String>,
+    /// Default 4.
+    pub max_audio_streams: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -440,6 +481,8 @@ pub struct RawAccount {
     pub ca_file: Option<PathBuf>,
     pub pin_sha256: Option<String>,
     pub server_name: Option<String>,
+    /// `"7"` (default) or `"6.5"`.
+    pub api_version: Option<String>,
     // Overrides of [upstream]; the same keys as `RawUpstream`.
     pub timeout: Option<String>,
     pub connect_timeout: Option<String>,
@@ -448,6 +491,7 @@ pub struct RawAccount {
     pub max_body_bytes: Option<RawSize>,
     pub breaker_failures: Option<u64>,
     pub breaker_cooldown: Option<String>,
+    pub max_audio_streams: Option<u64>,
 }
 
 impl RawAccount {
@@ -461,6 +505,7 @@ impl RawAccount {
             max_body_bytes: self.max_body_bytes.take(),
             breaker_failures: self.breaker_failures.take(),
             breaker_cooldown: self.breaker_cooldown.take(),
+            max_audio_streams: self.max_audio_streams.take(),
         }
     }
 }
@@ -491,6 +536,10 @@ pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_BREAKER_FAILURES: u32 = 5;
 pub const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_AUDIO_STREAMS: usize = 4;
+pub const DEFAULT_FULL_REFRESH_INTERVAL: Duration = Duration::from_secs(15 * 60);
+pub const DEFAULT_GZIP_MIN_BYTES: u64 = 1024;
+pub const DEFAULT_GZIP_LEVEL: u32 = 6;
 
 /// Collects problems while validating, so one pass reports all of them.
 #[derive(Default)]
@@ -543,6 +592,21 @@ impl RawConfig {
             "cache.error_backoff",
             duration_or(&self.cache.error_backoff, DEFAULT_ERROR_BACKOFF),
         );
+        let full_refresh_interval = problems.check(
+            "cache.full_refresh_interval",
+            duration_or(
+                &self.cache.full_refresh_interval,
+                DEFAULT_FULL_REFRESH_INTERVAL,
+            ),
+        );
+        let gzip_min_bytes = problems.check(
+            "cache.gzip_min_bytes",
+            parse_size(self.cache.gzip_min_bytes, DEFAULT_GZIP_MIN_BYTES),
+        );
+        let gzip_level = problems.check(
+            "cache.gzip_level",
+            count_in(self.cache.gzip_level, u64::from(DEFAULT_GZIP_LEVEL), 1, 9).map(|n| n as u32),
+        );
         // Accounts inherit [upstream]; when it is invalid they are checked against the defaults.
         let upstream = validate_upstream(
             self.upstream,
@@ -587,6 +651,10 @@ impl RawConfig {
                 stale_while_revalidate: stale_while_revalidate?,
                 stale_if_error: stale_if_error?,
                 error_backoff: error_backoff?,
+                full_refresh_interval: full_refresh_interval?,
+                gzip: self.cache.gzip.unwrap_or(true),
+                gzip_min_bytes: gzip_min_bytes?,
+                gzip_level: gzip_level?,
             })
         })();
         match (server, admin_listen, cache, log_format) {
@@ -848,7 +916,12 @@ fn validate_account(
             "ca_file, pin_sha256 and server_name need an https:// base_url",
         );
     }
+    let api_version = problems.check(
+        &key("api_version"),
+        parse_api_version(raw.api_version.as_deref()),
+    );
     Some(AccountConfig {
+        api_version: api_version?,
         base_url: base_url?,
         shared_secret: shared_secret?,
         trust: UpstreamTrust {
@@ -903,6 +976,16 @@ fn validate_upstream(
         )
         .map(|n| n as u32),
     );
+    let max_audio_streams = problems.check(
+        &key("max_audio_streams"),
+        count_in(
+            raw.max_audio_streams,
+            defaults.max_audio_streams as u64,
+            1,
+            10_000,
+        )
+        .map(|n| n as usize),
+    );
     let max_body_bytes = problems.check(
         &key("max_body_bytes"),
         parse_size(raw.max_body_bytes, defaults.max_body_bytes),
@@ -915,7 +998,18 @@ fn validate_upstream(
         max_body_bytes: max_body_bytes?,
         breaker_failures: breaker_failures?,
         breaker_cooldown: breaker_cooldown?,
+        max_audio_streams: max_audio_streams?,
     })
+}
+
+fn parse_api_version(value: Option<&str>) -> Result<ApiVersion, String> {
+    match value.map(str::trim) {
+        None | Some("7" | "7.0" | "7.1" | "7.2" | "7.3") => Ok(ApiVersion::V7),
+        Some("6.5") => Ok(ApiVersion::V6_5),
+        Some(other) => Err(format!(
+            "\"{other}\" is not a supported API version: expected \"7\" (7.0 and later) or \"6.5\""
+        )),
+    }
 }
 
 fn count_in(value: Option<u64>, default: u64, min: u64, max: u64) -> Result<u64, String> {

@@ -18,8 +18,16 @@ pub enum ProxyError {
     Route(#[from] RouteError),
     #[error("unknown account \"{0}\": no such account is configured on this gateway")]
     UnknownAccount(String),
-    #[error("method {0} is not allowed on this route: use GET or HEAD")]
-    MethodNotAllowed(Method),
+    #[error("method {method} is not allowed here: use {allow}")]
+    MethodNotAllowed { method: Method, allow: &'static str },
+    #[error(
+        "this account's box speaks API 6.5, which has no fromQueueCallId, and its list has no numeric QueueCallId to filter by; ask without fromQueueCallId"
+    )]
+    CannotEmulate,
+    #[error(
+        "{0} audio downloads from this account's box are already in progress (upstream.max_audio_streams); try again shortly"
+    )]
+    AudioBusy(usize),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
 }
@@ -33,7 +41,9 @@ impl ProxyError {
             }
             ProxyError::Route(RouteError::PathTooLong) => StatusCode::URI_TOO_LONG,
             ProxyError::Route(_) => StatusCode::BAD_REQUEST,
-            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::CannotEmulate => StatusCode::BAD_GATEWAY,
+            ProxyError::AudioBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(UpstreamError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream(
                 UpstreamError::QueueTimeout(_) | UpstreamError::CircuitOpen { .. },
@@ -47,8 +57,11 @@ impl ProxyError {
         let mut response = json_error(self.status(), &self.to_string());
         let headers = response.headers_mut();
         match self {
-            ProxyError::MethodNotAllowed(_) => {
-                headers.insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            ProxyError::MethodNotAllowed { allow, .. } => {
+                headers.insert(ALLOW, HeaderValue::from_static(allow));
+            }
+            ProxyError::AudioBusy(_) => {
+                headers.insert(RETRY_AFTER, HeaderValue::from(1));
             }
             ProxyError::Upstream(upstream) => {
                 if let Some(after) = upstream.retry_after() {

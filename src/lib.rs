@@ -43,6 +43,7 @@ pub mod error;
 pub mod identity;
 pub mod metrics;
 pub mod proxy;
+pub mod recordings;
 pub mod route;
 pub mod server;
 pub mod simulator;

@@ -14,6 +14,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::proxy::ListFetch;
 use crate::upstream::protect::ProtectionMetrics;
 
 /// Upper bounds (seconds) of the upstream latency histogram: a list on a long history can take
@@ -44,6 +45,13 @@ struct ReasonLabels {
     account: String,
     /// `revalidate` (within stale_while_revalidate) or `error` (the box failed).
     reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FetchLabels {
+    account: String,
+    /// `full`, `delta` or `filtered` (see [`ListFetch`]).
+    kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -85,6 +93,10 @@ pub struct Metrics {
     breaker_state: Family<AccountLabels, Gauge>,
     queue_rejections: Family<AccountLabels, Counter>,
     breaker_rejections: Family<AccountLabels, Counter>,
+    list_fetches: Family<FetchLabels, Counter>,
+    list_fetch_bytes: Family<FetchLabels, Counter>,
+    selections: Family<AccountLabels, Counter>,
+    audio_bytes: Family<AccountLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -120,6 +132,10 @@ impl Metrics {
             breaker_state: Family::default(),
             queue_rejections: Family::default(),
             breaker_rejections: Family::default(),
+            list_fetches: Family::default(),
+            list_fetch_bytes: Family::default(),
+            selections: Family::default(),
+            audio_bytes: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -203,6 +219,28 @@ impl Metrics {
             "Fetches refused at once because the circuit breaker was open",
             metrics.breaker_rejections.clone(),
         );
+        registry.register(
+            "upstream_list_fetches",
+            "Recordings lists received from the Miralix box, by kind: full, delta (fromQueueCallId=<highest stored id>) or filtered (a client's fromQueueCallId passed on)",
+            metrics.list_fetches.clone(),
+        );
+        registry.register_with_unit(
+            "upstream_list",
+            "Body bytes of the recordings lists received from the Miralix box, by kind",
+            Unit::Bytes,
+            metrics.list_fetch_bytes.clone(),
+        );
+        registry.register(
+            "cache_selections",
+            "Requests with fromQueueCallId answered by selecting from a stored full list",
+            metrics.selections.clone(),
+        );
+        registry.register_with_unit(
+            "audio",
+            "Audio bytes streamed from the Miralix box to clients",
+            Unit::Bytes,
+            metrics.audio_bytes.clone(),
+        );
         Self {
             registry,
             ..metrics
@@ -222,6 +260,14 @@ impl Metrics {
         // statement, and a second one on the same family within it would deadlock.
         let stale_revalidate = self.stale.get_or_create(&reason("revalidate")).clone();
         let stale_error = self.stale.get_or_create(&reason("error")).clone();
+        let fetch = |kind: ListFetch| FetchLabels {
+            account: account.to_owned(),
+            kind: kind.as_str(),
+        };
+        let kinds = [ListFetch::Full, ListFetch::Delta, ListFetch::Filtered];
+        let list_fetches = kinds.map(|kind| self.list_fetches.get_or_create(&fetch(kind)).clone());
+        let list_fetch_bytes =
+            kinds.map(|kind| self.list_fetch_bytes.get_or_create(&fetch(kind)).clone());
         AccountMetrics {
             account: account.to_owned(),
             hits: self.hits.get_or_create(&labels).clone(),
@@ -233,6 +279,10 @@ impl Metrics {
             refresh_failures: self.refresh_failures.get_or_create(&labels).clone(),
             upstream_duration: self.upstream_duration.get_or_create(&labels).clone(),
             upstream_requests: self.upstream_requests.clone(),
+            list_fetches,
+            list_fetch_bytes,
+            selections: self.selections.get_or_create(&labels).clone(),
+            audio_bytes: self.audio_bytes.get_or_create(&labels).clone(),
         }
     }
 
@@ -312,9 +362,21 @@ pub struct AccountMetrics {
     pub refresh_failures: Counter,
     upstream_duration: Histogram,
     upstream_requests: Family<UpstreamLabels, Counter>,
+    /// By [`ListFetch`] in declaration order: full, delta, filtered.
+    list_fetches: [Counter; 3],
+    list_fetch_bytes: [Counter; 3],
+    pub selections: Counter,
+    pub audio_bytes: Counter,
 }
 
 impl AccountMetrics {
+    /// Count one recordings list received from the box, and its body bytes.
+    pub fn record_list_fetch(&self, kind: ListFetch, bytes: usize) {
+        let index = kind as usize;
+        self.list_fetches[index].inc();
+        self.list_fetch_bytes[index].inc_by(bytes as u64);
+    }
+
     /// Record one upstream request: its outcome label and how long it took.
     pub fn record_upstream(&self, outcome: &str, seconds: f64) {
         self.upstream_duration.observe(seconds);

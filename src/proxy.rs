@@ -18,22 +18,30 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{AGE, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
+use http::header::{
+    ACCEPT_ENCODING, AGE, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, ETAG,
+    IF_NONE_MATCH, VARY,
+};
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{Either, Full};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use crate::cache::conditional;
 use crate::cache::policy::{self, Freshness};
-use crate::cache::{CacheKey, CacheStatus, CachedResponse, FetchKind, ResponseCache, StaleReason};
+use crate::cache::{
+    CacheKey, CacheStatus, CachedResponse, FetchKind, Fetched, Previous, ResponseCache,
+    StaleReason, StoredList, conditional, encoding,
+};
 use crate::clock::Clock;
-use crate::config::{AccountConfig, Config};
+use crate::config::{AccountConfig, CacheConfig, Config};
 use crate::error::{ProxyError, json_error};
 use crate::metrics::{AccountMetrics, Metrics};
-use crate::route::{self, AgentQuery, Route};
+use crate::recordings::RecordingList;
+use crate::route::{self, AgentQuery, CacheTarget, Route};
 use crate::server;
 use crate::upstream::protect::{BreakerState, Protection};
-use crate::upstream::{self, UpstreamClient, UpstreamError};
+use crate::upstream::{self, UpstreamClient, UpstreamError, UpstreamReply};
 
 /// `X-Cache: HIT|MISS`, the header most dashboards and curl users look at.
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
@@ -44,6 +52,9 @@ pub const ACCESS_LOG: &str = "miralix_gateway::access";
 /// The cache's name in `Cache-Status`.
 const CACHE_NAME: &str = "miralix-gateway";
 
+/// The body of every answer: whole bytes, or audio streamed from the box.
+pub type Body = Either<Full<Bytes>, AudioBody>;
+
 /// One configured account, ready to serve.
 #[derive(Debug, Clone)]
 pub struct Account {
@@ -52,6 +63,8 @@ pub struct Account {
     pub metrics: AccountMetrics,
     /// Concurrency limit and circuit breaker for this account's box.
     pub protection: Arc<Protection>,
+    /// Audio downloads in progress, at most `upstream.max_audio_streams`.
+    pub audio_streams: Arc<Semaphore>,
     /// The settings the client was built from, to tell on reload whether it can be kept.
     settings: AccountConfig,
 }
@@ -93,6 +106,7 @@ impl Runtime {
                         clock.clone(),
                         metrics.protection(name),
                     )),
+                    audio_streams: Arc::new(Semaphore::new(settings.upstream.max_audio_streams)),
                     settings: settings.clone(),
                 },
             };
@@ -252,7 +266,7 @@ struct Exchange {
 }
 
 /// Answer one request on the public listener. Never fails: errors become JSON answers.
-pub async fn handle<B>(state: Arc<AppState>, request: Request<B>) -> Response<Full<Bytes>> {
+pub async fn handle<B>(state: Arc<AppState>, request: Request<B>) -> Response<Body> {
     // The clock is read for the access log only when that log is on.
     let started = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO).then(Instant::now);
     let mut exchange = Exchange {
@@ -262,7 +276,7 @@ pub async fn handle<B>(state: Arc<AppState>, request: Request<B>) -> Response<Fu
     };
     let mut response = match handle_inner(&state, &request, &mut exchange).await {
         Ok(response) => response,
-        Err(error) => error_response(&error, exchange.cache),
+        Err(error) => error_response(&error, exchange.cache).map(Either::Left),
     };
     // A 304 has no body, and no length to announce for one.
     if request.method() == Method::HEAD && response.status() != StatusCode::NOT_MODIFIED {
@@ -290,26 +304,135 @@ async fn handle_inner<B>(
     state: &AppState,
     request: &Request<B>,
     exchange: &mut Exchange,
-) -> Result<Response<Full<Bytes>>, ProxyError> {
-    let Route::Recordings(recordings) = route::parse(request.uri().path(), request.uri().query())?;
+) -> Result<Response<Body>, ProxyError> {
+    let route = route::parse(request.uri().path(), request.uri().query())?;
     if request.method() != Method::GET && request.method() != Method::HEAD {
-        return Err(ProxyError::MethodNotAllowed(request.method().clone()));
+        return Err(ProxyError::MethodNotAllowed {
+            method: request.method().clone(),
+            allow: "GET, HEAD",
+        });
     }
     let runtime = state.runtime.load();
+    let name = match &route {
+        Route::Recordings(recordings) => &recordings.account,
+        Route::Audio { account, .. } => account,
+    };
     let account = runtime
         .accounts
-        .get(recordings.account.as_ref())
-        .ok_or_else(|| ProxyError::UnknownAccount(recordings.account.into_owned()))?;
+        .get(name.as_ref())
+        .ok_or_else(|| ProxyError::UnknownAccount(name.clone().into_owned()))?;
     exchange.account = Some(account.name.clone());
+    match route {
+        Route::Recordings(recordings) => {
+            let response = recordings_response(
+                state,
+                &runtime.config.cache,
+                account,
+                recordings.query,
+                request,
+                exchange,
+            )
+            .await?;
+            Ok(response.map(Either::Left))
+        }
+        Route::Audio { queue_call_id, .. } => {
+            audio_response(account, queue_call_id, request, exchange).await
+        }
+    }
+}
 
+/// A recordings list from the cache. A `fromQueueCallId` request is answered from the agent's
+/// full list (see [`crate::recordings`]) unless caching is off on a box that understands the
+/// parameter, or the box's list cannot be read as recordings.
+async fn recordings_response<B>(
+    state: &AppState,
+    cache: &CacheConfig,
+    account: &Account,
+    query: AgentQuery,
+    request: &Request<B>,
+    exchange: &mut Exchange,
+) -> Result<Response<Full<Bytes>>, ProxyError> {
+    let api = account.settings.api_version;
+    let from = query
+        .from_queue_call_id
+        .filter(|_| !api.has_from_queue_call_id() || !cache.ttl.is_zero());
+    let full = AgentQuery {
+        from_queue_call_id: if from.is_some() {
+            None
+        } else {
+            query.from_queue_call_id
+        },
+        ..query.clone()
+    };
+    let gzip = encoding::accepts_gzip(request.headers().get_all(ACCEPT_ENCODING).iter());
+    let (mut outcome, mut entry) = lookup(state, cache, account, full, exchange).await?;
+    if let Some(from) = from {
+        match &entry.list {
+            Some(list) => {
+                account.metrics.selections.inc();
+                entry = select(&entry, list, from, gzip, cache).await;
+            }
+            // An unknown agent (or another stored error) is the answer for every id.
+            None if entry.status != StatusCode::OK => {}
+            None if api.has_from_queue_call_id() => {
+                // The box's list has no numeric QueueCallIds: let the box do the filtering,
+                // and cache its answer as it is.
+                (outcome, entry) = lookup(state, cache, account, query, exchange).await?;
+            }
+            None => return Err(ProxyError::CannotEmulate),
+        }
+    }
+    let mut response = cached_response(
+        &entry,
+        outcome.status,
+        outcome.stale_because.as_ref(),
+        state.cache.now(),
+        gzip,
+    );
+    let etag = response.headers().get(ETAG);
+    if let Some(etag) = etag {
+        let if_none_match: Vec<&[u8]> = request
+            .headers()
+            .get_all(IF_NONE_MATCH)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        if !if_none_match.is_empty() && conditional::none_match(&if_none_match, etag) {
+            not_modified(&mut response);
+        }
+    }
+    Ok(response)
+}
+
+/// How one cache lookup went, without its result (which is returned beside it).
+struct Lookup {
+    status: CacheStatus,
+    stale_because: Option<UpstreamError>,
+}
+
+/// Look `query` up in the cache (fetching it if need be), counting the outcome and noting it
+/// for the access log.
+async fn lookup(
+    state: &AppState,
+    cache: &CacheConfig,
+    account: &Account,
+    query: AgentQuery,
+    exchange: &mut Exchange,
+) -> Result<(Lookup, Arc<CachedResponse>), ProxyError> {
     let key = CacheKey {
         account: account.name.clone(),
-        query: recordings.query,
+        query,
+    };
+    let refresh = RefreshPlan {
+        full_refresh_interval: cache.full_refresh_interval,
+        now: state.cache.now(),
     };
     // Clones for the fetch task are made only when this request starts a fetch.
     let outcome = state
         .cache
-        .get_or_fetch(key, |key, kind| fetch(account, key.query.clone(), kind))
+        .get_or_fetch(key, |key, kind, previous| {
+            fetch(account, key.query.clone(), kind, previous, refresh)
+        })
         .await;
     exchange.cache = outcome.status;
     let metrics = &account.metrics;
@@ -333,76 +456,289 @@ async fn handle_inner<B>(
         (None, CacheStatus::Miss | CacheStatus::Collapsed) => Some(entry.status),
         (None, _) => None,
     };
-    let mut response = cached_response(
-        &entry,
-        outcome.status,
-        outcome.stale_because.as_ref(),
-        state.cache.now(),
-    );
-    if let Some(etag) = &entry.etag {
-        let if_none_match: Vec<&[u8]> = request
-            .headers()
-            .get_all(IF_NONE_MATCH)
-            .iter()
-            .map(HeaderValue::as_bytes)
-            .collect();
-        if !if_none_match.is_empty() && conditional::none_match(&if_none_match, etag) {
-            not_modified(&mut response);
-        }
-    }
-    Ok(response)
+    let lookup = Lookup {
+        status: outcome.status,
+        stale_because: outcome.stale_because,
+    };
+    Ok((lookup, entry))
 }
 
-/// Turn a `200` answer into `304 Not Modified`: the same caching headers and `ETag`, no body.
+/// The answer to `fromQueueCallId=from` selected from a stored full list: its elements after
+/// `from`, with a tag of its own, compressed now only if this client takes gzip. A selection
+/// that keeps every element is the stored entry itself.
+async fn select(
+    entry: &Arc<CachedResponse>,
+    list: &StoredList,
+    from: u64,
+    gzip: bool,
+    cache: &CacheConfig,
+) -> Arc<CachedResponse> {
+    let Some(body) = list.recordings.after(from) else {
+        return entry.clone();
+    };
+    let gzip = match gzip {
+        true => encoding::gzip_for_storage(&body, cache).await,
+        false => None,
+    };
+    Arc::new(CachedResponse {
+        status: entry.status,
+        content_type: entry.content_type.clone(),
+        etag: entry.etag.as_ref().map(|_| conditional::entity_tag(&body)),
+        gzip,
+        list: None,
+        body,
+        fetched_at: entry.fetched_at,
+        lifetime: entry.lifetime,
+    })
+}
+
+/// Turn a `200` answer into `304 Not Modified`: the same caching headers and `ETag`, no body
+/// and no representation metadata.
 fn not_modified(response: &mut Response<Full<Bytes>>) {
     *response.status_mut() = StatusCode::NOT_MODIFIED;
     *response.body_mut() = Full::new(Bytes::new());
-    response.headers_mut().remove(CONTENT_TYPE);
+    let headers = response.headers_mut();
+    headers.remove(CONTENT_TYPE);
+    headers.remove(CONTENT_ENCODING);
 }
 
-/// One upstream fetch for `account`, through its protection, timed and counted. Runs as a task
-/// of its own, so it owns clones of what it needs.
+/// What decides between a delta and a full refresh, read when the fetch is set up.
+#[derive(Debug, Clone, Copy)]
+struct RefreshPlan {
+    full_refresh_interval: Duration,
+    now: Instant,
+}
+
+/// The fetch behind a cache key, run as a task of its own (so it owns clones of what it
+/// needs).
+///
+/// A full list whose stored copy was fetched whole less than `full_refresh_interval` ago is
+/// refreshed by delta: `fromQueueCallId=<highest stored id>`, the answer appended. A delta
+/// the box cannot answer with a list falls back to a full fetch; a `404` means the agent is
+/// gone and replaces the list.
 fn fetch(
     account: &Account,
     query: AgentQuery,
     kind: FetchKind,
-) -> impl Future<Output = Result<upstream::UpstreamReply, UpstreamError>> + Send + 'static {
-    let (client, metrics, protection) = (
-        account.client.clone(),
-        account.metrics.clone(),
-        account.protection.clone(),
-    );
+    previous: Previous,
+    plan: RefreshPlan,
+) -> impl Future<Output = Result<Fetched, UpstreamError>> + Send + 'static {
+    let box_ = BoxCall {
+        client: account.client.clone(),
+        metrics: account.metrics.clone(),
+        protection: account.protection.clone(),
+    };
+    let delta_base = previous
+        .filter(|_| {
+            kind != FetchKind::Forced
+                && query.from_queue_call_id.is_none()
+                && account.settings.api_version.has_from_queue_call_id()
+        })
+        .and_then(|previous| {
+            let list = previous.list.clone()?;
+            let max = list.recordings.max_id()?;
+            let age = plan.now.saturating_duration_since(list.fetched_whole_at);
+            (previous.status == StatusCode::OK && age < plan.full_refresh_interval)
+                .then_some((previous, list, max))
+        });
     async move {
+        let result = async {
+            if let Some((previous, list, max)) = delta_base {
+                let delta = AgentQuery {
+                    from_queue_call_id: Some(max),
+                    ..query.clone()
+                };
+                let reply = box_.ask(&delta, ListFetch::Delta, kind).await?;
+                match reply.status {
+                    StatusCode::OK => {
+                        if let Some(new) = RecordingList::parse(&reply.body) {
+                            return Ok(merged(&previous, list, &new, reply));
+                        }
+                    }
+                    StatusCode::NOT_FOUND => return Ok(Fetched { reply, list: None }),
+                    _ => {}
+                }
+                tracing::info!(
+                    account = %box_.client.account(),
+                    status = reply.status.as_u16(),
+                    "the box did not answer a delta with a list; fetching the whole list"
+                );
+            }
+            let what = match query.from_queue_call_id {
+                Some(_) => ListFetch::Filtered,
+                None => ListFetch::Full,
+            };
+            let reply = box_.ask(&query, what, kind).await?;
+            let list = (what == ListFetch::Full && reply.status == StatusCode::OK)
+                .then(|| RecordingList::parse(&reply.body))
+                .flatten()
+                .map(|recordings| StoredList {
+                    recordings: Arc::new(recordings),
+                    fetched_whole_at: plan.now,
+                });
+            Ok(Fetched { reply, list })
+        }
+        .await;
+        if result.is_err() && kind == FetchKind::Refresh {
+            box_.metrics.refresh_failures.inc();
+        }
+        result
+    }
+}
+
+/// A stored list with a delta's new elements appended; when there are none, the stored body
+/// as it is (so its tag and compressed copy are kept).
+fn merged(
+    previous: &CachedResponse,
+    list: StoredList,
+    new: &RecordingList,
+    reply: UpstreamReply,
+) -> Fetched {
+    match list.recordings.merge(new) {
+        None => Fetched {
+            reply: UpstreamReply {
+                status: StatusCode::OK,
+                content_type: previous.content_type.clone(),
+                body: previous.body.clone(),
+            },
+            list: Some(list),
+        },
+        Some((recordings, body)) => Fetched {
+            reply: UpstreamReply { body, ..reply },
+            list: Some(StoredList {
+                recordings: Arc::new(recordings),
+                fetched_whole_at: list.fetched_whole_at,
+            }),
+        },
+    }
+}
+
+/// Which kind of list request went to the box, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListFetch {
+    /// The whole list.
+    Full,
+    /// `fromQueueCallId=<highest stored id>`, to refresh a stored list.
+    Delta,
+    /// A client's `fromQueueCallId`, passed on as it is.
+    Filtered,
+}
+
+impl ListFetch {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListFetch::Full => "full",
+            ListFetch::Delta => "delta",
+            ListFetch::Filtered => "filtered",
+        }
+    }
+}
+
+/// What one request to the box needs: the client, its protection and the metrics.
+struct BoxCall {
+    client: UpstreamClient,
+    metrics: AccountMetrics,
+    protection: Arc<Protection>,
+}
+
+impl BoxCall {
+    /// One list request, through the protection, bounded, timed and counted.
+    async fn ask(
+        &self,
+        query: &AgentQuery,
+        what: ListFetch,
+        kind: FetchKind,
+    ) -> Result<UpstreamReply, UpstreamError> {
+        let (client, protection) = (&self.client, &self.protection);
         let started = Instant::now();
         // reqwest's timeout bounds each attempt; this bounds the whole fetch (a retry and the
         // queue included), so no fetch, and no refresh, can hang on.
         let limit = client.timeout() * 2 + protection.queue_timeout() + Duration::from_secs(1);
         let result = protection
             .run(async {
-                tokio::time::timeout(limit, client.fetch(&query))
+                tokio::time::timeout(limit, client.fetch(query))
                     .await
                     .unwrap_or(Err(UpstreamError::Timeout(limit)))
             })
             .await;
         let outcome = match &result {
-            Ok(reply) => reply.status.as_u16().to_string(),
+            Ok(reply) => {
+                self.metrics.record_list_fetch(what, reply.body.len());
+                reply.status.as_u16().to_string()
+            }
             Err(error) => {
                 // Logged here, once per fetch, not once per request that waited on it.
                 tracing::warn!(
                     account = %client.account(),
                     error = %error.detail(),
                     refresh = kind == FetchKind::Refresh,
+                    fetch = what.as_str(),
                     "upstream fetch failed"
                 );
-                if kind == FetchKind::Refresh {
-                    metrics.refresh_failures.inc();
-                }
                 upstream_outcome(error)
             }
         };
-        metrics.record_upstream(&outcome, started.elapsed().as_secs_f64());
+        self.metrics
+            .record_upstream(&outcome, started.elapsed().as_secs_f64());
         result
     }
+}
+
+/// One recording's audio, streamed from the box as it arrives: never buffered whole, never
+/// cached. At most `upstream.max_audio_streams` run at once per account.
+async fn audio_response<B>(
+    account: &Account,
+    queue_call_id: u64,
+    request: &Request<B>,
+    exchange: &mut Exchange,
+) -> Result<Response<Body>, ProxyError> {
+    let permit = account
+        .audio_streams
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ProxyError::AudioBusy(account.settings.upstream.max_audio_streams))?;
+    let started = Instant::now();
+    let head = request.method() == Method::HEAD;
+    let upstream = account
+        .client
+        .audio(queue_call_id, head, request.headers())
+        .await;
+    let outcome = match &upstream {
+        Ok(response) => response.status().as_u16().to_string(),
+        Err(error) => {
+            tracing::warn!(
+                account = %account.name,
+                error = %error.detail(),
+                queue_call_id,
+                "audio download failed"
+            );
+            upstream_outcome(error)
+        }
+    };
+    account
+        .metrics
+        .record_upstream(&outcome, started.elapsed().as_secs_f64());
+    let upstream = upstream.inspect_err(|e| exchange.upstream_status = e.upstream_status())?;
+    exchange.upstream_status = Some(upstream.status());
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = upstream.status();
+    let headers = response.headers_mut();
+    for name in upstream::AUDIO_RESPONSE_HEADERS {
+        for value in upstream.headers().get_all(&name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers.insert(
+        CACHE_STATUS,
+        HeaderValue::from_static("miralix-gateway; fwd=bypass"),
+    );
+    let body = AudioBody {
+        inner: reqwest::Body::from(upstream),
+        bytes: account.metrics.audio_bytes.clone(),
+        _permit: permit,
+        hold: None,
+    };
+    Ok(response.map(|_| Either::Right(body)))
 }
 
 /// The `status` label of `upstream_requests_total`: the box's status, or what went wrong.
@@ -418,8 +754,13 @@ fn cached_response(
     status: CacheStatus,
     stale_because: Option<&UpstreamError>,
     now: Instant,
+    accepts_gzip: bool,
 ) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(entry.body.clone()));
+    let (body, etag, gzip) = match (&entry.gzip, accepts_gzip) {
+        (Some(gzip), true) => (&gzip.body, Some(&gzip.etag), true),
+        _ => (&entry.body, entry.etag.as_ref(), false),
+    };
+    let mut response = Response::new(Full::new(body.clone()));
     *response.status_mut() = entry.status;
     // Room for the headers below (and hyper's `date`), so the map is allocated once.
     *response.headers_mut() = http::HeaderMap::with_capacity(8);
@@ -454,8 +795,13 @@ fn cached_response(
     if let Some(content_type) = &entry.content_type {
         headers.insert(CONTENT_TYPE, content_type.clone());
     }
-    if let Some(etag) = &entry.etag {
+    if let Some(etag) = etag {
         headers.insert(ETAG, etag.clone());
+        // A stored list may be served compressed to other clients.
+        headers.insert(VARY, HeaderValue::from_static("accept-encoding"));
+    }
+    if gzip {
+        headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
     }
     let x_cache = match status {
         CacheStatus::Hit => "HIT",
@@ -502,49 +848,179 @@ fn error_response(error: &ProxyError, cache: CacheStatus) -> Response<Full<Bytes
     response
 }
 
-/// A HEAD answer: the GET answer's headers, including its length, without the body.
-fn strip_body(response: &mut Response<Full<Bytes>>) {
-    let length = http_body::Body::size_hint(response.body())
-        .exact()
-        .unwrap_or(0);
+/// A HEAD answer: the GET answer's headers, including its length, without the body. A
+/// streamed answer already came from a HEAD to the box, with the box's headers.
+fn strip_body(response: &mut Response<Body>) {
+    let Either::Left(full) = response.body() else {
+        return;
+    };
+    let length = http_body::Body::size_hint(full).exact().unwrap_or(0);
     response
         .headers_mut()
         .insert(CONTENT_LENGTH, HeaderValue::from(length));
-    *response.body_mut() = Full::new(Bytes::new());
+    *response.body_mut() = Either::Left(Full::new(Bytes::new()));
 }
 
 fn header_value(text: String) -> HeaderValue {
     HeaderValue::try_from(text).expect("built from ASCII tokens and digits")
 }
 
-/// Answer one request on the admin listener: `/metrics`, `/healthz`, `/readyz`.
-pub async fn handle_admin<B>(state: Arc<AppState>, request: Request<B>) -> Response<Full<Bytes>> {
-    if request.method() != Method::GET && request.method() != Method::HEAD {
-        return ProxyError::MethodNotAllowed(request.method().clone()).to_response();
-    }
-    let mut response = match request.uri().path() {
-        "/metrics" => {
-            state.cache.sync().await;
-            let text = state
-                .metrics
-                .render(state.cache.entry_count(), state.cache.weighted_size());
-            let mut response = Response::new(Full::new(Bytes::from(text)));
-            response.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            response
+/// Answer one request on the admin listener: `/metrics`, `/healthz`, `/readyz`, and the
+/// cache's purge and refresh endpoints under `/cache`.
+pub async fn handle_admin<B>(state: Arc<AppState>, request: Request<B>) -> Response<Body> {
+    let path = request.uri().path();
+    let response = if path == "/cache" || path.starts_with("/cache/") {
+        cache_admin(&state, &request).await
+    } else if request.method() != Method::GET && request.method() != Method::HEAD {
+        ProxyError::MethodNotAllowed {
+            method: request.method().clone(),
+            allow: "GET, HEAD",
         }
-        "/healthz" => plain(StatusCode::OK, "ok\n"),
-        "/readyz" => readiness(&state),
-        _ => json_error(
-            StatusCode::NOT_FOUND,
-            "no such admin endpoint: the admin listener serves /metrics, /healthz and /readyz",
-        ),
+        .to_response()
+    } else {
+        match path {
+            "/metrics" => {
+                state.cache.sync().await;
+                let text = state
+                    .metrics
+                    .render(state.cache.entry_count(), state.cache.weighted_size());
+                let mut response = Response::new(Full::new(Bytes::from(text)));
+                response.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                response
+            }
+            "/healthz" => plain(StatusCode::OK, "ok\n"),
+            "/readyz" => readiness(&state),
+            _ => json_error(
+                StatusCode::NOT_FOUND,
+                "no such admin endpoint: the admin listener serves /metrics, /healthz, /readyz and /cache",
+            ),
+        }
     };
+    let mut response = response.map(Either::Left);
     if request.method() == Method::HEAD {
         strip_body(&mut response);
     }
+    response
+}
+
+/// `DELETE /cache[/{account}[/agents/{type}/{identification}]]` purges and answers how many
+/// entries went; `POST /cache/{account}/agents/{type}/{identification}/refresh` fetches the
+/// agent's whole list now and answers what the box said.
+async fn cache_admin<B>(state: &AppState, request: &Request<B>) -> Response<Full<Bytes>> {
+    let target = match route::parse_cache_target(request.uri().path()) {
+        Ok(target) => target,
+        Err(error) => return ProxyError::from(error).to_response(),
+    };
+    let method = request.method();
+    let allow = match target {
+        CacheTarget::AgentRefresh(_) => "POST",
+        _ => "DELETE",
+    };
+    if method.as_str() != allow {
+        let method = method.clone();
+        return ProxyError::MethodNotAllowed { method, allow }.to_response();
+    }
+    let runtime = state.runtime();
+    let account = |name: &str| {
+        runtime
+            .accounts
+            .get(name)
+            .ok_or_else(|| ProxyError::UnknownAccount(name.to_owned()))
+    };
+    let result = match target {
+        CacheTarget::All => Ok(purged(state.cache.purge(|_| true).await, "every account")),
+        CacheTarget::Account(name) => match account(&name) {
+            Ok(account) => {
+                let name = account.name.clone();
+                let count = state.cache.purge(|key| key.account == name).await;
+                Ok(purged(count, &name))
+            }
+            Err(error) => Err(error),
+        },
+        CacheTarget::Agent(agent) => match account(&agent.account) {
+            Ok(account) => {
+                let name = account.name.clone();
+                let count = state
+                    .cache
+                    .purge(|key| key.account == name && same_agent(&key.query, &agent.query))
+                    .await;
+                Ok(purged(count, &format!("{name} {}", describe(&agent.query))))
+            }
+            Err(error) => Err(error),
+        },
+        CacheTarget::AgentRefresh(agent) => match account(&agent.account) {
+            Ok(account) => refresh_now(state, &runtime.config.cache, account, agent.query).await,
+            Err(error) => Err(error),
+        },
+    };
+    result.unwrap_or_else(|error| error.to_response())
+}
+
+/// Whether two queries name the same agent, whatever their `fromQueueCallId`.
+fn same_agent(a: &AgentQuery, b: &AgentQuery) -> bool {
+    a.id_type == b.id_type && a.identification == b.identification
+}
+
+/// `id 103`, `email derek.a@company.local`: an agent for messages.
+fn describe(query: &AgentQuery) -> String {
+    format!("{} {}", query.id_type.as_str(), query.identification)
+}
+
+fn purged(count: usize, scope: &str) -> Response<Full<Bytes>> {
+    tracing::info!(scope, entries = count, "cache purged");
+    let body = serde_json::json!({ "purged": count });
+    json_ok(body)
+}
+
+/// Fetch one agent's whole list now, replacing what is stored; the agent's entries for a
+/// forwarded `fromQueueCallId` go too, as they may be older than the new list.
+async fn refresh_now(
+    state: &AppState,
+    cache: &CacheConfig,
+    account: &Account,
+    query: AgentQuery,
+) -> Result<Response<Full<Bytes>>, ProxyError> {
+    let name = account.name.clone();
+    let filtered = |key: &CacheKey| {
+        key.account == name
+            && key.query.from_queue_call_id.is_some()
+            && same_agent(&key.query, &query)
+    };
+    let dropped = state.cache.purge(filtered).await;
+    let plan = RefreshPlan {
+        full_refresh_interval: cache.full_refresh_interval,
+        now: state.cache.now(),
+    };
+    let key = CacheKey {
+        account: account.name.clone(),
+        query,
+    };
+    let agent = describe(&key.query);
+    let outcome = state
+        .cache
+        .fetch_now(key, |key, kind, previous| {
+            fetch(account, key.query.clone(), kind, previous, plan)
+        })
+        .await;
+    let entry = outcome.result?;
+    tracing::info!(account = %account.name, agent, status = entry.status.as_u16(), "cache refreshed");
+    Ok(json_ok(serde_json::json!({
+        "refreshed": entry.lifetime.is_some(),
+        "status": entry.status.as_u16(),
+        "recordings": entry.list.as_ref().map(|l| l.recordings.len()),
+        "bytes": entry.body.len(),
+        "purged": dropped,
+    })))
+}
+
+fn json_ok(body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 
@@ -580,4 +1056,53 @@ fn plain(status: StatusCode, text: impl Into<Bytes>) -> Response<Full<Bytes>> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+/// An audio body passed on from the box as it arrives, holding its stream slot (and whatever
+/// else must live as long as the transfer) until it ends.
+pub struct AudioBody {
+    inner: reqwest::Body,
+    bytes: Counter,
+    _permit: OwnedSemaphorePermit,
+    hold: Option<Box<dyn Send + Sync>>,
+}
+
+impl AudioBody {
+    /// Keep `value` alive until the body is done (the server's "request in flight" mark).
+    pub fn hold(&mut self, value: impl Send + Sync + 'static) {
+        self.hold = Some(Box::new(value));
+    }
+}
+
+impl std::fmt::Debug for AudioBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AudioBody").finish_non_exhaustive()
+    }
+}
+
+impl http_body::Body for AudioBody {
+    type Data = Bytes;
+    type Error = reqwest::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, reqwest::Error>>> {
+        let this = self.get_mut();
+        let frame = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &frame
+            && let Some(data) = frame.data_ref()
+        {
+            this.bytes.inc_by(data.len() as u64);
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }

@@ -1,8 +1,10 @@
 //! Parse an incoming request target into a typed [`Route`].
 //!
-//! The gateway proxies exactly one route,
-//! `/mot/{account}/agents/{identificationType}/{identification}/recordings[?fromQueueCallId=N]`,
-//! so anything else is refused here, before the cache or the box is involved. The raw path is
+//! The gateway proxies two routes, the recordings list
+//! `/mot/{account}/agents/{identificationType}/{identification}/recordings[?fromQueueCallId=N]`
+//! and the audio of one recording `/mot/{account}/queues/calls/recordings/{queueCallId}`, so
+//! anything else is refused here, before the cache or the box is involved. The admin
+//! listener's cache paths ([`parse_cache_target`]) name agents the same way. The raw path is
 //! split on `/` first and each segment is percent-decoded once afterwards, so an encoded slash
 //! stays inside its segment and is then refused by the identification rules.
 
@@ -41,6 +43,24 @@ pub struct AgentQuery {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route<'a> {
     Recordings(RecordingsRequest<'a>),
+    /// The audio file of one recording, streamed from the box.
+    Audio {
+        account: Cow<'a, str>,
+        queue_call_id: u64,
+    },
+}
+
+/// What an admin `/cache/...` path names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheTarget<'a> {
+    /// `/cache`: every entry.
+    All,
+    /// `/cache/{account}`: every entry of one account.
+    Account(Cow<'a, str>),
+    /// `/cache/{account}/agents/{identificationType}/{identification}`: one agent's entries.
+    Agent(RecordingsRequest<'a>),
+    /// The same path plus `/refresh`.
+    AgentRefresh(RecordingsRequest<'a>),
 }
 
 /// Why a request target was refused. `Display` is the message sent to the client.
@@ -63,6 +83,8 @@ pub enum RouteError {
     FromQueueCallId(String),
     #[error("fromQueueCallId is given more than once; give it at most once")]
     RepeatedFromQueueCallId,
+    #[error("invalid queueCallId \"{0}\": expected a non-negative integer")]
+    QueueCallId(String),
 }
 
 /// Parse a request path and optional query string.
@@ -73,18 +95,70 @@ pub fn parse<'a>(path: &'a str, query: Option<&str>) -> Result<Route<'a>, RouteE
     // Exactly seven segments, the first empty (the path starts with '/'); no allocation.
     let mut segments = path.split('/');
     let mut next = || segments.next().ok_or(RouteError::NotFound);
-    let (root, mot, account, agents) = (next()?, next()?, next()?, next()?);
-    let (id_type, identification, recordings) = (next()?, next()?, next()?);
-    if segments.next().is_some()
-        || !root.is_empty()
-        || mot != "mot"
-        || agents != "agents"
-        || recordings != "recordings"
-        || account.is_empty()
-    {
+    let (root, mot, account) = (next()?, next()?, next()?);
+    let (fourth, fifth, sixth, seventh) = (next()?, next()?, next()?, next()?);
+    if segments.next().is_some() || !root.is_empty() || mot != "mot" {
         return Err(RouteError::NotFound);
     }
-    let account = decode(account, "account")?;
+    match (fourth, fifth, sixth) {
+        ("agents", id_type, identification) if seventh == "recordings" => {
+            let mut request = agent(account, id_type, identification)?;
+            request.query.from_queue_call_id = parse_query(query)?;
+            Ok(Route::Recordings(request))
+        }
+        ("queues", "calls", "recordings") => {
+            let account = account_name(account)?;
+            let id = decode(seventh, "queueCallId")?;
+            let queue_call_id = id
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| id.parse::<u64>().ok())
+                .flatten()
+                .ok_or_else(|| RouteError::QueueCallId(truncate_for_message(&id)))?;
+            Ok(Route::Audio {
+                account,
+                queue_call_id,
+            })
+        }
+        _ => Err(RouteError::NotFound),
+    }
+}
+
+/// Parse an admin cache path: `/cache`, `/cache/{account}`,
+/// `/cache/{account}/agents/{identificationType}/{identification}[/refresh]`. The agent is
+/// normalized exactly as on the public route, so any spelling names the stored entries.
+pub fn parse_cache_target(path: &str) -> Result<CacheTarget<'_>, RouteError> {
+    if path.len() > MAX_PATH_BYTES {
+        return Err(RouteError::PathTooLong);
+    }
+    let Some(rest) = path.strip_prefix("/cache") else {
+        return Err(RouteError::NotFound);
+    };
+    if rest.is_empty() || rest == "/" {
+        return Ok(CacheTarget::All);
+    }
+    let Some(rest) = rest.strip_prefix('/') else {
+        return Err(RouteError::NotFound);
+    };
+    let segments: Vec<&str> = rest.splitn(6, '/').collect();
+    match segments[..] {
+        [account] => Ok(CacheTarget::Account(account_name(account)?)),
+        [account, "agents", id_type, identification] => {
+            Ok(CacheTarget::Agent(agent(account, id_type, identification)?))
+        }
+        [account, "agents", id_type, identification, "refresh"] => Ok(CacheTarget::AgentRefresh(
+            agent(account, id_type, identification)?,
+        )),
+        _ => Err(RouteError::NotFound),
+    }
+}
+
+/// The account segment, decoded; empty or not one plain segment is no account.
+fn account_name(segment: &str) -> Result<Cow<'_, str>, RouteError> {
+    if segment.is_empty() {
+        return Err(RouteError::NotFound);
+    }
+    let account = decode(segment, "account")?;
     // An account name is one plain path segment; anything else cannot be a configured account.
     if account
         .chars()
@@ -92,16 +166,26 @@ pub fn parse<'a>(path: &'a str, query: Option<&str>) -> Result<Route<'a>, RouteE
     {
         return Err(RouteError::NotFound);
     }
+    Ok(account)
+}
+
+/// One agent of one account, normalized; no `fromQueueCallId` yet.
+fn agent<'a>(
+    account: &'a str,
+    id_type: &str,
+    identification: &str,
+) -> Result<RecordingsRequest<'a>, RouteError> {
+    let account = account_name(account)?;
     let id_type = IdType::parse(&decode(id_type, "identificationType")?)?;
     let identification = id_type.normalize(&decode(identification, "identification")?)?;
-    Ok(Route::Recordings(RecordingsRequest {
+    Ok(RecordingsRequest {
         account,
         query: AgentQuery {
             id_type,
             identification: identification.into_boxed_str(),
-            from_queue_call_id: parse_query(query)?,
+            from_queue_call_id: None,
         },
-    }))
+    })
 }
 
 fn decode<'a>(segment: &'a str, name: &'static str) -> Result<Cow<'a, str>, RouteError> {
@@ -138,7 +222,7 @@ mod tests {
     fn recordings<'a>(path: &'a str, query: Option<&str>) -> RecordingsRequest<'a> {
         match parse(path, query) {
             Ok(Route::Recordings(r)) => r,
-            Err(e) => panic!("{path} refused: {e}"),
+            other => panic!("{path}: {other:?}"),
         }
     }
 
@@ -180,7 +264,7 @@ mod tests {
         let q = |q: &str| parse("/mot/g/agents/id/1/recordings", Some(q));
         let from = |q: &str| match parse("/mot/g/agents/id/1/recordings", Some(q)) {
             Ok(Route::Recordings(r)) => r.query.from_queue_call_id,
-            Err(e) => panic!("{q}: {e}"),
+            other => panic!("{q}: {other:?}"),
         };
         assert_eq!(from("fromQueueCallId=0"), Some(0));
         assert_eq!(from("fromQueueCallId=007"), Some(7));
@@ -217,6 +301,10 @@ mod tests {
             "/mot/greenbox/agents/id/103/recordings/",
             "/mot/greenbox/agents/id/103/recording",
             "/mot/greenbox/queues/1/calls/recordings",
+            "/mot/greenbox/queues/calls/recordings",
+            "/mot/greenbox/queues/calls/recordings/1/",
+            "/mot/greenbox/queues/calls/recording/1",
+            "/mot//queues/calls/recordings/1",
             "/mot//agents/id/103/recordings",
             "//mot/greenbox/agents/id/103/recordings",
             "/MOT/greenbox/agents/id/103/recordings",
@@ -245,5 +333,68 @@ mod tests {
         }
         let long = format!("/mot/g/agents/id/{}/recordings", "1".repeat(MAX_PATH_BYTES));
         assert_eq!(parse(&long, None), Err(RouteError::PathTooLong));
+    }
+
+    #[test]
+    fn audio_paths_take_a_numeric_id() {
+        assert_eq!(
+            parse("/mot/greenbox/queues/calls/recordings/47610", None),
+            Ok(Route::Audio {
+                account: "greenbox".into(),
+                queue_call_id: 47610
+            })
+        );
+        for bad in [
+            "abc",
+            "-1",
+            "1.5",
+            "%2E%2E",
+            "99999999999999999999",
+            "",
+            "1%2F2",
+        ] {
+            let path = format!("/mot/greenbox/queues/calls/recordings/{bad}");
+            assert!(
+                matches!(parse(&path, None), Err(RouteError::QueueCallId(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn cache_targets_normalize_like_the_route() {
+        assert_eq!(parse_cache_target("/cache"), Ok(CacheTarget::All));
+        assert_eq!(parse_cache_target("/cache/"), Ok(CacheTarget::All));
+        assert_eq!(
+            parse_cache_target("/cache/greenbox"),
+            Ok(CacheTarget::Account("greenbox".into()))
+        );
+        let Ok(CacheTarget::Agent(agent)) =
+            parse_cache_target("/cache/greenbox/agents/EMAIL/Derek.A%40Company.Local")
+        else {
+            panic!("an agent")
+        };
+        assert_eq!(&*agent.query.identification, "derek.a@company.local");
+        assert!(matches!(
+            parse_cache_target("/cache/greenbox/agents/id/103/refresh"),
+            Ok(CacheTarget::AgentRefresh(_))
+        ));
+        for path in [
+            "/cachex",
+            "/cache//",
+            "/cache/g/agents",
+            "/cache/g/agents/id/1/x",
+            "/metrics",
+        ] {
+            assert_eq!(
+                parse_cache_target(path),
+                Err(RouteError::NotFound),
+                "{path}"
+            );
+        }
+        assert!(matches!(
+            parse_cache_target("/cache/g/agents/id/abc"),
+            Err(RouteError::Identity(_))
+        ));
     }
 }

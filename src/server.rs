@@ -38,6 +38,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::proxy::{AppState, handle, handle_admin};
+use http_body_util::Either;
 
 /// Open connections on the admin listener at most.
 pub const ADMIN_MAX_CONNECTIONS: usize = 64;
@@ -252,10 +253,15 @@ impl Connection {
                 let state = state.clone();
                 async move {
                     let _busy = busy;
-                    let response = match kind {
+                    let mut response = match kind {
                         Listener::Admin => handle_admin(state, request).await,
                         Listener::Public | Listener::Plain => handle(state, request).await,
                     };
+                    // A streamed body outlives the handler: the connection stays busy (not
+                    // idle) until the body ends.
+                    if let Either::Right(audio) = response.body_mut() {
+                        audio.hold(_busy);
+                    }
                     Ok::<_, Infallible>(response)
                 }
             })

@@ -48,6 +48,27 @@ const SEGMENT: &AsciiSet = &CONTROLS
     .add(b'|')
     .add(b'}');
 
+/// Client headers passed on to the box with an audio download: ranges and validators.
+pub const AUDIO_REQUEST_HEADERS: [http::HeaderName; 4] = [
+    http::header::RANGE,
+    http::header::IF_RANGE,
+    http::header::IF_NONE_MATCH,
+    http::header::IF_MODIFIED_SINCE,
+];
+
+/// The box's audio answer headers passed back to the client; nothing else (no cookies, no
+/// server banners) gets through.
+pub const AUDIO_RESPONSE_HEADERS: [http::HeaderName; 8] = [
+    http::header::CONTENT_TYPE,
+    http::header::CONTENT_LENGTH,
+    http::header::CONTENT_RANGE,
+    http::header::ACCEPT_RANGES,
+    http::header::ETAG,
+    http::header::LAST_MODIFIED,
+    http::header::CONTENT_DISPOSITION,
+    http::header::CACHE_CONTROL,
+];
+
 /// A box's answer that is passed on to clients (`200`, `404`, `400`, `403`).
 #[derive(Debug, Clone)]
 pub struct UpstreamReply {
@@ -157,6 +178,8 @@ pub enum BuildError {
 #[derive(Debug, Clone)]
 pub struct UpstreamClient {
     http: reqwest::Client,
+    /// For audio downloads: no limit on the whole transfer, only on each wait for data.
+    streaming: reqwest::Client,
     /// The base URL's text without a trailing slash; the route is appended to it.
     base: Arc<str>,
     account: Arc<str>,
@@ -178,21 +201,31 @@ impl UpstreamClient {
         } else {
             trust::plain_http_config()
         };
-        let http = reqwest::Client::builder()
-            .default_headers(headers)
-            .user_agent(USER_AGENT)
+        let builder = || {
+            reqwest::Client::builder()
+                .default_headers(headers.clone())
+                .user_agent(USER_AGENT)
+                .connect_timeout(config.upstream.connect_timeout)
+                // A redirect from the box is unexpected and would carry the secret elsewhere.
+                .redirect(reqwest::redirect::Policy::none())
+                // The box sits on the local network; an environment proxy would only get in the way.
+                .no_proxy()
+                .http1_only()
+                .tls_backend_preconfigured(tls.clone())
+        };
+        let http = builder()
             .timeout(config.upstream.timeout)
-            .connect_timeout(config.upstream.connect_timeout)
-            // A redirect from the box is unexpected and would carry the secret elsewhere.
-            .redirect(reqwest::redirect::Policy::none())
-            // The box sits on the local network; an environment proxy would only get in the way.
-            .no_proxy()
-            .http1_only()
-            .tls_backend_preconfigured(tls)
+            .build()
+            .map_err(BuildError::Client)?;
+        // A recording of a long call may take minutes to pass on to a slow client; what must
+        // not happen is the box going quiet, so each read is bounded instead of the whole.
+        let streaming = builder()
+            .read_timeout(config.upstream.timeout)
             .build()
             .map_err(BuildError::Client)?;
         Ok(Self {
             http,
+            streaming,
             base: config.base_url.as_str().trim_end_matches('/').into(),
             account: account.into(),
             timeout: config.upstream.timeout,
@@ -223,6 +256,48 @@ impl UpstreamClient {
             url.push_str(&format!("?{FROM_QUEUE_CALL_ID}={from}"));
         }
         url
+    }
+
+    /// The upstream URL of one recording's audio.
+    pub fn audio_url(&self, queue_call_id: u64) -> String {
+        format!(
+            "{}/mot/{}/queues/calls/recordings/{queue_call_id}",
+            self.base,
+            utf8_percent_encode(&self.account, SEGMENT),
+        )
+    }
+
+    /// Start the download of one recording's audio: the box's answer with its body unread, for
+    /// the caller to stream on. Only the headers in [`AUDIO_REQUEST_HEADERS`] are passed on
+    /// from `client_headers`.
+    pub async fn audio(
+        &self,
+        queue_call_id: u64,
+        head: bool,
+        client_headers: &HeaderMap,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let url = self.audio_url(queue_call_id);
+        let mut request = if head {
+            self.streaming.head(&url)
+        } else {
+            self.streaming.get(&url)
+        };
+        request = request.header(ACCEPT, HeaderValue::from_static("*/*"));
+        for name in AUDIO_REQUEST_HEADERS {
+            for value in client_headers.get_all(&name) {
+                request = request.header(&name, value.clone());
+            }
+        }
+        let response = request.send().await.map_err(|e| self.classify(e))?;
+        match response.status() {
+            StatusCode::OK
+            | StatusCode::PARTIAL_CONTENT
+            | StatusCode::NOT_MODIFIED
+            | StatusCode::NOT_FOUND
+            | StatusCode::RANGE_NOT_SATISFIABLE => Ok(response),
+            StatusCode::UNAUTHORIZED => Err(UpstreamError::RejectedSecret),
+            other => Err(UpstreamError::Status(other)),
+        }
     }
 
     /// Fetch one recordings list and map the box's status.
@@ -338,6 +413,7 @@ mod tests {
             shared_secret: Secret::new("x"),
             trust: UpstreamTrust::default(),
             upstream: crate::config::UpstreamSettings::default(),
+            api_version: crate::config::ApiVersion::V7,
         };
         UpstreamClient::new(account, &config).unwrap()
     }

@@ -105,6 +105,10 @@ mod tests {
             stale_while_revalidate: Duration::from_secs(30),
             stale_if_error: Duration::from_secs(600),
             error_backoff: Duration::from_secs(1),
+            full_refresh_interval: Duration::from_secs(900),
+            gzip: true,
+            gzip_min_bytes: 1024,
+            gzip_level: 6,
         }
     }
 

@@ -174,6 +174,13 @@ impl Agent {
         }
     }
 
+    /// Record one more call, with QueueCallId `queue_call_id`, at the end of the history.
+    pub fn add_recording(&mut self, queue_call_id: u64) {
+        let n = self.recordings.len() as u64;
+        let json = recording_json(self.id, &self.name, queue_call_id, n);
+        self.recordings.push((queue_call_id, json));
+    }
+
     /// The JSON array of the recordings after `from` (all of them without it), as the box sends it.
     pub fn recordings_after(&self, from: Option<u64>) -> String {
         let selected: Vec<&str> = self

@@ -289,8 +289,10 @@ async fn the_breaker_opens_fails_fast_and_closes_after_a_good_probe() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_concurrency_cap_holds_under_a_burst_of_distinct_keys() {
+    // With caching off, each fromQueueCallId is passed on as its own request.
     let gw = Gateway::start(Options {
         account: "max_concurrent_requests = 2".into(),
+        cache: "ttl = \"0s\"",
         ..Options::default()
     })
     .await;
