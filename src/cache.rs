@@ -60,6 +60,10 @@ pub struct CachedResponse {
     pub fetched_at: Instant,
     /// How long it may be served; `None` when it was not stored at all.
     pub lifetime: Option<Lifetime>,
+    /// How long it stays in memory: until it can no longer be served, and a full list for at
+    /// least `cache.full_refresh_interval`, so it can still be the base of a delta refresh
+    /// after it expired.
+    pub retain_for: Option<Duration>,
     /// Strong entity tag of a stored `200` list, for `If-None-Match`.
     pub etag: Option<HeaderValue>,
     /// The same body gzip-compressed, made once when it was stored.
@@ -190,7 +194,8 @@ pub struct ResponseCache {
     clock: Arc<dyn Clock>,
 }
 
-/// Per-entry lifetime for moka: an entry leaves memory when it can no longer be served.
+/// Per-entry lifetime for moka: an entry leaves memory when it is of no more use (see
+/// [`CachedResponse::retain_for`]).
 struct EntryExpiry;
 
 impl moka::Expiry<CacheKey, Arc<CachedResponse>> for EntryExpiry {
@@ -200,7 +205,7 @@ impl moka::Expiry<CacheKey, Arc<CachedResponse>> for EntryExpiry {
         value: &Arc<CachedResponse>,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
-        value.lifetime.map(|l| l.servable_for())
+        value.retain_for
     }
 
     fn expire_after_update(
@@ -210,7 +215,7 @@ impl moka::Expiry<CacheKey, Arc<CachedResponse>> for EntryExpiry {
         _updated_at: std::time::Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
-        value.lifetime.map(|l| l.servable_for())
+        value.retain_for
     }
 }
 
@@ -523,8 +528,13 @@ impl ResponseCache {
             _ if stored_list => encoding::gzip_for_storage(&reply.body, &config).await,
             _ => None,
         };
+        let retain_for = lifetime.map(|l| match &list {
+            Some(_) => l.servable_for().max(config.full_refresh_interval),
+            None => l.servable_for(),
+        });
         Arc::new(CachedResponse {
             lifetime,
+            retain_for,
             etag: etag.flatten(),
             gzip,
             // Kept even when not stored: this one answer may still be selected from.

@@ -489,6 +489,7 @@ async fn select(
         body,
         fetched_at: entry.fetched_at,
         lifetime: entry.lifetime,
+        retain_for: entry.retain_for,
     })
 }
 

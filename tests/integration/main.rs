@@ -4,6 +4,7 @@
 mod cli;
 mod deploy;
 mod proxy;
+mod recordings;
 mod resilience;
 mod serving;
 mod support;
