@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -43,6 +44,9 @@ HIT_PATH = f"/mot/{ACCOUNT}/agents/id/103/recordings"
 ID_TEMPLATE = f"/mot/{ACCOUNT}/agents/id/{{n}}/recordings"
 FIRST_SYNTHETIC = 1_000_000
 TTL, NEGATIVE_TTL = "10m", "5s"
+POLL_SECONDS = int(os.environ.get("BENCH_POLL_SECONDS", "40"))
+POLL_AGENTS, POLLERS_PER_AGENT, POLL_TTL_S = 10, 5, 5
+NEW_CALL_EVERY_S = 0.5
 
 
 def log(message):
@@ -242,7 +246,8 @@ def main():
 def run(work, servers):
     ports = {name: free_port() for name in
              ["sim", "gw_plain", "gw_tls", "gw_admin", "nginx_plain", "nginx_tls", "static",
-              "mem_plain", "mem_tls", "mem_admin", "out_plain", "out_tls", "out_admin"]}
+              "mem_plain", "mem_tls", "mem_admin", "out_plain", "out_tls", "out_admin",
+             "poll_plain", "poll_tls", "poll_admin"]}
     secret_file = os.path.join(work, "secret")
     with open(secret_file, "w") as f:
         f.write(SECRET)
@@ -395,6 +400,26 @@ ca_file = "{sim_ca}"
     outage_gw.stop()
     servers.remove(outage_gw)
 
+    log(f"poller: {POLL_AGENTS * POLLERS_PER_AGENT} clients polling {POLL_AGENTS} agents every 1 s "
+        f"with a rising fromQueueCallId, a new call every {NEW_CALL_EVERY_S} s, ttl "
+        f"{POLL_TTL_S}s, {POLL_SECONDS} s per run: delta refresh on, then off")
+    results["poller"] = {}
+    for mode, interval in [("delta", "15m"), ("full", "0s")]:
+        next_id += 10_000
+        poll_gw = Server(f"gateway-poller-{mode}", [BIN, "serve", "--config", gateway_config(
+            f"poller-{mode}", ports["poll_plain"], ports["poll_tls"], ports["poll_admin"],
+            cache=f'ttl = "{POLL_TTL_S}s"\nfull_refresh_interval = "{interval}"')],
+            work, env=env)
+        servers.append(poll_gw)
+        wait_until_up(f"http://127.0.0.1:{ports['poll_admin']}/readyz", what="gateway",
+                      server=poll_gw)
+        outcome = poller(f"http://127.0.0.1:{ports['poll_plain']}",
+                         f"http://127.0.0.1:{ports['poll_admin']}", sim_url, sim_ca, next_id)
+        results["poller"][mode] = outcome
+        log(f"  {mode}: {outcome}")
+        poll_gw.stop()
+        servers.remove(poll_gw)
+
     log(f"memory: a fresh gateway caching {FILL_AGENTS} distinct agents' lists")
     gateway.stop()
     servers.remove(gateway)
@@ -416,6 +441,74 @@ ca_file = "{sim_ca}"
     return results
 
 
+def poller(base, admin, sim_url, sim_ca, first_agent):
+    """Clients polling with a rising fromQueueCallId while the box records new calls; what the
+    box had to send, per minute, and whether every client saw every new call."""
+    agents = [first_agent + n for n in range(POLL_AGENTS)]
+
+    def ids(agent, after):
+        target = f"{base}{ID_TEMPLATE.replace('{n}', str(agent))}?fromQueueCallId={after}"
+        status, _, body = fetch(target)
+        assert status == 200, (status, body[:200])
+        return [r["QueueCallId"] for r in json.loads(body)]
+
+    def stats():
+        return json.loads(fetch(f"{sim_url}/_simulator/stats", sim_ca)[2])
+
+    # Each agent's history is read once (the first poll of a client that starts from zero).
+    last = {agent: max(ids(agent, 0)) for agent in agents}
+    start_ids = dict(last)
+    before = stats()
+    deadline = time.time() + POLL_SECONDS
+    seen = [[] for _ in range(POLL_AGENTS * POLLERS_PER_AGENT)]
+    polls = [0] * len(seen)
+
+    def client(index):
+        agent = agents[index // POLLERS_PER_AGENT]
+        after = start_ids[agent]
+        while time.time() < deadline:
+            began = time.time()
+            new = ids(agent, after)
+            polls[index] += 1
+            seen[index] += new
+            after = max([after] + new)
+            time.sleep(max(0.0, 1.0 - (time.time() - began)))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(seen))]
+    for t in threads:
+        t.start()
+    added = {agent: [] for agent in agents}
+    turn = 0
+    while time.time() < deadline:
+        agent = agents[turn % POLL_AGENTS]
+        turn += 1
+        status, _, body = fetch(f"{sim_url}/_simulator/calls?account={ACCOUNT}&agent={agent}",
+                                sim_ca, method="POST")
+        assert status == 200, (status, body)
+        added[agent] += json.loads(body)["added"]
+        time.sleep(NEW_CALL_EVERY_S)
+    for t in threads:
+        t.join()
+    after = stats()
+    minutes = POLL_SECONDS / 60
+    # Catch-up: refresh every agent now, and each client polls once more.
+    for agent in agents:
+        status, _, _ = fetch(f"{admin}/cache/{ACCOUNT}/agents/id/{agent}/refresh", method="POST")
+        assert status == 200, status
+    missed = 0
+    for index in range(len(seen)):
+        agent = agents[index // POLLERS_PER_AGENT]
+        done = seen[index] + ids(agent, max([start_ids[agent]] + seen[index]))
+        missed += len(set(added[agent]) - set(done))
+    return {
+        "upstream_calls_per_min": round((after["requests"] - before["requests"]) / minutes, 1),
+        "upstream_bytes_per_min": round((after["list_bytes"] - before["list_bytes"]) / minutes),
+        "client_polls_per_min": round(sum(polls) / minutes),
+        "new_calls": sum(len(v) for v in added.values()),
+        "missed_by_clients": missed,
+    }
+
+
 def summarize(r):
     hp, ht, storm, miss, mem = r["hit_plain"], r["hit_tls"], r["storm"], r["miss"], r["memory"]
     s = {
@@ -432,6 +525,7 @@ def summarize(r):
     s["miss_overhead_ms"] = {n: round(miss[n]["p50_ms"] - miss["direct"]["p50_ms"], 3)
                              for n in ("gateway", "nginx")}
     s["outage"] = r["outage"]
+    s["poller"] = r["poller"]
     mib = 1024 * 1024
     s["memory"] = {"rss_mib": round(mem["rss_after"] / mib, 1),
                    "cached_mib": round(mem["cached_bytes"] / mib, 1),
@@ -440,6 +534,7 @@ def summarize(r):
     g, n, st = s["hit_plain"]["gateway"], s["hit_plain"]["nginx"], s["hit_plain"]["static"]
     gt, nt = s["hit_tls"]["gateway"], s["hit_tls"]["nginx"]
     sg = s["storm"]["gateway"]
+    pd, pf = s["poller"]["delta"], s["poller"]["full"]
     s["ratios"] = {
         "hit_rps_plain": round(g["rps"] / n["rps"], 2),
         "hit_rps_tls": round(gt["rps"] / nt["rps"], 2),
@@ -475,6 +570,12 @@ def summarize(r):
         (f"outage: no failed request for cached keys during {OUTAGE_SECONDS} s",
          s["outage"]["failed"] == 0,
          f"{s['outage']['failed']} failed of {s['outage']['n']}"),
+        ("poller: delta refresh moves fewer upstream bytes than full refreshes",
+         pd["upstream_bytes_per_min"] < pf["upstream_bytes_per_min"],
+         f"{pd['upstream_bytes_per_min']:,} vs {pf['upstream_bytes_per_min']:,} bytes/min"),
+        ("poller: every client saw every new call", pd["missed_by_clients"] == 0
+         and pf["missed_by_clients"] == 0,
+         f"{pd['missed_by_clients']} + {pf['missed_by_clients']} missed"),
     ]
     return s
 
@@ -515,6 +616,23 @@ def markdown(r, s):
         f"| upstream outage ({OUTAGE_SECONDS} s, {OUTAGE_KEYS} cached keys): failed / stale / all "
         f"requests | {s['outage']['failed']} / {s['outage']['stale_served']:,} / "
         f"{s['outage']['n']:,} | | | |",
+        "",
+        f"Poller: {POLL_AGENTS * POLLERS_PER_AGENT} clients poll {POLL_AGENTS} agents every second "
+        f"with a rising `fromQueueCallId` while the box records a new call every "
+        f"{NEW_CALL_EVERY_S} s; `ttl = \"{POLL_TTL_S}s\"`, {POLL_SECONDS} s per run. The box's "
+        f"side, per minute:",
+        "",
+        "| poller | delta refresh (full_refresh_interval 15m) | full refreshes only (0s) | full / delta |",
+        "|---|---|---|---|",
+        f"| upstream requests / min | {pd['upstream_calls_per_min']:,} | "
+        f"{pf['upstream_calls_per_min']:,} | |",
+        f"| upstream list bytes / min | {pd['upstream_bytes_per_min']:,} | "
+        f"{pf['upstream_bytes_per_min']:,} | "
+        f"{pf['upstream_bytes_per_min'] / max(pd['upstream_bytes_per_min'], 1):.1f}x |",
+        f"| client polls / min (answered from memory) | {pd['client_polls_per_min']:,} | "
+        f"{pf['client_polls_per_min']:,} | |",
+        f"| new calls / calls a client missed | {pd['new_calls']} / {pd['missed_by_clients']} | "
+        f"{pf['new_calls']} / {pf['missed_by_clients']} | |",
         "",
         "| goal | met | measured |",
         "|---|---|---|",

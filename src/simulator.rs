@@ -382,13 +382,19 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Add calls to an agent; a synthetic agent becomes a stored one on its first new call.
 fn add_calls(state: &SimState, account: &str, agent: u64, count: u64) -> Vec<u64> {
     let mut dataset = write(&state.dataset);
-    let Some(agent) = dataset
-        .accounts
-        .get_mut(account)
-        .and_then(|a| a.agents.iter_mut().find(|a| a.id == agent))
-    else {
+    let synthetic = dataset.synthetic.and_then(|s| s.agent(agent));
+    let Some(agents) = dataset.accounts.get_mut(account).map(|a| &mut a.agents) else {
+        return Vec::new();
+    };
+    if !agents.iter().any(|a| a.id == agent)
+        && let Some(synthetic) = synthetic
+    {
+        agents.push(synthetic);
+    }
+    let Some(agent) = agents.iter_mut().find(|a| a.id == agent) else {
         return Vec::new();
     };
     (0..count)
