@@ -583,6 +583,7 @@ def summarize(r):
 def markdown(r, s):
     m = r["machine"]
     hp, ht, st, mo = s["hit_plain"], s["hit_tls"], s["storm"], s["miss_overhead_ms"]
+    pd, pf = s["poller"]["delta"], s["poller"]["full"]
     lines = [
         f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores), commit {m['commit']}, "
         f"{m['nginx']}. Servers pinned to CPU {SERVER_CPU}, load generator to CPU {LOAD_CPU}; "

@@ -1173,7 +1173,15 @@ mod tests {
             DEFAULT_STALE_WHILE_REVALIDATE
         );
         assert_eq!(config.cache.stale_if_error, DEFAULT_STALE_IF_ERROR);
+        assert_eq!(
+            config.cache.full_refresh_interval,
+            DEFAULT_FULL_REFRESH_INTERVAL
+        );
+        assert!(config.cache.gzip);
+        assert_eq!(config.cache.gzip_min_bytes, DEFAULT_GZIP_MIN_BYTES);
+        assert_eq!(config.cache.gzip_level, DEFAULT_GZIP_LEVEL);
         let account = &config.accounts["greenbox"];
+        assert_eq!(account.api_version, ApiVersion::V7);
         assert_eq!(account.upstream, UpstreamSettings::default());
         assert_eq!(account.trust, UpstreamTrust::default());
     }
@@ -1209,6 +1217,8 @@ mod tests {
             shared_secret_file = "/nonexistent"
             pin_sha256 = "12:34"
             colour = "blue"
+            api_version = "8"
+            max_audio_streams = 0
         "#;
         let err = from_toml_str(text, "bad.toml").unwrap_err();
         let problems = err.problems();
@@ -1221,6 +1231,8 @@ mod tests {
             "accounts.greenbox.base_url",
             "accounts.greenbox.shared_secret",
             "accounts.greenbox.pin_sha256",
+            "accounts.greenbox.api_version",
+            "accounts.greenbox.max_audio_streams",
         ] {
             assert!(
                 problems
@@ -1229,6 +1241,21 @@ mod tests {
                 "{key} missing from {problems:#?}"
             );
         }
+    }
+
+    #[test]
+    fn api_versions_and_gzip_levels() {
+        assert_eq!(parse_api_version(Some("6.5")), Ok(ApiVersion::V6_5));
+        assert_eq!(parse_api_version(Some("7.3")), Ok(ApiVersion::V7));
+        assert_eq!(parse_api_version(None), Ok(ApiVersion::V7));
+        let err = parse_api_version(Some("6")).unwrap_err();
+        assert!(err.contains("\"6.5\""), "{err}");
+        let text = format!("{MINIMAL}\n[cache]\ngzip_level = 10\n");
+        let err = from_toml_str(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("cache.gzip_level: 10 is out of range: expected 1 to 9"),
+            "{err}"
+        );
     }
 
     #[test]

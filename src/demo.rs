@@ -84,14 +84,18 @@ miralix-gateway demo
   simulated Miralix box  {box_url}  (self-signed certificate, pinned)
                          pin_sha256 = \"{pin}\"
   gateway                http://{public}
-  admin                  http://{admin}  (/metrics, /healthz, /readyz)
+  admin                  http://{admin}  (/metrics, /healthz, /readyz, /cache)
 
 Try it (the first call is a MISS that reaches the box, the same agent again is a HIT):
 
   curl -si {base}/email/derek.a@company.local/recordings | head -n 12
   curl -si {base}/email/derek.a@company.local/recordings | grep -i -e x-cache -e cache-status -e age
   curl -si {base}/email/Derek.A@Company.Local/recordings | grep -i x-cache     # same agent, other spelling: HIT
-  curl -si '{base}/sipUri/sip:lp1@company.local/recordings?fromQueueCallId=150100'
+  curl -si '{base}/email/derek.a@company.local/recordings?fromQueueCallId=150100' | grep -i x-cache  # from the stored list: HIT
+  curl -s --compressed -o /dev/null -w '%{{size_download}} bytes gzip\\n' {base}/email/derek.a@company.local/recordings
+  curl -s -o /dev/null -w '%{{http_code}} %{{size_download}} bytes of audio\\n' -H 'Range: bytes=0-999' http://{public}/mot/{ACCOUNT}/queues/calls/recordings/150000
+  curl -s -X POST http://{admin}/cache/{ACCOUNT}/agents/email/derek.a@company.local/refresh; echo
+  curl -s -X DELETE http://{admin}/cache/{ACCOUNT}; echo
   curl -si {base}/id/999/recordings                                          # unknown agent: 404
   curl -si {base}/phone/123/recordings                                       # bad type: 400
   curl -s  http://{admin}/metrics | grep -e cache_ -e upstream_requests

@@ -10,12 +10,16 @@
 //!
 //! - [`config`]: raw TOML + environment, validated once into typed [`config::Config`].
 //! - [`route`] and [`identity`]: parse the request target and normalize the identification.
-//! - [`cache`] (+ [`cache::policy`]): stored answers, coalescing, stale serving, error
-//!   backoff; pure freshness rules.
+//! - [`cache`] (+ [`cache::policy`], [`cache::conditional`], [`cache::encoding`]): stored
+//!   answers, coalescing, stale serving, error backoff; pure freshness rules; entity tags;
+//!   gzip made once at store time.
+//! - [`recordings`]: a list parsed into its elements (id + exact bytes) for `fromQueueCallId`
+//!   selection and delta merges.
 //! - [`clock`]: the injectable time source every freshness decision reads.
 //! - [`upstream`] (+ [`upstream::trust`], [`upstream::protect`]): one rustls reqwest client per
 //!   account; certificate trust; concurrency cap and circuit breaker.
-//! - [`proxy`]: the request handler and [`proxy::AppState`]; [`error`]: errors to statuses.
+//! - [`proxy`]: the request handlers (public route, audio pass-through, admin listener with
+//!   purge and refresh) and [`proxy::AppState`]; [`error`]: errors to statuses.
 //! - [`server`] (+ [`server::tls`]): accept loops, TLS termination, timeouts, graceful shutdown.
 //! - [`systemd`]: `sd_notify` readiness, reload and stop messages, and the watchdog.
 //! - [`metrics`], [`telemetry`]: Prometheus exposition and the tracing subscriber.
@@ -27,8 +31,11 @@
 //! TcpListener ─► server::run ─► proxy::handle ─► route::parse ─► identity::normalize
 //!                                   │
 //!                                   ├─► cache::ResponseCache::get_or_fetch ─► hit: stored Bytes
-//!                                   │        └─ miss: one spawned UpstreamClient::fetch per key,
-//!                                   │           shared by every concurrent waiter, stored by policy
+//!                                   │        │  (fromQueueCallId: selected from the full list)
+//!                                   │        └─ miss: one spawned fetch per key (a delta when a
+//!                                   │           stored list can be extended), shared by every
+//!                                   │           concurrent waiter, stored by policy, gzipped once
+//!                                   ├─► audio: UpstreamClient::audio, streamed, never stored
 //!                                   └─► response headers (X-Cache, Cache-Status, Age,
 //!                                       Cache-Control) + one access-log event + metrics
 //! ```

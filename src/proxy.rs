@@ -1,4 +1,5 @@
-//! The per-request handler of the public listener: route, cache, upstream, response.
+//! The per-request handlers: the public listener (route, cache, upstream, response; audio
+//! streamed through) and the admin listener (metrics, health, purge and refresh).
 //!
 //! ```text
 //! request ─► route::parse ─► account lookup ─► ResponseCache::get_or_fetch ─► response headers

@@ -86,10 +86,23 @@ impl RecordingList {
         if new.is_empty() {
             return None;
         }
-        let mut merged = self.clone();
-        merged.elements.extend(new.into_iter().cloned());
-        let body = render(merged.elements.iter());
-        Some((merged, body))
+        let body = render(self.elements.iter().chain(new.iter().copied()));
+        // Point the elements into the new body, so the old body and the delta's can be freed.
+        let mut offset = 1;
+        let elements = self
+            .elements
+            .iter()
+            .chain(new)
+            .map(|element| {
+                let raw = body.slice(offset..offset + element.raw.len());
+                offset += element.raw.len() + 1;
+                Element {
+                    id: element.id,
+                    raw,
+                }
+            })
+            .collect();
+        Some((Self { elements }, body))
     }
 }
 
@@ -178,6 +191,13 @@ mod tests {
             &br#"[{"QueueCallId":1,"a":1},{"QueueCallId":3},{"QueueCallId":5, "b":2}]"#[..]
         );
         assert_eq!(merged.max_id(), Some(5));
+        assert!(
+            merged
+                .elements
+                .iter()
+                .all(|e| body.as_ptr_range().contains(&e.raw.as_ptr())),
+            "the merged elements live in the merged body"
+        );
         assert_eq!(merged, list(std::str::from_utf8(&body).unwrap()));
         assert!(full.merge(&list("[]")).is_none());
         assert!(

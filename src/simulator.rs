@@ -397,6 +397,11 @@ fn add_calls(state: &SimState, account: &str, agent: u64, count: u64) -> Vec<u64
     let Some(agent) = agents.iter_mut().find(|a| a.id == agent) else {
         return Vec::new();
     };
+    // QueueCallIds rise across the whole box: a new call is above every recorded one.
+    let floor = agent.recordings.iter().map(|(id, _)| id + 1).max();
+    state
+        .next_call
+        .fetch_max(floor.unwrap_or(0), Ordering::SeqCst);
     (0..count)
         .map(|_| {
             let id = state.next_call.fetch_add(1, Ordering::SeqCst);

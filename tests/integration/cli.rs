@@ -191,6 +191,7 @@ pin_sha256 = "{pin}"
         path("id", "999"),
         path("phone", "1"),
         format!("{}?fromQueueCallId=x", path("id", "1")),
+        format!("{}?fromQueueCallId=1", path("email", EMAIL)),
     ] {
         bodies.push(
             request(
@@ -203,12 +204,22 @@ pin_sha256 = "{pin}"
         );
     }
     bodies.push(request(public, "POST", &path("id", "1"), &[("Content-Length", "0")]).await);
+    let audio = format!("/mot/{ACCOUNT}/queues/calls/recordings/150000");
+    bodies.push(request(public, "GET", &audio, &[("Range", "bytes=0-9")]).await);
+    let refresh = format!("/cache/{ACCOUNT}/agents/email/{EMAIL}/refresh");
+    bodies.push(request(admin, "POST", &refresh, &[]).await);
+    bodies.push(request(admin, "DELETE", "/cache", &[]).await);
     for failure in [Failure::Status(500), Failure::Status(401), Failure::Close] {
         simulator.set_failure(failure);
         bodies.push(request(public, "GET", &path("id", "104"), &[]).await);
     }
     let statuses: Vec<u16> = bodies.iter().map(|r| r.status).collect();
-    assert_eq!(statuses, [200, 200, 404, 400, 400, 405, 502, 502, 502]);
+    assert_eq!(
+        statuses,
+        [
+            200, 200, 404, 400, 400, 200, 405, 206, 200, 200, 502, 502, 502
+        ]
+    );
     let metrics = request(admin, "GET", "/metrics", &[]).await;
     assert_eq!(metrics.status, 200);
 
@@ -267,7 +278,7 @@ fn the_demo_prints_curl_commands_that_work_as_printed() {
                 .map(|c| format!("curl {c}"))
         })
         .collect();
-    assert_eq!(commands.len(), 7, "{:#?}", demo.seen);
+    assert_eq!(commands.len(), 11, "{:#?}", demo.seen);
     let run = |command: &str| {
         let command = command.split("  #").next().unwrap();
         let output = Command::new("sh").args(["-c", command]).output().unwrap();
@@ -292,16 +303,28 @@ fn the_demo_prints_curl_commands_that_work_as_printed() {
         outputs[2]
     );
     assert!(
-        outputs[3].starts_with("HTTP/1.1 200 OK") && outputs[3].contains("QueueCallId"),
-        "{}",
+        outputs[3].to_lowercase().contains("x-cache: hit"),
+        "fromQueueCallId from the stored list: {}",
         outputs[3]
     );
-    assert!(outputs[4].starts_with("HTTP/1.1 404"), "{}", outputs[4]);
-    assert!(outputs[5].starts_with("HTTP/1.1 400"), "{}", outputs[5]);
+    let gzip_bytes: usize = outputs[4]
+        .strip_suffix(" bytes gzip\n")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{}", outputs[4]));
+    assert!((100..5_000).contains(&gzip_bytes), "{}", outputs[4]);
+    assert_eq!(outputs[5], "206 1000 bytes of audio\n");
     assert!(
-        outputs[6].contains("miralix_gateway_cache_hits_total{account=\"greenbox\"} 2"),
+        outputs[6].contains("\"refreshed\":true") && outputs[6].contains("\"recordings\":40"),
         "{}",
         outputs[6]
+    );
+    assert!(outputs[7].contains("\"purged\":1"), "{}", outputs[7]);
+    assert!(outputs[8].starts_with("HTTP/1.1 404"), "{}", outputs[8]);
+    assert!(outputs[9].starts_with("HTTP/1.1 400"), "{}", outputs[9]);
+    assert!(
+        outputs[10].contains("miralix_gateway_cache_hits_total{account=\"greenbox\"} 4"),
+        "{}",
+        outputs[10]
     );
     let logs = demo.finish();
     assert!(
