@@ -17,6 +17,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde::Deserialize;
 
+use crate::auth::{self, Access, Digest};
+
 /// Prefix of environment overrides: `MIRALIX_GATEWAY__CACHE__TTL=10s` sets `cache.ttl`.
 pub const ENV_PREFIX: &str = "MIRALIX_GATEWAY";
 
@@ -112,8 +114,10 @@ impl LoadContext {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminConfig {
-    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    /// Where `/metrics`, `/healthz`, `/readyz` and `/cache` are served.
     pub listen: SocketAddr,
+    /// SHA-256 of the token `/cache` requests must present; without one they are refused.
+    pub token: Option<Digest>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,6 +155,20 @@ pub struct AccountConfig {
     pub upstream: UpstreamSettings,
     /// Which API the box speaks; 6.5 has no `fromQueueCallId`.
     pub api_version: ApiVersion,
+    /// Who may read this account through the gateway.
+    pub access: Access,
+}
+
+impl AccountConfig {
+    /// Whether the box is reached the same way: everything but `access`, which can change
+    /// without touching the client or the cached entries.
+    pub fn same_upstream(&self, other: &AccountConfig) -> bool {
+        self.base_url == other.base_url
+            && self.shared_secret == other.shared_secret
+            && self.trust == other.trust
+            && self.upstream == other.upstream
+            && self.api_version == other.api_version
+    }
 }
 
 /// The OfficeTeam API version of a box, as far as the gateway cares.
@@ -418,6 +436,12 @@ pub struct RawLog {
 pub struct RawAdmin {
     /// Default `127.0.0.1:9091`.
     pub listen: Option<String>,
+    /// The admin token (for `/cache`) inline; keep the file unreadable to others.
+    pub token: Option<Secret>,
+    /// Or a file holding it.
+    pub token_file: Option<PathBuf>,
+    /// Or a systemd credential holding it.
+    pub token_credential: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -483,6 +507,12 @@ pub struct RawAccount {
     pub server_name: Option<String>,
     /// `"7"` (default) or `"6.5"`.
     pub api_version: Option<String>,
+    /// Keys clients present, in clear (hashed when loaded).
+    pub api_keys: Option<Vec<Secret>>,
+    /// SHA-256 hex of each key.
+    pub api_key_hashes: Option<Vec<String>>,
+    /// Serve the account without keys on a non-loopback listener.
+    pub allow_anonymous: Option<bool>,
     // Overrides of [upstream]; the same keys as `RawUpstream`.
     pub timeout: Option<String>,
     pub connect_timeout: Option<String>,
@@ -623,12 +653,51 @@ impl RawConfig {
                 "no account is configured: add at least one [accounts.<name>] table",
             );
         }
+        // Where an account without keys would be reachable from.
+        let exposed: Vec<(&str, SocketAddr)> = match &server {
+            Some(server) => std::iter::once(("server.listen", server.listen))
+                .chain(server.plain_listen.map(|a| ("server.plain_listen", a)))
+                .filter(|(_, addr)| !addr.ip().is_loopback())
+                .collect(),
+            None => Vec::new(),
+        };
         let mut accounts = BTreeMap::new();
-        for (name, raw) in self.accounts {
-            if let Some(account) = validate_account(&name, raw, &upstream, context, &mut problems) {
-                accounts.insert(name, account);
+        for (name, mut raw) in self.accounts {
+            let access = validate_access(&name, &mut raw, &exposed, &mut problems);
+            if let Some(account) = validate_account(&name, raw, &upstream, context, &mut problems)
+                && let Some(access) = access
+            {
+                accounts.insert(name, AccountConfig { access, ..account });
             }
         }
+        let admin = self.admin;
+        let sources = [
+            admin.token.is_some(),
+            admin.token_file.is_some(),
+            admin.token_credential.is_some(),
+        ];
+        let admin_token = match (admin.token, admin.token_file, admin.token_credential) {
+            _ if sources.iter().filter(|set| **set).count() > 1 => {
+                problems.push(
+                    "admin.token",
+                    "set at most one of token, token_file and token_credential",
+                );
+                None
+            }
+            (Some(token), _, _) => problems
+                .check("admin.token", token_digest(token.expose().as_bytes()))
+                .map(Some),
+            (_, Some(path), _) => problems
+                .check("admin.token_file", read_token_file(&path))
+                .map(Some),
+            (_, _, Some(name)) => problems
+                .check(
+                    "admin.token_credential",
+                    read_credential(context, &name).and_then(|bytes| token_digest(&bytes)),
+                )
+                .map(Some),
+            (None, None, None) => Some(None),
+        };
 
         if let (Some(server), Some(admin)) = (&server, admin_listen) {
             let mut taken = vec![("server.listen", server.listen)];
@@ -657,11 +726,16 @@ impl RawConfig {
                 gzip_level: gzip_level?,
             })
         })();
-        match (server, admin_listen, cache, log_format) {
-            (Some(server), Some(admin), Some(cache), Some(format)) if problems.0.is_empty() => {
+        match (server, admin_listen, cache, log_format, admin_token) {
+            (Some(server), Some(admin), Some(cache), Some(format), Some(token))
+                if problems.0.is_empty() =>
+            {
                 Ok(Config {
                     server,
-                    admin: AdminConfig { listen: admin },
+                    admin: AdminConfig {
+                        listen: admin,
+                        token,
+                    },
                     cache,
                     log: LogConfig { format },
                     accounts,
@@ -921,6 +995,7 @@ fn validate_account(
         parse_api_version(raw.api_version.as_deref()),
     );
     Some(AccountConfig {
+        access: Access::Open,
         api_version: api_version?,
         base_url: base_url?,
         shared_secret: shared_secret?,
@@ -1093,6 +1168,79 @@ fn read_secret_file(path: &Path) -> Result<Secret, String> {
     secret_from_bytes(&bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Who may read an account: its keys, or anyone when that was asked for or only loopback
+/// listeners expose it.
+fn validate_access(
+    name: &str,
+    raw: &mut RawAccount,
+    exposed: &[(&str, SocketAddr)],
+    problems: &mut Problems,
+) -> Option<Access> {
+    let key = |field: &str| format!("accounts.{name}.{field}");
+    let mut digests = Vec::new();
+    let mut valid = true;
+    for (index, secret) in raw.api_keys.take().unwrap_or_default().iter().enumerate() {
+        match auth::key_digest(secret.expose()) {
+            Ok(digest) => digests.push(digest),
+            Err(message) => {
+                problems.push(key(&format!("api_keys[{index}]")), message);
+                valid = false;
+            }
+        }
+    }
+    for (index, hex) in raw
+        .api_key_hashes
+        .take()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        match auth::parse_digest(hex) {
+            Ok(digest) => digests.push(digest),
+            Err(message) => {
+                problems.push(key(&format!("api_key_hashes[{index}]")), message);
+                valid = false;
+            }
+        }
+    }
+    let anonymous = raw.allow_anonymous.take().unwrap_or(false);
+    if anonymous && !digests.is_empty() {
+        problems.push(
+            key("allow_anonymous"),
+            "allow_anonymous = true with api keys configured: keys would be pointless; remove one or the other",
+        );
+        return None;
+    }
+    if !valid {
+        return None;
+    }
+    if !digests.is_empty() {
+        return Some(Access::Keys(digests));
+    }
+    if let Some((listener, addr)) = exposed.first().filter(|_| !anonymous) {
+        problems.push(
+            key("api_key_hashes"),
+            format!(
+                "this account has no API keys and {listener} = {addr} is not a loopback address, so anyone who can reach the gateway could read its recordings: add api_key_hashes (SHA-256 hex of each key) or api_keys, or set allow_anonymous = true to serve it without keys on purpose"
+            ),
+        );
+        return None;
+    }
+    Some(Access::Open)
+}
+
+fn read_token_file(path: &Path) -> Result<Digest, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    token_digest(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The digest of an admin token read from a file or credential (one trailing newline ignored).
+fn token_digest(bytes: &[u8]) -> Result<Digest, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "the admin token is not UTF-8 text")?;
+    auth::key_digest(text.trim_end_matches(['\r', '\n']))
+        .map_err(|e| e.replace("an API key", "the admin token"))
+}
+
 /// A secret stored in a file or credential.
 fn secret_from_bytes(bytes: &[u8]) -> Result<Secret, String> {
     let text = std::str::from_utf8(bytes).map_err(|_| "the shared secret is not UTF-8 text")?;
@@ -1158,6 +1306,7 @@ mod tests {
         [accounts.greenbox]
         base_url = "https://192.168.1.10"
         shared_secret = "s3cret"
+        api_key_hashes = ["9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"]
     "#;
 
     #[test]
@@ -1241,6 +1390,80 @@ mod tests {
                 "{key} missing from {problems:#?}"
             );
         }
+    }
+
+    #[test]
+    fn an_account_without_keys_is_open_only_on_loopback_or_when_asked() {
+        let account = |extra: &str| {
+            format!(
+                "[accounts.greenbox]\nbase_url = \"https://10.0.0.1\"\nshared_secret = \"s\"\n{extra}\n"
+            )
+        };
+        let err = from_toml_str(&account(""), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("accounts.greenbox.api_key_hashes: this account has no API keys and server.listen = 0.0.0.0:8080 is not a loopback address"),
+            "{err}"
+        );
+        let loopback = format!("[server]\nlisten = \"127.0.0.1:8080\"\n{}", account(""));
+        assert_eq!(
+            from_toml_str(&loopback, "t.toml").unwrap().accounts["greenbox"].access,
+            Access::Open
+        );
+        let exposed_plain = format!(
+            "[server]\nlisten = \"127.0.0.1:8080\"\nplain_listen = \"[::]:8081\"\n{}",
+            account("")
+        );
+        let err = from_toml_str(&exposed_plain, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.plain_listen = [::]:8081"), "{err}");
+        let open = from_toml_str(&account("allow_anonymous = true"), "t.toml").unwrap();
+        assert_eq!(open.accounts["greenbox"].access, Access::Open);
+        let keyed =
+            from_toml_str(&account("api_keys = [\"0123456789abcdef-key\"]"), "t.toml").unwrap();
+        assert_eq!(
+            keyed.accounts["greenbox"].access,
+            Access::Keys(vec![auth::digest(b"0123456789abcdef-key")])
+        );
+        assert!(
+            !format!("{keyed:?}").contains("0123456789abcdef-key"),
+            "keys never show in Debug"
+        );
+        for (extra, key) in [
+            ("api_keys = [\"short\"]", "api_keys[0]"),
+            ("api_key_hashes = [\"abc\"]", "api_key_hashes[0]"),
+            (
+                "api_keys = [\"0123456789abcdef-key\"]\nallow_anonymous = true",
+                "allow_anonymous",
+            ),
+        ] {
+            let err = from_toml_str(&account(extra), "t.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("accounts.greenbox.{key}: ")), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_admin_token_is_read_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.token");
+        std::fs::write(&path, "admin-token-0123456789\n").unwrap();
+        let text = format!("[admin]\ntoken_file = \"{}\"\n{MINIMAL}", path.display());
+        let config = from_toml_str(&text, "t.toml").unwrap();
+        assert_eq!(
+            config.admin.token,
+            Some(auth::digest(b"admin-token-0123456789"))
+        );
+        std::fs::write(&path, "short\n").unwrap();
+        let err = from_toml_str(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("admin.token_file: ")
+                && err.contains("the admin token must be at least 16"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1359,7 +1582,8 @@ mod tests {
         std::fs::copy(&key, dir.path().join("tls-key")).unwrap();
         let text = format!(
             "[server.tls]\ncert = \"{}\"\nkey_credential = \"tls-key\"\n\
-             [accounts.greenbox]\nbase_url = \"https://10.0.0.1\"\nshared_secret_credential = \"greenbox\"\n",
+             [accounts.greenbox]\nbase_url = \"https://10.0.0.1\"\nshared_secret_credential = \"greenbox\"\n\
+             allow_anonymous = true\n",
             cert.display()
         );
         let context = LoadContext {

@@ -15,6 +15,9 @@ pub const ACCOUNT: &str = "greenbox";
 /// The demo box's shared secret; it exists only inside this process.
 pub const SHARED_SECRET: &str = "demo-secret-4f1c9a";
 
+/// The demo's admin token, for the `/cache` endpoints.
+pub const ADMIN_TOKEN: &str = "demo-admin-token-8d2e";
+
 /// Why the demo could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -50,6 +53,7 @@ listen = "{listen}"
 
 [admin]
 listen = "{admin_listen}"
+token = "{ADMIN_TOKEN}"
 
 [cache]
 ttl = "60s"
@@ -94,8 +98,8 @@ Try it (the first call is a MISS that reaches the box, the same agent again is a
   curl -si '{base}/email/derek.a@company.local/recordings?fromQueueCallId=150100' | grep -i x-cache  # from the stored list: HIT
   curl -s --compressed -o /dev/null -w '%{{size_download}} bytes gzip\\n' {base}/email/derek.a@company.local/recordings
   curl -s -o /dev/null -w '%{{http_code}} %{{size_download}} bytes of audio\\n' -H 'Range: bytes=0-999' http://{public}/mot/{ACCOUNT}/queues/calls/recordings/150000
-  curl -s -X POST http://{admin}/cache/{ACCOUNT}/agents/email/derek.a@company.local/refresh; echo
-  curl -s -X DELETE http://{admin}/cache/{ACCOUNT}; echo
+  curl -s -X POST -H 'Authorization: Bearer {ADMIN_TOKEN}' http://{admin}/cache/{ACCOUNT}/agents/email/derek.a@company.local/refresh; echo
+  curl -s -X DELETE -H 'Authorization: Bearer {ADMIN_TOKEN}' http://{admin}/cache/{ACCOUNT}; echo
   curl -si {base}/id/999/recordings                                          # unknown agent: 404
   curl -si {base}/phone/123/recordings                                       # bad type: 400
   curl -s  http://{admin}/metrics | grep -e cache_ -e upstream_requests

@@ -4,10 +4,11 @@
 //! `{"status": 400, "error": "<what was wrong and what is accepted>"}`, built here.
 
 use bytes::Bytes;
-use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Response, StatusCode};
 use http_body_util::Full;
 
+use crate::auth::AuthError;
 use crate::route::RouteError;
 use crate::upstream::UpstreamError;
 
@@ -29,6 +30,12 @@ pub enum ProxyError {
     )]
     AudioBusy(usize),
     #[error(transparent)]
+    Unauthorized(AuthError),
+    #[error(
+        "cache control is disabled: set admin.token_file (or admin.token_credential) and send the token as Authorization: Bearer <token>"
+    )]
+    AdminDisabled,
+    #[error(transparent)]
     Upstream(#[from] UpstreamError),
 }
 
@@ -43,6 +50,8 @@ impl ProxyError {
             ProxyError::Route(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::CannotEmulate => StatusCode::BAD_GATEWAY,
+            ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::AdminDisabled => StatusCode::FORBIDDEN,
             ProxyError::AudioBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(UpstreamError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream(
@@ -62,6 +71,15 @@ impl ProxyError {
             }
             ProxyError::AudioBusy(_) => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(1));
+            }
+            ProxyError::Unauthorized(reason) => {
+                let challenge = match reason {
+                    AuthError::Missing => "Bearer realm=\"miralix-gateway\"",
+                    AuthError::Invalid => {
+                        "Bearer realm=\"miralix-gateway\", error=\"invalid_token\""
+                    }
+                };
+                headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
             }
             ProxyError::Upstream(upstream) => {
                 if let Some(after) = upstream.retry_after() {

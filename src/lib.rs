@@ -42,6 +42,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod cache;
 pub mod clock;
 pub mod config;

@@ -29,6 +29,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
+use crate::auth::{self, AuthError, Client};
 use crate::cache::policy::{self, Freshness};
 use crate::cache::{
     CacheKey, CacheStatus, CachedResponse, FetchKind, Fetched, Previous, ResponseCache,
@@ -50,6 +51,8 @@ pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 /// The tracing target of the one event per request.
 pub const ACCESS_LOG: &str = "miralix_gateway::access";
+/// The tracing target of the audit log: who read which agent's list or which recording.
+pub const AUDIT_LOG: &str = "miralix_gateway::audit";
 /// The cache's name in `Cache-Status`.
 const CACHE_NAME: &str = "miralix-gateway";
 
@@ -90,9 +93,13 @@ impl Runtime {
         for (name, settings) in &config.accounts {
             let kept = previous
                 .and_then(|p| p.accounts.get(name))
-                .filter(|old| old.settings == *settings);
+                .filter(|old| old.settings.same_upstream(settings));
             let account = match kept {
-                Some(old) => old.clone(),
+                // The same box: keep the client and the protection; take the new keys.
+                Some(old) => Account {
+                    settings: settings.clone(),
+                    ..old.clone()
+                },
                 None => Account {
                     name: name.as_str().into(),
                     client: UpstreamClient::new(name, settings).map_err(|source| {
@@ -202,7 +209,7 @@ impl ReloadReport {
         for (name, account) in &new.accounts {
             match old.accounts.get(name) {
                 None => report.added.push(name.clone()),
-                Some(previous) if previous.settings == account.settings => {
+                Some(previous) if previous.settings.same_upstream(&account.settings) => {
                     report.unchanged.push(name.clone())
                 }
                 Some(_) => report.changed.push(name.clone()),
@@ -264,6 +271,10 @@ struct Exchange {
     cache: CacheStatus,
     upstream_status: Option<StatusCode>,
     account: Option<Arc<str>>,
+    /// Who was let in (by key id), once authenticated.
+    client: Option<Client>,
+    /// What was read, canonical, for the audit log.
+    resource: Option<String>,
 }
 
 /// Answer one request on the public listener. Never fails: errors become JSON answers.
@@ -274,6 +285,8 @@ pub async fn handle<B>(state: Arc<AppState>, request: Request<B>) -> Response<Bo
         cache: CacheStatus::None,
         upstream_status: None,
         account: None,
+        client: None,
+        resource: None,
     };
     let mut response = match handle_inner(&state, &request, &mut exchange).await {
         Ok(response) => response,
@@ -284,6 +297,16 @@ pub async fn handle<B>(state: Arc<AppState>, request: Request<B>) -> Response<Bo
         strip_body(&mut response);
     }
     state.metrics.record_response(response.status());
+    if let (Some(client), Some(resource)) = (exchange.client, &exchange.resource) {
+        tracing::info!(
+            target: AUDIT_LOG,
+            account = exchange.account.as_deref().unwrap_or_default(),
+            client = %client,
+            resource = %resource,
+            status = response.status().as_u16(),
+            "read"
+        );
+    }
     let Some(started) = started else {
         return response;
     };
@@ -292,6 +315,7 @@ pub async fn handle<B>(state: Arc<AppState>, request: Request<B>) -> Response<Bo
         method = %request.method(),
         path = %request.uri().path(),
         account = exchange.account.as_deref().unwrap_or_default(),
+        client = exchange.client.map(tracing::field::display),
         status = response.status().as_u16(),
         cache = exchange.cache.as_str(),
         upstream_status = exchange.upstream_status.map(|s| s.as_u16()),
@@ -323,8 +347,23 @@ async fn handle_inner<B>(
         .get(name.as_ref())
         .ok_or_else(|| ProxyError::UnknownAccount(name.clone().into_owned()))?;
     exchange.account = Some(account.name.clone());
+    // Before anything is looked up: an unauthenticated request learns nothing, not even
+    // whether an agent is cached.
+    let client = auth::check(&account.settings.access, request.headers())
+        .map_err(ProxyError::Unauthorized)?;
+    exchange.client = Some(client);
     match route {
         Route::Recordings(recordings) => {
+            let query = &recordings.query;
+            let mut resource = format!(
+                "agents/{}/{}/recordings",
+                query.id_type.as_str(),
+                query.identification
+            );
+            if let Some(from) = query.from_queue_call_id {
+                resource.push_str(&format!("?{}={from}", route::FROM_QUEUE_CALL_ID));
+            }
+            exchange.resource = Some(resource);
             let response = recordings_response(
                 state,
                 &runtime.config.cache,
@@ -337,6 +376,7 @@ async fn handle_inner<B>(
             Ok(response.map(Either::Left))
         }
         Route::Audio { queue_call_id, .. } => {
+            exchange.resource = Some(format!("queues/calls/recordings/{queue_call_id}"));
             audio_response(account, queue_call_id, request, exchange).await
         }
     }
@@ -926,6 +966,18 @@ async fn cache_admin<B>(state: &AppState, request: &Request<B>) -> Response<Full
         return ProxyError::MethodNotAllowed { method, allow }.to_response();
     }
     let runtime = state.runtime();
+    match &runtime.config.admin.token {
+        None => return ProxyError::AdminDisabled.to_response(),
+        Some(token) if !auth::admin_token_matches(token, request.headers()) => {
+            tracing::warn!(
+                target: AUDIT_LOG,
+                path = request.uri().path(),
+                "cache control refused: missing or wrong admin token"
+            );
+            return ProxyError::Unauthorized(AuthError::Invalid).to_response();
+        }
+        Some(_) => {}
+    }
     let account = |name: &str| {
         runtime
             .accounts
@@ -972,7 +1024,7 @@ fn describe(query: &AgentQuery) -> String {
 }
 
 fn purged(count: usize, scope: &str) -> Response<Full<Bytes>> {
-    tracing::info!(scope, entries = count, "cache purged");
+    tracing::info!(target: AUDIT_LOG, scope, entries = count, "cache purged");
     let body = serde_json::json!({ "purged": count });
     json_ok(body)
 }
@@ -1008,7 +1060,13 @@ async fn refresh_now(
         })
         .await;
     let entry = outcome.result?;
-    tracing::info!(account = %account.name, agent, status = entry.status.as_u16(), "cache refreshed");
+    tracing::info!(
+        target: AUDIT_LOG,
+        account = %account.name,
+        agent,
+        status = entry.status.as_u16(),
+        "cache refreshed"
+    );
     Ok(json_ok(serde_json::json!({
         "refreshed": entry.lifetime.is_some(),
         "status": entry.status.as_u16(),

@@ -414,6 +414,7 @@ mod tests {
             trust: UpstreamTrust::default(),
             upstream: crate::config::UpstreamSettings::default(),
             api_version: crate::config::ApiVersion::V7,
+            access: crate::auth::Access::Open,
         };
         UpstreamClient::new(account, &config).unwrap()
     }

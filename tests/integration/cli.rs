@@ -153,6 +153,8 @@ async fn a_full_run_at_trace_level_never_shows_the_secret() {
     let dir = tempfile::tempdir().unwrap();
     let secret_file = dir.path().join("greenbox.secret");
     std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
     let config = dir.path().join("gateway.toml");
     let pin = pin_of(&simulator);
     std::fs::write(
@@ -163,16 +165,21 @@ async fn a_full_run_at_trace_level_never_shows_the_secret() {
 listen = "127.0.0.1:0"
 [admin]
 listen = "127.0.0.1:0"
+token_file = "{}"
 [accounts.{ACCOUNT}]
 base_url = "{}"
 shared_secret_file = "{}"
 pin_sha256 = "{pin}"
+api_keys = ["{API_KEY}"]
 "#,
+            token_file.display(),
             simulator.base_url(),
             secret_file.display()
         ),
     )
     .unwrap();
+    let bearer = format!("Bearer {API_KEY}");
+    let admin_bearer = format!("Bearer {ADMIN_TOKEN}");
     let mut gateway = Running::spawn(
         Command::new(BIN)
             .args(["serve", "--config"])
@@ -198,26 +205,44 @@ pin_sha256 = "{pin}"
                 public,
                 "GET",
                 &target,
-                &[("X-Miralix-Shared-Secret", "guess")],
+                &[
+                    ("X-Miralix-Shared-Secret", "guess"),
+                    ("Authorization", &bearer),
+                ],
             )
             .await,
         );
     }
+    let key = [("X-Api-Key", API_KEY)];
     bodies.push(request(public, "POST", &path("id", "1"), &[("Content-Length", "0")]).await);
+    bodies.push(request(public, "GET", &path("id", "1"), &[]).await);
+    let wrong = format!("{API_KEY}x");
+    bodies.push(request(public, "GET", &path("id", "1"), &[("X-Api-Key", &wrong)]).await);
     let audio = format!("/mot/{ACCOUNT}/queues/calls/recordings/150000");
-    bodies.push(request(public, "GET", &audio, &[("Range", "bytes=0-9")]).await);
+    let range = [("Range", "bytes=0-9"), ("X-Api-Key", API_KEY)];
+    bodies.push(request(public, "GET", &audio, &range).await);
     let refresh = format!("/cache/{ACCOUNT}/agents/email/{EMAIL}/refresh");
-    bodies.push(request(admin, "POST", &refresh, &[]).await);
-    bodies.push(request(admin, "DELETE", "/cache", &[]).await);
+    let admin_auth = [("Authorization", admin_bearer.as_str())];
+    bodies.push(request(admin, "POST", &refresh, &admin_auth).await);
+    bodies.push(
+        request(
+            admin,
+            "DELETE",
+            "/cache",
+            &[("Authorization", "Bearer nope")],
+        )
+        .await,
+    );
+    bodies.push(request(admin, "DELETE", "/cache", &admin_auth).await);
     for failure in [Failure::Status(500), Failure::Status(401), Failure::Close] {
         simulator.set_failure(failure);
-        bodies.push(request(public, "GET", &path("id", "104"), &[]).await);
+        bodies.push(request(public, "GET", &path("id", "104"), &key).await);
     }
     let statuses: Vec<u16> = bodies.iter().map(|r| r.status).collect();
     assert_eq!(
         statuses,
         [
-            200, 200, 404, 400, 400, 200, 405, 206, 200, 200, 502, 502, 502
+            200, 200, 404, 400, 400, 200, 405, 401, 401, 206, 200, 401, 200, 502, 502, 502
         ]
     );
     let metrics = request(admin, "GET", "/metrics", &[]).await;
@@ -233,6 +258,10 @@ pin_sha256 = "{pin}"
         !logs.contains('\u{1b}'),
         "no ANSI colour codes when not on a terminal"
     );
+    assert!(
+        logs.contains("miralix_gateway::audit") && logs.contains("client=key:"),
+        "reads are audited by key id:\n{logs}"
+    );
     for (what, text) in [
         ("logs", logs.clone()),
         ("metrics", metrics.text()),
@@ -246,6 +275,11 @@ pin_sha256 = "{pin}"
         ),
     ] {
         assert!(!text.contains(SECRET), "the secret appears in the {what}");
+        assert!(!text.contains(API_KEY), "an API key appears in the {what}");
+        assert!(
+            !text.contains(ADMIN_TOKEN),
+            "the admin token appears in the {what}"
+        );
     }
     // The box received it, so the test would have seen it had it been logged.
     assert!(

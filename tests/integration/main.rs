@@ -6,6 +6,7 @@ mod deploy;
 mod proxy;
 mod recordings;
 mod resilience;
+mod security;
 mod serving;
 mod support;
 mod upstream;

@@ -9,7 +9,9 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{ACCOUNT, EMAIL, Gateway, Options, SECRET, path, request, sample};
+use crate::support::{
+    ACCOUNT, ADMIN_TOKEN, EMAIL, Gateway, Options, SECRET, path, request, sample,
+};
 
 /// A gateway in front of a plain-HTTP box, so a test can also ask the box directly.
 async fn plain_gateway(cache: &'static str, account: &str) -> Gateway {
@@ -362,7 +364,50 @@ async fn gzip_can_be_turned_off() {
 }
 
 async fn admin(gw: &Gateway, method: &str, target: &str) -> crate::support::Reply {
-    request(gw.admin, method, target, &[]).await
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    request(gw.admin, method, target, &[("Authorization", &bearer)]).await
+}
+
+#[tokio::test]
+async fn cache_control_needs_the_admin_token() {
+    let gw = Gateway::start(Options::default()).await;
+    gw.get(&path("id", "1")).await;
+    for headers in [
+        vec![],
+        vec![("Authorization", "Bearer wrong-token-0123456789")],
+        vec![("Authorization", ADMIN_TOKEN)],
+    ] {
+        let reply = request(gw.admin, "DELETE", "/cache", &headers).await;
+        assert_eq!(reply.status, 401, "{headers:?}");
+        assert!(
+            reply
+                .header("www-authenticate")
+                .unwrap()
+                .starts_with("Bearer")
+        );
+    }
+    assert_eq!(
+        gw.get(&path("id", "1")).await.header("x-cache"),
+        Some("HIT")
+    );
+    assert_eq!(
+        request(gw.admin, "GET", "/metrics", &[]).await.status,
+        200,
+        "metrics stay open"
+    );
+
+    let closed = Gateway::start(Options {
+        admin_token: false,
+        ..Options::default()
+    })
+    .await;
+    let reply = admin(&closed, "DELETE", "/cache").await;
+    assert_eq!(reply.status, 403);
+    assert!(
+        reply.text().contains("admin.token_file"),
+        "{}",
+        reply.text()
+    );
 }
 
 #[tokio::test]

@@ -23,6 +23,12 @@ use tokio::task::JoinHandle;
 pub const ACCOUNT: &str = "greenbox";
 /// Distinctive, so a grep of logs and bodies cannot miss it.
 pub const SECRET: &str = "sec-7Qx9-do-not-leak-5mK2";
+/// An API key for tests that configure one; distinctive, like [`SECRET`].
+pub const API_KEY: &str = "key-Zp4w-do-not-leak-7Hc3";
+
+/// The admin token tests configure (see [`Options::admin_token`]).
+pub const ADMIN_TOKEN: &str = "adm-3Rt8-do-not-leak-x9Q1";
+
 /// Agent 103's canonical email address on the simulated box.
 pub const EMAIL: &str = "derek.a@company.local";
 
@@ -57,6 +63,8 @@ pub struct Options {
     pub server: &'static str,
     /// Terminate TLS on the public listener with a certificate from a test CA.
     pub terminate_tls: bool,
+    /// Configure [`ADMIN_TOKEN`] for the cache endpoints.
+    pub admin_token: bool,
 }
 
 impl Default for Options {
@@ -69,6 +77,7 @@ impl Default for Options {
             base_url: None,
             server: "",
             terminate_tls: false,
+            admin_token: true,
         }
     }
 }
@@ -176,6 +185,13 @@ impl Gateway {
                 format!("ca_file = \"{}\"", path.display())
             }
         };
+        let admin_token = if options.admin_token {
+            let path = dir.path().join("admin.token");
+            std::fs::write(&path, format!("{ADMIN_TOKEN}\n")).unwrap();
+            format!("token_file = \"{}\"", path.display())
+        } else {
+            String::new()
+        };
         let text = format!(
             r#"
 [server]
@@ -184,6 +200,7 @@ listen = "127.0.0.1:0"
 {server_tls}
 [admin]
 listen = "127.0.0.1:0"
+{admin_token}
 [cache]
 {cache}
 [accounts.{ACCOUNT}]

@@ -1,0 +1,107 @@
+//! Access control: API keys per account, checked before the cache; the audit trail.
+
+use crate::support::{ACCOUNT, API_KEY, Gateway, Options, SECRET, path, request};
+
+const OTHER_KEY: &str = "other-key-0123456789";
+
+fn keyed() -> Options {
+    Options {
+        account: format!("api_keys = [\"{API_KEY}\"]"),
+        ..Options::default()
+    }
+}
+
+#[tokio::test]
+async fn a_request_without_a_valid_key_learns_nothing() {
+    let gw = Gateway::start(keyed()).await;
+    let list = path("id", "103");
+    let ok = request(gw.addr, "GET", &list, &[("X-Api-Key", API_KEY)]).await;
+    assert_eq!(ok.status, 200);
+    let bearer = format!("Bearer {API_KEY}");
+    let again = request(gw.addr, "GET", &list, &[("Authorization", &bearer)]).await;
+    assert_eq!(again.header("x-cache"), Some("HIT"));
+
+    let asked = gw.simulator.request_count();
+    let wrong = format!("{API_KEY}0");
+    for (headers, challenge) in [
+        (vec![], "Bearer realm=\"miralix-gateway\""),
+        (
+            vec![("X-Api-Key", wrong.as_str())],
+            "Bearer realm=\"miralix-gateway\", error=\"invalid_token\"",
+        ),
+        (
+            vec![("Authorization", "Basic a2V5OnZhbHVl")],
+            "Bearer realm=\"miralix-gateway\"",
+        ),
+        (
+            vec![("X-Miralix-Shared-Secret", SECRET)],
+            "Bearer realm=\"miralix-gateway\"",
+        ),
+    ] {
+        for target in [
+            list.clone(),
+            format!("{list}?fromQueueCallId=1"),
+            path("id", "999"),
+            format!("/mot/{ACCOUNT}/queues/calls/recordings/150000"),
+        ] {
+            let reply = request(gw.addr, "GET", &target, &headers).await;
+            assert_eq!(reply.status, 401, "{target} {headers:?}");
+            assert_eq!(reply.header("www-authenticate"), Some(challenge));
+            assert_eq!(reply.header("x-cache"), None, "no hint of the cache");
+            assert_eq!(reply.header("etag"), None);
+            assert!(reply.json()["error"].as_str().unwrap().contains("API key"));
+        }
+    }
+    assert_eq!(
+        gw.simulator.request_count(),
+        asked,
+        "nothing reached the box"
+    );
+}
+
+#[tokio::test]
+async fn a_key_of_one_account_opens_no_other_and_keys_rotate_without_losing_the_cache() {
+    let gw = Gateway::start(keyed()).await;
+    let list = path("id", "103");
+    assert_eq!(
+        request(gw.addr, "GET", &list, &[("X-Api-Key", API_KEY)])
+            .await
+            .status,
+        200
+    );
+    // A second account on the same box, with its own key.
+    let two = format!(
+        "{}\n[accounts.bluebox]\nbase_url = \"{}\"\nshared_secret = \"x\"\npin_sha256 = \"{}\"\napi_keys = [\"{OTHER_KEY}\"]\n",
+        gw.config_text,
+        gw.simulator.base_url(),
+        crate::support::pin_of(&gw.simulator)
+    );
+    gw.reload_text(&two).await.unwrap();
+    let blue = "/mot/bluebox/agents/id/103/recordings";
+    let denied = request(gw.addr, "GET", blue, &[("X-Api-Key", API_KEY)]).await;
+    assert_eq!(denied.status, 401);
+    let other = request(gw.addr, "GET", &list, &[("X-Api-Key", OTHER_KEY)]).await;
+    assert_eq!(other.status, 401);
+    let own = request(gw.addr, "GET", blue, &[("X-Api-Key", OTHER_KEY)]).await;
+    assert_ne!(own.status, 401, "bluebox's key opens bluebox");
+
+    // Rotate greenbox's key: the new one works at once, the old one no longer, and the
+    // account's cache entries stay (the box is reached the same way).
+    let rotated = two.replacen(
+        &format!("api_keys = [\"{API_KEY}\"]"),
+        "api_keys = [\"rotated-key-0123456789\"]",
+        1,
+    );
+    let report = gw.reload_text(&rotated).await.unwrap();
+    assert!(report.unchanged.contains(&ACCOUNT.to_owned()), "{report:?}");
+    let old = request(gw.addr, "GET", &list, &[("X-Api-Key", API_KEY)]).await;
+    assert_eq!(old.status, 401);
+    let new = request(
+        gw.addr,
+        "GET",
+        &list,
+        &[("X-Api-Key", "rotated-key-0123456789")],
+    )
+    .await;
+    assert_eq!(new.header("x-cache"), Some("HIT"));
+}
