@@ -51,6 +51,8 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Open connections on the public listeners at most; further clients wait in the backlog.
     pub max_connections: usize,
+    /// Largest request head (request line and headers) accepted; larger ones get `431`.
+    pub max_request_head_bytes: usize,
 }
 
 /// A certificate chain and its private key, for terminating TLS.
@@ -416,6 +418,8 @@ pub struct RawServer {
     pub idle_timeout: Option<String>,
     /// Default 4096.
     pub max_connections: Option<u64>,
+    /// Default `16KiB`.
+    pub max_request_head_bytes: Option<RawSize>,
     pub tls: Option<RawTls>,
 }
 
@@ -558,6 +562,7 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+pub const DEFAULT_MAX_REQUEST_HEAD_BYTES: usize = 16 * 1024;
 pub const DEFAULT_STALE_WHILE_REVALIDATE: Duration = Duration::from_secs(30);
 pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(600);
 pub const DEFAULT_ERROR_BACKOFF: Duration = Duration::from_secs(1);
@@ -794,6 +799,18 @@ fn validate_server(
             None
         }
     };
+    let max_request_head_bytes = problems.check(
+        "server.max_request_head_bytes",
+        parse_size(
+            raw.max_request_head_bytes,
+            DEFAULT_MAX_REQUEST_HEAD_BYTES as u64,
+        )
+        .and_then(|bytes| match bytes {
+            // hyper needs room for at least 8 KiB of buffered head.
+            8192..=1_048_576 => Ok(bytes as usize),
+            _ => Err(format!("{bytes} is out of range: expected 8KiB to 1MiB")),
+        }),
+    );
     let tls = match raw.tls {
         Some(tls) => validate_tls(tls, context, problems).map(Some),
         None => Some(None),
@@ -807,6 +824,7 @@ fn validate_server(
         tls_handshake_timeout: tls_handshake_timeout?,
         idle_timeout: idle_timeout?,
         max_connections: max_connections?,
+        max_request_head_bytes: max_request_head_bytes?,
     })
 }
 

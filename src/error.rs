@@ -29,6 +29,8 @@ pub enum ProxyError {
         "{0} audio downloads from this account's box are already in progress (upstream.max_audio_streams); try again shortly"
     )]
     AudioBusy(usize),
+    #[error("a request body is not accepted: send GET or HEAD without one")]
+    BodyNotAccepted,
     #[error(transparent)]
     Unauthorized(AuthError),
     #[error(
@@ -51,6 +53,7 @@ impl ProxyError {
             ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::CannotEmulate => StatusCode::BAD_GATEWAY,
             ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::BodyNotAccepted => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::AdminDisabled => StatusCode::FORBIDDEN,
             ProxyError::AudioBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(UpstreamError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,

@@ -278,7 +278,10 @@ struct Exchange {
 }
 
 /// Answer one request on the public listener. Never fails: errors become JSON answers.
-pub async fn handle<B>(state: Arc<AppState>, request: Request<B>) -> Response<Body> {
+pub async fn handle<B: http_body::Body>(
+    state: Arc<AppState>,
+    request: Request<B>,
+) -> Response<Body> {
     // The clock is read for the access log only when that log is on.
     let started = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO).then(Instant::now);
     let mut exchange = Exchange {
@@ -325,7 +328,7 @@ pub async fn handle<B>(state: Arc<AppState>, request: Request<B>) -> Response<Bo
     response
 }
 
-async fn handle_inner<B>(
+async fn handle_inner<B: http_body::Body>(
     state: &AppState,
     request: &Request<B>,
     exchange: &mut Exchange,
@@ -336,6 +339,12 @@ async fn handle_inner<B>(
             method: request.method().clone(),
             allow: "GET, HEAD",
         });
+    }
+    // A GET with a body is malformed for this API, and smuggling attempts carry one (hyper
+    // frames a message with both Content-Length and Transfer-Encoding by the latter, as RFC
+    // 9112 says, so that case lands here too).
+    if !request.body().is_end_stream() {
+        return Err(ProxyError::BodyNotAccepted);
     }
     let runtime = state.runtime.load();
     let name = match &route {

@@ -267,11 +267,19 @@ impl Connection {
             })
         };
         let mut builder = auto::Builder::new(TokioExecutor::new());
+        // A head larger than this, or with more than 100 headers, is answered 431 by hyper.
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(settings.header_read_timeout);
-        builder.http2().timer(TokioTimer::new());
+            .header_read_timeout(settings.header_read_timeout)
+            .max_buf_size(settings.max_request_head_bytes)
+            .max_headers(100);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(
+                u32::try_from(settings.max_request_head_bytes).unwrap_or(u32::MAX),
+            );
         let connection = builder.serve_connection(TokioIo::new(io), service);
         tokio::pin!(connection);
         let mut closing = false;

@@ -105,3 +105,63 @@ async fn a_key_of_one_account_opens_no_other_and_keys_rotate_without_losing_the_
     .await;
     assert_eq!(new.header("x-cache"), Some("HIT"));
 }
+
+#[tokio::test]
+async fn bodies_on_get_and_oversized_heads_are_refused() {
+    let gw = Gateway::start(Options::default()).await;
+    let list = path("id", "103");
+    let cases: Vec<(String, u16)> = vec![
+        (
+            format!(
+                "GET {list} HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+            ),
+            413,
+        ),
+        (
+            format!(
+                "GET {list} HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            ),
+            413,
+        ),
+        (
+            format!(
+                "GET {list} HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n"
+            ),
+            // Framed by Transfer-Encoding (RFC 9112 6.3): a body, refused like any other.
+            413,
+        ),
+        (
+            format!(
+                "GET {list} HTTP/1.1\r\nHost: gw\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+                "a".repeat(20_000)
+            ),
+            431,
+        ),
+        (
+            format!(
+                "GET {list} HTTP/1.1\r\nHost: gw\r\n{}Connection: close\r\n\r\n",
+                (0..120)
+                    .map(|n| format!("X-H{n}: 1\r\n"))
+                    .collect::<String>()
+            ),
+            431,
+        ),
+        (
+            format!(
+                "GET {list} HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            ),
+            200,
+        ),
+    ];
+    for (raw, expected) in cases {
+        let reply =
+            crate::support::parse_reply(&crate::support::exchange(gw.addr, raw.as_bytes()).await)
+                .unwrap_or_else(|| panic!("no answer to {:?}", &raw[..80.min(raw.len())]));
+        assert_eq!(reply.status, expected, "{:?}", &raw[..120.min(raw.len())]);
+    }
+    assert_eq!(
+        gw.simulator.request_count(),
+        1,
+        "only the clean request reached the box"
+    );
+}
