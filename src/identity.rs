@@ -418,3 +418,87 @@ mod tests {
         }
     }
 }
+
+/// Property tests: normalization never panics, is idempotent, and only ever yields characters
+/// the canonical forms allow, whatever the input.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Strings biased towards what breaks parsers: separators, escapes, controls, look-alikes.
+    fn hostile() -> impl Strategy<Value = String> {
+        let pieces = prop::sample::select(vec![
+            "@",
+            ":",
+            "sip:",
+            "SIPS:",
+            "<",
+            ">",
+            ";",
+            "?",
+            "/",
+            "\\",
+            "%",
+            "%2F",
+            " ",
+            "\t",
+            "\0",
+            "\r\n",
+            "{",
+            "}",
+            "-",
+            ".",
+            "..",
+            "0",
+            "9",
+            "a",
+            "Z",
+            "\u{0430}",
+            "\u{FF20}",
+            "\u{200B}",
+            "ß",
+            "İ",
+            "\u{1F600}",
+            "\"",
+            ",",
+        ]);
+        prop_oneof![
+            any::<String>(),
+            prop::collection::vec(pieces, 0..24).prop_map(|p| p.concat()),
+            "[0-9a-fA-F{}-]{0,40}",
+            "[a-zA-Z0-9._%+-]{0,20}@[a-zA-Z0-9.-]{0,20}",
+        ]
+    }
+
+    fn allowed(id_type: IdType, out: &str) -> bool {
+        out.len() <= MAX_IDENTIFICATION_BYTES
+            && !out.is_empty()
+            && !out
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace() || c == '/' || c == '\\')
+            && match id_type {
+                IdType::Id => out.bytes().all(|b| b.is_ascii_digit()),
+                IdType::SyncId => {
+                    out.len() == 36 && out.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+                }
+                IdType::Email => out.matches('@').count() == 1 && out == out.to_lowercase(),
+                IdType::SipUri => out.starts_with("sip:") && out == out.to_lowercase(),
+            }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn normalization_is_total_idempotent_and_clean(raw in hostile()) {
+            for id_type in IdType::ALL {
+                if let Ok(out) = id_type.normalize(&raw) {
+                    prop_assert!(allowed(id_type, &out), "{id_type:?} {raw:?} -> {out:?}");
+                    prop_assert_eq!(id_type.normalize(&out), Ok(out.clone()));
+                }
+            }
+        }
+    }
+}

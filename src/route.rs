@@ -398,3 +398,70 @@ mod tests {
         ));
     }
 }
+
+/// Property tests: any target is parsed or refused without panicking, and what is accepted is
+/// canonical (parsing its canonical path again gives the same request).
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn segment() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[a-zA-Z0-9@:._%-]{0,30}",
+            prop::sample::select(vec![
+                "%2F",
+                "%2f",
+                "%252F",
+                "..",
+                "%2E%2E",
+                "%00",
+                "%0D%0A",
+                "%C0%AF",
+                "%E2%80%8B",
+                "sip:a@b",
+                "103",
+                "0103",
+                "",
+                "/",
+                "//",
+            ])
+            .prop_map(str::to_owned),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn parsing_is_total_and_canonical(
+            kind in prop::sample::select(vec!["id", "EMAIL", "sipUri", "syncid", "phone", ""]),
+            identification in segment(),
+            account in segment(),
+            query in prop::option::of(any::<String>()),
+        ) {
+            let path = format!("/mot/{account}/agents/{kind}/{identification}/recordings");
+            if let Ok(Route::Recordings(request)) = parse(&path, query.as_deref()) {
+                let query_text = request
+                    .query
+                    .from_queue_call_id
+                    .map(|n| format!("{FROM_QUEUE_CALL_ID}={n}"));
+                let encoded = percent_encoding::utf8_percent_encode(
+                    &request.query.identification,
+                    percent_encoding::NON_ALPHANUMERIC,
+                )
+                .to_string();
+                let canonical = format!(
+                    "/mot/{}/agents/{}/{encoded}/recordings",
+                    percent_encoding::utf8_percent_encode(&request.account, percent_encoding::NON_ALPHANUMERIC),
+                    request.query.id_type.as_str(),
+                );
+                let again = parse(&canonical, query_text.as_deref());
+                prop_assert_eq!(again, Ok(Route::Recordings(request.clone())));
+            }
+            let _ = parse_cache_target(&format!("/cache/{account}/agents/{kind}/{identification}"));
+        }
+    }
+}
