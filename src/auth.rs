@@ -83,10 +83,7 @@ pub enum AuthError {
 
 /// SHA-256 of a key.
 pub fn digest(key: &[u8]) -> Digest {
-    let digest = ring::digest::digest(&ring::digest::SHA256, key);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest.as_ref());
-    out
+    crate::upstream::trust::sha256(key)
 }
 
 /// Equal digests, compared without an early exit.
@@ -146,18 +143,12 @@ pub fn admin_token_matches(token: &Digest, headers: &HeaderMap) -> bool {
 /// Parse a configured `api_key_hashes` entry: 64 hex digits, either case.
 pub fn parse_digest(hex: &str) -> Result<Digest, String> {
     let hex = hex.trim();
-    let valid = hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit());
-    if !valid {
-        return Err(format!(
+    crate::config::sha256_from_hex(hex).ok_or_else(|| {
+        format!(
             "\"{}\" is not a SHA-256 digest: expected 64 hex digits, e.g. from `printf %s \"$KEY\" | sha256sum`",
             crate::identity::truncate_for_message(hex)
-        ));
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
-    }
-    Ok(out)
+        )
+    })
 }
 
 /// Shortest key accepted in `api_keys`: a key must not be guessable.

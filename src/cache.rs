@@ -240,6 +240,14 @@ fn weigh(key: &CacheKey, value: &Arc<CachedResponse>) -> u32 {
     u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
+/// The result a flight ends with; `Aborted` if it ended without one.
+async fn completion(receiver: &mut watch::Receiver<Option<FetchResult>>) -> FetchResult {
+    match receiver.wait_for(Option::is_some).await {
+        Ok(done) => done.clone().unwrap_or(Err(UpstreamError::Aborted)),
+        Err(_) => Err(UpstreamError::Aborted),
+    }
+}
+
 /// Keys remembered as failing at most; far more than the keys that can fail within a backoff.
 const MAX_REMEMBERED_FAILURES: u64 = 100_000;
 
@@ -367,11 +375,7 @@ impl ResponseCache {
                 (CacheStatus::Miss, receiver)
             }
         };
-        let result = match receiver.wait_for(Option::is_some).await {
-            Ok(done) => done.clone().unwrap_or(Err(UpstreamError::Aborted)),
-            Err(_) => Err(UpstreamError::Aborted),
-        };
-        Outcome::new(status, result)
+        Outcome::new(status, completion(&mut receiver).await)
     }
 
     /// Start a background refresh of `key` unless one is running or the key is backing off.
@@ -412,11 +416,7 @@ impl ResponseCache {
                 }
             }
         };
-        let result = match receiver.wait_for(Option::is_some).await {
-            Ok(done) => done.clone().unwrap_or(Err(UpstreamError::Aborted)),
-            Err(_) => Err(UpstreamError::Aborted),
-        };
-        Outcome::new(CacheStatus::Miss, result)
+        Outcome::new(CacheStatus::Miss, completion(&mut receiver).await)
     }
 
     /// Remove every stored entry (and remembered failure) whose key matches; returns how many

@@ -1296,16 +1296,23 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String
 /// Accept `FD:C8:0A:...` (openssl's fingerprint output) or plain hex, any case.
 pub fn parse_pin(value: &str) -> Result<[u8; 32], String> {
     let hex: String = value.chars().filter(|c| *c != ':').collect();
-    let expected = "expected the SHA-256 fingerprint of the box's certificate as 64 hex digits, \
-                    optionally colon-separated (openssl x509 -noout -fingerprint -sha256)";
-    if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(expected.into());
+    sha256_from_hex(&hex).ok_or_else(|| {
+        "expected the SHA-256 fingerprint of the box's certificate as 64 hex digits, \
+         optionally colon-separated (openssl x509 -noout -fingerprint -sha256)"
+            .to_owned()
+    })
+}
+
+/// A SHA-256 digest written as 64 hex digits (either case), or `None`.
+pub(crate) fn sha256_from_hex(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
     }
-    let mut pin = [0u8; 32];
-    for (i, byte) in pin.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| expected.to_owned())?;
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
     }
-    Ok(pin)
+    Some(out)
 }
 
 /// Format a SHA-256 fingerprint the way openssl prints it (`AB:CD:...`).
