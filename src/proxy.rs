@@ -412,12 +412,9 @@ async fn recordings_response<B>(
     let from = query
         .from_queue_call_id
         .filter(|_| !api.has_from_queue_call_id() || !cache.ttl.is_zero());
+    // Answered from the full list when selecting; otherwise the request's own key.
     let full = AgentQuery {
-        from_queue_call_id: if from.is_some() {
-            None
-        } else {
-            query.from_queue_call_id
-        },
+        from_queue_call_id: query.from_queue_call_id.filter(|_| from.is_none()),
         ..query.clone()
     };
     let gzip = encoding::accepts_gzip(request.headers().get_all(ACCEPT_ENCODING).iter());
@@ -999,33 +996,30 @@ async fn cache_admin<B>(state: &AppState, request: &Request<B>) -> Response<Full
             .get(name)
             .ok_or_else(|| ProxyError::UnknownAccount(name.to_owned()))
     };
-    let result = match target {
-        CacheTarget::All => Ok(purged(state.cache.purge(|_| true).await, "every account")),
-        CacheTarget::Account(name) => match account(&name) {
-            Ok(account) => {
-                let name = account.name.clone();
+    let result = async {
+        Ok(match target {
+            CacheTarget::All => purged(state.cache.purge(|_| true).await, "every account"),
+            CacheTarget::Account(name) => {
+                let name = account(&name)?.name.clone();
                 let count = state.cache.purge(|key| key.account == name).await;
-                Ok(purged(count, &name))
+                purged(count, &name)
             }
-            Err(error) => Err(error),
-        },
-        CacheTarget::Agent(agent) => match account(&agent.account) {
-            Ok(account) => {
-                let name = account.name.clone();
+            CacheTarget::Agent(agent) => {
+                let name = account(&agent.account)?.name.clone();
                 let count = state
                     .cache
                     .purge(|key| key.account == name && same_agent(&key.query, &agent.query))
                     .await;
-                Ok(purged(count, &format!("{name} {}", describe(&agent.query))))
+                purged(count, &format!("{name} {}", describe(&agent.query)))
             }
-            Err(error) => Err(error),
-        },
-        CacheTarget::AgentRefresh(agent) => match account(&agent.account) {
-            Ok(account) => refresh_now(state, &runtime.config.cache, account, agent.query).await,
-            Err(error) => Err(error),
-        },
-    };
-    result.unwrap_or_else(|error| error.to_response())
+            CacheTarget::AgentRefresh(agent) => {
+                let account = account(&agent.account)?;
+                refresh_now(state, &runtime.config.cache, account, agent.query).await?
+            }
+        })
+    }
+    .await;
+    result.unwrap_or_else(|error: ProxyError| error.to_response())
 }
 
 /// Whether two queries name the same agent, whatever their `fromQueueCallId`.
