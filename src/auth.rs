@@ -1,11 +1,18 @@
-//! Who may read what: API keys per account, and the admin token for the cache endpoints.
+//! Who may read what: API keys and client certificates per account, and the admin token for
+//! the cache endpoints.
 //!
 //! Keys are held only as SHA-256 digests (config files carry `api_key_hashes`, or `api_keys`
 //! that are hashed when loaded), a presented key is hashed and compared with every digest in
 //! constant time, and a key is named in logs only by its key id: `key:` and the first eight hex
 //! digits of its digest, which an operator can match against the configured hashes.
+//!
+//! With `server.tls.client_ca`, every connection on the TLS listener carries a certificate that
+//! CA issued ([`ClientCert`]). An account with `client_names` is opened by a certificate whose
+//! common name or DNS alternative name is one of them; an account with neither keys nor names
+//! is opened by any such certificate. The audit log names the certificate by its subject.
 
 use std::fmt;
+use std::sync::Arc;
 
 use http::HeaderMap;
 use http::header::AUTHORIZATION;
@@ -19,27 +26,94 @@ pub type Digest = [u8; 32];
 /// Who may read an account's recordings.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Access {
-    /// Only clients presenting one of these keys (held as digests).
-    Keys(Vec<Digest>),
-    /// Anyone who can reach the listener (loopback, or `allow_anonymous = true`).
+    /// Only clients presenting one of these keys (held as digests), or a client certificate
+    /// with one of these names (lowercase).
+    Restricted {
+        keys: Vec<Digest>,
+        client_names: Vec<String>,
+    },
+    /// Anyone who can reach the listener: loopback, a listener that requires client
+    /// certificates, or `allow_anonymous = true`.
     Open,
+}
+
+impl Access {
+    /// Only these keys.
+    pub fn keys(keys: Vec<Digest>) -> Self {
+        Access::Restricted {
+            keys,
+            client_names: Vec::new(),
+        }
+    }
 }
 
 impl fmt::Debug for Access {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Access::Keys(keys) => write!(f, "Keys({} keys)", keys.len()),
+            Access::Restricted { keys, client_names } => f
+                .debug_struct("Restricted")
+                .field("keys", &format_args!("{} keys", keys.len()))
+                .field("client_names", client_names)
+                .finish(),
             Access::Open => f.write_str("Open"),
         }
     }
 }
 
+/// A client certificate that `server.tls.client_ca` verified at the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    /// The subject as RFC 4514 text (`CN=crm-widget, O=Example`), control characters replaced:
+    /// how logs name the client.
+    pub subject: Arc<str>,
+    /// The subject's common names and the certificate's DNS alternative names, lowercase: what
+    /// `client_names` are matched against.
+    pub names: Vec<String>,
+}
+
+impl ClientCert {
+    /// Read the subject and names of a DER certificate.
+    pub fn from_der(der: &[u8]) -> Result<Self, String> {
+        use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+        let (_, cert) = X509Certificate::from_der(der)
+            .map_err(|e| format!("cannot parse the client certificate: {e}"))?;
+        let subject = cert.subject();
+        let common_names = subject.iter_common_name().filter_map(|cn| cn.as_str().ok());
+        let alternative = cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|san| san.value.general_names.as_slice())
+            .unwrap_or_default();
+        let dns_names = alternative.iter().filter_map(|name| match name {
+            GeneralName::DNSName(dns) => Some(*dns),
+            _ => None,
+        });
+        let names = common_names
+            .chain(dns_names)
+            .map(str::to_ascii_lowercase)
+            .collect();
+        let subject: String = subject
+            .to_string()
+            .chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
+        Ok(Self {
+            subject: subject.into(),
+            names,
+        })
+    }
+}
+
 /// Who a request came from, as it may be logged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Client {
     /// A key, by its id.
     Key(KeyId),
-    /// No key (an open account).
+    /// A client certificate, by its subject.
+    Certificate(Arc<str>),
+    /// No key and no certificate (an open account).
     Anonymous,
 }
 
@@ -47,6 +121,7 @@ impl fmt::Display for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Client::Key(id) => id.fmt(f),
+            Client::Certificate(subject) => write!(f, "cert:{subject}"),
             Client::Anonymous => f.write_str("anonymous"),
         }
     }
@@ -79,6 +154,14 @@ pub enum AuthError {
     Missing,
     #[error("the API key is not valid for this account")]
     Invalid,
+    #[error(
+        "this account is read with a client certificate: connect over TLS with a certificate issued by the gateway's client CA"
+    )]
+    CertificateRequired,
+    #[error(
+        "this client certificate is not allowed for this account: its names are not in the account's client_names"
+    )]
+    CertificateNotAllowed,
 }
 
 /// SHA-256 of a key.
@@ -108,11 +191,27 @@ fn presented(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
     bearer.chain(api_key).filter(|key| !key.is_empty())
 }
 
-/// Check a request against an account's access rule.
-pub fn check(access: &Access, headers: &HeaderMap) -> Result<Client, AuthError> {
-    let Access::Keys(keys) = access else {
-        return Ok(Client::Anonymous);
+/// Check a request, and the certificate of its connection, against an account's access rule.
+pub fn check(
+    access: &Access,
+    headers: &HeaderMap,
+    cert: Option<&ClientCert>,
+) -> Result<Client, AuthError> {
+    let certified = || Client::Certificate(cert.map(|c| c.subject.clone()).unwrap_or_default());
+    let (keys, client_names) = match access {
+        Access::Open if cert.is_some() => return Ok(certified()),
+        Access::Open => return Ok(Client::Anonymous),
+        Access::Restricted { keys, client_names } => (keys, client_names),
     };
+    if cert.is_some_and(|cert| cert.names.iter().any(|name| client_names.contains(name))) {
+        return Ok(certified());
+    }
+    if keys.is_empty() {
+        return Err(match cert {
+            Some(_) => AuthError::CertificateNotAllowed,
+            None => AuthError::CertificateRequired,
+        });
+    }
     let mut any = false;
     for key in presented(headers) {
         any = true;
@@ -184,7 +283,7 @@ mod tests {
 
     #[test]
     fn keys_are_taken_from_either_header() {
-        let access = Access::Keys(vec![digest(b"other-key-0000000"), digest(KEY.as_bytes())]);
+        let access = Access::keys(vec![digest(b"other-key-0000000"), digest(KEY.as_bytes())]);
         let id = KeyId::of(&digest(KEY.as_bytes()));
         for good in [
             headers(&[("authorization", &format!("Bearer {KEY}"))]),
@@ -192,25 +291,108 @@ mod tests {
             headers(&[("x-api-key", KEY)]),
             headers(&[("x-api-key", "wrong"), ("x-api-key", KEY)]),
         ] {
-            assert_eq!(check(&access, &good), Ok(Client::Key(id)), "{good:?}");
+            assert_eq!(check(&access, &good, None), Ok(Client::Key(id)), "{good:?}");
         }
-        assert_eq!(check(&access, &headers(&[])), Err(AuthError::Missing));
+        assert_eq!(check(&access, &headers(&[]), None), Err(AuthError::Missing));
         assert_eq!(
             check(
                 &access,
-                &headers(&[("authorization", &format!("Basic {KEY}"))])
+                &headers(&[("authorization", &format!("Basic {KEY}"))]),
+                None
             ),
             Err(AuthError::Missing)
         );
         assert_eq!(
-            check(&access, &headers(&[("authorization", "Bearer ")])),
+            check(&access, &headers(&[("authorization", "Bearer ")]), None),
             Err(AuthError::Missing)
         );
         assert_eq!(
-            check(&access, &headers(&[("x-api-key", &KEY[1..])])),
+            check(&access, &headers(&[("x-api-key", &KEY[1..])]), None),
             Err(AuthError::Invalid)
         );
-        assert_eq!(check(&Access::Open, &headers(&[])), Ok(Client::Anonymous));
+        assert_eq!(
+            check(&Access::Open, &headers(&[]), None),
+            Ok(Client::Anonymous)
+        );
+    }
+
+    fn cert(subject: &str, names: &[&str]) -> ClientCert {
+        ClientCert {
+            subject: subject.into(),
+            names: names.iter().map(|n| n.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn certificates_open_accounts_by_name_or_when_no_rule_is_set() {
+        let crm = cert("CN=crm", &["crm", "crm.apps.example"]);
+        let qa = cert("CN=qa", &["qa"]);
+        let by_name = Access::Restricted {
+            keys: Vec::new(),
+            client_names: vec!["crm.apps.example".into()],
+        };
+        let none = headers(&[]);
+        assert_eq!(
+            check(&by_name, &none, Some(&crm)),
+            Ok(Client::Certificate("CN=crm".into()))
+        );
+        assert_eq!(
+            check(&by_name, &none, Some(&qa)),
+            Err(AuthError::CertificateNotAllowed)
+        );
+        assert_eq!(
+            check(&by_name, &none, None),
+            Err(AuthError::CertificateRequired)
+        );
+        // A name or a key: either opens an account that has both.
+        let both = Access::Restricted {
+            keys: vec![digest(KEY.as_bytes())],
+            client_names: vec!["crm".into()],
+        };
+        assert!(matches!(
+            check(&both, &none, Some(&crm)),
+            Ok(Client::Certificate(_))
+        ));
+        let keyed = headers(&[("x-api-key", KEY)]);
+        assert!(matches!(
+            check(&both, &keyed, Some(&qa)),
+            Ok(Client::Key(_))
+        ));
+        assert_eq!(check(&both, &none, Some(&qa)), Err(AuthError::Missing));
+        // Keys alone are not opened by a certificate.
+        let keys = Access::keys(vec![digest(KEY.as_bytes())]);
+        assert_eq!(check(&keys, &none, Some(&crm)), Err(AuthError::Missing));
+        assert_eq!(
+            check(&Access::Open, &none, Some(&qa)),
+            Ok(Client::Certificate("CN=qa".into()))
+        );
+        assert_eq!(
+            Client::Certificate("CN=qa".into()).to_string(),
+            "cert:CN=qa"
+        );
+    }
+
+    #[test]
+    fn certificate_names_are_read_from_the_subject_and_alternative_names() {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["CRM.Apps.Example".to_owned()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "CRM widget\nforged");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "Example");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        let cert = ClientCert::from_der(&der).unwrap();
+        assert_eq!(cert.names, ["crm widget\nforged", "crm.apps.example"]);
+        assert!(
+            cert.subject.contains("CN=CRM widget?forged"),
+            "{}",
+            cert.subject
+        );
+        assert!(cert.subject.contains("O=Example"), "{}", cert.subject);
+        assert!(ClientCert::from_der(b"not a certificate").is_err());
     }
 
     #[test]
@@ -219,7 +401,7 @@ mod tests {
         let shown = KeyId::of(&d).to_string();
         assert!(shown.starts_with("key:") && shown.len() == 12, "{shown}");
         assert!(!shown.contains(KEY));
-        assert!(format!("{:?}", Access::Keys(vec![d])).contains("1 keys"));
+        assert!(format!("{:?}", Access::keys(vec![d])).contains("1 keys"));
     }
 
     #[test]

@@ -61,6 +61,16 @@ pub struct TlsIdentity {
     pub cert_path: PathBuf,
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
+    /// The CA that must have issued every client's certificate (`server.tls.client_ca`).
+    pub client_ca: Option<ClientCa>,
+}
+
+/// Certificates that issue client certificates: with them, a TLS client must present one.
+#[derive(Debug, Clone)]
+pub struct ClientCa {
+    /// Where they came from, for messages.
+    pub path: PathBuf,
+    pub roots: Vec<CertificateDer<'static>>,
 }
 
 impl Clone for TlsIdentity {
@@ -69,6 +79,7 @@ impl Clone for TlsIdentity {
             cert_path: self.cert_path.clone(),
             chain: self.chain.clone(),
             key: self.key.clone_key(),
+            client_ca: self.client_ca.clone(),
         }
     }
 }
@@ -79,6 +90,7 @@ impl fmt::Debug for TlsIdentity {
             .field("cert_path", &self.cert_path)
             .field("certificates", &self.chain.len())
             .field("key", &"<redacted>")
+            .field("client_ca", &self.client_ca.as_ref().map(|ca| &ca.path))
             .finish()
     }
 }
@@ -428,6 +440,8 @@ pub struct RawTls {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub key_credential: Option<String>,
+    /// PEM CA certificates; when set, clients must present a certificate one of them issued.
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -515,6 +529,8 @@ pub struct RawAccount {
     pub api_keys: Option<Vec<Secret>>,
     /// SHA-256 hex of each key.
     pub api_key_hashes: Option<Vec<String>>,
+    /// Client certificate names (common name or DNS alternative name) that may read it.
+    pub client_names: Option<Vec<String>>,
     /// Serve the account without keys on a non-loopback listener.
     pub allow_anonymous: Option<bool>,
     // Overrides of [upstream]; the same keys as `RawUpstream`.
@@ -658,9 +674,15 @@ impl RawConfig {
                 "no account is configured: add at least one [accounts.<name>] table",
             );
         }
-        // Where an account without keys would be reachable from.
+        // Where an account without keys would be reachable from: a listener that is not
+        // loopback and does not require client certificates.
+        let mutual_tls = server
+            .as_ref()
+            .and_then(|server| server.tls.as_ref())
+            .is_some_and(|tls| tls.client_ca.is_some());
         let exposed: Vec<(&str, SocketAddr)> = match &server {
             Some(server) => std::iter::once(("server.listen", server.listen))
+                .filter(|_| !mutual_tls)
                 .chain(server.plain_listen.map(|a| ("server.plain_listen", a)))
                 .filter(|(_, addr)| !addr.ip().is_loopback())
                 .collect(),
@@ -668,7 +690,7 @@ impl RawConfig {
         };
         let mut accounts = BTreeMap::new();
         for (name, mut raw) in self.accounts {
-            let access = validate_access(&name, &mut raw, &exposed, &mut problems);
+            let access = validate_access(&name, &mut raw, &exposed, mutual_tls, &mut problems);
             if let Some(account) = validate_account(&name, raw, &upstream, context, &mut problems)
                 && let Some(access) = access
             {
@@ -870,11 +892,18 @@ fn validate_tls(
             None
         }
     };
-    let (chain, key, cert_path) = (chain?, key?, raw.cert?);
+    let client_ca = match raw.client_ca {
+        Some(path) => problems
+            .check("server.tls.client_ca", read_certificates(&path))
+            .map(|roots| Some(ClientCa { path, roots })),
+        None => Some(None),
+    };
+    let (chain, key, cert_path, client_ca) = (chain?, key?, raw.cert?, client_ca?);
     let identity = TlsIdentity {
         cert_path,
         chain,
         key,
+        client_ca,
     };
     // Building the server configuration checks that the key belongs to the certificate.
     problems.check(
@@ -1186,12 +1215,13 @@ fn read_secret_file(path: &Path) -> Result<Secret, String> {
     secret_from_bytes(&bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Who may read an account: its keys, or anyone when that was asked for or only loopback
-/// listeners expose it.
+/// Who may read an account: its keys and client certificate names, or anyone when that was
+/// asked for or only loopback listeners and listeners requiring client certificates expose it.
 fn validate_access(
     name: &str,
     raw: &mut RawAccount,
     exposed: &[(&str, SocketAddr)],
+    mutual_tls: bool,
     problems: &mut Problems,
 ) -> Option<Access> {
     let key = |field: &str| format!("accounts.{name}.{field}");
@@ -1221,25 +1251,58 @@ fn validate_access(
             }
         }
     }
+    let mut client_names = Vec::new();
+    for (index, name) in raw
+        .client_names
+        .take()
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
+        let field = key(&format!("client_names[{index}]"));
+        if !mutual_tls {
+            problems.push(
+                field,
+                "client_names needs server.tls.client_ca, the CA that issues client certificates",
+            );
+            valid = false;
+            break;
+        }
+        let name = name.trim();
+        if name.is_empty() || name.chars().any(char::is_control) {
+            problems.push(
+                field,
+                format!(
+                    "{name:?} is not a certificate name: expected a common name or DNS name, e.g. \"crm.apps.example\""
+                ),
+            );
+            valid = false;
+            continue;
+        }
+        client_names.push(name.to_ascii_lowercase());
+    }
     let anonymous = raw.allow_anonymous.take().unwrap_or(false);
-    if anonymous && !digests.is_empty() {
+    if anonymous && !(digests.is_empty() && client_names.is_empty()) {
         problems.push(
             key("allow_anonymous"),
-            "allow_anonymous = true with api keys configured: keys would be pointless; remove one or the other",
+            "allow_anonymous = true with api keys or client_names configured: they would be pointless; remove one or the other",
         );
         return None;
     }
     if !valid {
         return None;
     }
-    if !digests.is_empty() {
-        return Some(Access::Keys(digests));
+    if !(digests.is_empty() && client_names.is_empty()) {
+        return Some(Access::Restricted {
+            keys: digests,
+            client_names,
+        });
     }
     if let Some((listener, addr)) = exposed.first().filter(|_| !anonymous) {
         problems.push(
             key("api_key_hashes"),
             format!(
-                "this account has no API keys and {listener} = {addr} is not a loopback address, so anyone who can reach the gateway could read its recordings: add api_key_hashes (SHA-256 hex of each key) or api_keys, or set allow_anonymous = true to serve it without keys on purpose"
+                "this account has no API keys and {listener} = {addr} is not a loopback address and does not require client certificates, so anyone who can reach the gateway could read its recordings: add api_key_hashes (SHA-256 hex of each key) or api_keys, set server.tls.client_ca, or set allow_anonymous = true to serve it without keys on purpose"
             ),
         );
         return None;
@@ -1450,7 +1513,7 @@ mod tests {
             from_toml_str(&account("api_keys = [\"0123456789abcdef-key\"]"), "t.toml").unwrap();
         assert_eq!(
             keyed.accounts["greenbox"].access,
-            Access::Keys(vec![auth::digest(b"0123456789abcdef-key")])
+            Access::keys(vec![auth::digest(b"0123456789abcdef-key")])
         );
         assert!(
             !format!("{keyed:?}").contains("0123456789abcdef-key"),
@@ -1524,6 +1587,59 @@ mod tests {
     }
 
     /// A certificate and key in PEM, and a key that belongs to neither.
+    #[test]
+    fn client_certificates_guard_the_tls_listener_and_name_accounts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, not_a_cert) = tls_files(dir.path());
+        let text = |client_ca: Option<&Path>, server: &str, account: &str| {
+            let client_ca = client_ca.map_or(String::new(), |ca| {
+                format!("client_ca = \"{}\"", ca.display())
+            });
+            format!(
+                "[server]\nlisten = \"0.0.0.0:8443\"\n{server}\n[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n{client_ca}\n\
+                 [accounts.greenbox]\nbase_url = \"https://10.0.0.1\"\nshared_secret = \"s\"\n{account}\n",
+                cert.display(),
+                key.display()
+            )
+        };
+        // The self-signed serving certificate doubles as the client CA.
+        let config = from_toml_str(&text(Some(&cert), "", ""), "t.toml").unwrap();
+        assert_eq!(config.accounts["greenbox"].access, Access::Open);
+        let tls = config.server.tls.as_ref().unwrap();
+        assert_eq!(tls.client_ca.as_ref().unwrap().roots.len(), 1);
+        let named = text(Some(&cert), "", "client_names = [\" CRM.Apps.Example \"]");
+        assert_eq!(
+            from_toml_str(&named, "t.toml").unwrap().accounts["greenbox"].access,
+            Access::Restricted {
+                keys: Vec::new(),
+                client_names: vec!["crm.apps.example".into()],
+            }
+        );
+        // A plain listener beside it is not guarded by certificates.
+        let plain = text(Some(&cert), "plain_listen = \"0.0.0.0:8080\"", "");
+        let err = from_toml_str(&plain, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("server.plain_listen = 0.0.0.0:8080"), "{err}");
+        let cases = [
+            (
+                text(None, "", "client_names = [\"crm\"]\nallow_anonymous = true"),
+                "accounts.greenbox.client_names[0]: client_names needs server.tls.client_ca",
+            ),
+            (
+                text(Some(&cert), "", "client_names = [\"\"]"),
+                "accounts.greenbox.client_names[0]: \"\" is not a certificate name",
+            ),
+            (text(Some(&not_a_cert), "", ""), "server.tls.client_ca: "),
+            (
+                text(Some(Path::new("/nonexistent/ca.pem")), "", ""),
+                "server.tls.client_ca: cannot read /nonexistent/ca.pem",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = from_toml_str(&text, "t.toml").unwrap_err().to_string();
+            assert!(err.contains(expected), "{expected} not in {err}");
+        }
+    }
+
     fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
         let cert = dir.join("cert.pem");

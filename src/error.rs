@@ -52,6 +52,9 @@ impl ProxyError {
             ProxyError::Route(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::CannotEmulate => StatusCode::BAD_GATEWAY,
+            ProxyError::Unauthorized(
+                AuthError::CertificateRequired | AuthError::CertificateNotAllowed,
+            ) => StatusCode::FORBIDDEN,
             ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ProxyError::BodyNotAccepted => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::AdminDisabled => StatusCode::FORBIDDEN,
@@ -80,6 +83,10 @@ impl ProxyError {
                     AuthError::Missing => "Bearer realm=\"miralix-gateway\"",
                     AuthError::Invalid => {
                         "Bearer realm=\"miralix-gateway\", error=\"invalid_token\""
+                    }
+                    // A 403: a certificate is not something the client can add to a retry.
+                    AuthError::CertificateRequired | AuthError::CertificateNotAllowed => {
+                        return response;
                     }
                 };
                 headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static(challenge));

@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -29,7 +30,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use crate::auth::{self, AuthError, Client};
+use crate::auth::{self, AuthError, Client, ClientCert};
 use crate::cache::policy::{self, Freshness};
 use crate::cache::{
     CacheKey, CacheStatus, CachedResponse, FetchKind, Fetched, Previous, ResponseCache,
@@ -277,10 +278,20 @@ struct Exchange {
     resource: Option<String>,
 }
 
+/// What the server knows of the connection a request came on.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The client's address.
+    pub addr: SocketAddr,
+    /// Its verified certificate, on a listener with `server.tls.client_ca`.
+    pub cert: Option<Arc<ClientCert>>,
+}
+
 /// Answer one request on the public listener. Never fails: errors become JSON answers.
 pub async fn handle<B: http_body::Body>(
     state: Arc<AppState>,
     request: Request<B>,
+    peer: Peer,
 ) -> Response<Body> {
     // The clock is read for the access log only when that log is on.
     let started = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO).then(Instant::now);
@@ -291,7 +302,7 @@ pub async fn handle<B: http_body::Body>(
         client: None,
         resource: None,
     };
-    let mut response = match handle_inner(&state, &request, &mut exchange).await {
+    let mut response = match handle_inner(&state, &request, &peer, &mut exchange).await {
         Ok(response) => response,
         Err(error) => error_response(&error, exchange.cache).map(Either::Left),
     };
@@ -300,7 +311,7 @@ pub async fn handle<B: http_body::Body>(
         strip_body(&mut response);
     }
     state.metrics.record_response(response.status());
-    if let (Some(client), Some(resource)) = (exchange.client, &exchange.resource) {
+    if let (Some(client), Some(resource)) = (&exchange.client, &exchange.resource) {
         tracing::info!(
             target: AUDIT_LOG,
             account = exchange.account.as_deref().unwrap_or_default(),
@@ -318,7 +329,7 @@ pub async fn handle<B: http_body::Body>(
         method = %request.method(),
         path = %request.uri().path(),
         account = exchange.account.as_deref().unwrap_or_default(),
-        client = exchange.client.map(tracing::field::display),
+        client = exchange.client.as_ref().map(tracing::field::display),
         status = response.status().as_u16(),
         cache = exchange.cache.as_str(),
         upstream_status = exchange.upstream_status.map(|s| s.as_u16()),
@@ -331,6 +342,7 @@ pub async fn handle<B: http_body::Body>(
 async fn handle_inner<B: http_body::Body>(
     state: &AppState,
     request: &Request<B>,
+    peer: &Peer,
     exchange: &mut Exchange,
 ) -> Result<Response<Body>, ProxyError> {
     let route = route::parse(request.uri().path(), request.uri().query())?;
@@ -358,8 +370,12 @@ async fn handle_inner<B: http_body::Body>(
     exchange.account = Some(account.name.clone());
     // Before anything is looked up: an unauthenticated request learns nothing, not even
     // whether an agent is cached.
-    let client = auth::check(&account.settings.access, request.headers())
-        .map_err(ProxyError::Unauthorized)?;
+    let client = auth::check(
+        &account.settings.access,
+        request.headers(),
+        peer.cert.as_deref(),
+    )
+    .map_err(ProxyError::Unauthorized)?;
     exchange.client = Some(client);
     // Named for the audit log only when it is on: the hit path does not allocate for it.
     let audited = tracing::enabled!(target: AUDIT_LOG, tracing::Level::INFO);

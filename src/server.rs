@@ -37,7 +37,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::proxy::{AppState, handle, handle_admin};
+use crate::auth::ClientCert;
+use crate::proxy::{AppState, Peer, handle, handle_admin};
 use http_body_util::Either;
 
 /// Open connections on the admin listener at most.
@@ -185,6 +186,10 @@ impl AcceptLoop {
             let span = tracing::info_span!("conn", client.addr = %peer, listener = ?self.kind);
             let connection = Connection {
                 kind: self.kind,
+                peer: Peer {
+                    addr: peer,
+                    cert: None,
+                },
                 state: self.state.clone(),
                 stop: self.stop.clone(),
                 _permit: permit,
@@ -213,13 +218,14 @@ impl AcceptLoop {
 /// One accepted connection; holds its permit until it ends.
 struct Connection {
     kind: Listener,
+    peer: Peer,
     state: Arc<AppState>,
     stop: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Connection {
-    async fn serve(self, stream: TcpStream) {
+    async fn serve(mut self, stream: TcpStream) {
         // Responses are small and written whole; waiting for more data only adds latency.
         let _ = stream.set_nodelay(true);
         let runtime = self.state.runtime();
@@ -228,7 +234,21 @@ impl Connection {
             (Listener::Public, Some(acceptor)) => {
                 drop(runtime);
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => self.serve_http(tls).await,
+                    Ok(Ok(tls)) => {
+                        // Present only when the acceptor required one and rustls verified it.
+                        if let Some(der) =
+                            tls.get_ref().1.peer_certificates().and_then(|c| c.first())
+                        {
+                            match ClientCert::from_der(der) {
+                                Ok(cert) => self.peer.cert = Some(Arc::new(cert)),
+                                Err(error) => {
+                                    tracing::warn!(%error, "closing a connection whose verified client certificate cannot be read");
+                                    return;
+                                }
+                            }
+                        }
+                        self.serve_http(tls).await
+                    }
                     Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
                     Err(_) => tracing::debug!(?handshake_timeout, "TLS handshake timed out"),
                 }
@@ -248,14 +268,16 @@ impl Connection {
         let activity = Arc::new(Activity::new());
         let service = {
             let (state, activity, kind) = (self.state.clone(), activity.clone(), self.kind);
+            let peer = self.peer.clone();
             service_fn(move |request: hyper::Request<Incoming>| {
                 let busy = activity.begin();
                 let state = state.clone();
+                let peer = peer.clone();
                 async move {
                     let _busy = busy;
                     let mut response = match kind {
                         Listener::Admin => handle_admin(state, request).await,
-                        Listener::Public | Listener::Plain => handle(state, request).await,
+                        Listener::Public | Listener::Plain => handle(state, request, peer).await,
                     };
                     // A streamed body outlives the handler: the connection stays busy (not
                     // idle) until the body ends.

@@ -1,6 +1,13 @@
-//! Access control: API keys per account, checked before the cache; the audit trail.
+//! Access control: API keys and client certificates per account, checked before the cache;
+//! request limits.
 
-use crate::support::{ACCOUNT, API_KEY, Gateway, Options, SECRET, path, request};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+
+use crate::support::{
+    ACCOUNT, API_KEY, ClientIdentity, Gateway, KeepAlive, Options, Reply, SECRET, TestCa, path,
+    request,
+};
 
 const OTHER_KEY: &str = "other-key-0123456789";
 
@@ -163,5 +170,114 @@ async fn bodies_on_get_and_oversized_heads_are_refused() {
         gw.simulator.request_count(),
         1,
         "only the clean request reached the box"
+    );
+}
+
+fn mutual_tls(account: &str) -> Options {
+    Options {
+        terminate_tls: true,
+        client_certificates: true,
+        account: account.to_owned(),
+        ..Options::default()
+    }
+}
+
+/// One GET over a new TLS connection presenting `identity`; `None` when the gateway refused the
+/// connection instead of answering.
+async fn get_as(gw: &Gateway, identity: Option<&ClientIdentity>, target: &str) -> Option<Reply> {
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let connector = gw
+        .tls
+        .as_ref()
+        .unwrap()
+        .connector_as(&[b"http/1.1"], identity);
+    let name = ServerName::try_from("localhost").unwrap();
+    // With TLS 1.3 the server's refusal arrives after the client's side of the handshake.
+    let stream = connector.connect(name, tcp).await.ok()?;
+    KeepAlive::new(stream).get(target).await
+}
+
+#[tokio::test]
+async fn the_tls_listener_requires_a_certificate_from_the_client_ca() {
+    let gw = Gateway::start(mutual_tls("")).await;
+    let ca = gw.tls.as_ref().unwrap();
+    let list = path("id", "103");
+    let elsewhere = tempfile::tempdir().unwrap();
+    let stranger = TestCa::new(elsewhere.path()).client_identity("crm-widget", &["crm"]);
+    assert!(get_as(&gw, None, &list).await.is_none(), "no certificate");
+    assert!(
+        get_as(&gw, Some(&stranger), &list).await.is_none(),
+        "a certificate from another CA"
+    );
+    assert_eq!(gw.simulator.request_count(), 0, "nothing reached the box");
+
+    // An account with no keys and no names is opened by any certificate of the CA.
+    let crm = ca.client_identity("crm-widget", &["crm.apps.example"]);
+    let reply = get_as(&gw, Some(&crm), &list).await.expect("an answer");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(gw.simulator.request_count(), 1);
+}
+
+#[tokio::test]
+async fn client_names_map_certificates_to_accounts() {
+    let gw = Gateway::start(mutual_tls(&format!(
+        "client_names = [\"crm.apps.example\", \"QA-Dashboard\"]\napi_keys = [\"{API_KEY}\"]"
+    )))
+    .await;
+    let ca = gw.tls.as_ref().unwrap();
+    let list = path("id", "103");
+    // By DNS alternative name, and by common name in any case.
+    for allowed in [
+        ca.client_identity("crm-widget", &["crm.apps.example"]),
+        ca.client_identity("qa-dashboard", &[]),
+    ] {
+        let reply = get_as(&gw, Some(&allowed), &list).await.expect("an answer");
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let asked = gw.simulator.request_count();
+    let archiver = ca.client_identity("archiver", &["archiver.apps.example"]);
+    let refused = get_as(&gw, Some(&archiver), &list)
+        .await
+        .expect("an answer");
+    assert_eq!(
+        refused.status,
+        401,
+        "this account also takes keys: {}",
+        refused.text()
+    );
+    assert!(
+        refused.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("API key")
+    );
+    assert_eq!(
+        gw.simulator.request_count(),
+        asked,
+        "nothing reached the box"
+    );
+
+    // Names only: a certificate that is not named gets a 403 saying why.
+    let names_only = gw
+        .config_text
+        .replacen(&format!("api_keys = [\"{API_KEY}\"]"), "", 1);
+    gw.reload_text(&names_only).await.unwrap();
+    let refused = get_as(&gw, Some(&archiver), &list)
+        .await
+        .expect("an answer");
+    assert_eq!(refused.status, 403, "{}", refused.text());
+    assert_eq!(refused.header("www-authenticate"), None);
+    assert!(
+        refused.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("client_names"),
+        "{}",
+        refused.text()
+    );
+    assert_eq!(
+        gw.simulator.request_count(),
+        asked,
+        "nothing reached the box"
     );
 }

@@ -63,6 +63,8 @@ pub struct Options {
     pub server: &'static str,
     /// Terminate TLS on the public listener with a certificate from a test CA.
     pub terminate_tls: bool,
+    /// With `terminate_tls`: require client certificates issued by the same test CA.
+    pub client_certificates: bool,
     /// Configure [`ADMIN_TOKEN`] for the cache endpoints.
     pub admin_token: bool,
 }
@@ -77,6 +79,7 @@ impl Default for Options {
             base_url: None,
             server: "",
             terminate_tls: false,
+            client_certificates: false,
             admin_token: true,
         }
     }
@@ -98,6 +101,12 @@ pub struct Gateway {
     task: Option<JoinHandle<()>>,
 }
 
+/// A client certificate and its key.
+pub struct ClientIdentity {
+    pub chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    pub key: rustls::pki_types::PrivateKeyDer<'static>,
+}
+
 /// A test CA that issues the gateway's serving certificate into `cert.pem` / `key.pem`.
 pub struct TestCa {
     ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
@@ -107,7 +116,7 @@ pub struct TestCa {
 }
 
 impl TestCa {
-    fn new(dir: &std::path::Path) -> Self {
+    pub fn new(dir: &std::path::Path) -> Self {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         params
@@ -138,19 +147,51 @@ impl TestCa {
         cert.der().clone()
     }
 
+    /// A client certificate from this CA with a common name and DNS alternative names.
+    pub fn client_identity(&self, common_name: &str, dns_names: &[&str]) -> ClientIdentity {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(
+            dns_names.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        ClientIdentity {
+            chain: vec![cert.der().clone()],
+            key: rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        }
+    }
+
     /// A TLS client trusting only this CA, offering the given ALPN protocols.
     pub fn connector(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+        self.connector_as(alpn, None)
+    }
+
+    /// The same, presenting `identity` when the server asks for a certificate.
+    pub fn connector_as(
+        &self,
+        alpn: &[&[u8]],
+        identity: Option<&ClientIdentity>,
+    ) -> tokio_rustls::TlsConnector {
         let mut roots = rustls::RootCertStore::empty();
         for cert in rustls::pki_types::CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
             roots.add(cert.unwrap()).unwrap();
         }
-        let mut config = rustls::ClientConfig::builder_with_provider(
+        let config = rustls::ClientConfig::builder_with_provider(
             miralix_gateway::upstream::trust::provider(),
         )
         .with_safe_default_protocol_versions()
         .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+        let mut config = match identity {
+            Some(identity) => config
+                .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
+                .unwrap(),
+            None => config.with_no_client_auth(),
+        };
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         tokio_rustls::TlsConnector::from(Arc::new(config))
     }
@@ -162,8 +203,15 @@ impl Gateway {
         let dir = tempfile::tempdir().unwrap();
         let tls = options.terminate_tls.then(|| TestCa::new(dir.path()));
         let server_tls = tls.as_ref().map_or_else(String::new, |tls| {
+            let client_ca = if options.client_certificates {
+                let path = dir.path().join("client-ca.pem");
+                std::fs::write(&path, &tls.ca_pem).unwrap();
+                format!("client_ca = \"{}\"", path.display())
+            } else {
+                String::new()
+            };
             format!(
-                "[server.tls]\ncert = \"{}\"\nkey = \"{}\"",
+                "[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n{client_ca}",
                 tls.cert_path.display(),
                 tls.key_path.display()
             )
