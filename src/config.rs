@@ -53,6 +53,16 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Largest request head (request line and headers) accepted; larger ones get `431`.
     pub max_request_head_bytes: usize,
+    /// Requests per client address on the public listeners (`[server.rate_limit]`).
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A token bucket per client IP address: `burst` requests at once, refilled at
+/// `requests_per_second`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub requests_per_second: f64,
+    pub burst: u32,
 }
 
 /// A certificate chain and its private key, for terminating TLS.
@@ -433,6 +443,16 @@ pub struct RawServer {
     /// Default `16KiB`.
     pub max_request_head_bytes: Option<RawSize>,
     pub tls: Option<RawTls>,
+    /// Off unless present.
+    pub rate_limit: Option<RawRateLimit>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawRateLimit {
+    /// Required: the refill rate per client address.
+    pub requests_per_second: Option<f64>,
+    /// Default: one second's worth, at least 1.
+    pub burst: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -837,6 +857,10 @@ fn validate_server(
         Some(tls) => validate_tls(tls, context, problems).map(Some),
         None => Some(None),
     };
+    let rate_limit = match raw.rate_limit {
+        Some(limit) => validate_rate_limit(limit, problems).map(Some),
+        None => Some(None),
+    };
     Some(ServerConfig {
         listen: listen?,
         plain_listen: plain_listen?,
@@ -847,6 +871,45 @@ fn validate_server(
         idle_timeout: idle_timeout?,
         max_connections: max_connections?,
         max_request_head_bytes: max_request_head_bytes?,
+        rate_limit: rate_limit?,
+    })
+}
+
+/// Most requests per second (and burst) a rate limit may name.
+const MAX_RATE: f64 = 1_000_000.0;
+
+fn validate_rate_limit(raw: RawRateLimit, problems: &mut Problems) -> Option<RateLimit> {
+    let rate = match raw.requests_per_second {
+        Some(rate) if rate > 0.0 && rate <= MAX_RATE => Some(rate),
+        Some(rate) => {
+            problems.push(
+                "server.rate_limit.requests_per_second",
+                format!("{rate} is out of range: expected more than 0 and at most 1000000 (fractions allowed, e.g. 0.5)"),
+            );
+            None
+        }
+        None => {
+            problems.push(
+                "server.rate_limit.requests_per_second",
+                "missing: the requests per second each client address may make (remove [server.rate_limit] to turn the limit off)",
+            );
+            None
+        }
+    };
+    let burst = match raw.burst {
+        None => rate.map(|rate| rate.ceil() as u32),
+        Some(burst @ 1..=1_000_000) => Some(burst as u32),
+        Some(burst) => {
+            problems.push(
+                "server.rate_limit.burst",
+                format!("{burst} is out of range: expected 1 to 1000000"),
+            );
+            None
+        }
+    };
+    Some(RateLimit {
+        requests_per_second: rate?,
+        burst: burst?,
     })
 }
 
@@ -1587,6 +1650,42 @@ mod tests {
     }
 
     /// A certificate and key in PEM, and a key that belongs to neither.
+    #[test]
+    fn the_rate_limit_is_off_unless_configured_and_checked_when_it_is() {
+        assert_eq!(
+            from_toml_str(MINIMAL, "t.toml").unwrap().server.rate_limit,
+            None
+        );
+        let with = |limit: &str| format!("[server.rate_limit]\n{limit}\n{MINIMAL}");
+        let config = from_toml_str(&with("requests_per_second = 2.5"), "t.toml").unwrap();
+        assert_eq!(
+            config.server.rate_limit,
+            Some(RateLimit {
+                requests_per_second: 2.5,
+                burst: 3
+            })
+        );
+        for (limit, expected) in [
+            (
+                "burst = 5",
+                "server.rate_limit.requests_per_second: missing",
+            ),
+            (
+                "requests_per_second = 0",
+                "server.rate_limit.requests_per_second: 0 is out of range",
+            ),
+            (
+                "requests_per_second = 10\nburst = 0",
+                "server.rate_limit.burst: 0 is out of range",
+            ),
+        ] {
+            let err = from_toml_str(&with(limit), "t.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{expected} not in {err}");
+        }
+    }
+
     #[test]
     fn client_certificates_guard_the_tls_listener_and_name_accounts() {
         let dir = tempfile::tempdir().unwrap();

@@ -9,6 +9,7 @@ use http::{HeaderValue, Method, Response, StatusCode};
 use http_body_util::Full;
 
 use crate::auth::AuthError;
+use crate::limit::Limited;
 use crate::route::RouteError;
 use crate::upstream::UpstreamError;
 
@@ -31,6 +32,11 @@ pub enum ProxyError {
     AudioBusy(usize),
     #[error("a request body is not accepted: send GET or HEAD without one")]
     BodyNotAccepted,
+    #[error(
+        "too many requests from this address (server.rate_limit): retry after {} s",
+        .0.retry_after_secs()
+    )]
+    RateLimited(Limited),
     #[error(transparent)]
     Unauthorized(AuthError),
     #[error(
@@ -57,6 +63,7 @@ impl ProxyError {
             ) => StatusCode::FORBIDDEN,
             ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ProxyError::BodyNotAccepted => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::AdminDisabled => StatusCode::FORBIDDEN,
             ProxyError::AudioBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(UpstreamError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
@@ -77,6 +84,9 @@ impl ProxyError {
             }
             ProxyError::AudioBusy(_) => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(1));
+            }
+            ProxyError::RateLimited(limited) => {
+                headers.insert(RETRY_AFTER, HeaderValue::from(limited.retry_after_secs()));
             }
             ProxyError::Unauthorized(reason) => {
                 let challenge = match reason {

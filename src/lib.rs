@@ -49,6 +49,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod identity;
+pub mod limit;
 pub mod metrics;
 pub mod proxy;
 pub mod recordings;

@@ -97,6 +97,7 @@ pub struct Metrics {
     list_fetch_bytes: Family<FetchLabels, Counter>,
     selections: Family<AccountLabels, Counter>,
     audio_bytes: Family<AccountLabels, Counter>,
+    rate_limited: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -136,6 +137,7 @@ impl Metrics {
             list_fetch_bytes: Family::default(),
             selections: Family::default(),
             audio_bytes: Family::default(),
+            rate_limited: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -241,6 +243,11 @@ impl Metrics {
             Unit::Bytes,
             metrics.audio_bytes.clone(),
         );
+        registry.register(
+            "rate_limited",
+            "Requests answered 429 by the per-client-address rate limit",
+            metrics.rate_limited.clone(),
+        );
         Self {
             registry,
             ..metrics
@@ -319,6 +326,11 @@ impl Metrics {
             size,
             explicit,
         }
+    }
+
+    /// Count one request refused by the rate limit.
+    pub fn record_rate_limited(&self) {
+        self.rate_limited.inc();
     }
 
     /// Count one response sent on the public listener.

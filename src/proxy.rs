@@ -39,6 +39,7 @@ use crate::cache::{
 use crate::clock::Clock;
 use crate::config::{AccountConfig, CacheConfig, Config};
 use crate::error::{ProxyError, json_error};
+use crate::limit::RateLimiter;
 use crate::metrics::{AccountMetrics, Metrics};
 use crate::recordings::RecordingList;
 use crate::route::{self, AgentQuery, CacheTarget, Route};
@@ -80,6 +81,8 @@ pub struct Runtime {
     pub accounts: HashMap<String, Account>,
     /// Set when `server.tls` is configured: new public connections are TLS.
     pub tls: Option<TlsAcceptor>,
+    /// Set when `server.rate_limit` is configured; kept across reloads that do not change it.
+    pub limiter: Option<Arc<RateLimiter>>,
 }
 
 impl Runtime {
@@ -125,10 +128,17 @@ impl Runtime {
             Some(identity) => Some(server::tls::acceptor(identity).map_err(StateError::Tls)?),
             None => None,
         };
+        let limiter = config.server.rate_limit.map(|settings| {
+            previous
+                .and_then(|p| p.limiter.clone())
+                .filter(|kept| kept.settings() == settings)
+                .unwrap_or_else(|| Arc::new(RateLimiter::new(settings)))
+        });
         Ok(Self {
             config,
             accounts,
             tls,
+            limiter,
         })
     }
 }
@@ -302,7 +312,11 @@ pub async fn handle<B: http_body::Body>(
         client: None,
         resource: None,
     };
-    let mut response = match handle_inner(&state, &request, &peer, &mut exchange).await {
+    let result = match admit(&state, &peer) {
+        Ok(()) => handle_inner(&state, &request, &peer, &mut exchange).await,
+        Err(limited) => Err(limited),
+    };
+    let mut response = match result {
         Ok(response) => response,
         Err(error) => error_response(&error, exchange.cache).map(Either::Left),
     };
@@ -337,6 +351,20 @@ pub async fn handle<B: http_body::Body>(
         "request"
     );
     response
+}
+
+/// The rate limit, first of all: it also holds back floods of bad requests and key guesses.
+fn admit(state: &AppState, peer: &Peer) -> Result<(), ProxyError> {
+    let Some(limiter) = &state.runtime.load().limiter else {
+        return Ok(());
+    };
+    limiter
+        .check(peer.addr.ip(), state.clock.now())
+        .map_err(|limited| {
+            state.metrics.record_rate_limited();
+            tracing::debug!(client.addr = %peer.addr, "rate limited");
+            ProxyError::RateLimited(limited)
+        })
 }
 
 async fn handle_inner<B: http_body::Body>(

@@ -281,3 +281,56 @@ async fn client_names_map_certificates_to_accounts() {
         "nothing reached the box"
     );
 }
+
+const LIMIT: &str = "[server.rate_limit]\nrequests_per_second = 0.5\nburst = 3";
+
+#[tokio::test]
+async fn each_client_address_gets_a_token_bucket_when_a_rate_limit_is_set() {
+    let gw = Gateway::start(Options {
+        server: LIMIT,
+        ..Options::default()
+    })
+    .await;
+    let list = path("id", "103");
+    for _ in 0..3 {
+        assert_eq!(gw.get(&list).await.status, 200);
+    }
+    // Over the limit: bad requests and good ones alike, before routing and the cache.
+    for target in [list.as_str(), "/mot/nobody/agents/id/1/recordings", "/%00"] {
+        let limited = gw.get(target).await;
+        assert_eq!(limited.status, 429, "{target}");
+        assert_eq!(limited.header("retry-after"), Some("2"), "1 token at 0.5/s");
+        assert_eq!(limited.header("x-cache"), None);
+        assert!(
+            limited.json()["error"]
+                .as_str()
+                .unwrap()
+                .contains("server.rate_limit"),
+            "{}",
+            limited.text()
+        );
+    }
+    assert_eq!(gw.simulator.request_count(), 1);
+    // The admin listener is not limited.
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        crate::support::sample(&metrics, "miralix_gateway_rate_limited_total"),
+        3.0
+    );
+    assert_eq!(
+        crate::support::sample(&metrics, "miralix_gateway_requests_total{status=\"429\"}"),
+        3.0
+    );
+
+    // Two seconds give one token back, and only one.
+    gw.clock.advance(std::time::Duration::from_secs(2));
+    assert_eq!(gw.get(&list).await.status, 200);
+    assert_eq!(gw.get(&list).await.status, 429);
+
+    // A reload that keeps the limit keeps the buckets; one that drops it lets everyone in.
+    gw.reload().await.unwrap();
+    assert_eq!(gw.get(&list).await.status, 429);
+    let unlimited = gw.config_text.replace(LIMIT, "");
+    gw.reload_text(&unlimited).await.unwrap();
+    assert_eq!(gw.get(&list).await.status, 200);
+}
