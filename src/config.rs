@@ -106,9 +106,11 @@ impl fmt::Debug for TlsIdentity {
 }
 
 /// Logging settings that are not covered by `RUST_LOG`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LogConfig {
     pub format: LogFormat,
+    /// Where audit events go instead of stderr, as JSON lines.
+    pub audit_file: Option<PathBuf>,
 }
 
 /// How log lines are written.
@@ -298,7 +300,9 @@ pub struct Problem {
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{origin}: {source}")]
+    /// The file could not be read, parsed or typed; values are left out of the message, since
+    /// they may be secrets.
+    #[error("{origin}: {}", without_values(&.source.to_string()))]
     Load {
         origin: String,
         #[source]
@@ -322,6 +326,63 @@ impl ConfigError {
                 .collect(),
         }
     }
+}
+
+/// A parse or type error without the values it quotes: the source lines TOML errors show, and
+/// the value in serde's "invalid type: string \"...\", expected ..." (the type is kept).
+fn without_values(message: &str) -> String {
+    let mut kept = Vec::new();
+    for line in message.lines() {
+        // `  |`, `3 | shared_secret = "..."`, `  |    ^`: TOML's excerpt of the file.
+        let excerpt = line
+            .trim_start()
+            .trim_start_matches(|c: char| c.is_ascii_digit())
+            .trim_start()
+            .starts_with('|');
+        if !excerpt {
+            kept.push(redact_unexpected(line.trim()));
+        }
+    }
+    kept.retain(|line| !line.is_empty());
+    // The config crate adds " in <file>" on a line of its own after TOML's message.
+    kept.iter().fold(String::new(), |mut joined, line| {
+        if !joined.is_empty() {
+            joined.push_str(if line.starts_with("in ") { " " } else { ": " });
+        }
+        joined.push_str(line);
+        joined
+    })
+}
+
+/// `invalid type: string "abc", expected a sequence` -> `invalid type: string, expected a sequence`.
+fn redact_unexpected(line: &str) -> String {
+    let mut out = String::new();
+    let mut rest = line;
+    while let Some(at) = ["invalid type: ", "invalid value: "]
+        .iter()
+        .filter_map(|marker| rest.find(marker).map(|i| i + marker.len()))
+        .min()
+    {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        // The kind of value (`string`, `64-bit signed integer`), then the value quoted in `"`
+        // (Debug-escaped) or in backticks, unless the message goes on to what was expected.
+        let expected = rest.find(", expected").unwrap_or(rest.len());
+        let Some(open) = rest.find(['"', '`']).filter(|open| *open < expected) else {
+            continue;
+        };
+        out.push_str(rest[..open].trim_end());
+        let quote = rest.as_bytes()[open];
+        let mut escaped = false;
+        let close = rest[open + 1..].char_indices().find(|&(_, c)| {
+            let end = c == char::from(quote) && !escaped;
+            escaped = quote == b'"' && c == '\\' && !escaped;
+            end
+        });
+        rest = close.map_or("", |(i, _)| &rest[open + 1 + i + 1..]);
+    }
+    out.push_str(rest);
+    out
 }
 
 fn render_problems(origin: &str, problems: &[Problem]) -> String {
@@ -468,6 +529,8 @@ pub struct RawTls {
 pub struct RawLog {
     /// `text` (default) or `json`.
     pub format: Option<String>,
+    /// Off unless set: audit events then go to stderr with the rest.
+    pub audit_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -687,6 +750,23 @@ impl RawConfig {
         )
         .unwrap_or_default();
         let log_format = problems.check("log.format", parse_log_format(self.log.format.as_deref()));
+        let audit_file = self.log.audit_file.filter(|path| {
+            let directory = path.parent().filter(|d| !d.as_os_str().is_empty());
+            match directory {
+                _ if path.as_os_str().is_empty() || path.ends_with("..") || path.to_str().is_some_and(|p| p.ends_with('/')) => {
+                    problems.push("log.audit_file", "expected a file path, e.g. /var/log/miralix-gateway/audit.log");
+                    false
+                }
+                Some(directory) if !directory.is_dir() => {
+                    problems.push(
+                        "log.audit_file",
+                        format!("the directory {} does not exist (the unit's LogsDirectory= creates /var/log/miralix-gateway)", directory.display()),
+                    );
+                    false
+                }
+                _ => true,
+            }
+        });
 
         if self.accounts.is_empty() {
             problems.push(
@@ -784,7 +864,7 @@ impl RawConfig {
                         token,
                     },
                     cache,
-                    log: LogConfig { format },
+                    log: LogConfig { format, audit_file },
                     accounts,
                 })
             }
@@ -1650,6 +1730,42 @@ mod tests {
     }
 
     /// A certificate and key in PEM, and a key that belongs to neither.
+    #[test]
+    fn parse_and_type_errors_leave_values_out() {
+        let secret = "s3cret-value-123";
+        for (text, expected) in [
+            (
+                format!("[accounts.greenbox]\nshared_secret = \"{secret}\n"),
+                "TOML parse error at line 2, column",
+            ),
+            (
+                format!("[accounts.greenbox]\nshared_secret = \"{secret}\" \"x\"\n"),
+                "unexpected key or value",
+            ),
+            (
+                format!("[accounts.greenbox]\napi_keys = \"{secret}\\\" \\\"\"\n"),
+                "invalid type: string, expected a sequence for key `accounts.greenbox.api_keys`",
+            ),
+            (
+                format!("[cache]\ngzip = \"{secret}\"\n"),
+                "invalid type: string, expected a boolean",
+            ),
+            (
+                format!("[server]\nmax_connections = -{}\n", &secret[7..].len()),
+                "invalid type: 64-bit integer, expected an unsigned",
+            ),
+        ] {
+            let err = from_toml_str(&text, "t.toml").unwrap_err().to_string();
+            assert!(!err.contains(secret), "{err}");
+            assert!(!err.contains("\"x\""), "{err}");
+            assert!(err.contains(expected), "{expected:?} not in {err}");
+        }
+        assert_eq!(
+            redact_unexpected("invalid type: integer `42`, expected a string"),
+            "invalid type: integer, expected a string"
+        );
+    }
+
     #[test]
     fn the_rate_limit_is_off_unless_configured_and_checked_when_it_is() {
         assert_eq!(

@@ -99,7 +99,20 @@ fn main() -> ExitCode {
         .log_format
         .or(config.as_ref().map(|c| c.log.format))
         .unwrap_or_default();
-    if let Err(error) = telemetry::init(format) {
+    let audit = match config.as_ref().and_then(|c| c.log.audit_file.as_deref()) {
+        Some(path) => match telemetry::AuditFile::open(path) {
+            Ok(file) => Some(file),
+            Err(error) => {
+                eprintln!(
+                    "miralix-gateway: log.audit_file: cannot open {} for appending: {error}",
+                    path.display()
+                );
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    if let Err(error) = telemetry::init(format, audit.clone()) {
         eprintln!("miralix-gateway: cannot set up logging: {error}");
         return ExitCode::FAILURE;
     }
@@ -120,7 +133,7 @@ fn main() -> ExitCode {
                 _,
             ) => run_demo(listen, admin_listen).await,
             (simulate @ Command::Simulate { .. }, _) => run_simulator(simulate).await,
-            (_, Some(config)) => run_gateway(config, source, |_| {}).await,
+            (_, Some(config)) => run_gateway(config, source, audit, |_| {}).await,
             (_, None) => unreachable!("serve always has a configuration here"),
         }
     });
@@ -252,7 +265,7 @@ async fn run_simulator(command: Command) -> Result<()> {
 async fn run_demo(listen: SocketAddr, admin_listen: SocketAddr) -> Result<()> {
     let demo = demo::start(listen, admin_listen).await?;
     let config = demo.config.clone();
-    run_gateway(config, None, |listeners| {
+    run_gateway(config, None, None, |listeners| {
         let (public, admin) = (
             listeners.public.local_addr().ok(),
             listeners.admin.local_addr().ok(),
@@ -265,16 +278,17 @@ async fn run_demo(listen: SocketAddr, admin_listen: SocketAddr) -> Result<()> {
 }
 
 /// Bind the listeners, tell `on_bound` and systemd, and serve until a stop signal.
-/// With a `source` file, SIGHUP reloads it.
+/// With a `source` file, SIGHUP reloads it; with an `audit` file, SIGHUP opens it again.
 async fn run_gateway(
     config: Config,
     source: Option<PathBuf>,
+    audit: Option<telemetry::AuditFile>,
     on_bound: impl FnOnce(&Listeners),
 ) -> Result<()> {
     let listeners = Listeners::bind(&config).await?;
     let state = Arc::new(AppState::new(config, Arc::new(SystemClock))?);
     on_bound(&listeners);
-    tokio::spawn(reload_on_hangup(state.clone(), source));
+    tokio::spawn(reload_on_hangup(state.clone(), source, audit));
     systemd::spawn_watchdog();
     let stop = async {
         stop_signal().await;
@@ -287,7 +301,12 @@ async fn run_gateway(
 }
 
 /// Reload `source` on every SIGHUP; a configuration that fails is logged and not applied.
-async fn reload_on_hangup(state: Arc<AppState>, source: Option<PathBuf>) {
+/// The audit file is opened again first, so a rotated log is left alone from then on.
+async fn reload_on_hangup(
+    state: Arc<AppState>,
+    source: Option<PathBuf>,
+    audit: Option<telemetry::AuditFile>,
+) {
     let mut hangups = match signal(SignalKind::hangup()) {
         Ok(hangups) => hangups,
         Err(error) => {
@@ -296,6 +315,15 @@ async fn reload_on_hangup(state: Arc<AppState>, source: Option<PathBuf>) {
         }
     };
     while hangups.recv().await.is_some() {
+        if let Some(audit) = &audit
+            && let Err(error) = audit.reopen()
+        {
+            tracing::error!(
+                path = %audit.path().display(),
+                %error,
+                "cannot open the audit file again; still writing to the one open before"
+            );
+        }
         let Some(path) = &source else {
             tracing::info!("SIGHUP received; the demo has no configuration file to reload");
             continue;

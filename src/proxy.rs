@@ -253,7 +253,8 @@ impl ReloadReport {
             ),
             ("admin.listen", a.admin.listen != b.admin.listen),
             ("cache.max_bytes", a.cache.max_bytes != b.cache.max_bytes),
-            ("log.format", a.log != b.log),
+            ("log.format", a.log.format != b.log.format),
+            ("log.audit_file", a.log.audit_file != b.log.audit_file),
         ];
         report.restart_required = checks
             .into_iter()

@@ -3,35 +3,129 @@
 //! Logs go to stderr as text (colours only on a terminal) or as one JSON object per line.
 //! `RUST_LOG` selects levels and targets; the default is `info`. The access log is the target
 //! `miralix_gateway::access`, so `RUST_LOG=info,miralix_gateway::access=off` silences it.
+//!
+//! The audit log (who read which agent's list, cache purges and refreshes, refused admin calls)
+//! is the target `miralix_gateway::audit`. With `log.audit_file` it goes to that file instead of
+//! stderr, as JSON lines, whatever `RUST_LOG` says; the file is opened for appending and opened
+//! again on every reload (SIGHUP), so log rotation only needs to move it and send SIGHUP.
 
-use std::io::IsTerminal;
+use std::fs::{File, OpenOptions};
+use std::io::{self, IsTerminal, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{FilterExt, Targets, filter_fn};
+use tracing_subscriber::fmt::MakeWriter;
 
 pub use crate::config::LogFormat;
+use crate::proxy::AUDIT_LOG;
+
+/// The audit log file; cheap to clone, and every clone writes to the file last opened.
+#[derive(Clone)]
+pub struct AuditFile {
+    path: PathBuf,
+    file: Arc<ArcSwap<File>>,
+}
+
+impl std::fmt::Debug for AuditFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditFile")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl AuditFile {
+    /// Open `path` for appending, creating it readable by the owner and group only.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        Ok(Self {
+            path: path.to_owned(),
+            file: Arc::new(ArcSwap::from_pointee(open_append(path)?)),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Open the path again (after log rotation moved the file); on failure the old file stays.
+    pub fn reopen(&self) -> io::Result<()> {
+        self.file.store(Arc::new(open_append(&self.path)?));
+        Ok(())
+    }
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o640)
+        .open(path)
+}
+
+/// One event's write: the whole line goes out in one `write` on an append-only file.
+pub struct AuditWriter(Arc<File>);
+
+impl Write for AuditWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self.0).write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        (&*self.0).flush()
+    }
+}
+
+impl<'a> MakeWriter<'a> for AuditFile {
+    type Writer = AuditWriter;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        AuditWriter(self.file.load_full())
+    }
+}
 
 /// Install the global subscriber. Fails only if one is already installed.
-pub fn init(format: LogFormat) -> Result<(), tracing_subscriber::util::TryInitError> {
+pub fn init(
+    format: LogFormat,
+    audit: Option<AuditFile>,
+) -> Result<(), tracing_subscriber::util::TryInitError> {
+    use tracing_subscriber::Layer;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
 
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
-    match format {
-        LogFormat::Text => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
-                    .with_ansi(std::io::stderr().is_terminal()),
-            )
-            .try_init(),
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_current_span(true)
-                    .with_writer(std::io::stderr),
-            )
-            .try_init(),
-    }
+    // With an audit file, audit events go there and not to stderr.
+    let separate = audit.is_some();
+    let stderr_filter = filter.and(filter_fn(move |meta| {
+        !(separate && meta.target() == AUDIT_LOG)
+    }));
+    let stderr = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_filter(stderr_filter)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_writer(std::io::stderr)
+            .with_filter(stderr_filter)
+            .boxed(),
+    };
+    let audit = audit.map(|file| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(file)
+            .with_filter(Targets::new().with_target(AUDIT_LOG, tracing::Level::INFO))
+    });
+    tracing_subscriber::registry()
+        .with(stderr)
+        .with(audit)
+        .try_init()
 }

@@ -156,9 +156,9 @@ async fn a_full_run_at_trace_level_never_shows_the_secret() {
     let token_file = dir.path().join("admin.token");
     std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
     let config = dir.path().join("gateway.toml");
+    let audit_file = dir.path().join("audit.log");
     let pin = pin_of(&simulator);
-    std::fs::write(
-        &config,
+    let config_text = |keys: &str| {
         format!(
             r#"
 [server]
@@ -166,18 +166,21 @@ listen = "127.0.0.1:0"
 [admin]
 listen = "127.0.0.1:0"
 token_file = "{}"
+[log]
+audit_file = "{}"
 [accounts.{ACCOUNT}]
 base_url = "{}"
 shared_secret_file = "{}"
 pin_sha256 = "{pin}"
-api_keys = ["{API_KEY}"]
+api_keys = [{keys}]
 "#,
             token_file.display(),
+            audit_file.display(),
             simulator.base_url(),
             secret_file.display()
-        ),
-    )
-    .unwrap();
+        )
+    };
+    std::fs::write(&config, config_text(&format!("\"{API_KEY}\""))).unwrap();
     let bearer = format!("Bearer {API_KEY}");
     let admin_bearer = format!("Bearer {ADMIN_TOKEN}");
     let mut gateway = Running::spawn(
@@ -245,10 +248,45 @@ api_keys = ["{API_KEY}"]
             200, 200, 404, 400, 400, 200, 405, 401, 401, 206, 200, 401, 200, 502, 502, 502
         ]
     );
+
+    // Reloads: a refused one whose file quotes the secret and a key in a parse error and a
+    // type error, then one that rotates the key, after the audit file was moved away.
+    simulator.set_failure(Failure::None);
+    let rotated_key = "rotated-key-0123456789";
+    for broken in [
+        format!(
+            "{}\n[cache]\nttl = \"{SECRET}\n",
+            config_text(&format!("\"{API_KEY}\""))
+        ),
+        config_text(&format!("\"{API_KEY}\""))
+            .replace(&format!("[\"{API_KEY}\"]"), &format!("\"{API_KEY}\"")),
+    ] {
+        std::fs::write(&config, broken).unwrap();
+        send_signal(&gateway.child, "-HUP");
+        gateway.wait_for("reload refused");
+    }
+    let rotated_audit = dir.path().join("audit.log.1");
+    std::fs::rename(&audit_file, &rotated_audit).unwrap();
+    std::fs::write(&config, config_text(&format!("\"{rotated_key}\""))).unwrap();
+    send_signal(&gateway.child, "-HUP");
+    gateway.wait_for("configuration reloaded");
+    let old_key = request(public, "GET", &path("email", EMAIL), &key).await;
+    let new_key = request(
+        public,
+        "GET",
+        &path("email", EMAIL),
+        &[("X-Api-Key", rotated_key)],
+    )
+    .await;
+    assert_eq!((old_key.status, new_key.status), (401, 200));
+    bodies.extend([old_key, new_key]);
+
     let metrics = request(admin, "GET", "/metrics", &[]).await;
     assert_eq!(metrics.status, 200);
 
     let logs = gateway.finish();
+    let before_rotation = std::fs::read_to_string(&rotated_audit).unwrap();
+    let after_rotation = std::fs::read_to_string(&audit_file).unwrap();
     assert!(
         logs.contains("cache=\"hit\""),
         "the access log was captured:\n{logs}"
@@ -258,12 +296,39 @@ api_keys = ["{API_KEY}"]
         !logs.contains('\u{1b}'),
         "no ANSI colour codes when not on a terminal"
     );
+    // Audit events went to their own file, as JSON lines, and not to stderr.
     assert!(
-        logs.contains("miralix_gateway::audit") && logs.contains("client=key:"),
-        "reads are audited by key id:\n{logs}"
+        !logs.contains("miralix_gateway::audit"),
+        "audit events are not on stderr:\n{logs}"
     );
+    let key_id = |key: &str| {
+        miralix_gateway::auth::KeyId::of(&miralix_gateway::auth::digest(key.as_bytes())).to_string()
+    };
+    let events = |text: &str| -> Vec<serde_json::Value> {
+        text.lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect()
+    };
+    let read_by = |events: &[serde_json::Value], key: &str| {
+        events.iter().any(|e| {
+            e["message"] == "read"
+                && e["client"] == key_id(key)
+                && e["account"] == ACCOUNT
+                && e["resource"] == format!("agents/email/{EMAIL}/recordings")
+                && e["status"] == 200
+        })
+    };
+    let (before, after) = (events(&before_rotation), events(&after_rotation));
+    assert!(read_by(&before, API_KEY), "{before_rotation}");
+    assert!(
+        before.iter().any(|e| e["message"] == "cache purged"),
+        "{before_rotation}"
+    );
+    assert!(read_by(&after, rotated_key), "{after_rotation}");
+    assert!(!read_by(&before, rotated_key) && !read_by(&after, API_KEY));
     for (what, text) in [
         ("logs", logs.clone()),
+        ("audit log", before_rotation + &after_rotation),
         ("metrics", metrics.text()),
         (
             "bodies",
@@ -276,6 +341,10 @@ api_keys = ["{API_KEY}"]
     ] {
         assert!(!text.contains(SECRET), "the secret appears in the {what}");
         assert!(!text.contains(API_KEY), "an API key appears in the {what}");
+        assert!(
+            !text.contains(rotated_key),
+            "an API key appears in the {what}"
+        );
         assert!(
             !text.contains(ADMIN_TOKEN),
             "the admin token appears in the {what}"
