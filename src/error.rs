@@ -30,6 +30,8 @@ pub enum ProxyError {
         "{0} audio downloads from this account's box are already in progress (upstream.max_audio_streams); try again shortly"
     )]
     AudioBusy(usize),
+    #[error("an HTTP/1.1 request needs exactly one Host header; this one has {0}")]
+    HostHeader(usize),
     #[error("a request body is not accepted: send GET or HEAD without one")]
     BodyNotAccepted,
     #[error(
@@ -63,6 +65,7 @@ impl ProxyError {
             ) => StatusCode::FORBIDDEN,
             ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ProxyError::BodyNotAccepted => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::HostHeader(_) => StatusCode::BAD_REQUEST,
             ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::AdminDisabled => StatusCode::FORBIDDEN,
             ProxyError::AudioBusy(_) => StatusCode::SERVICE_UNAVAILABLE,

@@ -44,6 +44,11 @@ impl IdType {
 
     /// Turn a decoded, untrimmed identification into its canonical form for this type.
     pub fn normalize(self, raw: &str) -> Result<String, IdentityError> {
+        // Forbidden characters are refused even where trimming would drop them: a CR or LF
+        // around an identification is an injection attempt, not a typo.
+        if raw.chars().any(forbidden) {
+            return Err(IdentityError::ForbiddenCharacter(self));
+        }
         let value = raw.trim();
         check_common(self, value)?;
         match self {
@@ -72,7 +77,7 @@ pub enum IdentityError {
     #[error("the {0} identification is longer than {MAX_IDENTIFICATION_BYTES} bytes")]
     TooLong(IdType),
     #[error(
-        "the {0} identification contains a forbidden character ('/', '\\', or a control character such as NUL, CR or LF)"
+        "the {0} identification contains a forbidden character ('/', '\\', a control character such as NUL, CR or LF, or an invisible formatting character such as U+200B or U+202E)"
     )]
     ForbiddenCharacter(IdType),
     #[error(
@@ -91,6 +96,23 @@ pub enum IdentityError {
     SyncId,
 }
 
+/// Characters no identification may contain: path separators, controls (a tab is whitespace,
+/// trimmed at the ends and refused inside by each type's rules), and the invisible
+/// formatting characters (zero-width, bidirectional overrides, soft hyphen, BOM) that make one
+/// spelling look like another.
+pub fn forbidden(c: char) -> bool {
+    matches!(
+        c,
+        '/' | '\\'
+            | '\u{00AD}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{FEFF}'
+    ) || (c.is_control() && c != '\t')
+}
+
 /// Rules every type shares, checked on the trimmed value before the type's own rules.
 fn check_common(id_type: IdType, value: &str) -> Result<(), IdentityError> {
     if value.is_empty() {
@@ -98,12 +120,6 @@ fn check_common(id_type: IdType, value: &str) -> Result<(), IdentityError> {
     }
     if value.len() > MAX_IDENTIFICATION_BYTES {
         return Err(IdentityError::TooLong(id_type));
-    }
-    if value
-        .chars()
-        .any(|c| c == '/' || c == '\\' || c.is_control())
-    {
-        return Err(IdentityError::ForbiddenCharacter(id_type));
     }
     Ok(())
 }
@@ -126,6 +142,18 @@ fn normalize_email(value: &str) -> Result<String, IdentityError> {
     }
     if domain.is_empty() {
         return Err(IdentityError::Email("the domain after '@' is empty"));
+    }
+    // Dot-atoms (RFC 5322): dots only between characters.
+    let dotted = |part: &str| part.starts_with('.') || part.ends_with('.') || part.contains("..");
+    if dotted(local) {
+        return Err(IdentityError::Email(
+            "the part before '@' starts or ends with '.' or has \"..\"",
+        ));
+    }
+    if dotted(domain) {
+        return Err(IdentityError::Email(
+            "the domain starts or ends with '.' or has \"..\"",
+        ));
     }
     Ok(value.to_lowercase())
 }
@@ -269,6 +297,12 @@ mod tests {
             "@company.local",
             "derek@",
             "a@b@c",
+            ".derek@company.local",
+            "derek.@company.local",
+            "de..rek@company.local",
+            "derek@.company.local",
+            "derek@company.local.",
+            "derek@company..local",
             "de rek@company.local",
             "derek@company local",
             "<derek@company.local>",
@@ -393,6 +427,11 @@ mod tests {
                 "a\r\nb@c",
                 "a\u{7f}@c",
                 "a\u{85}@c",
+                "a\u{200B}@c",
+                "a\u{202E}@c",
+                "\u{FEFF}a@c",
+                "\r\n103",
+                "103\n",
             ] {
                 assert_eq!(
                     t.normalize(bad),
@@ -475,9 +514,7 @@ mod properties {
     fn allowed(id_type: IdType, out: &str) -> bool {
         out.len() <= MAX_IDENTIFICATION_BYTES
             && !out.is_empty()
-            && !out
-                .chars()
-                .any(|c| c.is_control() || c.is_whitespace() || c == '/' || c == '\\')
+            && !out.chars().any(|c| forbidden(c) || c.is_whitespace())
             && match id_type {
                 IdType::Id => out.bytes().all(|b| b.is_ascii_digit()),
                 IdType::SyncId => {

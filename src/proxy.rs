@@ -374,6 +374,14 @@ async fn handle_inner<B: http_body::Body>(
     peer: &Peer,
     exchange: &mut Exchange,
 ) -> Result<Response<Body>, ProxyError> {
+    // RFC 9112 3.2: an HTTP/1.1 request with no Host, or several, is answered 400. (The value
+    // is never used: the box's address comes from the configuration.)
+    if request.version() == http::Version::HTTP_11 {
+        let hosts = request.headers().get_all(http::header::HOST).iter().count();
+        if hosts != 1 {
+            return Err(ProxyError::HostHeader(hosts));
+        }
+    }
     let route = route::parse(request.uri().path(), request.uri().query())?;
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return Err(ProxyError::MethodNotAllowed {
