@@ -30,6 +30,10 @@ pub enum ProxyError {
         "{0} audio downloads from this account's box are already in progress (upstream.max_audio_streams); try again shortly"
     )]
     AudioBusy(usize),
+    #[error(
+        "the request target must be a path such as /mot/{{account}}/agents/id/103/recordings, or an absolute http(s) URL without user information"
+    )]
+    RequestTarget,
     #[error("an HTTP/1.1 request needs exactly one Host header; this one has {0}")]
     HostHeader(usize),
     #[error("a request body is not accepted: send GET or HEAD without one")]
@@ -65,7 +69,7 @@ impl ProxyError {
             ) => StatusCode::FORBIDDEN,
             ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ProxyError::BodyNotAccepted => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::HostHeader(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HostHeader(_) | ProxyError::RequestTarget => StatusCode::BAD_REQUEST,
             ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::AdminDisabled => StatusCode::FORBIDDEN,
             ProxyError::AudioBusy(_) => StatusCode::SERVICE_UNAVAILABLE,

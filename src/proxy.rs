@@ -382,6 +382,16 @@ async fn handle_inner<B: http_body::Body>(
             return Err(ProxyError::HostHeader(hosts));
         }
     }
+    // Origin-form or absolute-form (RFC 9112 3.2); authority-form and asterisk-form name no
+    // resource here, and user information only serves to disguise a URL (RFC 9110 4.2.4).
+    let target = request.uri();
+    if !target.path().starts_with('/')
+        || target
+            .authority()
+            .is_some_and(|authority| authority.as_str().contains('@'))
+    {
+        return Err(ProxyError::RequestTarget);
+    }
     let route = route::parse(request.uri().path(), request.uri().query())?;
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return Err(ProxyError::MethodNotAllowed {

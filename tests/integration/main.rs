@@ -3,6 +3,7 @@
 
 mod cli;
 mod deploy;
+mod hostile;
 mod proxy;
 mod recordings;
 mod resilience;

@@ -505,6 +505,16 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> KeepAlive<S> {
     }
 }
 
+/// Every whole answer in `raw`, in order (pipelined requests on one connection).
+pub fn parse_replies(mut raw: &[u8]) -> Vec<Reply> {
+    let mut replies = Vec::new();
+    while let Some((reply, used)) = complete_reply(raw) {
+        replies.push(reply);
+        raw = &raw[used..];
+    }
+    replies
+}
+
 /// A whole answer at the start of `raw` (by Content-Length), and how many bytes it took.
 fn complete_reply(raw: &[u8]) -> Option<(Reply, usize)> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
