@@ -51,12 +51,18 @@ impl IdType {
         }
         let value = raw.trim();
         check_common(self, value)?;
-        match self {
+        let canonical = match self {
             IdType::Email => normalize_email(value),
             IdType::SipUri => normalize_sip_uri(value),
             IdType::Id => normalize_id(value),
             IdType::SyncId => normalize_sync_id(value),
+        }?;
+        // The canonical form may be longer than the input (a `sip:` prefix added, letters
+        // whose lowercase takes more bytes): the cap applies to what is stored and sent.
+        if canonical.len() > MAX_IDENTIFICATION_BYTES {
+            return Err(IdentityError::TooLong(self));
         }
+        Ok(canonical)
     }
 }
 
@@ -442,6 +448,19 @@ mod tests {
             let long = format!("{}@x.y", "a".repeat(MAX_IDENTIFICATION_BYTES));
             assert_eq!(t.normalize(&long), Err(IdentityError::TooLong(t)));
         }
+        // Found by the fuzz target: within the cap as given, beyond it once canonical.
+        let user = "a".repeat(MAX_IDENTIFICATION_BYTES - 4);
+        assert_eq!(
+            IdType::SipUri.normalize(&format!("{user}@b")),
+            Err(IdentityError::TooLong(IdType::SipUri))
+        );
+        // 'Ⱥ' is two bytes, its lowercase 'ⱥ' three.
+        let grows = format!("{}@x.y", "\u{23A}".repeat(120));
+        assert!(grows.len() <= MAX_IDENTIFICATION_BYTES);
+        assert_eq!(
+            IdType::Email.normalize(&grows),
+            Err(IdentityError::TooLong(IdType::Email))
+        );
     }
 
     #[test]
@@ -508,6 +527,8 @@ mod properties {
             prop::collection::vec(pieces, 0..24).prop_map(|p| p.concat()),
             "[0-9a-fA-F{}-]{0,40}",
             "[a-zA-Z0-9._%+-]{0,20}@[a-zA-Z0-9.-]{0,20}",
+            // Near the length cap, with letters whose lowercase is longer.
+            "[a-zA-Z\u{23A}]{120,253}@[a-z]{1,2}",
         ]
     }
 
