@@ -183,10 +183,10 @@ fn check_config(path: &Path) -> ExitCode {
         names.len(),
         names.join(", "),
         config.server.listen,
-        if config.server.tls.is_some() {
-            " (https)"
-        } else {
-            ""
+        match &config.server.tls {
+            Some(tls) if tls.client_ca.is_some() => " (https, client certificates required)",
+            Some(_) => " (https)",
+            None => "",
         },
         config.admin.listen,
         humantime::format_duration(config.cache.ttl),

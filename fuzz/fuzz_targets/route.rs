@@ -1,0 +1,55 @@
+//! Request targets and identifications: parsing never panics, and what it accepts is canonical.
+//!
+//! Run for five minutes from the repository root:
+//!
+//! ```sh
+//! mkdir -p fuzz/corpus/route
+//! cargo +nightly fuzz run route fuzz/corpus/route fuzz/seeds/route -- -max_total_time=300
+//! ```
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use miralix_gateway::identity::{IdType, MAX_IDENTIFICATION_BYTES, forbidden};
+use miralix_gateway::route::{self, Route};
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let (path, query) = match text.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (text, None),
+    };
+    // A recordings request names its agent canonically: sent again, it names the same one.
+    if let Ok(Route::Recordings(request)) = route::parse(path, query) {
+        let agent = &request.query;
+        let again = format!(
+            "/mot/{}/agents/{}/{}/recordings",
+            utf8_percent_encode(&request.account, NON_ALPHANUMERIC),
+            agent.id_type.as_str(),
+            utf8_percent_encode(&agent.identification, NON_ALPHANUMERIC),
+        );
+        match route::parse(&again, None) {
+            Ok(Route::Recordings(reparsed)) => {
+                assert_eq!(reparsed.account, request.account);
+                assert_eq!(reparsed.query.id_type, agent.id_type);
+                assert_eq!(reparsed.query.identification, agent.identification);
+            }
+            other => panic!("{again} from {text:?} parsed as {other:?}"),
+        }
+    }
+    let _ = route::parse_cache_target(path);
+    // Every type: total, idempotent, and only allowed characters out.
+    for id_type in IdType::ALL {
+        if let Ok(out) = id_type.normalize(text) {
+            assert!(!out.is_empty() && out.len() <= MAX_IDENTIFICATION_BYTES, "{out:?}");
+            assert!(
+                !out.chars().any(|c| forbidden(c) || c.is_whitespace()),
+                "{id_type} {text:?} -> {out:?}"
+            );
+            assert_eq!(id_type.normalize(&out), Ok(out.clone()), "{id_type} {text:?}");
+        }
+    }
+});
