@@ -44,12 +44,19 @@ fuzz_target!(|data: &[u8]| {
     // Every type: total, idempotent, and only allowed characters out.
     for id_type in IdType::ALL {
         if let Ok(out) = id_type.normalize(text) {
-            assert!(!out.is_empty() && out.len() <= MAX_IDENTIFICATION_BYTES, "{out:?}");
+            assert!(
+                !out.is_empty() && out.len() <= MAX_IDENTIFICATION_BYTES,
+                "{out:?}"
+            );
             assert!(
                 !out.chars().any(|c| forbidden(c) || c.is_whitespace()),
                 "{id_type} {text:?} -> {out:?}"
             );
-            assert_eq!(id_type.normalize(&out), Ok(out.clone()), "{id_type} {text:?}");
+            assert_eq!(
+                id_type.normalize(&out),
+                Ok(out.clone()),
+                "{id_type} {text:?}"
+            );
         }
     }
 });
