@@ -9,6 +9,8 @@
 //! # Layout
 //!
 //! - [`config`]: raw TOML + environment, validated once into typed [`config::Config`].
+//! - [`auth`] and [`limit`]: API keys, client certificates and the admin token per account; the
+//!   per-client-address rate limit.
 //! - [`route`] and [`identity`]: parse the request target and normalize the identification.
 //! - [`cache`] (+ [`cache::policy`], [`cache::conditional`], [`cache::encoding`]): stored
 //!   answers, coalescing, stale serving, error backoff; pure freshness rules; entity tags;
@@ -22,13 +24,15 @@
 //!   purge and refresh) and [`proxy::AppState`]; [`error`]: errors to statuses.
 //! - [`server`] (+ [`server::tls`]): accept loops, TLS termination, timeouts, graceful shutdown.
 //! - [`systemd`]: `sd_notify` readiness, reload and stop messages, and the watchdog.
-//! - [`metrics`], [`telemetry`]: Prometheus exposition and the tracing subscriber.
+//! - [`metrics`], [`telemetry`]: Prometheus exposition and the tracing subscriber (with the
+//!   audit log's own file).
 //! - [`simulator`] and [`demo`]: a simulated box for the demo and the tests.
 //!
 //! # Request flow
 //!
 //! ```text
-//! TcpListener ─► server::run ─► proxy::handle ─► route::parse ─► identity::normalize
+//! TcpListener ─► server::run ─► proxy::handle ─► limit (429) ─► Host and target form (400)
+//!   (TLS, client certificate)       │  ─► route::parse ─► identity::normalize ─► auth::check
 //!                                   │
 //!                                   ├─► cache::ResponseCache::get_or_fetch ─► hit: stored Bytes
 //!                                   │        │  (fromQueueCallId: selected from the full list)

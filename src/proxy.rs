@@ -2,10 +2,13 @@
 //! streamed through) and the admin listener (metrics, health, purge and refresh).
 //!
 //! ```text
-//! request ─► route::parse ─► account lookup ─► ResponseCache::get_or_fetch ─► response headers
-//!              │ 400/404/414     │ 404            │ hit: stored Bytes            X-Cache, Age,
-//!              ▼                 ▼                │ miss: one UpstreamClient     Cache-Status,
-//!            JSON error ◄────────┴────────────────┘ fetch, shared by waiters    Cache-Control
+//! request ─► rate limit, Host, target form ─► route::parse ─► account lookup ─► auth::check
+//!              │ 429/400                        │ 400/404/414     │ 404           │ 401/403
+//!              ▼                                ▼                 ▼               ▼
+//!            JSON error ◄───────────────────────┴─────────────────┴───────────────┘
+//!
+//! then ResponseCache::get_or_fetch (hit: stored Bytes; miss: one UpstreamClient fetch, shared
+//! by waiters) and the response headers X-Cache, Age, Cache-Status, Cache-Control.
 //! ```
 //!
 //! [`handle`] is infallible: it calls `handle_inner`, turns a [`ProxyError`] into its JSON
