@@ -750,23 +750,10 @@ impl RawConfig {
         )
         .unwrap_or_default();
         let log_format = problems.check("log.format", parse_log_format(self.log.format.as_deref()));
-        let audit_file = self.log.audit_file.filter(|path| {
-            let directory = path.parent().filter(|d| !d.as_os_str().is_empty());
-            match directory {
-                _ if path.as_os_str().is_empty() || path.ends_with("..") || path.to_str().is_some_and(|p| p.ends_with('/')) => {
-                    problems.push("log.audit_file", "expected a file path, e.g. /var/log/miralix-gateway/audit.log");
-                    false
-                }
-                Some(directory) if !directory.is_dir() => {
-                    problems.push(
-                        "log.audit_file",
-                        format!("the directory {} does not exist (the unit's LogsDirectory= creates /var/log/miralix-gateway)", directory.display()),
-                    );
-                    false
-                }
-                _ => true,
-            }
-        });
+        let audit_file = self
+            .log
+            .audit_file
+            .and_then(|path| problems.check("log.audit_file", audit_file_path(path)));
 
         if self.accounts.is_empty() {
             problems.push(
@@ -1073,6 +1060,24 @@ fn read_credential(context: &LoadContext, name: &str) -> Result<Vec<u8>, String>
     };
     let path = dir.join(name);
     std::fs::read(&path).map_err(|e| format!("cannot read credential {}: {e}", path.display()))
+}
+
+/// A path the audit log can be opened at: a file name in a directory that exists.
+fn audit_file_path(path: PathBuf) -> Result<PathBuf, String> {
+    let named = path.file_name().is_some() && !path.as_os_str().to_string_lossy().ends_with('/');
+    if !named {
+        return Err(format!(
+            "\"{}\" names no file: expected e.g. /var/log/miralix-gateway/audit.log",
+            path.display()
+        ));
+    }
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(directory) if !directory.is_dir() => Err(format!(
+            "the directory {} does not exist (the unit's LogsDirectory= creates /var/log/miralix-gateway)",
+            directory.display()
+        )),
+        _ => Ok(path),
+    }
 }
 
 fn parse_log_format(value: Option<&str>) -> Result<LogFormat, String> {
@@ -1764,6 +1769,32 @@ mod tests {
             redact_unexpected("invalid type: integer `42`, expected a string"),
             "invalid type: integer, expected a string"
         );
+    }
+
+    #[test]
+    fn the_audit_file_must_be_a_file_in_an_existing_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |path: &str| format!("[log]\naudit_file = \"{path}\"\n{MINIMAL}");
+        let good = dir.path().join("audit.log");
+        let config = from_toml_str(&with(&good.display().to_string()), "t.toml").unwrap();
+        assert_eq!(config.log.audit_file, Some(good));
+        for (path, expected) in [
+            ("", "names no file"),
+            ("/var/log/", "names no file"),
+            ("/var/log/..", "names no file"),
+            (
+                "/nonexistent/dir/audit.log",
+                "the directory /nonexistent/dir does not exist",
+            ),
+        ] {
+            let err = from_toml_str(&with(path), "t.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("log.audit_file: ") && err.contains(expected),
+                "{path}: {err}"
+            );
+        }
     }
 
     #[test]
