@@ -3,6 +3,8 @@
 //! Every error answer the gateway makes itself is a small JSON object,
 //! `{"status": 400, "error": "<what was wrong and what is accepted>"}`, built here.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Response, StatusCode};
@@ -40,7 +42,7 @@ pub enum ProxyError {
     BodyNotAccepted,
     #[error(
         "too many requests from this address (server.rate_limit): retry after {} s",
-        .0.retry_after_secs()
+        retry_after_seconds(.0.retry_after)
     )]
     RateLimited(Limited),
     #[error(transparent)]
@@ -93,7 +95,8 @@ impl ProxyError {
                 headers.insert(RETRY_AFTER, HeaderValue::from(1));
             }
             ProxyError::RateLimited(limited) => {
-                headers.insert(RETRY_AFTER, HeaderValue::from(limited.retry_after_secs()));
+                let seconds = retry_after_seconds(limited.retry_after);
+                headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
             }
             ProxyError::Unauthorized(reason) => {
                 let challenge = match reason {
@@ -110,15 +113,20 @@ impl ProxyError {
             }
             ProxyError::Upstream(upstream) => {
                 if let Some(after) = upstream.retry_after() {
-                    // Whole seconds, rounded up: a client must not come back too early.
-                    let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-                    headers.insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+                    let seconds = retry_after_seconds(after);
+                    headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
                 }
             }
             _ => {}
         }
         response
     }
+}
+
+/// `Retry-After` for a wait: whole seconds, rounded up and at least 1, so a client never
+/// comes back too early.
+pub fn retry_after_seconds(after: Duration) -> u64 {
+    (after.as_secs() + u64::from(after.subsec_nanos() > 0)).max(1)
 }
 
 /// A gateway-made JSON error body with `Cache-Control: no-store`.

@@ -113,17 +113,10 @@ impl Bucket {
     }
 }
 
-impl Limited {
-    /// `Retry-After` in whole seconds, rounded up and at least 1: never too early.
-    pub fn retry_after_secs(&self) -> u64 {
-        let after = self.retry_after;
-        (after.as_secs() + u64::from(after.subsec_nanos() > 0)).max(1)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::retry_after_seconds;
 
     fn limiter(rate: f64, burst: u32) -> RateLimiter {
         RateLimiter::new(RateLimit {
@@ -142,7 +135,7 @@ mod tests {
         }
         let limited = limiter.check(a, t0).unwrap_err();
         assert_eq!(limited.retry_after, Duration::from_millis(500));
-        assert_eq!(limited.retry_after_secs(), 1);
+        assert_eq!(retry_after_seconds(limited.retry_after), 1);
         // Another address has its own bucket.
         assert_eq!(limiter.check(b, t0), Ok(()));
         // Half a second later one token is back, and only one.
@@ -163,9 +156,11 @@ mod tests {
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
         let now = Instant::now();
         assert_eq!(limiter.check(ip, now), Ok(()));
-        assert_eq!(limiter.check(ip, now).unwrap_err().retry_after_secs(), 10);
+        let limited = limiter.check(ip, now).unwrap_err();
+        assert_eq!(retry_after_seconds(limited.retry_after), 10);
         let later = now + Duration::from_millis(9_500);
-        assert_eq!(limiter.check(ip, later).unwrap_err().retry_after_secs(), 1);
+        let limited = limiter.check(ip, later).unwrap_err();
+        assert_eq!(retry_after_seconds(limited.retry_after), 1);
     }
 
     #[test]
