@@ -316,11 +316,7 @@ pub async fn handle<B: http_body::Body>(
         client: None,
         resource: None,
     };
-    let result = match admit(&state, &peer) {
-        Ok(()) => handle_inner(&state, &request, &peer, &mut exchange).await,
-        Err(limited) => Err(limited),
-    };
-    let mut response = match result {
+    let mut response = match handle_inner(&state, &request, &peer, &mut exchange).await {
         Ok(response) => response,
         Err(error) => error_response(&error, exchange.cache).map(Either::Left),
     };
@@ -358,8 +354,8 @@ pub async fn handle<B: http_body::Body>(
 }
 
 /// The rate limit, first of all: it also holds back floods of bad requests and key guesses.
-fn admit(state: &AppState, peer: &Peer) -> Result<(), ProxyError> {
-    let Some(limiter) = &state.runtime.load().limiter else {
+fn admit(state: &AppState, runtime: &Runtime, peer: &Peer) -> Result<(), ProxyError> {
+    let Some(limiter) = &runtime.limiter else {
         return Ok(());
     };
     limiter
@@ -377,6 +373,8 @@ async fn handle_inner<B: http_body::Body>(
     peer: &Peer,
     exchange: &mut Exchange,
 ) -> Result<Response<Body>, ProxyError> {
+    let runtime = state.runtime.load();
+    admit(state, &runtime, peer)?;
     // RFC 9112 3.2: an HTTP/1.1 request with no Host, or several, is answered 400. (The value
     // is never used: the box's address comes from the configuration.)
     if request.version() == http::Version::HTTP_11 {
@@ -408,7 +406,6 @@ async fn handle_inner<B: http_body::Body>(
     if !request.body().is_end_stream() {
         return Err(ProxyError::BodyNotAccepted);
     }
-    let runtime = state.runtime.load();
     let name = match &route {
         Route::Recordings(recordings) => &recordings.account,
         Route::Audio { account, .. } => account,
