@@ -197,14 +197,14 @@ pub fn check(
     headers: &HeaderMap,
     cert: Option<&ClientCert>,
 ) -> Result<Client, AuthError> {
-    let certified = || Client::Certificate(cert.map(|c| c.subject.clone()).unwrap_or_default());
+    let certified = |cert: &ClientCert| Client::Certificate(cert.subject.clone());
     let (keys, client_names) = match access {
-        Access::Open if cert.is_some() => return Ok(certified()),
-        Access::Open => return Ok(Client::Anonymous),
+        Access::Open => return Ok(cert.map_or(Client::Anonymous, certified)),
         Access::Restricted { keys, client_names } => (keys, client_names),
     };
-    if cert.is_some_and(|cert| cert.names.iter().any(|name| client_names.contains(name))) {
-        return Ok(certified());
+    let named = |cert: &&ClientCert| cert.names.iter().any(|name| client_names.contains(name));
+    if let Some(cert) = cert.filter(named) {
+        return Ok(certified(cert));
     }
     if keys.is_empty() {
         return Err(match cert {
