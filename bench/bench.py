@@ -39,6 +39,8 @@ MISSES = 300
 FILL_AGENTS = 10_000
 SERVER_CPU, LOAD_CPU = "0", "1"
 ACCOUNT = "greenbox"
+# The cache endpoints need an admin token (the poller scenario refreshes through them).
+ADMIN_TOKEN = "bench-admin-token-0123456789"
 SECRET = "bench-secret-7c41"
 HIT_PATH = f"/mot/{ACCOUNT}/agents/id/103/recordings"
 ID_TEMPLATE = f"/mot/{ACCOUNT}/agents/id/{{n}}/recordings"
@@ -289,6 +291,7 @@ cert = "{work}/front.crt"
 key = "{work}/front.key"
 [admin]
 listen = "127.0.0.1:{admin}"
+token = "{ADMIN_TOKEN}"
 [cache]
 {cache}
 max_bytes = "2GiB"
@@ -493,7 +496,8 @@ def poller(base, admin, sim_url, sim_ca, first_agent):
     minutes = POLL_SECONDS / 60
     # Catch-up: refresh every agent now, and each client polls once more.
     for agent in agents:
-        status, _, _ = fetch(f"{admin}/cache/{ACCOUNT}/agents/id/{agent}/refresh", method="POST")
+        status, _, _ = fetch(f"{admin}/cache/{ACCOUNT}/agents/id/{agent}/refresh", method="POST",
+                             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
         assert status == 200, status
     missed = 0
     for index in range(len(seen)):
