@@ -21,6 +21,7 @@
 pub mod conditional;
 pub mod encoding;
 pub mod policy;
+pub mod weight;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -219,25 +220,9 @@ impl moka::Expiry<CacheKey, Arc<CachedResponse>> for EntryExpiry {
     }
 }
 
-/// Bytes an element index costs beside the body it points into: an id and a `Bytes` view.
-const ELEMENT_OVERHEAD: usize = 40;
-
-/// Bytes an entry costs: its bodies, its element index, its key, and an allowance for the
-/// bookkeeping.
+/// Bytes an entry costs (see [`weight`]).
 fn weigh(key: &CacheKey, value: &Arc<CachedResponse>) -> u32 {
-    const OVERHEAD: usize = 256;
-    let elements = value
-        .list
-        .as_ref()
-        .map_or(0, |l| l.recordings.len() * ELEMENT_OVERHEAD);
-    let gzip = value.gzip.as_ref().map_or(0, |g| g.body.len());
-    let bytes = value.body.len()
-        + gzip
-        + elements
-        + key.query.identification.len()
-        + key.account.len()
-        + OVERHEAD;
-    u32::try_from(bytes).unwrap_or(u32::MAX)
+    weight::entry(key, value)
 }
 
 /// The result a flight ends with; `Aborted` if it ended without one.

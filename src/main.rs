@@ -70,6 +70,9 @@ enum Command {
         /// Recordings per synthetic agent.
         #[arg(long, default_value_t = 40)]
         calls: u64,
+        /// Write each answer's head and body in small separate writes, as many real boxes do.
+        #[arg(long)]
+        split_writes: bool,
     },
     /// Run a simulated Miralix box and a gateway in front of it, on loopback.
     Demo {
@@ -217,6 +220,7 @@ async fn run_simulator(command: Command) -> Result<()> {
         secret_file,
         synthetic_agents,
         calls,
+        split_writes,
     } = command
     else {
         unreachable!("called for simulate only")
@@ -243,6 +247,7 @@ async fn run_simulator(command: Command) -> Result<()> {
     };
     let simulator = Simulator::start(listen, tls, dataset).await?;
     simulator.set_delay(delay);
+    simulator.set_split_writes(split_writes);
     println!(
         "simulated Miralix box at {} (account {account}, delay {})",
         simulator.base_url(),

@@ -49,6 +49,11 @@ impl RecordingList {
         Some(Self { elements })
     }
 
+    /// Bytes the element index itself holds (the element texts are views into the body).
+    pub fn index_bytes(&self) -> usize {
+        self.elements.capacity() * std::mem::size_of::<Element>()
+    }
+
     pub fn len(&self) -> usize {
         self.elements.len()
     }

@@ -44,6 +44,10 @@ pub const DELAY_PATH: &str = "/_simulator/delay";
 /// `PUT` here with `?mode=...` (see [`Failure::parse`]) to make a running simulator fail.
 pub const FAILURE_PATH: &str = "/_simulator/failure";
 
+/// `PUT` here with `?mode=split` or `?mode=whole` to change how a running simulator writes its
+/// answers (see [`Simulator::set_split_writes`]).
+pub const WRITES_PATH: &str = "/_simulator/writes";
+
 /// `POST` here with `?account=A&agent=ID&count=N` to record N new calls for an agent (by its
 /// numeric id); answers the new QueueCallIds.
 pub const CALLS_PATH: &str = "/_simulator/calls";
@@ -57,6 +61,9 @@ const DEFAULT_AUDIO_BYTES: u64 = 64 * 1024;
 
 /// Audio is produced in chunks of this size, as the connection takes them.
 const AUDIO_CHUNK: u64 = 64 * 1024;
+
+/// The body piece of each write in split-writes mode (see [`Simulator::set_split_writes`]).
+pub const SPLIT_WRITE_BYTES: usize = 1024;
 
 /// How the simulated box presents itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +166,8 @@ struct Knobs {
     /// Behave as a 6.5 box: `fromQueueCallId` is ignored (the whole list comes back).
     api_6_5: bool,
     audio_bytes: u64,
+    /// Send the head and then the body in small separate writes (see [`Simulator::set_split_writes`]).
+    split_writes: bool,
 }
 
 #[derive(Debug)]
@@ -244,6 +253,7 @@ impl Simulator {
                 failure: Failure::None,
                 api_6_5: false,
                 audio_bytes: DEFAULT_AUDIO_BYTES,
+                split_writes: false,
             }),
             received: Mutex::default(),
             count: AtomicUsize::new(0),
@@ -290,6 +300,14 @@ impl Simulator {
     /// Act as a 6.5 box, which has no `fromQueueCallId` and sends the whole list regardless.
     pub fn set_api_6_5(&self, on: bool) {
         lock(&self.state.knobs).api_6_5 = on;
+    }
+
+    /// Write every answer's head, then its body in [`SPLIT_WRITE_BYTES`] pieces, each in a
+    /// write of its own, as many real servers do (a Python `http.server`, a .NET box behind a
+    /// small send buffer). The gateway then reads the body in several pieces, apart from the
+    /// head, which is how a stored body came to pin a read buffer far larger than itself.
+    pub fn set_split_writes(&self, on: bool) {
+        lock(&self.state.knobs).split_writes = on;
     }
 
     /// The size of every recording's audio.
@@ -458,6 +476,8 @@ async fn accept_loop(listener: TcpListener, acceptor: Option<TlsAcceptor>, state
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        // Each write goes out as it is made (split-writes mode relies on it).
+        let _ = stream.set_nodelay(true);
         if lock(&state.knobs).failure == Failure::Refuse {
             drop(stream);
             continue;
@@ -536,6 +556,25 @@ fn control(state: &SimState, request: &Request<Incoming>) -> Option<Response<Ful
             None => message(StatusCode::BAD_REQUEST, "expected ?ms=<milliseconds>"),
         });
     }
+    if request.uri().path() == WRITES_PATH && request.method() == Method::PUT {
+        let split = query()
+            .find(|(key, _)| key == "mode")
+            .and_then(|(_, mode)| match mode.as_ref() {
+                "split" => Some(true),
+                "whole" => Some(false),
+                _ => None,
+            });
+        return Some(match split {
+            Some(split) => {
+                lock(&state.knobs).split_writes = split;
+                json(
+                    StatusCode::OK,
+                    serde_json::json!({ "split_writes": split }).to_string(),
+                )
+            }
+            None => message(StatusCode::BAD_REQUEST, "expected ?mode=split|whole"),
+        });
+    }
     if request.uri().path() == CALLS_PATH && request.method() == Method::POST {
         let param = |name: &str| {
             query()
@@ -600,13 +639,32 @@ async fn serve(
 
     let mut gate = state.gate.subscribe();
     let _ = gate.wait_for(|open| *open).await;
-    let (delay, failure, api_6_5) = {
+    let (delay, failure, api_6_5, split_writes) = {
         let knobs = lock(&state.knobs);
-        (knobs.delay, knobs.failure.clone(), knobs.api_6_5)
+        (
+            knobs.delay,
+            knobs.failure.clone(),
+            knobs.api_6_5,
+            knobs.split_writes,
+        )
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
+    let response = misbehave(state, request, failure, api_6_5).await?;
+    Ok(match split_writes {
+        true => response.map(|body| SplitWrites::new(body).boxed()),
+        false => response,
+    })
+}
+
+/// The answer as the failure knob shapes it.
+async fn misbehave(
+    state: &SimState,
+    request: Request<Incoming>,
+    failure: Failure,
+    api_6_5: bool,
+) -> Result<Response<SimBody>, std::io::Error> {
     match failure {
         Failure::None => Ok(route(state, &request, api_6_5)),
         // A rebooting box drops the connections it had, too.
@@ -670,6 +728,69 @@ async fn serve(
             response.headers_mut().remove(http::header::CONTENT_LENGTH);
             Ok(whole(response))
         }
+    }
+}
+
+/// A body that makes hyper write the head on its own, then the body piece by piece: it is
+/// not ready when first polled, and again before every piece, so each poll that finds nothing
+/// flushes what was written so far as one write.
+struct SplitWrites {
+    inner: SimBody,
+    pending: Bytes,
+    /// Whether the next poll yields (wakes itself and reports not ready) first.
+    pause: bool,
+}
+
+impl SplitWrites {
+    fn new(inner: SimBody) -> Self {
+        Self {
+            inner,
+            pending: Bytes::new(),
+            pause: true,
+        }
+    }
+}
+
+impl http_body::Body for SplitWrites {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if this.pause {
+            this.pause = false;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        if this.pending.is_empty() {
+            match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => this.pending = data,
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                other => return other,
+            }
+        }
+        let piece = this
+            .pending
+            .split_to(this.pending.len().min(SPLIT_WRITE_BYTES));
+        this.pause = true;
+        Poll::Ready(Some(Ok(http_body::Frame::data(piece))))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let inner = self.inner.size_hint();
+        let pending = self.pending.len() as u64;
+        let mut hint = http_body::SizeHint::new();
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + pending);
+        }
+        hint.set_lower(inner.lower() + pending);
+        hint
     }
 }
 

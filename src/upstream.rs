@@ -12,9 +12,10 @@ pub mod trust;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, BufMut, Bytes};
 use http::header::{ACCEPT, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, StatusCode};
+use http_body_util::{BodyExt, Limited};
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
 use crate::config::AccountConfig;
@@ -326,7 +327,7 @@ impl UpstreamClient {
             | StatusCode::NOT_FOUND
             | StatusCode::BAD_REQUEST
             | StatusCode::FORBIDDEN => {
-                let content_type = response.headers().get(CONTENT_TYPE).cloned();
+                let content_type = response.headers().get(CONTENT_TYPE).map(owned_header);
                 let body = self.read_body(response).await?;
                 if status == StatusCode::OK
                     && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err()
@@ -345,7 +346,12 @@ impl UpstreamClient {
     }
 
     /// The whole body, refusing (without reading further) one beyond `max_body_bytes`.
-    async fn read_body(&self, mut response: reqwest::Response) -> Result<Bytes, UpstreamError> {
+    ///
+    /// The body is copied once into an allocation of exactly its size. The pieces hyper hands
+    /// over are views into its connection read buffer (8 KiB or more, shared with the answer's
+    /// head), so keeping one of them would keep that whole buffer alive for as long as the
+    /// entry is stored, while the cache's weigher counts only the view.
+    async fn read_body(&self, response: reqwest::Response) -> Result<Bytes, UpstreamError> {
         let limit = self.max_body_bytes;
         if response
             .content_length()
@@ -353,31 +359,16 @@ impl UpstreamClient {
         {
             return Err(UpstreamError::BodyTooLarge(limit));
         }
-        let mut first: Option<Bytes> = None;
-        let mut more: Option<bytes::BytesMut> = None;
-        let mut received: u64 = 0;
-        while let Some(chunk) = response.chunk().await.map_err(|e| self.classify(e))? {
-            received += chunk.len() as u64;
-            if received > limit {
-                return Err(UpstreamError::BodyTooLarge(limit));
-            }
-            // Most bodies arrive as one chunk: keep it as it is, copy only when there are more.
-            match (&mut first, &mut more) {
-                (None, _) => first = Some(chunk),
-                (Some(head), None) => {
-                    let mut joined = bytes::BytesMut::with_capacity(head.len() + chunk.len());
-                    joined.extend_from_slice(head);
-                    joined.extend_from_slice(&chunk);
-                    more = Some(joined);
-                }
-                (Some(_), Some(joined)) => joined.extend_from_slice(&chunk),
-            }
-        }
-        Ok(match (first, more) {
-            (_, Some(joined)) => joined.freeze(),
-            (Some(only), None) => only,
-            (None, None) => Bytes::new(),
-        })
+        let cap = usize::try_from(limit).unwrap_or(usize::MAX);
+        let collected = Limited::new(reqwest::Body::from(response), cap)
+            .collect()
+            .await
+            .map_err(|error| match error.downcast::<reqwest::Error>() {
+                Ok(error) => self.classify(*error),
+                // The only other error `Limited` yields is its own length limit.
+                Err(_) => UpstreamError::BodyTooLarge(limit),
+            })?;
+        Ok(owned(collected.aggregate()))
     }
 
     fn classify(&self, error: reqwest::Error) -> UpstreamError {
@@ -389,6 +380,22 @@ impl UpstreamClient {
             UpstreamError::Transport(Arc::new(error))
         }
     }
+}
+
+/// The bytes of `buf` in one allocation of exactly their size, owned by nothing else.
+pub fn owned(buf: impl Buf) -> Bytes {
+    let mut bytes = Vec::with_capacity(buf.remaining());
+    bytes.put(buf);
+    // Length equals capacity, so this takes the allocation over without copying again.
+    Bytes::from(bytes)
+}
+
+/// A header value in an allocation of its own: one parsed by hyper is a view into the
+/// connection's read buffer, like a body piece (see [`UpstreamClient::read_body`]).
+pub fn owned_header(value: &HeaderValue) -> HeaderValue {
+    let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+    copy.set_sensitive(value.is_sensitive());
+    copy
 }
 
 /// 50 to 150 ms, so that many gateways retrying a rebooted box do not arrive together.

@@ -48,7 +48,13 @@ pub fn gzip(body: &[u8], level: u32) -> Bytes {
     );
     // Writing into a Vec cannot fail.
     let _ = encoder.write_all(body);
-    Bytes::from(encoder.finish().unwrap_or_default())
+    let compressed = encoder.finish().unwrap_or_default();
+    // The Vec grew by doubling: keep an allocation of the exact size, not up to twice it, as
+    // the cache's weigher counts the length.
+    match compressed.len() == compressed.capacity() {
+        true => Bytes::from(compressed),
+        false => Bytes::copy_from_slice(&compressed),
+    }
 }
 
 /// Whether `Accept-Encoding` (every line of it) allows gzip: `gzip` or `x-gzip` with a

@@ -4,6 +4,7 @@
 mod cli;
 mod deploy;
 mod hostile;
+mod memory;
 mod proxy;
 mod recordings;
 mod resilience;

@@ -1,0 +1,201 @@
+//! The memory bound, measured on the real binary: after any sequence of requests its resident
+//! set stays within 1.5 x `cache.max_bytes` + 40 MiB, for recordings lists and for `404`s
+//! alike, whether the box writes an answer in one piece or in many small ones.
+//!
+//! The gateway runs as its own process (so the figure is not mixed with the test's), in front
+//! of the simulated box in this process, and its RSS is read from `/proc/<pid>/status`.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use miralix_gateway::simulator::{Dataset, Simulator, SimulatorTls, SyntheticAgents};
+use tokio::net::TcpStream;
+
+use crate::support::{ACCOUNT, KeepAlive, SECRET, path, request, sample};
+
+const BIN: &str = env!("CARGO_BIN_EXE_miralix-gateway");
+const MIB: u64 = 1024 * 1024;
+/// The cache bound both floods go through.
+const MAX_BYTES: u64 = 32 * MIB;
+const FIRST_AGENT: u64 = 1_000_000;
+const LISTS: u64 = 8_000;
+const UNKNOWN_AGENTS: u64 = 20_000;
+/// Recordings per agent: about 13.6 KB a list, as in the adversarial run.
+const CALLS: u64 = 39;
+/// Client connections the floods are spread over.
+const CLIENTS: u64 = 8;
+
+/// The gateway binary, killed when dropped.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Process {
+    /// Resident set size, from the kernel's own accounting.
+    fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+            .expect("VmRSS in /proc/<pid>/status");
+        kib * 1024
+    }
+}
+
+/// Start the binary in front of `simulator`; returns it with its public and admin addresses.
+fn spawn_gateway(
+    dir: &std::path::Path,
+    simulator: &Simulator,
+) -> (Process, SocketAddr, SocketAddr) {
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[cache]
+max_bytes = {MAX_BYTES}
+ttl = "10m"
+negative_ttl = "10m"
+[accounts.{ACCOUNT}]
+base_url = "{}"
+shared_secret = "{SECRET}"
+"#,
+            simulator.base_url()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env(
+            "RUST_LOG",
+            "warn,miralix_gateway=info,miralix_gateway::access=off",
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let process = Process(child);
+    let (sender, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = sender.send(line);
+        }
+    });
+    let serving = loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the gateway starts serving");
+        if line.contains("miralix-gateway serving") {
+            break line;
+        }
+    };
+    let addr = |key: &str| -> SocketAddr {
+        let start = serving.find(key).unwrap() + key.len();
+        serving[start..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    (process, addr("public="), addr("admin="))
+}
+
+/// GET every agent id in `ids` over [`CLIENTS`] keep-alive connections; every answer must have
+/// `status`.
+async fn flood(addr: SocketAddr, ids: std::ops::Range<u64>, status: u16) {
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|client| {
+            let ids = ids.clone();
+            tokio::spawn(async move {
+                let mut connection = KeepAlive::new(TcpStream::connect(addr).await.unwrap());
+                for id in ids.skip(client as usize).step_by(CLIENTS as usize) {
+                    let target = path("id", &id.to_string());
+                    let reply = connection
+                        .get(&target)
+                        .await
+                        .unwrap_or_else(|| panic!("no answer to {target}"));
+                    assert_eq!(reply.status, status, "{target}: {}", reply.text());
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+async fn holds_the_bound(split_writes: bool) {
+    let mut dataset = Dataset::demo(ACCOUNT, SECRET);
+    dataset.synthetic = Some(SyntheticAgents {
+        first_id: FIRST_AGENT,
+        count: LISTS,
+        calls: CALLS,
+    });
+    let simulator = Simulator::start("127.0.0.1:0".parse().unwrap(), SimulatorTls::Plain, dataset)
+        .await
+        .unwrap();
+    simulator.set_split_writes(split_writes);
+    let dir = tempfile::tempdir().unwrap();
+    let (gateway, public, admin) = spawn_gateway(dir.path(), &simulator);
+    let bound = MAX_BYTES * 3 / 2 + 40 * MIB;
+    let mode = if split_writes { "split" } else { "one-write" };
+
+    let idle = gateway.rss_bytes();
+    let unknown = 90_000_000..90_000_000 + UNKNOWN_AGENTS;
+    flood(public, unknown, 404).await;
+    let after_404s = gateway.rss_bytes();
+    let lists = FIRST_AGENT..FIRST_AGENT + LISTS;
+    flood(public, lists, 200).await;
+    let after_lists = gateway.rss_bytes();
+    let metrics = request(admin, "GET", "/metrics", &[]).await.text();
+    let weighed = sample(&metrics, "miralix_gateway_cache_bytes");
+    let requests = simulator.request_count() as u64;
+    println!(
+        "{mode} box: RSS {:.1} MiB idle, {:.1} MiB after {UNKNOWN_AGENTS} 404s, {:.1} MiB after {LISTS} lists \
+         (bound {:.1} MiB); cache weighs {:.1} MiB; {requests} box requests",
+        idle as f64 / MIB as f64,
+        after_404s as f64 / MIB as f64,
+        after_lists as f64 / MIB as f64,
+        bound as f64 / MIB as f64,
+        weighed / MIB as f64,
+    );
+    assert_eq!(requests, UNKNOWN_AGENTS + LISTS, "every request was a miss");
+    assert!(weighed <= MAX_BYTES as f64, "the cache weighs {weighed}");
+    assert!(
+        after_404s <= bound,
+        "{mode} box: RSS {after_404s} after {UNKNOWN_AGENTS} cached 404s, over the bound {bound}"
+    );
+    assert!(
+        after_lists <= bound,
+        "{mode} box: RSS {after_lists} after {LISTS} lists, over the bound {bound}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rss_stays_within_the_bound_when_the_box_writes_in_pieces() {
+    holds_the_bound(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rss_stays_within_the_bound_when_the_box_writes_answers_whole() {
+    holds_the_bound(false).await;
+}
