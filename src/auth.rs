@@ -155,6 +155,10 @@ pub enum AuthError {
     #[error("the API key is not valid for this account")]
     Invalid,
     #[error(
+        "send one credential: this request has {0} Authorization or X-Api-Key headers; send either one Authorization: Bearer <key> or one X-Api-Key: <key>"
+    )]
+    SeveralCredentials(usize),
+    #[error(
         "this account is read with a client certificate: connect over TLS with a certificate issued by the gateway's client CA"
     )]
     CertificateRequired,
@@ -174,21 +178,28 @@ pub fn digests_equal(a: &Digest, b: &Digest) -> bool {
     a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
-/// The keys a request presents: `Authorization: Bearer <key>` (scheme in any case) and
-/// `X-Api-Key: <key>`, each line of each.
-fn presented(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
-    let bearer = headers.get_all(AUTHORIZATION).iter().filter_map(|value| {
-        let value = value.as_bytes();
-        let (scheme, rest) = value.split_at_checked(7)?;
+/// The one key a request presents: `Authorization: Bearer <key>` (scheme in any case) or
+/// `X-Api-Key: <key>`. Several such headers, or one of each, are refused rather than tried in
+/// turn: trying each would let one request test many guesses against one rate-limit token.
+fn presented(headers: &HeaderMap) -> Result<Option<&[u8]>, AuthError> {
+    let mut authorization = headers.get_all(AUTHORIZATION).iter();
+    let mut api_key = headers.get_all(X_API_KEY).iter();
+    let (first, second) = (authorization.next(), api_key.next());
+    let count = usize::from(first.is_some())
+        + usize::from(second.is_some())
+        + authorization.count()
+        + api_key.count();
+    if count > 1 {
+        return Err(AuthError::SeveralCredentials(count));
+    }
+    let bearer = first.and_then(|value| {
+        let (scheme, rest) = value.as_bytes().split_at_checked(7)?;
         scheme
             .eq_ignore_ascii_case(b"bearer ")
             .then(|| rest.trim_ascii())
     });
-    let api_key = headers
-        .get_all(X_API_KEY)
-        .iter()
-        .map(|value| value.as_bytes().trim_ascii());
-    bearer.chain(api_key).filter(|key| !key.is_empty())
+    let key = bearer.or_else(|| second.map(|value| value.as_bytes().trim_ascii()));
+    Ok(key.filter(|key| !key.is_empty()))
 }
 
 /// Check a request, and the certificate of its connection, against an account's access rule.
@@ -198,6 +209,7 @@ pub fn check(
     cert: Option<&ClientCert>,
 ) -> Result<Client, AuthError> {
     let certified = |cert: &ClientCert| Client::Certificate(cert.subject.clone());
+    let key = presented(headers)?;
     let (keys, client_names) = match access {
         Access::Open => return Ok(cert.map_or(Client::Anonymous, certified)),
         Access::Restricted { keys, client_names } => (keys, client_names),
@@ -212,31 +224,47 @@ pub fn check(
             None => AuthError::CertificateRequired,
         });
     }
-    let mut any = false;
-    for key in presented(headers) {
-        any = true;
-        let presented = digest(key);
-        // Every configured digest is compared, so the time does not say which one matched.
-        let matched = keys.iter().fold(None, |found, known| {
-            match digests_equal(&presented, known) {
-                true => Some(known),
-                false => found,
-            }
-        });
-        if let Some(known) = matched {
-            return Ok(Client::Key(KeyId::of(known)));
+    let Some(key) = key else {
+        return Err(AuthError::Missing);
+    };
+    let presented = digest(key);
+    // Every configured digest is compared, so the time does not say which one matched.
+    let matched = keys.iter().fold(None, |found, known| {
+        match digests_equal(&presented, known) {
+            true => Some(known),
+            false => found,
         }
+    });
+    match matched {
+        Some(known) => Ok(Client::Key(KeyId::of(known))),
+        None => Err(AuthError::Invalid),
     }
-    Err(if any {
-        AuthError::Invalid
-    } else {
-        AuthError::Missing
-    })
 }
 
-/// Whether a request carries the admin token as `Authorization: Bearer <token>`.
-pub fn admin_token_matches(token: &Digest, headers: &HeaderMap) -> bool {
-    presented(headers).any(|key| digests_equal(&digest(key), token))
+/// Whether a request carries the admin token as `Authorization: Bearer <token>`, and if not,
+/// what it sent instead.
+pub fn check_admin_token(token: &Digest, headers: &HeaderMap) -> Result<(), AdminTokenError> {
+    match presented(headers) {
+        Err(AuthError::SeveralCredentials(count)) => Err(AdminTokenError::Several(count)),
+        Ok(Some(key)) if digests_equal(&digest(key), token) => Ok(()),
+        Ok(Some(_)) => Err(AdminTokenError::Wrong),
+        _ => Err(AdminTokenError::Missing),
+    }
+}
+
+/// Why a cache-control request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AdminTokenError {
+    #[error(
+        "cache control needs the admin token (admin.token): send it as Authorization: Bearer <token>"
+    )]
+    Missing,
+    #[error("the admin token is not valid (admin.token)")]
+    Wrong,
+    #[error(
+        "send one credential: this request has {0} Authorization or X-Api-Key headers; send one Authorization: Bearer <admin token>"
+    )]
+    Several(usize),
 }
 
 /// Parse a configured `api_key_hashes` entry: 64 hex digits, either case.
@@ -289,9 +317,25 @@ mod tests {
             headers(&[("authorization", &format!("Bearer {KEY}"))]),
             headers(&[("authorization", &format!("bearer   {KEY} "))]),
             headers(&[("x-api-key", KEY)]),
-            headers(&[("x-api-key", "wrong"), ("x-api-key", KEY)]),
         ] {
             assert_eq!(check(&access, &good, None), Ok(Client::Key(id)), "{good:?}");
+        }
+        // One credential per request: several are refused, not tried in turn.
+        let bearer = format!("Bearer {KEY}");
+        for several in [
+            headers(&[("x-api-key", "wrong"), ("x-api-key", KEY)]),
+            headers(&[
+                ("authorization", "Bearer wrong"),
+                ("authorization", &bearer),
+            ]),
+            headers(&[("authorization", &bearer), ("x-api-key", KEY)]),
+        ] {
+            assert_eq!(
+                check(&access, &several, None),
+                Err(AuthError::SeveralCredentials(2)),
+                "{several:?}"
+            );
+            assert!(check(&Access::Open, &several, None).is_err());
         }
         assert_eq!(check(&access, &headers(&[]), None), Err(AuthError::Missing));
         assert_eq!(

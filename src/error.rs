@@ -10,7 +10,7 @@ use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTI
 use http::{HeaderValue, Method, Response, StatusCode};
 use http_body_util::Full;
 
-use crate::auth::AuthError;
+use crate::auth::{AdminTokenError, AuthError};
 use crate::limit::Limited;
 use crate::route::RouteError;
 use crate::upstream::UpstreamError;
@@ -52,6 +52,8 @@ pub enum ProxyError {
     )]
     AdminDisabled,
     #[error(transparent)]
+    AdminToken(AdminTokenError),
+    #[error(transparent)]
     Upstream(#[from] UpstreamError),
 }
 
@@ -69,13 +71,17 @@ impl ProxyError {
             ProxyError::Unauthorized(
                 AuthError::CertificateRequired | AuthError::CertificateNotAllowed,
             ) => StatusCode::FORBIDDEN,
-            ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::Unauthorized(AuthError::SeveralCredentials(_))
+            | ProxyError::AdminToken(AdminTokenError::Several(_)) => StatusCode::BAD_REQUEST,
+            ProxyError::Unauthorized(_) | ProxyError::AdminToken(_) => StatusCode::UNAUTHORIZED,
             ProxyError::BodyNotAccepted => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::HostHeader(_) | ProxyError::RequestTarget => StatusCode::BAD_REQUEST,
             ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::AdminDisabled => StatusCode::FORBIDDEN,
             ProxyError::AudioBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Upstream(UpstreamError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Upstream(UpstreamError::Timeout(_) | UpstreamError::ConnectTimeout(_)) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             ProxyError::Upstream(
                 UpstreamError::QueueTimeout(_) | UpstreamError::CircuitOpen { .. },
             ) => StatusCode::SERVICE_UNAVAILABLE,
@@ -100,14 +106,21 @@ impl ProxyError {
             }
             ProxyError::Unauthorized(reason) => {
                 let challenge = match reason {
-                    AuthError::Missing => "Bearer realm=\"miralix-gateway\"",
-                    AuthError::Invalid => {
-                        "Bearer realm=\"miralix-gateway\", error=\"invalid_token\""
-                    }
-                    // A 403: a certificate is not something the client can add to a retry.
-                    AuthError::CertificateRequired | AuthError::CertificateNotAllowed => {
-                        return response;
-                    }
+                    AuthError::Missing => MISSING_TOKEN,
+                    AuthError::Invalid => INVALID_TOKEN,
+                    // A 403: a certificate is not something the client can add to a retry;
+                    // a 400: the request is malformed, not unauthenticated.
+                    AuthError::CertificateRequired
+                    | AuthError::CertificateNotAllowed
+                    | AuthError::SeveralCredentials(_) => return response,
+                };
+                headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+            }
+            ProxyError::AdminToken(reason) => {
+                let challenge = match reason {
+                    AdminTokenError::Missing => ADMIN_MISSING_TOKEN,
+                    AdminTokenError::Wrong => ADMIN_INVALID_TOKEN,
+                    AdminTokenError::Several(_) => return response,
                 };
                 headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
             }
@@ -122,6 +135,13 @@ impl ProxyError {
         response
     }
 }
+
+/// `WWW-Authenticate` challenges (RFC 6750 3): `error="invalid_token"` only when a token was
+/// sent and refused.
+const MISSING_TOKEN: &str = "Bearer realm=\"miralix-gateway\"";
+const INVALID_TOKEN: &str = "Bearer realm=\"miralix-gateway\", error=\"invalid_token\"";
+const ADMIN_MISSING_TOKEN: &str = "Bearer realm=\"miralix-gateway admin\"";
+const ADMIN_INVALID_TOKEN: &str = "Bearer realm=\"miralix-gateway admin\", error=\"invalid_token\"";
 
 /// `Retry-After` for a wait: whole seconds, rounded up and at least 1, so a client never
 /// comes back too early.

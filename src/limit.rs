@@ -96,6 +96,12 @@ impl RateLimiter {
         Err(Limited { retry_after: wait })
     }
 
+    /// Take one more token from `client`'s bucket, if it has one: a failed key check costs a
+    /// request of its own, so key guessing is slowed twice as much as ordinary traffic.
+    pub fn charge(&self, client: IpAddr, now: Instant) {
+        let _ = self.check(client, now);
+    }
+
     /// Client addresses with a bucket that has not refilled yet (for tests).
     pub fn tracked(&self) -> usize {
         self.shards

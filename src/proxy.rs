@@ -58,6 +58,10 @@ pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 pub const ACCESS_LOG: &str = "miralix_gateway::access";
 /// The tracing target of the audit log: who read which agent's list or which recording.
 pub const AUDIT_LOG: &str = "miralix_gateway::audit";
+/// Sent on every answer: a client must take a body for what `Content-Type` says it is, never
+/// guess (a list or an error message must not be rendered as a page).
+const X_CONTENT_TYPE_OPTIONS: HeaderName = HeaderName::from_static("x-content-type-options");
+const NOSNIFF: HeaderValue = HeaderValue::from_static("nosniff");
 /// The cache's name in `Cache-Status`.
 const CACHE_NAME: &str = "miralix-gateway";
 
@@ -153,6 +157,9 @@ pub struct AppState {
     pub metrics: Metrics,
     clock: Arc<dyn Clock>,
     ready: AtomicBool,
+    /// The configuration the process started with: settings bound at start-up keep these
+    /// values until a restart, whatever later reloads read.
+    started: Config,
     /// Reloads run one at a time.
     reloading: tokio::sync::Mutex<()>,
 }
@@ -162,8 +169,10 @@ impl AppState {
     pub fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StateError> {
         let metrics = Metrics::new();
         let cache = ResponseCache::new(config.cache.clone(), clock.clone(), metrics.evictions());
+        let started = config.clone();
         let runtime = Runtime::build(config, None, &metrics, &clock)?;
         Ok(Self {
+            started,
             runtime: ArcSwap::from_pointee(runtime),
             cache,
             metrics,
@@ -187,7 +196,7 @@ impl AppState {
         let _one_at_a_time = self.reloading.lock().await;
         let old = self.runtime();
         let new = Runtime::build(config, Some(&old), &self.metrics, &self.clock)?;
-        let report = ReloadReport::compare(&old, &new);
+        let report = ReloadReport::compare(&old, &new, &self.started);
         self.cache.set_config(new.config.cache.clone());
         self.runtime.store(Arc::new(new));
         for account in report.changed.iter().chain(&report.removed) {
@@ -218,7 +227,9 @@ pub struct ReloadReport {
 }
 
 impl ReloadReport {
-    fn compare(old: &Runtime, new: &Runtime) -> Self {
+    /// What changed from `old` to `new`; restart-only keys are compared with `started`, the
+    /// values actually in force, not with the last file read.
+    fn compare(old: &Runtime, new: &Runtime, started: &Config) -> Self {
         let mut report = Self::default();
         for (name, account) in &new.accounts {
             match old.accounts.get(name) {
@@ -243,7 +254,7 @@ impl ReloadReport {
         ] {
             list.sort();
         }
-        let (a, b) = (&old.config, &new.config);
+        let (a, b) = (started, &new.config);
         let checks = [
             ("server.listen", a.server.listen != b.server.listen),
             (
@@ -324,6 +335,9 @@ pub async fn handle<B: http_body::Body>(
     if request.method() == Method::HEAD && response.status() != StatusCode::NOT_MODIFIED {
         strip_body(&mut response);
     }
+    response
+        .headers_mut()
+        .insert(X_CONTENT_TYPE_OPTIONS, NOSNIFF.clone());
     state.metrics.record_response(response.status());
     if let (Some(client), Some(resource)) = (&exchange.client, &exchange.resource) {
         tracing::info!(
@@ -386,7 +400,11 @@ async fn handle_inner<B: http_body::Body>(
     // Origin-form or absolute-form (RFC 9112 3.2); authority-form and asterisk-form name no
     // resource here, and user information only serves to disguise a URL (RFC 9110 4.2.4).
     let target = request.uri();
+    let web_scheme = |scheme: &http::uri::Scheme| {
+        *scheme == http::uri::Scheme::HTTP || *scheme == http::uri::Scheme::HTTPS
+    };
     if !target.path().starts_with('/')
+        || target.scheme().is_some_and(|scheme| !web_scheme(scheme))
         || target
             .authority()
             .is_some_and(|authority| authority.as_str().contains('@'))
@@ -422,7 +440,13 @@ async fn handle_inner<B: http_body::Body>(
         request.headers(),
         peer.cert.as_deref(),
     )
-    .map_err(ProxyError::Unauthorized)?;
+    .map_err(|refused| {
+        // A wrong key costs the client a second token: guessing runs at half the rate.
+        if let (AuthError::Invalid, Some(limiter)) = (&refused, &runtime.limiter) {
+            limiter.charge(peer.addr.ip(), state.clock.now());
+        }
+        ProxyError::Unauthorized(refused)
+    })?;
     exchange.client = Some(client);
     // Named for the audit log only when it is on: the hit path does not allocate for it.
     let audited = tracing::enabled!(target: AUDIT_LOG, tracing::Level::INFO);
@@ -816,10 +840,7 @@ async fn audio_response<B>(
         .map_err(|_| ProxyError::AudioBusy(account.settings.upstream.max_audio_streams))?;
     let started = Instant::now();
     let head = request.method() == Method::HEAD;
-    let upstream = account
-        .client
-        .audio(queue_call_id, head, request.headers())
-        .await;
+    let upstream = account.client.audio(queue_call_id, request.headers()).await;
     let outcome = match &upstream {
         Ok(response) => response.status().as_u16().to_string(),
         Err(error) => {
@@ -849,6 +870,13 @@ async fn audio_response<B>(
         CACHE_STATUS,
         HeaderValue::from_static("miralix-gateway; fwd=bypass"),
     );
+    if head {
+        // The box was asked with GET (not every box answers HEAD); its headers, the length
+        // included, describe the body a GET gets, which is what HEAD must say. Dropping the
+        // download here closes that one connection to the box.
+        drop(upstream);
+        return Ok(response.map(Either::Left));
+    }
     let body = AudioBody {
         inner: reqwest::Body::from(upstream),
         bytes: account.metrics.audio_bytes.clone(),
@@ -965,16 +993,18 @@ fn error_response(error: &ProxyError, cache: CacheStatus) -> Response<Full<Bytes
     response
 }
 
-/// A HEAD answer: the GET answer's headers, including its length, without the body. A
-/// streamed answer already came from a HEAD to the box, with the box's headers.
+/// A HEAD answer: the GET answer's headers, including its length, without the body. An
+/// answer that already names its length (audio: the box's) keeps it.
 fn strip_body(response: &mut Response<Body>) {
     let Either::Left(full) = response.body() else {
         return;
     };
     let length = http_body::Body::size_hint(full).exact().unwrap_or(0);
-    response
-        .headers_mut()
-        .insert(CONTENT_LENGTH, HeaderValue::from(length));
+    if !response.headers().contains_key(CONTENT_LENGTH) {
+        response
+            .headers_mut()
+            .insert(CONTENT_LENGTH, HeaderValue::from(length));
+    }
     *response.body_mut() = Either::Left(Full::new(Bytes::new()));
 }
 
@@ -1021,6 +1051,9 @@ pub async fn handle_admin<B>(state: Arc<AppState>, request: Request<B>) -> Respo
         strip_body(&mut response);
     }
     response
+        .headers_mut()
+        .insert(X_CONTENT_TYPE_OPTIONS, NOSNIFF.clone());
+    response
 }
 
 /// `DELETE /cache[/{account}[/agents/{type}/{identification}]]` purges and answers how many
@@ -1043,15 +1076,17 @@ async fn cache_admin<B>(state: &AppState, request: &Request<B>) -> Response<Full
     let runtime = state.runtime();
     match &runtime.config.admin.token {
         None => return ProxyError::AdminDisabled.to_response(),
-        Some(token) if !auth::admin_token_matches(token, request.headers()) => {
-            tracing::warn!(
-                target: AUDIT_LOG,
-                path = request.uri().path(),
-                "cache control refused: missing or wrong admin token"
-            );
-            return ProxyError::Unauthorized(AuthError::Invalid).to_response();
+        Some(token) => {
+            if let Err(refused) = auth::check_admin_token(token, request.headers()) {
+                tracing::warn!(
+                    target: AUDIT_LOG,
+                    path = request.uri().path(),
+                    reason = %refused,
+                    "cache control refused"
+                );
+                return ProxyError::AdminToken(refused).to_response();
+            }
         }
-        Some(_) => {}
     }
     let account = |name: &str| {
         runtime

@@ -17,12 +17,16 @@ use http::header::{ACCEPT, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+use serde::de::IgnoredAny;
 
 use crate::config::AccountConfig;
 use crate::route::{AgentQuery, FROM_QUEUE_CALL_ID};
 
 /// The header the box authenticates requests with.
 pub const SHARED_SECRET_HEADER: &str = "x-miralix-shared-secret";
+
+/// The `Content-Type` of every list served: what the body was checked to be.
+pub const JSON_UTF8: &str = "application/json; charset=utf-8";
 
 /// Sent upstream so the box's logs show who is calling.
 pub const USER_AGENT: &str = concat!("miralix-gateway/", env!("CARGO_PKG_VERSION"));
@@ -84,6 +88,11 @@ pub struct UpstreamReply {
 pub enum UpstreamError {
     #[error("the Miralix box did not answer within {}", humantime::format_duration(*.0))]
     Timeout(Duration),
+    #[error(
+        "could not connect to the Miralix box within {} (TCP connect and TLS handshake, upstream.connect_timeout)",
+        humantime::format_duration(*.0)
+    )]
+    ConnectTimeout(Duration),
     #[error("could not connect to the Miralix box or verify its TLS certificate")]
     Connect(#[source] Arc<reqwest::Error>),
     #[error("the connection to the Miralix box failed before a complete answer arrived")]
@@ -141,6 +150,7 @@ impl UpstreamError {
     pub fn kind(&self) -> &'static str {
         match self {
             UpstreamError::Timeout(_) => "timeout",
+            UpstreamError::ConnectTimeout(_) => "connect_timeout",
             UpstreamError::Connect(_) => "connect_error",
             UpstreamError::Transport(_) => "transport_error",
             UpstreamError::RejectedSecret => "rejected_secret",
@@ -185,6 +195,7 @@ pub struct UpstreamClient {
     base: Arc<str>,
     account: Arc<str>,
     timeout: Duration,
+    connect_timeout: Duration,
     max_body_bytes: u64,
 }
 
@@ -230,6 +241,7 @@ impl UpstreamClient {
             base: config.base_url.as_str().trim_end_matches('/').into(),
             account: account.into(),
             timeout: config.upstream.timeout,
+            connect_timeout: config.upstream.connect_timeout,
             max_body_bytes: config.upstream.max_body_bytes,
         })
     }
@@ -271,18 +283,16 @@ impl UpstreamClient {
     /// Start the download of one recording's audio: the box's answer with its body unread, for
     /// the caller to stream on. Only the headers in [`AUDIO_REQUEST_HEADERS`] are passed on
     /// from `client_headers`.
+    ///
+    /// Always a GET, also for a client's HEAD: a box need not answer HEAD (some answer `501`),
+    /// and the caller drops the body of a HEAD after the headers.
     pub async fn audio(
         &self,
         queue_call_id: u64,
-        head: bool,
         client_headers: &HeaderMap,
     ) -> Result<reqwest::Response, UpstreamError> {
         let url = self.audio_url(queue_call_id);
-        let mut request = if head {
-            self.streaming.head(&url)
-        } else {
-            self.streaming.get(&url)
-        };
+        let mut request = self.streaming.get(&url);
         request = request.header(ACCEPT, HeaderValue::from_static("*/*"));
         for name in AUDIO_REQUEST_HEADERS {
             for value in client_headers.get_all(&name) {
@@ -327,12 +337,18 @@ impl UpstreamClient {
             | StatusCode::NOT_FOUND
             | StatusCode::BAD_REQUEST
             | StatusCode::FORBIDDEN => {
-                let content_type = response.headers().get(CONTENT_TYPE).map(owned_header);
+                let mut content_type = response.headers().get(CONTENT_TYPE).map(owned_header);
                 let body = self.read_body(response).await?;
-                if status == StatusCode::OK
-                    && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err()
-                {
-                    return Err(UpstreamError::InvalidBody);
+                if status == StatusCode::OK {
+                    // A list is JSON text, which is UTF-8 (RFC 8259 8.1); serde_json alone
+                    // lets invalid UTF-8 inside strings pass when it only skips over them.
+                    let json = std::str::from_utf8(&body)
+                        .is_ok_and(|text| serde_json::from_str::<IgnoredAny>(text).is_ok());
+                    if !json {
+                        return Err(UpstreamError::InvalidBody);
+                    }
+                    // Served for what it was checked to be, whatever the box labelled it.
+                    content_type = Some(HeaderValue::from_static(JSON_UTF8));
                 }
                 Ok(UpstreamReply {
                     status,
@@ -372,7 +388,10 @@ impl UpstreamClient {
     }
 
     fn classify(&self, error: reqwest::Error) -> UpstreamError {
-        if error.is_timeout() {
+        // reqwest's connect timeout bounds the TCP connect and the TLS handshake.
+        if error.is_connect() && error.is_timeout() {
+            UpstreamError::ConnectTimeout(self.connect_timeout)
+        } else if error.is_timeout() {
             UpstreamError::Timeout(self.timeout)
         } else if error.is_connect() {
             UpstreamError::Connect(Arc::new(error))
