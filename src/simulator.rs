@@ -98,6 +98,12 @@ pub enum Failure {
     InvalidJson,
     /// Answer lists with every `QueueCallId` as a string (a box the gateway cannot filter).
     TextIds,
+    /// Answer `200` with a JSON array whose one string holds a byte that is not UTF-8.
+    InvalidUtf8,
+    /// Answer normally, but label a list `text/html`.
+    MislabelledJson,
+    /// Answer `HEAD` with `501 Not Implemented`, as some servers do; GET as usual.
+    NoHead,
 }
 
 impl Failure {
@@ -111,6 +117,9 @@ impl Failure {
             "reset" => Failure::ResetMidBody,
             "invalid-json" => Failure::InvalidJson,
             "text-ids" => Failure::TextIds,
+            "invalid-utf8" => Failure::InvalidUtf8,
+            "mislabelled-json" => Failure::MislabelledJson,
+            "no-head" => Failure::NoHead,
             _ => match mode.split_once('-')? {
                 ("oversized", bytes) => Failure::Oversized(bytes.parse().ok()?),
                 ("status", code) => Failure::Status(code.parse().ok()?),
@@ -537,7 +546,7 @@ fn control(state: &SimState, request: &Request<Incoming>) -> Option<Response<Ful
             }
             None => message(
                 StatusCode::BAD_REQUEST,
-                "expected ?mode=none|close|refuse|reset|invalid-json|oversized-<bytes>|status-<code>",
+                "expected ?mode=none|close|refuse|reset|invalid-json|invalid-utf8|mislabelled-json|no-head|text-ids|oversized-<bytes>|status-<code>",
             ),
         });
     }
@@ -667,6 +676,27 @@ async fn misbehave(
 ) -> Result<Response<SimBody>, std::io::Error> {
     match failure {
         Failure::None => Ok(route(state, &request, api_6_5)),
+        Failure::NoHead if request.method() == Method::HEAD => Ok(whole(message(
+            StatusCode::NOT_IMPLEMENTED,
+            "HEAD is not implemented",
+        ))),
+        Failure::NoHead => Ok(route(state, &request, api_6_5)),
+        Failure::InvalidUtf8 => {
+            let body = Bytes::from_static(b"[{\"QueueCallId\":47610,\"AgentName\":\"Cl\xffus\"}]");
+            let mut response = Response::new(Full::new(body));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            Ok(whole(response))
+        }
+        Failure::MislabelledJson => {
+            let mut response = route(state, &request, api_6_5);
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            Ok(response)
+        }
         // A rebooting box drops the connections it had, too.
         Failure::Close | Failure::Refuse => {
             Err(std::io::Error::other("simulated connection close"))

@@ -181,6 +181,10 @@ fn cases() -> Vec<Case> {
         get("absolute-form", &format!("http://gw{ID}"), 200, &[ID]),
         get("absolute-form naming another host", &format!("http://evil.example:8080{ID}"), 200, &[ID]),
         get("absolute-form with userinfo", &format!("http://user:pass@evil.example{ID}"), 400, &[]),
+        get("absolute-form https", &format!("https://gw{ID}"), 200, &[ID]),
+        get("absolute-form ftp", &format!("ftp://evil.example{ID}"), 400, &[]),
+        get("absolute-form file", &format!("file://evil.example{ID}"), 400, &[]),
+        get("absolute-form with an unknown scheme", &format!("gopher://gw{ID}"), 400, &[]),
         get("authority-form on GET", "box.example:443", 400, &[]),
         raw("authority-form CONNECT", head("CONNECT 127.0.0.1:443 HTTP/1.1", &["Host: 127.0.0.1:443"]), &[400], &[]),
         raw("asterisk-form OPTIONS", head("OPTIONS * HTTP/1.1", &["Host: gw"]), &[400], &[]),
@@ -218,6 +222,10 @@ fn cases() -> Vec<Case> {
         raw("unknown method", head(&format!("FOO {ID} HTTP/1.1"), &["Host: gw"]), &[405], &[]),
         raw("HEAD", head(&format!("HEAD {ID} HTTP/1.1"), &["Host: gw"]), &[200], &[ID]),
         get("audio", AUDIO, 200, &[AUDIO]),
+        raw("HEAD on audio", head(&format!("HEAD {AUDIO} HTTP/1.1"), &["Host: gw"]), &[200], &[AUDIO]),
+        // One credential per request, not one try per header.
+        raw("two X-Api-Key headers", head(&format!("GET {ID} HTTP/1.1"), &["Host: gw", "X-Api-Key: a", "X-Api-Key: b"]), &[400], &[]),
+        raw("Authorization and X-Api-Key", head(&format!("GET {ID} HTTP/1.1"), &["Host: gw", "Authorization: Bearer a", "X-Api-Key: b"]), &[400], &[]),
         // Pipelining: answers in order, each request on its own merits.
         raw("pipelined good, bad, good, good", pipelined.into_bytes(), &[200, 400, 200, 200], &[ID, SIP, EMAIL]),
         raw("a hundred pipelined requests for one agent", hundred_same.into_bytes(), &[200; 100], &[ID]),
@@ -247,6 +255,20 @@ async fn hostile_requests_get_their_answer_and_only_canonical_targets_reach_the_
             true => parse_reply(&answer).map(|r| r.status).into_iter().collect(),
             false => parse_replies(&answer).iter().map(|r| r.status).collect(),
         };
+        let replies = parse_replies(&answer);
+        // hyper answers a head it cannot parse itself, with no body (nothing to sniff).
+        let sniffable =
+            |r: &&crate::support::Reply| !r.body.is_empty() || r.header("content-type").is_some();
+        if let Some(reply) = replies
+            .iter()
+            .filter(sniffable)
+            .find(|r| r.header("x-content-type-options") != Some("nosniff"))
+        {
+            failures.push(format!(
+                "{}: an answer without nosniff: {:?}",
+                case.name, reply.headers
+            ));
+        }
         let received = gw.simulator.received();
         let upstream: Vec<String> = received[before..]
             .iter()
@@ -271,6 +293,8 @@ async fn hostile_requests_get_their_answer_and_only_canonical_targets_reach_the_
     );
     // Whatever reached the box carried the configured secret and no header of the client's.
     for request in gw.simulator.received() {
+        // HEAD included: the box is only ever asked with GET.
+        assert_eq!(request.method, "GET", "{request:?}");
         assert_eq!(request.headers["x-miralix-shared-secret"], SECRET);
         assert!(request.headers.get("x-injected").is_none(), "{request:?}");
     }

@@ -386,3 +386,100 @@ async fn evictions_are_counted_by_cause() {
     );
     assert!(sample(&metrics, "miralix_gateway_cache_bytes") <= 16.0 * 1024.0);
 }
+
+#[tokio::test]
+async fn a_list_that_is_not_utf8_json_is_a_502_and_never_stored() {
+    let gw = Gateway::start(Options {
+        cache: NO_STALE,
+        ..Options::default()
+    })
+    .await;
+    gw.simulator.set_failure(Failure::InvalidUtf8);
+    for _ in 0..2 {
+        let reply = gw.get(&path("id", "103")).await;
+        assert_eq!(reply.status, 502, "{}", reply.text());
+        assert!(reply.json()["error"].as_str().unwrap().contains("not JSON"));
+        assert_eq!(reply.header("x-content-type-options"), Some("nosniff"));
+    }
+    assert_eq!(gw.simulator.request_count(), 2, "nothing was stored");
+    assert_eq!(
+        sample(&gw.metrics().await, "miralix_gateway_cache_entries"),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_stored_list_is_served_as_json_whatever_the_box_labelled_it() {
+    let gw = Gateway::start(Options::default()).await;
+    gw.simulator.set_failure(Failure::MislabelledJson);
+    let miss = gw.get(&path("id", "103")).await;
+    let hit = gw.get(&path("id", "103")).await;
+    assert_eq!(hit.header("x-cache"), Some("HIT"));
+    for reply in [&miss, &hit] {
+        assert_eq!(reply.status, 200);
+        assert_eq!(
+            reply.header("content-type"),
+            Some("application/json; charset=utf-8")
+        );
+        assert_eq!(reply.header("x-content-type-options"), Some("nosniff"));
+    }
+}
+
+#[tokio::test]
+async fn head_on_audio_works_when_the_box_does_not_answer_head() {
+    let gw = Gateway::start(Options::default()).await;
+    gw.simulator.set_failure(Failure::NoHead);
+    let audio = format!("/mot/{ACCOUNT}/queues/calls/recordings/150000");
+    let get = gw.get(&audio).await;
+    assert_eq!(get.status, 200);
+    let raw = exchange(
+        gw.addr,
+        format!("HEAD {audio} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    let head = parse_reply(&raw).expect("an answer");
+    assert_eq!(head.status, 200, "{}", String::from_utf8_lossy(&raw));
+    assert_eq!(head.header("content-length"), get.header("content-length"));
+    assert_eq!(head.header("content-type"), get.header("content-type"));
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.ends_with("\r\n\r\n"), "no body after the head: {text}");
+    let methods: Vec<String> = gw
+        .simulator
+        .received()
+        .iter()
+        .map(|r| r.method.to_string())
+        .collect();
+    assert_eq!(methods, ["GET", "GET"]);
+}
+
+#[tokio::test]
+async fn a_stalled_tls_handshake_says_it_is_the_connect_timeout() {
+    // Accepts connections and never says a word: the handshake stalls.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("https://{}", silent.local_addr().unwrap());
+    let _hold = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            open.push(stream);
+        }
+    });
+    let gw = Gateway::start(Options {
+        base_url: Some(base),
+        cache: NO_STALE,
+        account: "connect_timeout = \"300ms\"\ntimeout = \"5s\"".into(),
+        ..Options::default()
+    })
+    .await;
+    let reply = gw.get(&path("id", "103")).await;
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    let error = reply.json()["error"].as_str().unwrap().to_owned();
+    assert!(
+        error.contains("300ms") && error.contains("connect_timeout"),
+        "{error}"
+    );
+    assert!(!error.contains("5s"), "{error}");
+    assert_eq!(
+        reply.header("cache-status"),
+        Some("miralix-gateway; fwd=miss; detail=connect_timeout")
+    );
+}

@@ -334,3 +334,59 @@ async fn each_client_address_gets_a_token_bucket_when_a_rate_limit_is_set() {
     gw.reload_text(&unlimited).await.unwrap();
     assert_eq!(gw.get(&list).await.status, 200);
 }
+
+#[tokio::test]
+async fn one_credential_per_request_and_a_wrong_key_costs_twice() {
+    let gw = Gateway::start(Options {
+        server: LIMIT,
+        ..keyed()
+    })
+    .await;
+    let list = path("id", "103");
+    let bearer = format!("Bearer {API_KEY}");
+    // A right key among wrong ones, or in both headers, is not tried: 400, before the cache.
+    for headers in [
+        vec![("X-Api-Key", "wrong-key-000000000"), ("X-Api-Key", API_KEY)],
+        vec![("Authorization", bearer.as_str()), ("X-Api-Key", API_KEY)],
+    ] {
+        let reply = request(gw.addr, "GET", &list, &headers).await;
+        assert_eq!(reply.status, 400, "{headers:?}");
+        let error = reply.json()["error"].as_str().unwrap().to_owned();
+        assert!(error.contains("send one credential"), "{error}");
+        assert!(!error.contains(API_KEY));
+        assert_eq!(reply.header("www-authenticate"), None);
+    }
+    assert_eq!(gw.simulator.request_count(), 0);
+    // Burst 3: two requests used two tokens. One wrong key takes the third and the penalty;
+    // the next request, with the right key, is over the limit.
+    let wrong = request(
+        gw.addr,
+        "GET",
+        &list,
+        &[("X-Api-Key", "wrong-key-000000000")],
+    )
+    .await;
+    assert_eq!(wrong.status, 401);
+    let right = request(gw.addr, "GET", &list, &[("X-Api-Key", API_KEY)]).await;
+    assert_eq!(right.status, 429, "the wrong key cost a second token");
+}
+
+#[tokio::test]
+async fn cache_control_refusals_speak_of_the_admin_token() {
+    let gw = Gateway::start(Options::default()).await;
+    for (headers, challenge) in [
+        (vec![], "Bearer realm=\"miralix-gateway admin\""),
+        (
+            vec![("Authorization", "Bearer nope")],
+            "Bearer realm=\"miralix-gateway admin\", error=\"invalid_token\"",
+        ),
+    ] {
+        let reply = request(gw.admin, "DELETE", "/cache", &headers).await;
+        assert_eq!(reply.status, 401, "{headers:?}");
+        assert_eq!(reply.header("www-authenticate"), Some(challenge));
+        let error = reply.json()["error"].as_str().unwrap().to_owned();
+        assert!(error.contains("admin token"), "{error}");
+        assert!(!error.contains("API key"), "{error}");
+        assert_eq!(reply.header("x-content-type-options"), Some("nosniff"));
+    }
+}

@@ -203,7 +203,16 @@ async fn reload_keeps_unchanged_accounts_cached_and_refreshes_changed_ones() {
         (report.added, report.removed),
         (vec!["bluebox".to_owned()], vec!["greenbox".to_owned()])
     );
+    // Still not what runs: the process started with the default.
+    assert_eq!(report.restart_required, ["server.max_connections"]);
     assert_eq!(gw.get(&path("id", "1")).await.status, 404);
+    // Back to what runs: nothing waits for a restart, whatever the files in between said.
+    let original = gw.reload_text(&gw.config_text).await.unwrap();
+    assert!(
+        original.restart_required.is_empty(),
+        "{:?}",
+        original.restart_required
+    );
 }
 
 #[tokio::test]
