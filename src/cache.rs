@@ -71,6 +71,8 @@ pub struct CachedResponse {
     pub gzip: Option<Encoded>,
     /// A full `200` recordings list, parsed into its elements.
     pub list: Option<StoredList>,
+    /// Served but not stored: it weighs more than `cache.max_entry_bytes`.
+    pub too_large: bool,
 }
 
 /// A compressed copy of a stored body, with its own entity tag.
@@ -190,6 +192,8 @@ pub struct ResponseCache {
     store: moka::future::Cache<CacheKey, Arc<CachedResponse>>,
     failures: moka::future::Cache<CacheKey, Arc<Failure>>,
     in_flight: Arc<Mutex<Flights>>,
+    /// Keys already warned about for answers too large to store: one warning per key.
+    warned_too_large: moka::future::Cache<CacheKey, ()>,
     /// TTLs and windows in force; replaced on reload (`max_bytes` is fixed when built).
     config: Arc<ArcSwap<CacheConfig>>,
     clock: Arc<dyn Clock>,
@@ -264,6 +268,7 @@ impl ResponseCache {
         Self {
             store,
             failures,
+            warned_too_large: moka::future::Cache::new(MAX_REMEMBERED_FAILURES),
             in_flight: Arc::default(),
             config: Arc::new(ArcSwap::from_pointee(config)),
             clock,
@@ -457,25 +462,36 @@ impl ResponseCache {
                 .await
                 .unwrap_or(Err(UpstreamError::Aborted));
             let result = match fetched {
-                Ok(fetched) => Ok(cache.entry_for(fetched, previous.as_deref()).await),
+                Ok(fetched) => Ok(cache.entry_for(&key, fetched, previous.as_deref()).await),
                 Err(error) => Err(error),
             };
-            let now = cache.clock.now();
-            match &result {
+            let config = cache.config.load_full();
+            // What later requests for the key meet during the backoff, if anything.
+            let backoff = match &result {
                 Ok(entry) if entry.lifetime.is_some() => {
                     cache.failures.invalidate(&key).await;
                     cache.store.insert(key.clone(), entry.clone()).await;
+                    None
                 }
-                Ok(_) => {}
-                Err(error) => {
-                    if !cache.config.load().error_backoff.is_zero() {
-                        let failure = Failure {
-                            error: error.clone(),
-                            at: now,
-                        };
-                        cache.failures.insert(key.clone(), Arc::new(failure)).await;
-                    }
+                Ok(entry) if entry.too_large => {
+                    // Those who waited get the answer; the box is not asked for it again until
+                    // the backoff has passed, so one oversized agent cannot hammer it.
+                    cache.warn_too_large(&key, entry).await;
+                    Some(UpstreamError::TooLargeToCache {
+                        weight: u64::from(weight::entry(&key, entry)),
+                        limit: config.max_entry_bytes,
+                        retry_after: config.error_backoff,
+                    })
                 }
+                Ok(_) => None,
+                Err(error) => Some(error.clone()),
+            };
+            if let Some(error) = backoff.filter(|_| !config.error_backoff.is_zero()) {
+                let failure = Failure {
+                    error,
+                    at: cache.clock.now(),
+                };
+                cache.failures.insert(key.clone(), Arc::new(failure)).await;
             }
             // Store first, then leave the in-flight map: a request arriving in between joins
             // this flight, one arriving after finds the stored entry (or the failure).
@@ -484,12 +500,29 @@ impl ResponseCache {
         });
     }
 
+    /// Log, once per key, that an answer was too large to store.
+    async fn warn_too_large(&self, key: &CacheKey, entry: &CachedResponse) {
+        if self.warned_too_large.contains_key(key) {
+            return;
+        }
+        self.warned_too_large.insert(key.clone(), ()).await;
+        tracing::warn!(
+            account = %key.account,
+            agent = %format_args!("{} {}", key.query.id_type.as_str(), key.query.identification),
+            bytes = weight::entry(key, entry),
+            max_entry_bytes = self.config.load().max_entry_bytes,
+            "an answer is too large to cache: served, not stored, and fetched again at most once per cache.error_backoff; raise cache.max_entry_bytes (or cache.max_bytes) to cache it"
+        );
+    }
+
     /// The entry for a fetched answer: its lifetime, and for a `200` that is stored, its entity
     /// tag and compressed copy, made here once so that hits cost neither. When the body is the
     /// same bytes as the previous entry's (a refresh that brought nothing new), that entry's
-    /// tag and compressed copy are reused.
+    /// tag and compressed copy are reused. An entry weighing more than `max_entry_bytes` is
+    /// marked `too_large` and given no lifetime: it is served, not stored.
     async fn entry_for(
         &self,
+        key: &CacheKey,
         fetched: Fetched,
         previous: Option<&CachedResponse>,
     ) -> Arc<CachedResponse> {
@@ -517,7 +550,7 @@ impl ResponseCache {
             Some(_) => l.servable_for().max(config.full_refresh_interval),
             None => l.servable_for(),
         });
-        Arc::new(CachedResponse {
+        let mut entry = CachedResponse {
             lifetime,
             retain_for,
             etag: etag.flatten(),
@@ -528,7 +561,17 @@ impl ResponseCache {
             content_type: reply.content_type,
             body: reply.body,
             fetched_at: now,
-        })
+            too_large: false,
+        };
+        if entry.lifetime.is_some()
+            && u64::from(weight::entry(key, &entry)) > config.max_entry_bytes
+        {
+            entry.too_large = true;
+            entry.lifetime = None;
+            entry.retain_for = None;
+            entry.etag = None;
+        }
+        Arc::new(entry)
     }
 
     /// Requests currently waiting for an upstream fetch, leaders and collapsed waiters alike.

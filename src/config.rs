@@ -154,6 +154,9 @@ pub struct CacheConfig {
     pub negative_ttl: Duration,
     /// Bound on the bytes held by the cache (bodies plus keys).
     pub max_bytes: u64,
+    /// An answer weighing more than this is served but not stored (default: an eighth of
+    /// `max_bytes`), so one huge agent cannot evict everything else.
+    pub max_entry_bytes: u64,
     /// After `ttl`, how long an entry is still served at once while one background refresh runs.
     pub stale_while_revalidate: Duration,
     /// After `ttl`, how long an entry is served when the box fails instead of the error.
@@ -553,6 +556,8 @@ pub struct RawCache {
     pub negative_ttl: Option<String>,
     /// Default `256MiB`; a string with a unit or a plain number of bytes.
     pub max_bytes: Option<RawSize>,
+    /// Default: an eighth of `max_bytes`.
+    pub max_entry_bytes: Option<RawSize>,
     /// Default `30s`.
     pub stale_while_revalidate: Option<String>,
     /// Default `10m`.
@@ -711,6 +716,19 @@ impl RawConfig {
             "cache.max_bytes",
             parse_size(self.cache.max_bytes, DEFAULT_MAX_BYTES),
         );
+        let max_entry_bytes = max_bytes.and_then(|max_bytes| {
+            let entry = problems.check(
+                "cache.max_entry_bytes",
+                parse_size(self.cache.max_entry_bytes, max_bytes / 8),
+            )?;
+            if entry > max_bytes {
+                problems.push(
+                    "cache.max_entry_bytes",
+                    format!("must not exceed cache.max_bytes ({max_bytes} bytes)"),
+                );
+            }
+            Some(entry)
+        });
         let stale_while_revalidate = problems.check(
             "cache.stale_while_revalidate",
             duration_or(
@@ -831,6 +849,7 @@ impl RawConfig {
                 ttl: ttl?,
                 negative_ttl: negative_ttl?,
                 max_bytes: max_bytes?,
+                max_entry_bytes: max_entry_bytes?,
                 stale_while_revalidate: stale_while_revalidate?,
                 stale_if_error: stale_if_error?,
                 error_backoff: error_backoff?,
@@ -1585,6 +1604,28 @@ mod tests {
         assert_eq!(parse_size(Some(RawSize::Bytes(1000)), 1), Ok(1000));
         assert!(parse_size(Some(RawSize::Text("lots".into())), 1).is_err());
         assert!(parse_size(Some(RawSize::Bytes(0)), 1).is_err());
+    }
+
+    #[test]
+    fn an_entry_bound_defaults_to_an_eighth_and_may_not_exceed_the_cache() {
+        let account = "[accounts.greenbox]\nbase_url = \"http://box\"\nshared_secret = \"s\"\nallow_anonymous = true\n";
+        let config = from_toml_str(
+            &format!("[cache]\nmax_bytes = \"8MiB\"\n{account}"),
+            "a.toml",
+        )
+        .unwrap();
+        assert_eq!(config.cache.max_entry_bytes, 1 << 20);
+        let err = from_toml_str(
+            &format!("[cache]\nmax_bytes = \"1MiB\"\nmax_entry_bytes = \"2MiB\"\n{account}"),
+            "a.toml",
+        )
+        .unwrap_err();
+        assert!(
+            err.problems()
+                .iter()
+                .any(|p| p.contains("cache.max_entry_bytes: must not exceed")),
+            "{err}"
+        );
     }
 
     #[test]

@@ -83,7 +83,9 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             ProxyError::Upstream(
-                UpstreamError::QueueTimeout(_) | UpstreamError::CircuitOpen { .. },
+                UpstreamError::QueueTimeout(_)
+                | UpstreamError::CircuitOpen { .. }
+                | UpstreamError::TooLargeToCache { .. },
             ) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
         }

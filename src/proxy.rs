@@ -630,6 +630,7 @@ async fn select(
         fetched_at: entry.fetched_at,
         lifetime: entry.lifetime,
         retain_for: entry.retain_for,
+        too_large: entry.too_large,
     })
 }
 
@@ -926,6 +927,10 @@ fn cached_response(
             )
         }
         (CacheStatus::Collapsed, Some(_)) => format!("{CACHE_NAME}; fwd=miss; collapsed; stored"),
+        (CacheStatus::Collapsed, None) if entry.too_large => {
+            format!("{CACHE_NAME}; fwd=miss; collapsed; detail=too-large")
+        }
+        (_, None) if entry.too_large => format!("{CACHE_NAME}; fwd=miss; detail=too-large"),
         (CacheStatus::Collapsed, None) => format!(
             "{CACHE_NAME}; fwd=miss; fwd-status={}; collapsed",
             entry.status.as_u16()

@@ -114,6 +114,16 @@ pub enum UpstreamError {
     CircuitOpen { retry_after: Duration },
     #[error("the upstream request was aborted")]
     Aborted,
+    /// Not the box's failure: its answer was too large to store, and it is not asked again
+    /// for this key until the error backoff has passed.
+    #[error(
+        "the box's answer for this agent ({weight} bytes) is larger than the cache stores (cache.max_entry_bytes = {limit}); it is fetched again after cache.error_backoff"
+    )]
+    TooLargeToCache {
+        weight: u64,
+        limit: u64,
+        retry_after: Duration,
+    },
 }
 
 impl UpstreamError {
@@ -134,6 +144,7 @@ impl UpstreamError {
             UpstreamError::QueueTimeout(_)
                 | UpstreamError::CircuitOpen { .. }
                 | UpstreamError::Aborted
+                | UpstreamError::TooLargeToCache { .. }
         )
     }
 
@@ -141,7 +152,8 @@ impl UpstreamError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             UpstreamError::QueueTimeout(_) => Some(Duration::from_secs(1)),
-            UpstreamError::CircuitOpen { retry_after } => Some(*retry_after),
+            UpstreamError::CircuitOpen { retry_after }
+            | UpstreamError::TooLargeToCache { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -160,6 +172,7 @@ impl UpstreamError {
             UpstreamError::QueueTimeout(_) => "queue_timeout",
             UpstreamError::CircuitOpen { .. } => "circuit_open",
             UpstreamError::Aborted => "aborted",
+            UpstreamError::TooLargeToCache { .. } => "too-large",
         }
     }
 

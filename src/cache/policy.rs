@@ -102,6 +102,7 @@ mod tests {
             ttl: Duration::from_secs(ttl),
             negative_ttl: Duration::from_secs(negative_ttl),
             max_bytes: 1 << 20,
+            max_entry_bytes: 1 << 20,
             stale_while_revalidate: Duration::from_secs(30),
             stale_if_error: Duration::from_secs(600),
             error_backoff: Duration::from_secs(1),

@@ -370,7 +370,7 @@ async fn an_oversized_body_is_a_502_and_not_stored() {
 #[tokio::test]
 async fn evictions_are_counted_by_cause() {
     let gw = Gateway::start(Options {
-        cache: "max_bytes = \"16KiB\"",
+        cache: "max_bytes = \"24KiB\"\nmax_entry_bytes = \"24KiB\"",
         ..Options::default()
     })
     .await;
@@ -384,7 +384,7 @@ async fn evictions_are_counted_by_cause() {
             "miralix_gateway_cache_evictions_total{cause=\"size\"}"
         ) >= 1.0
     );
-    assert!(sample(&metrics, "miralix_gateway_cache_bytes") <= 16.0 * 1024.0);
+    assert!(sample(&metrics, "miralix_gateway_cache_bytes") <= 24.0 * 1024.0);
 }
 
 #[tokio::test]
@@ -481,5 +481,71 @@ async fn a_stalled_tls_handshake_says_it_is_the_connect_timeout() {
     assert_eq!(
         reply.header("cache-status"),
         Some("miralix-gateway; fwd=miss; detail=connect_timeout")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_too_large_to_store_is_shared_served_and_backed_off() {
+    // 64 KiB of cache stores answers up to 8 KiB; agent 103's list is about 13.7 KB.
+    let gw = Gateway::start(Options {
+        cache: "max_bytes = \"64KiB\"",
+        ..Options::default()
+    })
+    .await;
+    gw.simulator.hold();
+    let clients: Vec<_> = (0..5)
+        .map(|_| spawn_get(gw.addr, path("id", "103")))
+        .collect();
+    wait_until("all five wait on the one fetch", || async {
+        gw.state.cache.waiting().await == 5
+    })
+    .await;
+    gw.simulator.release();
+    let mut statuses = Vec::new();
+    for client in clients {
+        let reply = client.await.unwrap();
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.json().as_array().unwrap().len(), 40);
+        assert_eq!(reply.header("cache-control"), Some("no-store"));
+        statuses.push(reply.header("cache-status").unwrap().to_owned());
+    }
+    assert_eq!(gw.simulator.request_count(), 1, "one fetch for all five");
+    assert!(
+        statuses.contains(&"miralix-gateway; fwd=miss; detail=too-large".to_owned()),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains(&"miralix-gateway; fwd=miss; collapsed; detail=too-large".to_owned()),
+        "{statuses:?}"
+    );
+    // Not stored, and not a HIT.
+    let metrics = gw.metrics().await;
+    assert_eq!(sample(&metrics, "miralix_gateway_cache_entries"), 0.0);
+
+    // During the error backoff the box is not asked again.
+    let held_back = gw.get(&path("id", "103")).await;
+    assert_eq!(held_back.status, 503, "{}", held_back.text());
+    assert!(held_back.header("retry-after").is_some());
+    assert!(
+        held_back.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("cache.max_entry_bytes")
+    );
+    assert_eq!(gw.simulator.request_count(), 1);
+    // The breaker is not the answer: it stays closed.
+    assert_eq!(
+        account_metric(&gw.metrics().await, "upstream_breaker_state"),
+        0.0
+    );
+    gw.clock.advance(Duration::from_secs(1));
+    let again = gw.get(&path("id", "103")).await;
+    assert_eq!(again.status, 200);
+    assert_eq!(gw.simulator.request_count(), 2);
+    // Smaller answers are stored as usual.
+    assert_eq!(gw.get(&path("id", "105")).await.status, 200);
+    assert_eq!(
+        gw.get(&path("id", "105")).await.header("x-cache"),
+        Some("HIT")
     );
 }
