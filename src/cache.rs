@@ -179,6 +179,59 @@ impl Outcome {
 /// Fetches in flight: a sender of each fetch's channel, to subscribe joiners and count them.
 type Flights = HashMap<CacheKey, watch::Sender<Option<FetchResult>>>;
 
+/// Who still waits for a fetch. A fetch queued for a box slot gives up when
+/// [`Waiters::gone`] completes, so clients that hung up, reset their stream or timed out
+/// leave no work behind for the box.
+pub enum Waiters {
+    /// A fetch that must run whoever waits: a background refresh or an operator's refresh.
+    Always,
+    /// The requests subscribed to a miss's flight.
+    Clients {
+        key: CacheKey,
+        sender: watch::Sender<Option<FetchResult>>,
+        flights: Arc<Mutex<Flights>>,
+    },
+}
+
+impl Waiters {
+    fn of(
+        key: &CacheKey,
+        sender: &watch::Sender<Option<FetchResult>>,
+        flights: &Arc<Mutex<Flights>>,
+    ) -> Self {
+        Waiters::Clients {
+            key: key.clone(),
+            sender: sender.clone(),
+            flights: flights.clone(),
+        }
+    }
+
+    /// Completes once nobody waits any more, and withdraws the flight from the in-flight map
+    /// at that moment, so a request arriving afterwards leads a fetch of its own instead of
+    /// joining one that is being dropped. Never completes for [`Waiters::Always`].
+    pub async fn gone(&self) {
+        let Waiters::Clients {
+            key,
+            sender,
+            flights,
+        } = self
+        else {
+            return std::future::pending().await;
+        };
+        loop {
+            sender.closed().await;
+            // Joiners subscribe under this lock, so the count cannot rise while it is held.
+            let mut flights = flights.lock().await;
+            if sender.receiver_count() == 0 {
+                if flights.get(key).is_some_and(|f| f.same_channel(sender)) {
+                    flights.remove(key);
+                }
+                return;
+            }
+        }
+    }
+}
+
 /// A failed fetch, remembered for the error backoff.
 #[derive(Debug)]
 struct Failure {
@@ -300,7 +353,7 @@ impl ResponseCache {
     /// of its own.
     pub async fn get_or_fetch<F, Fut>(&self, key: CacheKey, fetch: F) -> Outcome
     where
-        F: FnOnce(&CacheKey, FetchKind, Previous) -> Fut,
+        F: FnOnce(&CacheKey, FetchKind, Previous, Waiters) -> Fut,
         Fut: Future<Output = Result<Fetched, UpstreamError>> + Send + 'static,
     {
         let mut fallback = None;
@@ -347,7 +400,7 @@ impl ResponseCache {
 
     async fn join_or_lead<F, Fut>(&self, key: CacheKey, fetch: F, previous: Previous) -> Outcome
     where
-        F: FnOnce(&CacheKey, FetchKind, Previous) -> Fut,
+        F: FnOnce(&CacheKey, FetchKind, Previous, Waiters) -> Fut,
         Fut: Future<Output = Result<Fetched, UpstreamError>> + Send + 'static,
     {
         let (status, mut receiver) = {
@@ -360,7 +413,8 @@ impl ResponseCache {
             } else {
                 let (sender, receiver) = watch::channel(None);
                 flights.insert(key.clone(), sender.clone());
-                let fetch = fetch(&key, FetchKind::Miss, previous.clone());
+                let waiters = Waiters::of(&key, &sender, &self.in_flight);
+                let fetch = fetch(&key, FetchKind::Miss, previous.clone(), waiters);
                 self.spawn_fetch(key, sender, fetch, previous);
                 (CacheStatus::Miss, receiver)
             }
@@ -371,7 +425,7 @@ impl ResponseCache {
     /// Start a background refresh of `key` unless one is running or the key is backing off.
     async fn refresh<F, Fut>(&self, key: CacheKey, fetch: F, previous: Previous) -> bool
     where
-        F: FnOnce(&CacheKey, FetchKind, Previous) -> Fut,
+        F: FnOnce(&CacheKey, FetchKind, Previous, Waiters) -> Fut,
         Fut: Future<Output = Result<Fetched, UpstreamError>> + Send + 'static,
     {
         let mut flights = self.in_flight.lock().await;
@@ -380,7 +434,8 @@ impl ResponseCache {
         }
         let (sender, _) = watch::channel(None);
         flights.insert(key.clone(), sender.clone());
-        let fetch = fetch(&key, FetchKind::Refresh, previous.clone());
+        // Nobody waits for a refresh by design; it is never dropped for that.
+        let fetch = fetch(&key, FetchKind::Refresh, previous.clone(), Waiters::Always);
         self.spawn_fetch(key, sender, fetch, previous);
         true
     }
@@ -389,7 +444,7 @@ impl ResponseCache {
     /// result; joins a fetch already in flight instead of starting a second one.
     pub async fn fetch_now<F, Fut>(&self, key: CacheKey, fetch: F) -> Outcome
     where
-        F: FnOnce(&CacheKey, FetchKind, Previous) -> Fut,
+        F: FnOnce(&CacheKey, FetchKind, Previous, Waiters) -> Fut,
         Fut: Future<Output = Result<Fetched, UpstreamError>> + Send + 'static,
     {
         let mut receiver = {
@@ -400,7 +455,7 @@ impl ResponseCache {
                     let previous = self.store.get(&key).await;
                     let (sender, receiver) = watch::channel(None);
                     flights.insert(key.clone(), sender.clone());
-                    let fetch = fetch(&key, FetchKind::Forced, previous.clone());
+                    let fetch = fetch(&key, FetchKind::Forced, previous.clone(), Waiters::Always);
                     self.spawn_fetch(key, sender, fetch, previous);
                     receiver
                 }
@@ -484,6 +539,8 @@ impl ResponseCache {
                     })
                 }
                 Ok(_) => None,
+                // Nobody asked for it any more: not a failure of the key.
+                Err(UpstreamError::Abandoned) => None,
                 Err(error) => Some(error.clone()),
             };
             if let Some(error) = backoff.filter(|_| !config.error_backoff.is_zero()) {
@@ -494,8 +551,13 @@ impl ResponseCache {
                 cache.failures.insert(key.clone(), Arc::new(failure)).await;
             }
             // Store first, then leave the in-flight map: a request arriving in between joins
-            // this flight, one arriving after finds the stored entry (or the failure).
-            cache.in_flight.lock().await.remove(&key);
+            // this flight, one arriving after finds the stored entry (or the failure). An
+            // abandoned flight has already left it, and a newer one may stand there now.
+            let mut flights = cache.in_flight.lock().await;
+            if flights.get(&key).is_some_and(|f| f.same_channel(&sender)) {
+                flights.remove(&key);
+            }
+            drop(flights);
             sender.send_replace(Some(result));
         });
     }

@@ -53,6 +53,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Largest request head (request line and headers) accepted; larger ones get `431`.
     pub max_request_head_bytes: usize,
+    /// A connection on which clients cancelled this many requests before their answer (HTTP/2
+    /// stream resets, most of them), more than half of its requests, is sent GOAWAY and closed.
+    pub max_cancelled_requests: usize,
     /// Requests per client address on the public listeners (`[server.rate_limit]`).
     pub rate_limit: Option<RateLimit>,
 }
@@ -506,6 +509,8 @@ pub struct RawServer {
     pub max_connections: Option<u64>,
     /// Default `16KiB`.
     pub max_request_head_bytes: Option<RawSize>,
+    /// Default 100.
+    pub max_cancelled_requests: Option<u64>,
     pub tls: Option<RawTls>,
     /// Off unless present.
     pub rate_limit: Option<RawRateLimit>,
@@ -666,6 +671,8 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default for `server.max_cancelled_requests`.
+pub const DEFAULT_MAX_CANCELLED_REQUESTS: u64 = 100;
 pub const DEFAULT_MAX_REQUEST_HEAD_BYTES: usize = 16 * 1024;
 pub const DEFAULT_STALE_WHILE_REVALIDATE: Duration = Duration::from_secs(30);
 pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(600);
@@ -939,6 +946,16 @@ fn validate_server(
             _ => Err(format!("{bytes} is out of range: expected 8KiB to 1MiB")),
         }),
     );
+    let max_cancelled_requests = problems.check(
+        "server.max_cancelled_requests",
+        count_in(
+            raw.max_cancelled_requests,
+            DEFAULT_MAX_CANCELLED_REQUESTS,
+            1,
+            1_000_000,
+        )
+        .map(|n| n as usize),
+    );
     let tls = match raw.tls {
         Some(tls) => validate_tls(tls, context, problems).map(Some),
         None => Some(None),
@@ -957,6 +974,7 @@ fn validate_server(
         idle_timeout: idle_timeout?,
         max_connections: max_connections?,
         max_request_head_bytes: max_request_head_bytes?,
+        max_cancelled_requests: max_cancelled_requests?,
         rate_limit: rate_limit?,
     })
 }

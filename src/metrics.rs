@@ -92,6 +92,7 @@ pub struct Metrics {
     upstream_in_flight: Family<AccountLabels, Gauge>,
     breaker_state: Family<AccountLabels, Gauge>,
     queue_rejections: Family<AccountLabels, Counter>,
+    abandoned: Family<AccountLabels, Counter>,
     breaker_rejections: Family<AccountLabels, Counter>,
     list_fetches: Family<FetchLabels, Counter>,
     list_fetch_bytes: Family<FetchLabels, Counter>,
@@ -132,6 +133,7 @@ impl Metrics {
             upstream_in_flight: Family::default(),
             breaker_state: Family::default(),
             queue_rejections: Family::default(),
+            abandoned: Family::default(),
             breaker_rejections: Family::default(),
             list_fetches: Family::default(),
             list_fetch_bytes: Family::default(),
@@ -215,6 +217,11 @@ impl Metrics {
             "upstream_queue_rejections",
             "Fetches refused because max_concurrent_requests stayed busy for queue_timeout",
             metrics.queue_rejections.clone(),
+        );
+        registry.register(
+            "upstream_abandoned",
+            "Fetches dropped while they waited for a free slot, because every client waiting for them had gone; they never reached the box",
+            metrics.abandoned.clone(),
         );
         registry.register(
             "upstream_breaker_rejections",
@@ -302,6 +309,7 @@ impl Metrics {
             in_flight: self.upstream_in_flight.get_or_create(&labels).clone(),
             breaker_state: self.breaker_state.get_or_create(&labels).clone(),
             queue_rejections: self.queue_rejections.get_or_create(&labels).clone(),
+            abandoned: self.abandoned.get_or_create(&labels).clone(),
             breaker_rejections: self.breaker_rejections.get_or_create(&labels).clone(),
         }
     }

@@ -37,7 +37,7 @@ use crate::auth::{self, AuthError, Client, ClientCert};
 use crate::cache::policy::{self, Freshness};
 use crate::cache::{
     CacheKey, CacheStatus, CachedResponse, FetchKind, Fetched, Previous, ResponseCache,
-    StaleReason, StoredList, conditional, encoding,
+    StaleReason, StoredList, Waiters, conditional, encoding,
 };
 use crate::clock::Clock;
 use crate::config::{AccountConfig, CacheConfig, Config};
@@ -570,8 +570,8 @@ async fn lookup(
     // Clones for the fetch task are made only when this request starts a fetch.
     let outcome = state
         .cache
-        .get_or_fetch(key, |key, kind, previous| {
-            fetch(account, key.query.clone(), kind, previous, refresh)
+        .get_or_fetch(key, |key, kind, previous, waiters| {
+            fetch(account, key.query.clone(), kind, previous, waiters, refresh)
         })
         .await;
     exchange.cache = outcome.status;
@@ -663,6 +663,7 @@ fn fetch(
     query: AgentQuery,
     kind: FetchKind,
     previous: Previous,
+    waiters: Waiters,
     plan: RefreshPlan,
 ) -> impl Future<Output = Result<Fetched, UpstreamError>> + Send + 'static {
     let box_ = BoxCall {
@@ -690,7 +691,7 @@ fn fetch(
                     from_queue_call_id: Some(max),
                     ..query.clone()
                 };
-                let reply = box_.ask(&delta, ListFetch::Delta, kind).await?;
+                let reply = box_.ask(&delta, ListFetch::Delta, kind, &waiters).await?;
                 match reply.status {
                     StatusCode::OK => {
                         if let Some(new) = RecordingList::parse(&reply.body) {
@@ -710,7 +711,7 @@ fn fetch(
                 Some(_) => ListFetch::Filtered,
                 None => ListFetch::Full,
             };
-            let reply = box_.ask(&query, what, kind).await?;
+            let reply = box_.ask(&query, what, kind, &waiters).await?;
             let list = (what == ListFetch::Full && reply.status == StatusCode::OK)
                 .then(|| RecordingList::parse(&reply.body))
                 .flatten()
@@ -790,6 +791,7 @@ impl BoxCall {
         query: &AgentQuery,
         what: ListFetch,
         kind: FetchKind,
+        waiters: &Waiters,
     ) -> Result<UpstreamReply, UpstreamError> {
         let (client, protection) = (&self.client, &self.protection);
         let started = Instant::now();
@@ -797,16 +799,27 @@ impl BoxCall {
         // queue included), so no fetch, and no refresh, can hang on.
         let limit = client.timeout() * 2 + protection.queue_timeout() + Duration::from_secs(1);
         let result = protection
-            .run(async {
-                tokio::time::timeout(limit, client.fetch(query))
-                    .await
-                    .unwrap_or(Err(UpstreamError::Timeout(limit)))
-            })
+            .run(
+                async {
+                    tokio::time::timeout(limit, client.fetch(query))
+                        .await
+                        .unwrap_or(Err(UpstreamError::Timeout(limit)))
+                },
+                waiters.gone(),
+            )
             .await;
         let outcome = match &result {
             Ok(reply) => {
                 self.metrics.record_list_fetch(what, reply.body.len());
                 reply.status.as_u16().to_string()
+            }
+            Err(UpstreamError::Abandoned) => {
+                tracing::debug!(
+                    account = %client.account(),
+                    fetch = what.as_str(),
+                    "fetch dropped before it reached the box: nobody waits for it any more"
+                );
+                UpstreamError::Abandoned.kind().to_owned()
             }
             Err(error) => {
                 // Logged here, once per fetch, not once per request that waited on it.
@@ -1167,8 +1180,8 @@ async fn refresh_now(
     let agent = describe(&key.query);
     let outcome = state
         .cache
-        .fetch_now(key, |key, kind, previous| {
-            fetch(account, key.query.clone(), kind, previous, plan)
+        .fetch_now(key, |key, kind, previous, waiters| {
+            fetch(account, key.query.clone(), kind, previous, waiters, plan)
         })
         .await;
     let entry = outcome.result?;

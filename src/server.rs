@@ -269,8 +269,10 @@ impl Connection {
         let service = {
             let (state, activity, kind) = (self.state.clone(), activity.clone(), self.kind);
             let peer = self.peer.clone();
+            let max_cancelled = settings.max_cancelled_requests;
             service_fn(move |request: hyper::Request<Incoming>| {
                 let busy = activity.begin();
+                let answering = Answering::new(activity.clone(), max_cancelled);
                 let state = state.clone();
                 let peer = peer.clone();
                 async move {
@@ -279,6 +281,7 @@ impl Connection {
                         Listener::Admin => handle_admin(state, request).await,
                         Listener::Public | Listener::Plain => handle(state, request, peer).await,
                     };
+                    answering.answered();
                     // A streamed body outlives the handler: the connection stays busy (not
                     // idle) until the body ends.
                     if let Either::Right(audio) = response.body_mut() {
@@ -319,6 +322,16 @@ impl Connection {
                     connection.as_mut().graceful_shutdown();
                     closing = true;
                 }
+                () = activity.too_many_cancelled.notified(), if !closing => {
+                    tracing::warn!(
+                        cancelled = activity.cancelled.load(Ordering::Acquire),
+                        requests = activity.requests.load(Ordering::Acquire),
+                        "closing a connection whose client cancels most of its requests (server.max_cancelled_requests)"
+                    );
+                    // GOAWAY for HTTP/2: streams already open are answered, no new ones start.
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
                 () = tokio::time::sleep_until(idle_at), if !closing => {
                     if activity.idle_for(settings.idle_timeout) {
                         tracing::debug!(idle = ?settings.idle_timeout, "closing idle connection");
@@ -331,10 +344,59 @@ impl Connection {
     }
 }
 
-/// Requests in flight on one connection, and when the last one ended.
+/// Requests in flight on one connection, and when the last one ended; requests started and
+/// cancelled by the client before their answer.
 struct Activity {
     in_flight: AtomicUsize,
     last_done: Mutex<Instant>,
+    requests: AtomicUsize,
+    cancelled: AtomicUsize,
+    /// Raised once the client has cancelled too many of its requests.
+    too_many_cancelled: tokio::sync::Notify,
+}
+
+/// One request until its handler has produced an answer. Dropped before that, the client
+/// cancelled it (an HTTP/2 stream reset, a closed connection): a client that keeps starting
+/// requests only to cancel them makes the gateway, and maybe the box, work for nothing
+/// ("rapid reset", "made you reset").
+struct Answering {
+    activity: Arc<Activity>,
+    max_cancelled: usize,
+    answered: bool,
+}
+
+impl Answering {
+    fn new(activity: Arc<Activity>, max_cancelled: usize) -> Self {
+        activity.requests.fetch_add(1, Ordering::AcqRel);
+        Self {
+            activity,
+            max_cancelled,
+            answered: false,
+        }
+    }
+
+    fn answered(mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let cancelled = self.activity.cancelled.fetch_add(1, Ordering::AcqRel) + 1;
+        let requests = self.activity.requests.load(Ordering::Acquire);
+        if too_many_cancelled(cancelled, requests, self.max_cancelled) {
+            self.activity.too_many_cancelled.notify_one();
+        }
+    }
+}
+
+/// At least `max` cancelled, and more than half of all requests: a client whose requests are
+/// mostly answered may cancel some now and then.
+fn too_many_cancelled(cancelled: usize, requests: usize, max: usize) -> bool {
+    cancelled >= max && cancelled * 2 > requests
 }
 
 /// Marks a request as in flight until dropped, even if the client goes away mid-request.
@@ -352,6 +414,9 @@ impl Activity {
         Self {
             in_flight: AtomicUsize::new(0),
             last_done: Mutex::new(Instant::now()),
+            requests: AtomicUsize::new(0),
+            cancelled: AtomicUsize::new(0),
+            too_many_cancelled: tokio::sync::Notify::new(),
         }
     }
 
@@ -376,5 +441,22 @@ impl Activity {
 
     fn idle_for(&self, timeout: Duration) -> bool {
         self.in_flight.load(Ordering::Acquire) == 0 && self.last_done().elapsed() >= timeout
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_is_closed_only_when_most_of_many_requests_were_cancelled() {
+        assert!(!too_many_cancelled(99, 100, 100));
+        assert!(too_many_cancelled(100, 100, 100));
+        assert!(too_many_cancelled(100, 199, 100));
+        assert!(!too_many_cancelled(100, 200, 100), "half is not most");
+        assert!(
+            !too_many_cancelled(500, 10_000, 100),
+            "a busy, mostly answered client"
+        );
     }
 }

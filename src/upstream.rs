@@ -114,6 +114,9 @@ pub enum UpstreamError {
     CircuitOpen { retry_after: Duration },
     #[error("the upstream request was aborted")]
     Aborted,
+    /// Dropped while it waited for a slot: every client waiting for it had gone.
+    #[error("the upstream request was dropped: every client waiting for it had gone")]
+    Abandoned,
     /// Not the box's failure: its answer was too large to store, and it is not asked again
     /// for this key until the error backoff has passed.
     #[error(
@@ -144,6 +147,7 @@ impl UpstreamError {
             UpstreamError::QueueTimeout(_)
                 | UpstreamError::CircuitOpen { .. }
                 | UpstreamError::Aborted
+                | UpstreamError::Abandoned
                 | UpstreamError::TooLargeToCache { .. }
         )
     }
@@ -172,6 +176,7 @@ impl UpstreamError {
             UpstreamError::QueueTimeout(_) => "queue_timeout",
             UpstreamError::CircuitOpen { .. } => "circuit_open",
             UpstreamError::Aborted => "aborted",
+            UpstreamError::Abandoned => "abandoned",
             UpstreamError::TooLargeToCache { .. } => "too-large",
         }
     }

@@ -146,6 +146,8 @@ pub struct ProtectionMetrics {
     pub in_flight: Gauge,
     pub breaker_state: Gauge,
     pub queue_rejections: Counter,
+    /// Fetches dropped in the queue because nobody waited for them any more.
+    pub abandoned: Counter,
     pub breaker_rejections: Counter,
 }
 
@@ -200,7 +202,15 @@ impl Protection {
     }
 
     /// Run `request` if the breaker admits it and a slot frees up within the queue timeout.
-    pub async fn run<T, F>(&self, request: F) -> Result<T, UpstreamError>
+    ///
+    /// While it waits for a slot, the request is dropped as soon as `abandoned` completes
+    /// (everyone who wanted its answer has gone): it would only add to the box's load. Once it
+    /// has a slot it runs to the end whatever happens to its clients.
+    pub async fn run<T, F>(
+        &self,
+        request: F,
+        abandoned: impl Future<Output = ()>,
+    ) -> Result<T, UpstreamError>
     where
         F: Future<Output = Result<T, UpstreamError>>,
     {
@@ -210,12 +220,23 @@ impl Protection {
             self.metrics.breaker_rejections.inc();
             return Err(UpstreamError::CircuitOpen { retry_after });
         }
-        let permit = match tokio::time::timeout(self.queue_timeout, self.permits.acquire()).await {
-            Ok(Ok(permit)) => permit,
-            _ => {
+        let queued = tokio::time::timeout(self.queue_timeout, self.permits.acquire());
+        let permit = tokio::select! {
+            // A free slot is taken even when the clients have just gone: what it brings is
+            // stored for whoever asks next.
+            biased;
+            acquired = queued => match acquired {
+                Ok(Ok(permit)) => permit,
+                _ => {
+                    self.breaker().abandon(admission);
+                    self.metrics.queue_rejections.inc();
+                    return Err(UpstreamError::QueueTimeout(self.queue_timeout));
+                }
+            },
+            () = abandoned => {
                 self.breaker().abandon(admission);
-                self.metrics.queue_rejections.inc();
-                return Err(UpstreamError::QueueTimeout(self.queue_timeout));
+                self.metrics.abandoned.inc();
+                return Err(UpstreamError::Abandoned);
             }
         };
         self.metrics.in_flight.inc();

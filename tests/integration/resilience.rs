@@ -549,3 +549,63 @@ async fn an_answer_too_large_to_store_is_shared_served_and_backed_off() {
         Some("HIT")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_fetch_whose_clients_all_hung_up_never_reaches_the_box() {
+    let gw = Gateway::start(Options {
+        account: "max_concurrent_requests = 2\nqueue_timeout = \"30s\"".into(),
+        ..Options::default()
+    })
+    .await;
+    gw.simulator.hold();
+    // 40 clients, each for an agent of its own; two fetches take the box's slots.
+    let mut clients = Vec::new();
+    for n in 0..40 {
+        let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let head = format!(
+            "GET {} HTTP/1.1\r\nHost: gw\r\n\r\n",
+            path("id", &(5000 + n).to_string())
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut stream, head.as_bytes())
+            .await
+            .unwrap();
+        clients.push(stream);
+    }
+    wait_until("40 fetches, 2 of them at the box", || async {
+        gw.state.cache.fetches_in_flight().await == 40 && gw.simulator.request_count() == 2
+    })
+    .await;
+    drop(clients);
+    wait_until("the 38 queued fetches are dropped", || async {
+        account_metric(&gw.metrics().await, "upstream_abandoned_total") == 38.0
+    })
+    .await;
+    assert_eq!(
+        gw.state.cache.fetches_in_flight().await,
+        2,
+        "the two sent are kept"
+    );
+    gw.simulator.release();
+    wait_until("the two sent fetches finish", || async {
+        gw.state.cache.fetches_in_flight().await == 0
+    })
+    .await;
+    assert_eq!(
+        gw.simulator.request_count(),
+        2,
+        "nothing queued reached the box"
+    );
+    // What a sent fetch brought is stored; a dropped one left nothing behind, not even a
+    // backoff: the next request for it is an ordinary miss.
+    let first = gw.simulator.received()[0].target.clone();
+    let stored = gw.get(&first).await;
+    assert_eq!(stored.header("x-cache"), Some("HIT"), "{first}");
+    let dropped = (5000..5040)
+        .map(|n| path("id", &n.to_string()))
+        .find(|p| !gw.simulator.received().iter().any(|r| &r.target == p))
+        .unwrap();
+    let again = gw.get(&dropped).await;
+    assert_eq!(again.status, 404);
+    assert_eq!(again.header("x-cache"), Some("MISS"));
+    assert_eq!(gw.simulator.request_count(), 3);
+}

@@ -346,3 +346,64 @@ async fn connections_beyond_max_connections_wait_for_a_free_slot() {
     drop(first);
     assert_eq!(second.await.unwrap().status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_resets_most_of_its_streams_gets_goaway() {
+    let gw = Gateway::start(Options {
+        account: "max_concurrent_requests = 2\nqueue_timeout = \"30s\"".into(),
+        server: "max_cancelled_requests = 20",
+        ..Options::default()
+    })
+    .await;
+    // Every fetch waits at the box, so no request is answered before its reset.
+    gw.simulator.hold();
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut sent = 0;
+    for n in 0..200u64 {
+        let Ok(mut ready) = client.clone().ready().await else {
+            break;
+        };
+        let request =
+            http::Request::get(format!("http://gw{}", path("id", &(7000 + n).to_string())))
+                .body(())
+                .unwrap();
+        let Ok((response, mut stream)) = ready.send_request(request, true) else {
+            break;
+        };
+        sent += 1;
+        // Reset once the gateway has the request in hand, waiting for its fetch.
+        wait_until("the request to wait on its fetch", || async {
+            gw.state.cache.waiting().await == 1
+        })
+        .await;
+        stream.send_reset(h2::Reason::CANCEL);
+        drop(response);
+        wait_until("the reset to reach the gateway", || async {
+            gw.state.cache.waiting().await == 0
+        })
+        .await;
+        if connection.is_finished() {
+            break;
+        }
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("the gateway closed the connection");
+    assert!(ended.is_ok());
+    assert!(
+        (20..40).contains(&sent),
+        "GOAWAY after about 20 cancelled requests; sent {sent}"
+    );
+    // Only the two fetches that took the box's slots were sent; the rest were dropped.
+    assert_eq!(gw.simulator.request_count(), 2);
+    let metrics = gw.metrics().await;
+    assert!(
+        sample(
+            &metrics,
+            "miralix_gateway_upstream_abandoned_total{account=\"greenbox\"}"
+        ) >= 17.0
+    );
+    gw.simulator.release();
+}
