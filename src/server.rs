@@ -32,7 +32,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -275,13 +275,24 @@ impl Connection {
                 let answering = Answering::new(activity.clone(), max_cancelled);
                 let state = state.clone();
                 let peer = peer.clone();
+                let activity = activity.clone();
                 async move {
                     let _busy = busy;
+                    let http1 = request.version() <= http::Version::HTTP_11;
                     let mut response = match kind {
                         Listener::Admin => handle_admin(state, request).await,
                         Listener::Public | Listener::Plain => handle(state, request, peer).await,
                     };
                     answering.answered();
+                    // A stopping server answers what it was sent and closes after it; a
+                    // client told so opens a new connection instead of sending on this one.
+                    // (HTTP/2 hears it as GOAWAY.)
+                    if http1 && activity.stopping.load(Ordering::Acquire) {
+                        response.headers_mut().insert(
+                            http::header::CONNECTION,
+                            http::HeaderValue::from_static("close"),
+                        );
+                    }
                     // A streamed body outlives the handler: the connection stays busy (not
                     // idle) until the body ends.
                     if let Either::Right(audio) = response.body_mut() {
@@ -305,12 +316,21 @@ impl Connection {
             .max_header_list_size(
                 u32::try_from(settings.max_request_head_bytes).unwrap_or(u32::MAX),
             );
-        let connection = builder.serve_connection(TokioIo::new(io), service);
-        tokio::pin!(connection);
+        let (give_back, returned) = oneshot::channel();
+        let io = Lingering {
+            io: Some(io),
+            give_back: Some(give_back),
+        };
+        let mut connection = Box::pin(builder.serve_connection(TokioIo::new(io), service));
         let mut closing = false;
+        // When a stop was asked for: the connection closes `SHUTDOWN_SETTLE` later.
+        let mut stop_at = None;
         loop {
             let idle_at = activity.idle_deadline(settings.idle_timeout);
             tokio::select! {
+                // The connection first: a request that has already arrived is read (and then
+                // answered, with `Connection: close`) before a stop closes an idle connection.
+                biased;
                 result = connection.as_mut() => {
                     // Resets and timeouts by clients are routine for a proxy; not warnings.
                     if let Err(error) = result {
@@ -318,7 +338,12 @@ impl Connection {
                     }
                     break;
                 }
-                () = stopped(&mut self.stop), if !closing => {
+                () = stopped(&mut self.stop), if !closing && stop_at.is_none() => {
+                    // From now on every answer says `Connection: close` (see the service).
+                    activity.stopping.store(true, Ordering::Release);
+                    stop_at = Some(Instant::now() + SHUTDOWN_SETTLE);
+                }
+                () = tokio::time::sleep_until(stop_at.unwrap_or_else(Instant::now)), if !closing && stop_at.is_some() => {
                     connection.as_mut().graceful_shutdown();
                     closing = true;
                 }
@@ -341,6 +366,105 @@ impl Connection {
                 }
             }
         }
+        drop(connection);
+        // We closed a connection the client may still be sending on: see `linger`.
+        if closing && let Ok(io) = returned.await {
+            linger(io).await;
+        }
+    }
+}
+
+/// How long after a stop signal a connection is closed: long enough for a request the client
+/// had already sent (in the socket, not yet seen by the event loop) to be read and answered
+/// with `Connection: close`, short enough to count as closing idle connections at once.
+const SHUTDOWN_SETTLE: Duration = Duration::from_millis(20);
+
+/// How long a connection the gateway closed is still read from, at most.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Close a connection the gateway decided to close (shutdown, idle timeout, GOAWAY) so that a
+/// request the client sent at the same moment meets a clean end of stream, not a reset: the
+/// write side is shut (FIN), then whatever still arrives is read and discarded until the
+/// client closes too, for at most [`LINGER`]. Closing a socket with unread data in it would
+/// make the kernel answer with RST, which clients report as a failed request instead of a
+/// closed idle connection they may retry on a new one.
+async fn linger<I: AsyncRead + AsyncWrite + Unpin>(mut io: I) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = io.shutdown().await;
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut discard = [0u8; 4096];
+        while let Ok(1..) = io.read(&mut discard).await {}
+    })
+    .await;
+}
+
+/// The connection's transport, handed back to the connection task when hyper lets go of it,
+/// so the task can [`linger`] on it.
+struct Lingering<I> {
+    io: Option<I>,
+    give_back: Option<oneshot::Sender<I>>,
+}
+
+impl<I> Lingering<I> {
+    fn io(&mut self) -> std::pin::Pin<&mut I>
+    where
+        I: Unpin,
+    {
+        std::pin::Pin::new(self.io.as_mut().expect("present until dropped"))
+    }
+}
+
+impl<I> Drop for Lingering<I> {
+    fn drop(&mut self) {
+        if let (Some(io), Some(give_back)) = (self.io.take(), self.give_back.take()) {
+            let _ = give_back.send(io);
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Lingering<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.io().poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Lingering<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.io().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.io().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.as_ref().is_some_and(|io| io.is_write_vectored())
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.io().poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.io().poll_shutdown(cx)
     }
 }
 
@@ -353,6 +477,8 @@ struct Activity {
     cancelled: AtomicUsize,
     /// Raised once the client has cancelled too many of its requests.
     too_many_cancelled: tokio::sync::Notify,
+    /// Set when the server stops: answers from then on close the connection.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// One request until its handler has produced an answer. Dropped before that, the client
@@ -417,6 +543,7 @@ impl Activity {
             requests: AtomicUsize::new(0),
             cancelled: AtomicUsize::new(0),
             too_many_cancelled: tokio::sync::Notify::new(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

@@ -407,3 +407,59 @@ async fn a_client_that_resets_most_of_its_streams_gets_goaway() {
     );
     gw.simulator.release();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_shutdown_requests_already_sent_are_answered_with_close_and_idle_connections_close_at_once()
+ {
+    let mut gw = Gateway::start(Options {
+        server: "shutdown_grace = \"20s\"",
+        ..Options::default()
+    })
+    .await;
+    let list = path("id", "103");
+    assert_eq!(
+        gw.get(&list).await.status,
+        200,
+        "cached: later answers are instant"
+    );
+    let open = |n: usize| {
+        let addr = gw.addr;
+        async move {
+            let mut connections = Vec::new();
+            for _ in 0..n {
+                let mut c = KeepAlive::new(TcpStream::connect(addr).await.unwrap());
+                assert_eq!(c.get(&path("id", "103")).await.unwrap().status, 200);
+                connections.push(c);
+            }
+            connections
+        }
+    };
+    // Idle keep-alive connections, and as many whose next request is on its way.
+    let mut idle = open(10).await;
+    let mut sending = open(20).await;
+    let head = format!("GET {list} HTTP/1.1\r\nHost: gw\r\n\r\n");
+    for c in &mut sending {
+        tokio::io::AsyncWriteExt::write_all(&mut c.stream, head.as_bytes())
+            .await
+            .unwrap();
+    }
+    gw.signal_stop();
+    for c in &mut sending {
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), c.stream.read_to_end(&mut raw))
+            .await
+            .expect("closed after the answer")
+            .expect("a clean close, not a reset");
+        // Answered, with `Connection: close` unless the answer went out before the stop.
+        let reply = parse_reply(&raw).expect("the request sent before the stop is answered");
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.json().as_array().unwrap().len(), 40);
+    }
+    for c in &mut idle {
+        assert!(
+            c.closed_by_server(Duration::from_secs(2)).await,
+            "idle: closed at once"
+        );
+    }
+    gw.stop().await;
+}
