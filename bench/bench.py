@@ -237,6 +237,10 @@ def check():
 def main():
     if sys.argv[1:] == ["--check"]:
         return check()
+    if sys.argv[1:] == ["--rewrite"]:
+        # The tables, chart and prose again from bench/results/latest.json, without a run.
+        with open(os.path.join(RESULTS, "latest.json")) as f:
+            return write_results(json.load(f)["raw"])
     work = tempfile.mkdtemp(prefix="miralix-bench-")
     servers = []
     try:
@@ -701,6 +705,52 @@ plot "{data}" using 1:3:xtic(2) with boxes lc rgb "#2a6f97", \\
     subprocess.run(["gnuplot"], input=script, text=True, check=True)
 
 
+def prose(s):
+    """The README's summary of the latest run, written from the results, never by hand."""
+    ratios, storm, mem, outage = s["ratios"], s["storm"], s["memory"], s["outage"]
+    g, n = s["hit_plain"]["gateway"], s["hit_plain"]["nginx"]
+    pd, pf = s["poller"]["delta"], s["poller"]["full"]
+    p99 = "lower" if g["p99_ms"] <= n["p99_ms"] else "higher"
+    requests = storm["gateway"]["upstream_requests"]
+    missed_calls = pd["missed_by_clients"] + pf["missed_by_clients"]
+    missed = [goal for goal, ok, _ in s["goals"] if not ok]
+    text = (
+        f"In the latest run: hits at {ratios['hit_rps_plain']}x nginx's throughput on plain HTTP "
+        f"({ratios['hit_rps_tls']}x with TLS) and {ratios['hit_rps_vs_static']}x the static-file "
+        f"reference, with a {p99} p99 ({g['p99_ms']:.2f} against {n['p99_ms']:.2f} ms); a "
+        f"{STORM}-client cold-miss storm sends the box {requests} "
+        f"request{'s' if requests != 1 else ''} and answers every client within "
+        f"{storm['gateway']['p99_ms']:.0f} ms (nginx: {storm['nginx']['p99_ms']:.0f} ms, its lock "
+        f"waiters poll); a miss adds {s['miss_overhead_ms']['gateway']:.3f} ms over a direct "
+        f"request (nginx: {s['miss_overhead_ms']['nginx']:.3f} ms); with `max_bytes` "
+        f"{mem['max_bytes_mib']:g} MiB and a box writing each answer in pieces, the resident set "
+        f"was {mem['rss_404s_mib']} MiB after {FILL_UNKNOWN:,} distinct `404`s and "
+        f"{mem['rss_mib']} MiB after {FILL_AGENTS:,} distinct lists (promised: at most "
+        f"{mem['limit_mib']} MiB); during a {OUTAGE_SECONDS} s outage of the box, "
+        f"{outage['failed']:,} of {outage['n']:,} reads of cached keys failed; and "
+        f"{POLL_AGENTS * POLLERS_PER_AGENT} clients polling with a rising `fromQueueCallId` cost the "
+        f"box {pf['upstream_bytes_per_min'] / pd['upstream_bytes_per_min']:.0f}x fewer bytes with "
+        f"delta refresh than with full refreshes, with {missed_calls} new calls missed by a client. "
+    )
+    if missed:
+        text += ("Goals not met: " + "; ".join(missed) + ". Why, and what was tried, is in "
+                 "[`bench/README.md`](bench/README.md).")
+    else:
+        text += "Every goal in [`bench/README.md`](bench/README.md) was met."
+    return text
+
+
+def replace_block(path, name, block):
+    """Put `block` between the `<!-- name:start -->` and `<!-- name:end -->` markers."""
+    with open(path) as f:
+        text = f.read()
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = re.sub(re.escape(start) + ".*?" + re.escape(end),
+                  lambda _: f"{start}\n{block}\n{end}", text, flags=re.S)
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def write_results(r):
     os.makedirs(RESULTS, exist_ok=True)
     s = summarize(r)
@@ -710,14 +760,9 @@ def write_results(r):
     with open(os.path.join(RESULTS, "latest.md"), "w") as f:
         f.write("# Latest benchmark results\n\n" + table)
     chart(s, os.path.join(RESULTS, "ratios.png"))
-    readme = os.path.join(BENCH, "README.md")
-    with open(readme) as f:
-        text = f.read()
-    start, end = "<!-- results:start -->", "<!-- results:end -->"
-    block = f"{start}\n{table}\n![gateway relative to nginx](results/ratios.png)\n{end}"
-    text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    with open(readme, "w") as f:
-        f.write(text)
+    replace_block(os.path.join(BENCH, "README.md"), "results",
+                  f"{table}\n![gateway relative to nginx](results/ratios.png)")
+    replace_block(os.path.join(ROOT, "README.md"), "summary", prose(s))
     print(table)
     missed = [goal for goal, ok, _ in s["goals"] if not ok]
     log("all goals met" if not missed else f"goals missed: {missed}")
