@@ -73,13 +73,12 @@ impl Client {
                     .add(cert.expect("PEM certificate"))
                     .expect("usable CA");
             }
-            let config = rustls::ClientConfig::builder_with_provider(
-                miralix_gateway::upstream::trust::provider(),
-            )
-            .with_safe_default_protocol_versions()
-            .expect("TLS versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            let config =
+                rustls::ClientConfig::builder_with_provider(miralix_gateway::crypto::provider())
+                    .with_safe_default_protocol_versions()
+                    .expect("TLS versions")
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
             tokio_rustls::TlsConnector::from(Arc::new(config))
         });
         let headers = headers.iter().map(|h| format!("{h}\r\n")).collect();

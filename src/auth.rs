@@ -21,7 +21,7 @@ use http::header::AUTHORIZATION;
 pub const X_API_KEY: &str = "x-api-key";
 
 /// A SHA-256 digest of a key.
-pub type Digest = [u8; 32];
+pub use crate::crypto::Digest;
 
 /// Who may read an account's recordings.
 #[derive(Clone, PartialEq, Eq)]
@@ -135,7 +135,7 @@ pub struct KeyId([u8; 4]);
 impl fmt::Display for KeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("key:")?;
-        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+        f.write_str(&crate::crypto::hex(&self.0))
     }
 }
 
@@ -170,13 +170,11 @@ pub enum AuthError {
 
 /// SHA-256 of a key.
 pub fn digest(key: &[u8]) -> Digest {
-    crate::upstream::trust::sha256(key)
+    crate::crypto::sha256(key)
 }
 
 /// Equal digests, compared without an early exit.
-pub fn digests_equal(a: &Digest, b: &Digest) -> bool {
-    a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
-}
+pub use crate::crypto::digests_equal;
 
 /// The one key a request presents: `Authorization: Bearer <key>` (scheme in any case) or
 /// `X-Api-Key: <key>`. Several such headers, or one of each, are refused rather than tried in
@@ -270,7 +268,7 @@ pub enum AdminTokenError {
 /// Parse a configured `api_key_hashes` entry: 64 hex digits, either case.
 pub fn parse_digest(hex: &str) -> Result<Digest, String> {
     let hex = hex.trim();
-    crate::config::sha256_from_hex(hex).ok_or_else(|| {
+    crate::crypto::digest_from_hex(hex).ok_or_else(|| {
         format!(
             "\"{}\" is not a SHA-256 digest: expected 64 hex digits, e.g. from `printf %s \"$KEY\" | sha256sum`",
             crate::identity::truncate_for_message(hex)

@@ -1066,17 +1066,14 @@ fn validate_tls(
         None => Some(None),
     };
     let (chain, key, cert_path, client_ca) = (chain?, key?, raw.cert?, client_ca?);
-    let identity = TlsIdentity {
+    // Whether the key belongs to the certificate is checked when the server configuration is
+    // built from this (`crate::tls`), which check-config does too.
+    Some(TlsIdentity {
         cert_path,
         chain,
         key,
         client_ca,
-    };
-    // Building the server configuration checks that the key belongs to the certificate.
-    problems.check(
-        "server.tls.key",
-        crate::server::tls::server_config(&identity).map(|_| identity),
-    )
+    })
 }
 
 fn parse_private_key(pem: &[u8], origin: &str) -> Result<PrivateKeyDer<'static>, String> {
@@ -1544,31 +1541,16 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String
 /// Accept `FD:C8:0A:...` (openssl's fingerprint output) or plain hex, any case.
 pub fn parse_pin(value: &str) -> Result<[u8; 32], String> {
     let hex: String = value.chars().filter(|c| *c != ':').collect();
-    sha256_from_hex(&hex).ok_or_else(|| {
+    crate::crypto::digest_from_hex(&hex).ok_or_else(|| {
         "expected the SHA-256 fingerprint of the box's certificate as 64 hex digits, \
          optionally colon-separated (openssl x509 -noout -fingerprint -sha256)"
             .to_owned()
     })
 }
 
-/// A SHA-256 digest written as 64 hex digits (either case), or `None`.
-pub(crate) fn sha256_from_hex(hex: &str) -> Option<[u8; 32]> {
-    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
-}
-
 /// Format a SHA-256 fingerprint the way openssl prints it (`AB:CD:...`).
 pub fn format_pin(pin: &[u8; 32]) -> String {
-    pin.iter()
-        .map(|b| format!("{b:02X}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    crate::crypto::fingerprint(pin)
 }
 
 #[cfg(test)]
@@ -1979,7 +1961,9 @@ mod tests {
     #[test]
     fn tls_problems_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let (cert, key, other) = tls_files(dir.path());
+        // A key that does not belong to the certificate is found when the server configuration
+        // is built: see `crate::tls`.
+        let (cert, key, _) = tls_files(dir.path());
         let cases = [
             (
                 format!(
@@ -1995,17 +1979,6 @@ mod tests {
                     cert.display()
                 ),
                 format!("server.tls.key: {}: no usable private key", cert.display()),
-            ),
-            (
-                format!(
-                    "cert = \"{}\"\nkey = \"{}\"",
-                    cert.display(),
-                    other.display()
-                ),
-                format!(
-                    "server.tls.key: the private key does not belong to the certificate in {}",
-                    cert.display()
-                ),
             ),
             (
                 format!("cert = \"{}\"", cert.display()),

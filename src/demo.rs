@@ -6,8 +6,8 @@
 use std::net::SocketAddr;
 
 use crate::config::{self, Config, format_pin};
+use crate::crypto::sha256;
 use crate::simulator::{Dataset, Simulator, SimulatorError, SimulatorTls};
-use crate::upstream::trust::sha256;
 
 /// The account the demo box serves.
 pub const ACCOUNT: &str = "greenbox";

@@ -22,11 +22,17 @@
 //!   account; certificate trust; concurrency cap and circuit breaker.
 //! - [`proxy`]: the request handlers (public route, audio pass-through, admin listener with
 //!   purge and refresh) and [`proxy::AppState`]; [`error`]: errors to statuses.
-//! - [`server`] (+ [`server::tls`]): accept loops, TLS termination, timeouts, graceful shutdown.
+//! - [`server`]: accept loops, timeouts, graceful shutdown; [`tls`]: TLS termination.
 //! - [`systemd`]: `sd_notify` readiness, reload and stop messages, and the watchdog.
-//! - [`metrics`], [`telemetry`]: Prometheus exposition and the tracing subscriber (with the
-//!   audit log's own file).
+//! - [`metrics`], [`telemetry`]: Prometheus exposition; the tracing subscriber (with the audit
+//!   log's own file) and the access and audit log targets.
 //! - [`simulator`] and [`demo`]: a simulated box for the demo and the tests.
+//! - [`crypto`]: SHA-256, hex, constant-time digest comparison and the rustls provider; it
+//!   imports nothing from the crate.
+//!
+//! The modules form a graph without cycles (`tests/integration/structure.rs` fails on one):
+//! the typed configuration does not build TLS configurations, and the log targets belong to
+//! [`telemetry`], the list-fetch kinds to [`upstream`].
 //!
 //! # Request flow
 //!
@@ -50,6 +56,7 @@ pub mod auth;
 pub mod cache;
 pub mod clock;
 pub mod config;
+pub mod crypto;
 pub mod demo;
 pub mod error;
 pub mod identity;
@@ -62,6 +69,7 @@ pub mod server;
 pub mod simulator;
 pub mod systemd;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 
 pub use proxy::AppState;

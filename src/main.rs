@@ -199,7 +199,9 @@ fn check_config(path: &Path) -> ExitCode {
     // Building the upstream clients and the TLS acceptor checks what loading cannot,
     // such as usable trust anchors.
     if let Err(error) = AppState::new(config, Arc::new(SystemClock)) {
-        eprintln!("{}: {error}", path.display());
+        for problem in error.problems() {
+            eprintln!("{}: {problem}", path.display());
+        }
         eprintln!("{}: configuration is invalid", path.display());
         return ExitCode::FAILURE;
     }

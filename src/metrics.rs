@@ -14,7 +14,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::proxy::ListFetch;
+use crate::upstream::ListFetch;
 use crate::upstream::protect::ProtectionMetrics;
 
 /// Upper bounds (seconds) of the upstream latency histogram: a list on a long history can take

@@ -46,18 +46,15 @@ use crate::limit::RateLimiter;
 use crate::metrics::{AccountMetrics, Metrics};
 use crate::recordings::RecordingList;
 use crate::route::{self, AgentQuery, CacheTarget, Route};
-use crate::server;
+use crate::telemetry::{ACCESS_LOG, AUDIT_LOG};
+use crate::tls;
 use crate::upstream::protect::{BreakerState, Protection};
-use crate::upstream::{self, UpstreamClient, UpstreamError, UpstreamReply};
+use crate::upstream::{self, ListFetch, UpstreamClient, UpstreamError, UpstreamReply};
 
 /// `X-Cache: HIT|MISS`, the header most dashboards and curl users look at.
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 /// RFC 9211 `Cache-Status`.
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
-/// The tracing target of the one event per request.
-pub const ACCESS_LOG: &str = "miralix_gateway::access";
-/// The tracing target of the audit log: who read which agent's list or which recording.
-pub const AUDIT_LOG: &str = "miralix_gateway::audit";
 /// Sent on every answer: a client must take a body for what `Content-Type` says it is, never
 /// guess (a list or an error message must not be rendered as a page).
 const X_CONTENT_TYPE_OPTIONS: HeaderName = HeaderName::from_static("x-content-type-options");
@@ -101,6 +98,8 @@ impl Runtime {
         clock: &Arc<dyn Clock>,
     ) -> Result<Self, StateError> {
         let mut accounts = HashMap::new();
+        // Every problem is collected, so check-config and a refused reload list them all.
+        let mut problems = Vec::new();
         for (name, settings) in &config.accounts {
             let kept = previous
                 .and_then(|p| p.accounts.get(name))
@@ -113,12 +112,16 @@ impl Runtime {
                 },
                 None => Account {
                     name: name.as_str().into(),
-                    client: UpstreamClient::new(name, settings).map_err(|source| {
-                        StateError::Account {
-                            account: name.clone(),
-                            source,
+                    client: match UpstreamClient::new(name, settings) {
+                        Ok(client) => client,
+                        Err(source) => {
+                            problems.push(BuildProblem::Account {
+                                account: name.clone(),
+                                source,
+                            });
+                            continue;
                         }
-                    })?,
+                    },
                     metrics: metrics.account(name),
                     protection: Arc::new(Protection::new(
                         &settings.upstream,
@@ -131,10 +134,17 @@ impl Runtime {
             };
             accounts.insert(name.clone(), account);
         }
-        let tls = match &config.server.tls {
-            Some(identity) => Some(server::tls::acceptor(identity).map_err(StateError::Tls)?),
+        let tls = match config.server.tls.as_ref().map(tls::acceptor) {
+            Some(Ok(acceptor)) => Some(acceptor),
+            Some(Err(error)) => {
+                problems.push(BuildProblem::Tls(error));
+                None
+            }
             None => None,
         };
+        if !problems.is_empty() {
+            return Err(StateError(problems));
+        }
         let limiter = config.server.rate_limit.map(|settings| {
             previous
                 .and_then(|p| p.limiter.clone())
@@ -278,17 +288,29 @@ impl ReloadReport {
     }
 }
 
-/// Why a configuration could not be put into service.
+/// Why a configuration could not be put into service: every problem building it found.
 #[derive(Debug, thiserror::Error)]
-pub enum StateError {
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct StateError(pub Vec<BuildProblem>);
+
+impl StateError {
+    /// Each problem, naming its key.
+    pub fn problems(&self) -> &[BuildProblem] {
+        &self.0
+    }
+}
+
+/// One part of a configuration that could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildProblem {
     #[error("accounts.{account}: {source}")]
     Account {
         account: String,
         #[source]
         source: upstream::BuildError,
     },
-    #[error("server.tls: {0}")]
-    Tls(String),
+    #[error(transparent)]
+    Tls(tls::TlsError),
 }
 
 /// What the access-log event reports besides method, path, status and duration.
@@ -753,27 +775,6 @@ fn merged(
                 fetched_whole_at: list.fetched_whole_at,
             }),
         },
-    }
-}
-
-/// Which kind of list request went to the box, for metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ListFetch {
-    /// The whole list.
-    Full,
-    /// `fromQueueCallId=<highest stored id>`, to refresh a stored list.
-    Delta,
-    /// A client's `fromQueueCallId`, passed on as it is.
-    Filtered,
-}
-
-impl ListFetch {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ListFetch::Full => "full",
-            ListFetch::Delta => "delta",
-            ListFetch::Filtered => "filtered",
-        }
     }
 }
 

@@ -17,8 +17,6 @@
 //! open connections finish their in-flight requests (HTTP/1 closes after the response, HTTP/2
 //! sends GOAWAY) within `server.shutdown_grace`; whatever is still open then is cut off.
 
-pub mod tls;
-
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;

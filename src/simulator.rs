@@ -244,11 +244,10 @@ impl Simulator {
             SimulatorTls::Plain => (None, None),
             _ => {
                 let (certificate, key) = generate_certificate(tls)?;
-                let config =
-                    rustls::ServerConfig::builder_with_provider(crate::upstream::trust::provider())
-                        .with_safe_default_protocol_versions()?
-                        .with_no_client_auth()
-                        .with_single_cert(vec![certificate.leaf_der.clone()], key)?;
+                let config = rustls::ServerConfig::builder_with_provider(crate::crypto::provider())
+                    .with_safe_default_protocol_versions()?
+                    .with_no_client_auth()
+                    .with_single_cert(vec![certificate.leaf_der.clone()], key)?;
                 (Some(certificate), Some(TlsAcceptor::from(Arc::new(config))))
             }
         };

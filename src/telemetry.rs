@@ -21,7 +21,11 @@ use tracing_subscriber::filter::{FilterExt, Targets, filter_fn};
 use tracing_subscriber::fmt::MakeWriter;
 
 pub use crate::config::LogFormat;
-use crate::proxy::AUDIT_LOG;
+
+/// The tracing target of the one event per request.
+pub const ACCESS_LOG: &str = "miralix_gateway::access";
+/// The tracing target of the audit log: who read which agent's list or which recording.
+pub const AUDIT_LOG: &str = "miralix_gateway::audit";
 
 /// The audit log file; cheap to clone, and every clone writes to the file last opened.
 #[derive(Clone)]

@@ -82,6 +82,27 @@ pub struct UpstreamReply {
     pub body: Bytes,
 }
 
+/// Which kind of list request went to the box, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListFetch {
+    /// The whole list.
+    Full,
+    /// `fromQueueCallId=<highest stored id>`, to refresh a stored list.
+    Delta,
+    /// A client's `fromQueueCallId`, passed on as it is.
+    Filtered,
+}
+
+impl ListFetch {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListFetch::Full => "full",
+            ListFetch::Delta => "delta",
+            ListFetch::Filtered => "filtered",
+        }
+    }
+}
+
 /// Why the box could not give a usable answer. `Display` is safe to show clients: it never
 /// names the box's address or the secret; the `source` (for logs) may name the address.
 #[derive(Debug, Clone, thiserror::Error)]

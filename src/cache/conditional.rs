@@ -8,11 +8,7 @@ use http::HeaderValue;
 /// The strong entity tag of a body: the first 128 bits of its SHA-256, quoted. Equal bytes give
 /// equal tags, whichever fetch stored them.
 pub fn entity_tag(body: &[u8]) -> HeaderValue {
-    let digest = ring::digest::digest(&ring::digest::SHA256, body);
-    let hex: String = digest.as_ref()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hex = crate::crypto::hex(&crate::crypto::sha256(body)[..16]);
     HeaderValue::try_from(format!("\"{hex}\"")).expect("hex digits in quotes")
 }
 

@@ -19,7 +19,8 @@ use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
-use crate::config::{UpstreamTrust, format_pin};
+use crate::config::UpstreamTrust;
+use crate::crypto::{fingerprint, provider, sha256};
 
 /// Why a trust configuration could not be turned into a verifier.
 #[derive(Debug, thiserror::Error)]
@@ -32,11 +33,6 @@ pub enum TrustError {
     NoSystemRoots,
     #[error("could not build the certificate verifier: {0}")]
     Verifier(#[source] rustls::client::VerifierBuilderError),
-}
-
-/// The crypto provider used for every TLS connection the gateway makes or accepts.
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// A rustls client configuration that verifies the box as `trust` says.
@@ -136,8 +132,8 @@ impl ServerCertVerifier for BoxVerifier {
             if &presented != pin {
                 return Err(rustls::Error::General(format!(
                     "certificate pin mismatch: the box presented SHA-256 {}, pin_sha256 is {}",
-                    format_pin(&presented),
-                    format_pin(pin)
+                    fingerprint(&presented),
+                    fingerprint(pin)
                 )));
             }
         }
@@ -177,12 +173,4 @@ impl ServerCertVerifier for BoxVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
     }
-}
-
-/// SHA-256 of a DER certificate: the fingerprint `pin_sha256` is compared with.
-pub fn sha256(cert: &[u8]) -> [u8; 32] {
-    let digest = ring::digest::digest(&ring::digest::SHA256, cert);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest.as_ref());
-    out
 }

@@ -582,3 +582,59 @@ async fn json_logs_are_one_object_per_line() {
     }
     assert!(!logs.contains(SECRET));
 }
+
+#[test]
+fn check_config_reports_every_problem_found_while_building_too() {
+    let dir = tempfile::tempdir().unwrap();
+    // Valid PEM around bytes that are no certificate: loading accepts it, building refuses it.
+    let bad_anchor = dir.path().join("box-ca.pem");
+    std::fs::write(
+        &bad_anchor,
+        "-----BEGIN CERTIFICATE-----\nAAAAAAAAAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert = dir.path().join("cert.pem");
+    let other_key = dir.path().join("other-key.pem");
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(
+        &other_key,
+        rcgen::KeyPair::generate().unwrap().serialize_pem(),
+    )
+    .unwrap();
+    let path = dir.path().join("gateway.toml");
+    let account = |name: &str| {
+        format!(
+            "[accounts.{name}]\nbase_url = \"https://10.0.0.1\"\nshared_secret = \"s\"\nca_file = \"{}\"\nallow_anonymous = true\n",
+            bad_anchor.display()
+        )
+    };
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}{}",
+            cert.display(),
+            other_key.display(),
+            account("bluebox"),
+            account("greenbox"),
+        ),
+    )
+    .unwrap();
+    let (ok, _, stderr) = check_config(&path);
+    assert!(!ok);
+    let file = path.display().to_string();
+    for line in [
+        format!(
+            "{file}: accounts.bluebox: no certificate in ca_file could be used as a trust anchor"
+        ),
+        format!(
+            "{file}: accounts.greenbox: no certificate in ca_file could be used as a trust anchor"
+        ),
+        format!(
+            "{file}: server.tls.key: the private key does not belong to the certificate in {}",
+            cert.display()
+        ),
+    ] {
+        assert!(stderr.contains(&line), "missing {line:?} in:\n{stderr}");
+    }
+}

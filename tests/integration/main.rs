@@ -10,5 +10,6 @@ mod recordings;
 mod resilience;
 mod security;
 mod serving;
+mod structure;
 mod support;
 mod upstream;

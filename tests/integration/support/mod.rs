@@ -10,10 +10,10 @@ use std::time::Duration;
 use miralix_gateway::AppState;
 use miralix_gateway::clock::ManualClock;
 use miralix_gateway::config::{self, format_pin};
+use miralix_gateway::crypto::sha256;
 use miralix_gateway::proxy::ReloadReport;
 use miralix_gateway::server::Listeners;
 use miralix_gateway::simulator::{Dataset, Simulator, SimulatorTls};
-use miralix_gateway::upstream::trust::sha256;
 use rustls::pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -180,12 +180,11 @@ impl TestCa {
         for cert in rustls::pki_types::CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
             roots.add(cert.unwrap()).unwrap();
         }
-        let config = rustls::ClientConfig::builder_with_provider(
-            miralix_gateway::upstream::trust::provider(),
-        )
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
+        let config =
+            rustls::ClientConfig::builder_with_provider(miralix_gateway::crypto::provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots);
         let mut config = match identity {
             Some(identity) => config
                 .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
