@@ -20,10 +20,10 @@
 
 pub mod conditional;
 pub mod encoding;
+mod flight;
 pub mod policy;
 pub mod weight;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,7 +32,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 use moka::notification::RemovalCause;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::watch;
 
 use crate::clock::Clock;
 use crate::config::CacheConfig;
@@ -41,6 +41,8 @@ use crate::recordings::RecordingList;
 use crate::route::AgentQuery;
 use crate::upstream::{UpstreamError, UpstreamReply};
 
+pub use self::flight::Waiters;
+use self::flight::{Flight, Flights, Joined};
 use self::policy::{Freshness, Lifetime};
 
 /// What identifies one cacheable upstream answer. Built from the normalized request only, so
@@ -176,62 +178,6 @@ impl Outcome {
     }
 }
 
-/// Fetches in flight: a sender of each fetch's channel, to subscribe joiners and count them.
-type Flights = HashMap<CacheKey, watch::Sender<Option<FetchResult>>>;
-
-/// Who still waits for a fetch. A fetch queued for a box slot gives up when
-/// [`Waiters::gone`] completes, so clients that hung up, reset their stream or timed out
-/// leave no work behind for the box.
-pub enum Waiters {
-    /// A fetch that must run whoever waits: a background refresh or an operator's refresh.
-    Always,
-    /// The requests subscribed to a miss's flight.
-    Clients {
-        key: CacheKey,
-        sender: watch::Sender<Option<FetchResult>>,
-        flights: Arc<Mutex<Flights>>,
-    },
-}
-
-impl Waiters {
-    fn of(
-        key: &CacheKey,
-        sender: &watch::Sender<Option<FetchResult>>,
-        flights: &Arc<Mutex<Flights>>,
-    ) -> Self {
-        Waiters::Clients {
-            key: key.clone(),
-            sender: sender.clone(),
-            flights: flights.clone(),
-        }
-    }
-
-    /// Completes once nobody waits any more, and withdraws the flight from the in-flight map
-    /// at that moment, so a request arriving afterwards leads a fetch of its own instead of
-    /// joining one that is being dropped. Never completes for [`Waiters::Always`].
-    pub async fn gone(&self) {
-        let Waiters::Clients {
-            key,
-            sender,
-            flights,
-        } = self
-        else {
-            return std::future::pending().await;
-        };
-        loop {
-            sender.closed().await;
-            // Joiners subscribe under this lock, so the count cannot rise while it is held.
-            let mut flights = flights.lock().await;
-            if sender.receiver_count() == 0 {
-                if flights.get(key).is_some_and(|f| f.same_channel(sender)) {
-                    flights.remove(key);
-                }
-                return;
-            }
-        }
-    }
-}
-
 /// A failed fetch, remembered for the error backoff.
 #[derive(Debug)]
 struct Failure {
@@ -244,7 +190,7 @@ struct Failure {
 pub struct ResponseCache {
     store: moka::future::Cache<CacheKey, Arc<CachedResponse>>,
     failures: moka::future::Cache<CacheKey, Arc<Failure>>,
-    in_flight: Arc<Mutex<Flights>>,
+    in_flight: Flights,
     /// Keys already warned about for answers too large to store: one warning per key.
     warned_too_large: moka::future::Cache<CacheKey, ()>,
     /// TTLs and windows in force; replaced on reload (`max_bytes` is fixed when built).
@@ -322,7 +268,7 @@ impl ResponseCache {
             store,
             failures,
             warned_too_large: moka::future::Cache::new(MAX_REMEMBERED_FAILURES),
-            in_flight: Arc::default(),
+            in_flight: Flights::default(),
             config: Arc::new(ArcSwap::from_pointee(config)),
             clock,
         }
@@ -403,19 +349,16 @@ impl ResponseCache {
         F: FnOnce(&CacheKey, FetchKind, Previous, Waiters) -> Fut,
         Fut: Future<Output = Result<Fetched, UpstreamError>> + Send + 'static,
     {
-        let (status, mut receiver) = {
-            let mut flights = self.in_flight.lock().await;
-            if let Some(flight) = flights.get(&key) {
-                (CacheStatus::Collapsed, flight.subscribe())
-            } else if let Some(entry) = self.fresh(&key).await {
-                // A fetch completed between the lookup and taking the lock.
-                return Outcome::new(CacheStatus::Hit, Ok(entry));
-            } else {
-                let (sender, receiver) = watch::channel(None);
-                flights.insert(key.clone(), sender.clone());
-                let waiters = Waiters::of(&key, &sender, &self.in_flight);
-                let fetch = fetch(&key, FetchKind::Miss, previous.clone(), waiters);
-                self.spawn_fetch(key, sender, fetch, previous);
+        let (status, mut receiver) = match self.in_flight.join_or_lead(&key) {
+            Joined::Follower(receiver) => (CacheStatus::Collapsed, receiver),
+            Joined::Leader(flight, receiver) => {
+                // A fetch may have stored its answer between the lookup and here.
+                if let Some(entry) = self.fresh(&key).await {
+                    flight.land(Ok(entry.clone()));
+                    return Outcome::new(CacheStatus::Hit, Ok(entry));
+                }
+                let fetch = fetch(&key, FetchKind::Miss, previous.clone(), flight.waiters());
+                self.spawn_fetch(key, flight, fetch, previous);
                 (CacheStatus::Miss, receiver)
             }
         };
@@ -428,15 +371,20 @@ impl ResponseCache {
         F: FnOnce(&CacheKey, FetchKind, Previous, Waiters) -> Fut,
         Fut: Future<Output = Result<Fetched, UpstreamError>> + Send + 'static,
     {
-        let mut flights = self.in_flight.lock().await;
-        if flights.contains_key(&key) || self.recent_failure(&key).await.is_some() {
+        if self.recent_failure(&key).await.is_some() {
             return false;
         }
-        let (sender, _) = watch::channel(None);
-        flights.insert(key.clone(), sender.clone());
+        let Some(flight) = self.in_flight.lead_unwatched(&key) else {
+            return false;
+        };
         // Nobody waits for a refresh by design; it is never dropped for that.
-        let fetch = fetch(&key, FetchKind::Refresh, previous.clone(), Waiters::Always);
-        self.spawn_fetch(key, sender, fetch, previous);
+        let fetch = fetch(
+            &key,
+            FetchKind::Refresh,
+            previous.clone(),
+            Waiters::always(),
+        );
+        self.spawn_fetch(key, flight, fetch, previous);
         true
     }
 
@@ -447,18 +395,13 @@ impl ResponseCache {
         F: FnOnce(&CacheKey, FetchKind, Previous, Waiters) -> Fut,
         Fut: Future<Output = Result<Fetched, UpstreamError>> + Send + 'static,
     {
-        let mut receiver = {
-            let mut flights = self.in_flight.lock().await;
-            match flights.get(&key) {
-                Some(flight) => flight.subscribe(),
-                None => {
-                    let previous = self.store.get(&key).await;
-                    let (sender, receiver) = watch::channel(None);
-                    flights.insert(key.clone(), sender.clone());
-                    let fetch = fetch(&key, FetchKind::Forced, previous.clone(), Waiters::Always);
-                    self.spawn_fetch(key, sender, fetch, previous);
-                    receiver
-                }
+        let previous = self.store.get(&key).await;
+        let mut receiver = match self.in_flight.join_or_lead(&key) {
+            Joined::Follower(receiver) => receiver,
+            Joined::Leader(flight, receiver) => {
+                let fetch = fetch(&key, FetchKind::Forced, previous.clone(), Waiters::always());
+                self.spawn_fetch(key, flight, fetch, previous);
+                receiver
             }
         };
         Outcome::new(CacheStatus::Miss, completion(&mut receiver).await)
@@ -500,13 +443,10 @@ impl ResponseCache {
         }
     }
 
-    fn spawn_fetch<Fut>(
-        &self,
-        key: CacheKey,
-        sender: watch::Sender<Option<FetchResult>>,
-        fetch: Fut,
-        previous: Previous,
-    ) where
+    /// Run `fetch` for `flight` as a task of its own, store what it brings by the policy, and
+    /// land the flight with it.
+    fn spawn_fetch<Fut>(&self, key: CacheKey, flight: Flight, fetch: Fut, previous: Previous)
+    where
         Fut: Future<Output = Result<Fetched, UpstreamError>> + Send + 'static,
     {
         let cache = self.clone();
@@ -550,15 +490,9 @@ impl ResponseCache {
                 };
                 cache.failures.insert(key.clone(), Arc::new(failure)).await;
             }
-            // Store first, then leave the in-flight map: a request arriving in between joins
-            // this flight, one arriving after finds the stored entry (or the failure). An
-            // abandoned flight has already left it, and a newer one may stand there now.
-            let mut flights = cache.in_flight.lock().await;
-            if flights.get(&key).is_some_and(|f| f.same_channel(&sender)) {
-                flights.remove(&key);
-            }
-            drop(flights);
-            sender.send_replace(Some(result));
+            // Stored first, then landed: a request arriving in between joins this flight, one
+            // arriving after finds the stored entry (or the failure).
+            flight.land(result);
         });
     }
 
@@ -638,13 +572,12 @@ impl ResponseCache {
 
     /// Requests currently waiting for an upstream fetch, leaders and collapsed waiters alike.
     pub async fn waiting(&self) -> usize {
-        let flights = self.in_flight.lock().await;
-        flights.values().map(watch::Sender::receiver_count).sum()
+        self.in_flight.waiting()
     }
 
     /// Fetches in flight, including background refreshes.
     pub async fn fetches_in_flight(&self) -> usize {
-        self.in_flight.lock().await.len()
+        self.in_flight.len()
     }
 
     /// Entries currently stored.
@@ -660,5 +593,125 @@ impl ResponseCache {
     /// Apply moka's pending bookkeeping so counts are current (used before reporting them).
     pub async fn sync(&self) {
         self.store.run_pending_tasks().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::identity::IdType;
+
+    fn cache_with(clock: Arc<ManualClock>) -> ResponseCache {
+        let evictions = EvictionCounters {
+            expired: Default::default(),
+            size: Default::default(),
+            explicit: Default::default(),
+        };
+        ResponseCache::new(policy::tests::cache(30, 5), clock, evictions)
+    }
+
+    fn cache() -> ResponseCache {
+        cache_with(Arc::new(ManualClock::new()))
+    }
+
+    fn key(id: &str) -> CacheKey {
+        CacheKey {
+            account: "greenbox".into(),
+            query: AgentQuery {
+                id_type: IdType::Id,
+                identification: id.into(),
+                from_queue_call_id: None,
+            },
+        }
+    }
+
+    fn found() -> Result<Fetched, UpstreamError> {
+        Ok(Fetched {
+            reply: UpstreamReply {
+                status: StatusCode::NOT_FOUND,
+                content_type: None,
+                body: Bytes::from_static(b"{}"),
+            },
+            list: None,
+        })
+    }
+
+    /// Let the spawned fetch tasks run until `done` holds (bounded; no sleeping).
+    async fn settle(cache: &ResponseCache, done: impl Fn(usize) -> bool) {
+        for _ in 0..10_000 {
+            if done(cache.fetches_in_flight().await) {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the fetches did not settle");
+    }
+
+    #[tokio::test]
+    async fn a_fetch_that_panics_fails_its_waiters_and_leaves_no_flight_behind() {
+        let clock = Arc::new(ManualClock::new());
+        let cache = cache_with(clock.clone());
+        let outcome = cache
+            .get_or_fetch(key("1"), |_, _, _, _| async {
+                panic!("a bug in the fetch");
+                #[allow(unreachable_code)]
+                found()
+            })
+            .await;
+        assert_eq!(outcome.status, CacheStatus::Miss);
+        assert!(matches!(outcome.result, Err(UpstreamError::Aborted)));
+        assert_eq!(cache.fetches_in_flight().await, 0);
+        // Remembered like any failure for the error backoff, then fetched again.
+        let held_back = cache
+            .get_or_fetch(key("1"), |_, _, _, _| async { found() })
+            .await;
+        assert_eq!(held_back.status, CacheStatus::Backoff);
+        clock.advance(Duration::from_secs(1));
+        let again = cache
+            .get_or_fetch(key("1"), |_, _, _, _| async { found() })
+            .await;
+        assert_eq!(again.status, CacheStatus::Miss);
+        assert_eq!(again.result.unwrap().status, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn a_flight_whose_waiters_all_left_is_withdrawn_and_a_new_one_can_start() {
+        let cache = cache();
+        let (gone_tx, gone_rx) = tokio::sync::oneshot::channel();
+        let leader = {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                cache
+                    .get_or_fetch(key("2"), |_, _, _, waiters| async move {
+                        waiters.gone().await;
+                        let _ = gone_tx.send(());
+                        Err(UpstreamError::Abandoned)
+                    })
+                    .await
+            })
+        };
+        settle(&cache, |n| n == 1).await;
+        assert_eq!(cache.waiting().await, 1);
+        leader.abort();
+        gone_rx.await.expect("the fetch saw that nobody waits");
+        settle(&cache, |n| n == 0).await;
+        // A dropped fetch is no failure: the next request leads a fetch of its own.
+        let next = cache
+            .get_or_fetch(key("2"), |_, _, _, _| async { found() })
+            .await;
+        assert_eq!(next.status, CacheStatus::Miss);
+        assert!(next.result.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_refresh_is_never_dropped_for_want_of_waiters() {
+        let waiters = Waiters::always();
+        let gone = tokio::select! {
+            biased;
+            () = waiters.gone() => "gone",
+            () = tokio::task::yield_now() => "still wanted",
+        };
+        assert_eq!(gone, "still wanted");
     }
 }

@@ -94,10 +94,10 @@ pub fn age(fetched_at: Instant, now: Instant) -> Duration {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn cache(ttl: u64, negative_ttl: u64) -> CacheConfig {
+    pub(crate) fn cache(ttl: u64, negative_ttl: u64) -> CacheConfig {
         CacheConfig {
             ttl: Duration::from_secs(ttl),
             negative_ttl: Duration::from_secs(negative_ttl),

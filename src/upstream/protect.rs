@@ -151,6 +151,50 @@ pub struct ProtectionMetrics {
     pub breaker_rejections: Counter,
 }
 
+/// A request the breaker let through. Recording its outcome consumes it; dropped before that
+/// (a queue timeout, a dropped future, a panic), it decides nothing, so a probe frees the
+/// breaker for the next one.
+struct Admitted<'a> {
+    protection: &'a Protection,
+    admission: Admission,
+    decided: bool,
+}
+
+impl Admitted<'_> {
+    fn record(mut self, success: bool) {
+        let now = self.protection.clock.now();
+        self.protection
+            .breaker()
+            .record(self.admission, success, now);
+        self.decided = true;
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        if !self.decided {
+            self.protection.breaker().abandon(self.admission);
+        }
+        self.protection.publish_state();
+    }
+}
+
+/// One request at the box, counted in the in-flight gauge until dropped.
+struct InFlight<'a>(&'a Gauge);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Concurrency limit and circuit breaker for one account's box.
 pub struct Protection {
     permits: Semaphore,
@@ -206,6 +250,9 @@ impl Protection {
     /// While it waits for a slot, the request is dropped as soon as `abandoned` completes
     /// (everyone who wanted its answer has gone): it would only add to the box's load. Once it
     /// has a slot it runs to the end whatever happens to its clients.
+    ///
+    /// Whatever it raises is lowered in `Drop`: a request that panics, or whose future is
+    /// dropped, leaves the in-flight gauge where it was and frees the breaker's probe.
     pub async fn run<T, F>(
         &self,
         request: F,
@@ -220,35 +267,36 @@ impl Protection {
             self.metrics.breaker_rejections.inc();
             return Err(UpstreamError::CircuitOpen { retry_after });
         }
+        let admitted = Admitted {
+            protection: self,
+            admission,
+            decided: false,
+        };
         let queued = tokio::time::timeout(self.queue_timeout, self.permits.acquire());
-        let permit = tokio::select! {
+        let _permit = tokio::select! {
             // A free slot is taken even when the clients have just gone: what it brings is
             // stored for whoever asks next.
             biased;
             acquired = queued => match acquired {
                 Ok(Ok(permit)) => permit,
                 _ => {
-                    self.breaker().abandon(admission);
                     self.metrics.queue_rejections.inc();
                     return Err(UpstreamError::QueueTimeout(self.queue_timeout));
                 }
             },
             () = abandoned => {
-                self.breaker().abandon(admission);
                 self.metrics.abandoned.inc();
                 return Err(UpstreamError::Abandoned);
             }
         };
-        self.metrics.in_flight.inc();
+        let in_flight = InFlight::enter(&self.metrics.in_flight);
         let result = request.await;
-        self.metrics.in_flight.dec();
-        drop(permit);
+        drop(in_flight);
         let success = match &result {
             Ok(_) => true,
             Err(error) => !error.is_box_failure(),
         };
-        self.breaker().record(admission, success, self.clock.now());
-        self.publish_state();
+        admitted.record(success);
         result
     }
 
@@ -262,6 +310,80 @@ mod tests {
     use super::*;
 
     const COOLDOWN: Duration = Duration::from_secs(30);
+
+    fn protection(clock: &Arc<crate::clock::ManualClock>) -> Arc<Protection> {
+        let settings = UpstreamSettings {
+            breaker_failures: 1,
+            breaker_cooldown: COOLDOWN,
+            ..UpstreamSettings::default()
+        };
+        Arc::new(Protection::new(
+            &settings,
+            clock.clone(),
+            ProtectionMetrics::default(),
+        ))
+    }
+
+    /// Open the breaker with one failure and let the cool-down pass: the next request probes.
+    async fn half_open(clock: &Arc<crate::clock::ManualClock>, p: &Protection) {
+        let failed = p
+            .run(
+                async { Err::<(), _>(UpstreamError::Status(http::StatusCode::BAD_GATEWAY)) },
+                std::future::pending(),
+            )
+            .await;
+        assert!(failed.is_err());
+        clock.advance(COOLDOWN);
+        assert_eq!(p.state(), BreakerState::HalfOpen);
+    }
+
+    #[tokio::test]
+    async fn a_probe_that_panics_or_is_dropped_leaves_nothing_raised() {
+        let clock = Arc::new(crate::clock::ManualClock::new());
+        let p = protection(&clock);
+        half_open(&clock, &p).await;
+
+        // The probe panics at the box.
+        let panicking = p.clone();
+        let outcome = tokio::spawn(async move {
+            let request = async { panic!("a bug in the fetch") };
+            panicking
+                .run::<(), _>(request, std::future::pending())
+                .await
+        })
+        .await;
+        assert!(outcome.is_err(), "the task panicked");
+        assert_eq!(p.metrics.in_flight.get(), 0, "the gauge went down again");
+        assert_eq!(p.state(), BreakerState::HalfOpen);
+
+        // The next probe's future is dropped while it is at the box.
+        let mut dropped = Box::pin(p.run(
+            std::future::pending::<Result<(), UpstreamError>>(),
+            std::future::pending(),
+        ));
+        assert!(futures_poll_once(dropped.as_mut()).await.is_none());
+        assert_eq!(p.metrics.in_flight.get(), 1);
+        drop(dropped);
+        assert_eq!(p.metrics.in_flight.get(), 0);
+
+        // Neither decided anything: the breaker lets one more probe through, and it closes.
+        let ok = p.run(async { Ok(()) }, std::future::pending()).await;
+        assert!(ok.is_ok());
+        assert_eq!(p.state(), BreakerState::Closed);
+        assert_eq!(p.metrics.breaker_state.get(), 0);
+    }
+
+    /// Poll a future once: its output if it was ready.
+    async fn futures_poll_once<F: Future + Unpin>(future: F) -> Option<F::Output> {
+        let mut future = future;
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut future).poll(cx) {
+                std::task::Poll::Ready(output) => Some(output),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
+    }
 
     #[test]
     fn opens_after_consecutive_failures_only() {
