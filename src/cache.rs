@@ -597,7 +597,7 @@ impl ResponseCache {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use crate::identity::IdType;
@@ -615,7 +615,8 @@ mod tests {
         cache_with(Arc::new(ManualClock::new()))
     }
 
-    fn key(id: &str) -> CacheKey {
+    /// Agent `id/<id>` of the test account.
+    pub(crate) fn key(id: &str) -> CacheKey {
         CacheKey {
             account: "greenbox".into(),
             query: AgentQuery {

@@ -175,19 +175,7 @@ impl Waiters {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::IdType;
-    use crate::route::AgentQuery;
-
-    fn key(id: &str) -> CacheKey {
-        CacheKey {
-            account: "greenbox".into(),
-            query: AgentQuery {
-                id_type: IdType::Id,
-                identification: id.into(),
-                from_queue_call_id: None,
-            },
-        }
-    }
+    use crate::cache::tests::key;
 
     #[test]
     fn the_first_request_leads_and_the_rest_follow_until_it_lands() {
