@@ -122,8 +122,9 @@ pub enum CacheStatus {
     Stale(StaleReason),
     /// The key failed moments ago: answered with that failure, the box not asked again.
     Backoff,
-    /// The request never reached the cache (refused, unknown account, admin paths).
-    None,
+    /// The request never reached the cache (refused, unknown account, admin paths); logged
+    /// as `none`.
+    Skipped,
 }
 
 impl CacheStatus {
@@ -135,7 +136,7 @@ impl CacheStatus {
             CacheStatus::Stale(StaleReason::Revalidating) => "stale-revalidating",
             CacheStatus::Stale(StaleReason::Error) => "stale-error",
             CacheStatus::Backoff => "backoff",
-            CacheStatus::None => "none",
+            CacheStatus::Skipped => "none",
         }
     }
 }

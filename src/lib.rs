@@ -20,8 +20,9 @@
 //! - [`clock`]: the injectable time source every freshness decision reads.
 //! - [`upstream`] (+ [`upstream::trust`], [`upstream::protect`]): one rustls reqwest client per
 //!   account; certificate trust; concurrency cap and circuit breaker.
-//! - [`proxy`]: the request handlers (public route, audio pass-through, admin listener with
-//!   purge and refresh) and [`proxy::AppState`]; [`error`]: errors to statuses.
+//! - [`gateway`]: the request path, one phase per file (`admit`, `list`, `fetch`, `audio`,
+//!   `respond`, `admin`) around [`gateway::handle`], and [`gateway::AppState`] with the
+//!   reloadable [`gateway::Generation`]; [`error`]: errors to statuses.
 //! - [`server`]: accept loops, timeouts, graceful shutdown; [`tls`]: TLS termination.
 //! - [`systemd`]: `sd_notify` readiness, reload and stop messages, and the watchdog.
 //! - [`metrics`], [`telemetry`]: Prometheus exposition; the tracing subscriber (with the audit
@@ -37,7 +38,7 @@
 //! # Request flow
 //!
 //! ```text
-//! TcpListener ─► server::run ─► proxy::handle ─► limit (429) ─► Host and target form (400)
+//! TcpListener ─► server::run ─► gateway::handle ─► admit: limit (429), Host and target (400)
 //!   (TLS, client certificate)       │  ─► route::parse ─► identity::normalize ─► auth::check
 //!                                   │
 //!                                   ├─► cache::ResponseCache::get_or_fetch ─► hit: stored Bytes
@@ -59,10 +60,10 @@ pub mod config;
 pub mod crypto;
 pub mod demo;
 pub mod error;
+pub mod gateway;
 pub mod identity;
 pub mod limit;
 pub mod metrics;
-pub mod proxy;
 pub mod recordings;
 pub mod route;
 pub mod server;
@@ -72,5 +73,5 @@ pub mod telemetry;
 pub mod tls;
 pub mod upstream;
 
-pub use proxy::AppState;
+pub use gateway::AppState;
 pub use server::run;

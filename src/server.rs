@@ -36,7 +36,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::auth::ClientCert;
-use crate::proxy::{AppState, Peer, handle, handle_admin};
+use crate::gateway::{AppState, Peer, handle, handle_admin};
 use http_body_util::Either;
 
 /// Open connections on the admin listener at most.
@@ -94,7 +94,7 @@ enum Listener {
 
 /// Serve every listener until `shutdown` completes, then drain and return.
 pub async fn run(listeners: Listeners, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
-    let max_connections = state.runtime().config.server.max_connections;
+    let max_connections = state.generation().config.server.max_connections;
     let public_permits = Arc::new(Semaphore::new(max_connections));
     let admin_permits = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
     let (stop, stopped) = watch::channel(false);
@@ -103,8 +103,8 @@ pub async fn run(listeners: Listeners, state: Arc<AppState>, shutdown: impl Futu
         public = %local(&listeners.public),
         plain = listeners.plain.as_ref().map(local),
         admin = %local(&listeners.admin),
-        tls = state.runtime().tls.is_some(),
-        accounts = state.runtime().accounts.len(),
+        tls = state.generation().tls.is_some(),
+        accounts = state.generation().accounts.len(),
         "miralix-gateway serving"
     );
     let mut loops = JoinSet::new();
@@ -196,7 +196,7 @@ impl AcceptLoop {
         }
         drop(self.listener);
         drop(self.closed);
-        let grace = self.state.runtime().config.server.shutdown_grace;
+        let grace = self.state.generation().config.server.shutdown_grace;
         let drained = tokio::time::timeout(grace, async {
             while connections.join_next().await.is_some() {}
         })
@@ -226,11 +226,11 @@ impl Connection {
     async fn serve(mut self, stream: TcpStream) {
         // Responses are small and written whole; waiting for more data only adds latency.
         let _ = stream.set_nodelay(true);
-        let runtime = self.state.runtime();
-        let handshake_timeout = runtime.config.server.tls_handshake_timeout;
-        match (self.kind, runtime.tls.clone()) {
+        let generation = self.state.generation();
+        let handshake_timeout = generation.config.server.tls_handshake_timeout;
+        match (self.kind, generation.tls.clone()) {
             (Listener::Public, Some(acceptor)) => {
-                drop(runtime);
+                drop(generation);
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
                         // Present only when the acceptor required one and rustls verified it.
@@ -252,7 +252,7 @@ impl Connection {
                 }
             }
             _ => {
-                drop(runtime);
+                drop(generation);
                 self.serve_http(stream).await;
             }
         }
@@ -262,7 +262,7 @@ impl Connection {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let settings = self.state.runtime().config.server.clone();
+        let settings = self.state.generation().config.server.clone();
         let activity = Arc::new(Activity::new());
         let service = {
             let (state, activity, kind) = (self.state.clone(), activity.clone(), self.kind);

@@ -11,7 +11,7 @@ use miralix_gateway::AppState;
 use miralix_gateway::clock::ManualClock;
 use miralix_gateway::config::{self, format_pin};
 use miralix_gateway::crypto::sha256;
-use miralix_gateway::proxy::ReloadReport;
+use miralix_gateway::gateway::ReloadReport;
 use miralix_gateway::server::Listeners;
 use miralix_gateway::simulator::{Dataset, Simulator, SimulatorTls};
 use rustls::pki_types::pem::PemObject;

@@ -1,0 +1,236 @@
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, and the cache's purge and refresh
+//! endpoints under `/cache` (with the admin token).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+
+use super::fetch::{RefreshPlan, fetch};
+use super::respond::{NOSNIFF, X_CONTENT_TYPE_OPTIONS, strip_body};
+use super::{Account, AppState, Body};
+use crate::auth::{self};
+use crate::cache::CacheKey;
+use crate::config::CacheConfig;
+use crate::error::{ProxyError, json_error};
+use crate::route::{self, AgentQuery, CacheTarget};
+use crate::telemetry::AUDIT_LOG;
+use crate::upstream::protect::BreakerState;
+
+/// Answer one request on the admin listener: `/metrics`, `/healthz`, `/readyz`, and the
+/// cache's purge and refresh endpoints under `/cache`.
+pub async fn handle_admin<B>(state: Arc<AppState>, request: Request<B>) -> Response<Body> {
+    let path = request.uri().path();
+    let response = if path == "/cache" || path.starts_with("/cache/") {
+        cache_admin(&state, &request).await
+    } else if request.method() != Method::GET && request.method() != Method::HEAD {
+        ProxyError::MethodNotAllowed {
+            method: request.method().clone(),
+            allow: "GET, HEAD",
+        }
+        .to_response()
+    } else {
+        match path {
+            "/metrics" => {
+                state.cache.sync().await;
+                let text = state
+                    .metrics
+                    .render(state.cache.entry_count(), state.cache.weighted_size());
+                let mut response = Response::new(Full::new(Bytes::from(text)));
+                response.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                response
+            }
+            "/healthz" => plain(StatusCode::OK, "ok\n"),
+            "/readyz" => readiness(&state),
+            _ => json_error(
+                StatusCode::NOT_FOUND,
+                "no such admin endpoint: the admin listener serves /metrics, /healthz, /readyz and /cache",
+            ),
+        }
+    };
+    let mut response = response.map(Either::Left);
+    if request.method() == Method::HEAD {
+        strip_body(&mut response);
+    }
+    response
+        .headers_mut()
+        .insert(X_CONTENT_TYPE_OPTIONS, NOSNIFF.clone());
+    response
+}
+
+/// `DELETE /cache[/{account}[/agents/{type}/{identification}]]` purges and answers how many
+/// entries went; `POST /cache/{account}/agents/{type}/{identification}/refresh` fetches the
+/// agent's whole list now and answers what the box said.
+pub(super) async fn cache_admin<B>(
+    state: &AppState,
+    request: &Request<B>,
+) -> Response<Full<Bytes>> {
+    let target = match route::parse_cache_target(request.uri().path()) {
+        Ok(target) => target,
+        Err(error) => return ProxyError::from(error).to_response(),
+    };
+    let method = request.method();
+    let allow = match target {
+        CacheTarget::AgentRefresh(_) => "POST",
+        _ => "DELETE",
+    };
+    if method.as_str() != allow {
+        let method = method.clone();
+        return ProxyError::MethodNotAllowed { method, allow }.to_response();
+    }
+    let generation = state.generation();
+    match &generation.config.admin.token {
+        None => return ProxyError::AdminDisabled.to_response(),
+        Some(token) => {
+            if let Err(refused) = auth::check_admin_token(token, request.headers()) {
+                tracing::warn!(
+                    target: AUDIT_LOG,
+                    path = request.uri().path(),
+                    reason = %refused,
+                    "cache control refused"
+                );
+                return ProxyError::AdminToken(refused).to_response();
+            }
+        }
+    }
+    let account = |name: &str| {
+        generation
+            .accounts
+            .get(name)
+            .ok_or_else(|| ProxyError::UnknownAccount(name.to_owned()))
+    };
+    let result = async {
+        Ok(match target {
+            CacheTarget::All => purged(state.cache.purge(|_| true).await, "every account"),
+            CacheTarget::Account(name) => {
+                let name = account(&name)?.name.clone();
+                let count = state.cache.purge(|key| key.account == name).await;
+                purged(count, &name)
+            }
+            CacheTarget::Agent(agent) => {
+                let name = account(&agent.account)?.name.clone();
+                let count = state
+                    .cache
+                    .purge(|key| key.account == name && same_agent(&key.query, &agent.query))
+                    .await;
+                purged(count, &format!("{name} {}", describe(&agent.query)))
+            }
+            CacheTarget::AgentRefresh(agent) => {
+                let account = account(&agent.account)?;
+                refresh_now(state, &generation.config.cache, account, agent.query).await?
+            }
+        })
+    }
+    .await;
+    result.unwrap_or_else(|error: ProxyError| error.to_response())
+}
+
+/// Whether two queries name the same agent, whatever their `fromQueueCallId`.
+pub(super) fn same_agent(a: &AgentQuery, b: &AgentQuery) -> bool {
+    a.id_type == b.id_type && a.identification == b.identification
+}
+
+/// `id 103`, `email derek.a@company.local`: an agent for messages.
+pub(super) fn describe(query: &AgentQuery) -> String {
+    format!("{} {}", query.id_type.as_str(), query.identification)
+}
+
+pub(super) fn purged(count: usize, scope: &str) -> Response<Full<Bytes>> {
+    tracing::info!(target: AUDIT_LOG, scope, entries = count, "cache purged");
+    let body = serde_json::json!({ "purged": count });
+    json_ok(body)
+}
+
+/// Fetch one agent's whole list now, replacing what is stored; the agent's entries for a
+/// forwarded `fromQueueCallId` go too, as they may be older than the new list.
+pub(super) async fn refresh_now(
+    state: &AppState,
+    cache: &CacheConfig,
+    account: &Account,
+    query: AgentQuery,
+) -> Result<Response<Full<Bytes>>, ProxyError> {
+    let name = account.name.clone();
+    let filtered = |key: &CacheKey| {
+        key.account == name
+            && key.query.from_queue_call_id.is_some()
+            && same_agent(&key.query, &query)
+    };
+    let dropped = state.cache.purge(filtered).await;
+    let plan = RefreshPlan {
+        full_refresh_interval: cache.full_refresh_interval,
+        now: state.cache.now(),
+    };
+    let key = CacheKey {
+        account: account.name.clone(),
+        query,
+    };
+    let agent = describe(&key.query);
+    let outcome = state
+        .cache
+        .fetch_now(key, |key, kind, previous, waiters| {
+            fetch(account, key.query.clone(), kind, previous, waiters, plan)
+        })
+        .await;
+    let entry = outcome.result?;
+    tracing::info!(
+        target: AUDIT_LOG,
+        account = %account.name,
+        agent,
+        status = entry.status.as_u16(),
+        "cache refreshed"
+    );
+    Ok(json_ok(serde_json::json!({
+        "refreshed": entry.lifetime.is_some(),
+        "status": entry.status.as_u16(),
+        "recordings": entry.list.as_ref().map(|l| l.recordings.len()),
+        "bytes": entry.body.len(),
+        "purged": dropped,
+    })))
+}
+
+pub(super) fn json_ok(body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// `/readyz`: 200 while the listeners serve and at least one account's box can be asked (its
+/// circuit breaker is not open); the body lists every account's breaker.
+pub(super) fn readiness(state: &AppState) -> Response<Full<Bytes>> {
+    let generation = state.generation();
+    let mut names: Vec<&String> = generation.accounts.keys().collect();
+    names.sort();
+    let mut body = String::new();
+    let mut reachable = false;
+    for name in names {
+        let breaker = generation.accounts[name].protection.state();
+        reachable |= breaker != BreakerState::Open;
+        body.push_str(&format!("account {name}: breaker {}\n", breaker.as_str()));
+    }
+    let (status, verdict) = match (state.is_ready(), reachable) {
+        (true, true) => (StatusCode::OK, "ready"),
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "not ready: not serving"),
+        (true, false) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: every account's breaker is open",
+        ),
+    };
+    plain(status, format!("{verdict}\n{body}"))
+}
+
+pub(super) fn plain(status: StatusCode, text: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(text.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}

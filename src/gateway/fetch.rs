@@ -1,0 +1,191 @@
+//! The fetch behind a cache key: a delta after the highest stored id when a stored list can
+//! be extended, the whole list otherwise, each request to the box through its protection.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+
+use super::Account;
+use super::respond::upstream_outcome;
+use crate::cache::{CachedResponse, FetchKind, Fetched, Previous, StoredList, Waiters};
+use crate::metrics::AccountMetrics;
+use crate::recordings::RecordingList;
+use crate::route::AgentQuery;
+use crate::upstream::protect::Protection;
+use crate::upstream::{ListFetch, UpstreamClient, UpstreamError, UpstreamReply};
+
+/// What decides between a delta and a full refresh, read when the fetch is set up.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RefreshPlan {
+    pub(super) full_refresh_interval: Duration,
+    pub(super) now: Instant,
+}
+
+/// The fetch behind a cache key, run as a task of its own (so it owns clones of what it
+/// needs).
+///
+/// A full list whose stored copy was fetched whole less than `full_refresh_interval` ago is
+/// refreshed by delta: `fromQueueCallId=<highest stored id>`, the answer appended. A delta
+/// the box cannot answer with a list falls back to a full fetch; a `404` means the agent is
+/// gone and replaces the list.
+pub(super) fn fetch(
+    account: &Account,
+    query: AgentQuery,
+    kind: FetchKind,
+    previous: Previous,
+    waiters: Waiters,
+    plan: RefreshPlan,
+) -> impl Future<Output = Result<Fetched, UpstreamError>> + Send + 'static {
+    let box_ = BoxRequest {
+        client: account.client.clone(),
+        metrics: account.metrics.clone(),
+        protection: account.protection.clone(),
+    };
+    let delta_base = previous
+        .filter(|_| {
+            kind != FetchKind::Forced
+                && query.from_queue_call_id.is_none()
+                && account.settings.api_version.has_from_queue_call_id()
+        })
+        .and_then(|previous| {
+            let list = previous.list.clone()?;
+            let max = list.recordings.max_id()?;
+            let age = plan.now.saturating_duration_since(list.fetched_whole_at);
+            (previous.status == StatusCode::OK && age < plan.full_refresh_interval)
+                .then_some((previous, list, max))
+        });
+    async move {
+        let result = async {
+            if let Some((previous, list, max)) = delta_base {
+                let delta = AgentQuery {
+                    from_queue_call_id: Some(max),
+                    ..query.clone()
+                };
+                let reply = box_.send(&delta, ListFetch::Delta, kind, &waiters).await?;
+                match reply.status {
+                    StatusCode::OK => {
+                        if let Some(new) = RecordingList::parse(&reply.body) {
+                            return Ok(merged(&previous, list, &new, reply));
+                        }
+                    }
+                    StatusCode::NOT_FOUND => return Ok(Fetched { reply, list: None }),
+                    _ => {}
+                }
+                tracing::info!(
+                    account = %box_.client.account(),
+                    status = reply.status.as_u16(),
+                    "the box did not answer a delta with a list; fetching the whole list"
+                );
+            }
+            let what = match query.from_queue_call_id {
+                Some(_) => ListFetch::Filtered,
+                None => ListFetch::Full,
+            };
+            let reply = box_.send(&query, what, kind, &waiters).await?;
+            let list = (what == ListFetch::Full && reply.status == StatusCode::OK)
+                .then(|| RecordingList::parse(&reply.body))
+                .flatten()
+                .map(|recordings| StoredList {
+                    recordings: Arc::new(recordings),
+                    fetched_whole_at: plan.now,
+                });
+            Ok(Fetched { reply, list })
+        }
+        .await;
+        if result.is_err() && kind == FetchKind::Refresh {
+            box_.metrics.refresh_failures.inc();
+        }
+        result
+    }
+}
+
+/// A stored list with a delta's new elements appended; when there are none, the stored body
+/// as it is (so its tag and compressed copy are kept).
+pub(super) fn merged(
+    previous: &CachedResponse,
+    list: StoredList,
+    new: &RecordingList,
+    reply: UpstreamReply,
+) -> Fetched {
+    match list.recordings.merge(new) {
+        None => Fetched {
+            reply: UpstreamReply {
+                status: StatusCode::OK,
+                content_type: previous.content_type.clone(),
+                body: previous.body.clone(),
+            },
+            list: Some(list),
+        },
+        Some((recordings, body)) => Fetched {
+            reply: UpstreamReply { body, ..reply },
+            list: Some(StoredList {
+                recordings: Arc::new(recordings),
+                fetched_whole_at: list.fetched_whole_at,
+            }),
+        },
+    }
+}
+
+/// What one request to the box needs: the client, its protection and the metrics.
+pub(super) struct BoxRequest {
+    client: UpstreamClient,
+    metrics: AccountMetrics,
+    protection: Arc<Protection>,
+}
+
+impl BoxRequest {
+    /// One list request, through the protection, bounded, timed and counted.
+    async fn send(
+        &self,
+        query: &AgentQuery,
+        what: ListFetch,
+        kind: FetchKind,
+        waiters: &Waiters,
+    ) -> Result<UpstreamReply, UpstreamError> {
+        let (client, protection) = (&self.client, &self.protection);
+        let started = Instant::now();
+        // reqwest's timeout bounds each attempt; this bounds the whole fetch (a retry and the
+        // queue included), so no fetch, and no refresh, can hang on.
+        let limit = client.timeout() * 2 + protection.queue_timeout() + Duration::from_secs(1);
+        let result = protection
+            .run(
+                async {
+                    tokio::time::timeout(limit, client.fetch(query))
+                        .await
+                        .unwrap_or(Err(UpstreamError::Timeout(limit)))
+                },
+                waiters.gone(),
+            )
+            .await;
+        let outcome = match &result {
+            Ok(reply) => {
+                self.metrics.record_list_fetch(what, reply.body.len());
+                reply.status.as_u16().to_string()
+            }
+            Err(UpstreamError::Abandoned) => {
+                tracing::debug!(
+                    account = %client.account(),
+                    fetch = what.as_str(),
+                    "fetch dropped before it reached the box: nobody waits for it any more"
+                );
+                UpstreamError::Abandoned.kind().to_owned()
+            }
+            Err(error) => {
+                // Logged here, once per fetch, not once per request that waited on it.
+                tracing::warn!(
+                    account = %client.account(),
+                    error = %error.detail(),
+                    refresh = kind == FetchKind::Refresh,
+                    fetch = what.as_str(),
+                    "upstream fetch failed"
+                );
+                upstream_outcome(error)
+            }
+        };
+        self.metrics
+            .record_upstream(&outcome, started.elapsed().as_secs_f64());
+        result
+    }
+}

@@ -1,0 +1,180 @@
+//! Serving an agent's recordings list: the cache lookup, `fromQueueCallId` selection from the
+//! stored full list, and `If-None-Match`.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::Full;
+
+use super::fetch::{RefreshPlan, fetch};
+use super::respond::cached_response;
+use super::{AccessEntry, Account, AppState};
+use crate::cache::{
+    CacheKey, CacheStatus, CachedResponse, StaleReason, StoredList, conditional, encoding,
+};
+use crate::config::CacheConfig;
+use crate::error::ProxyError;
+use crate::route::AgentQuery;
+use crate::upstream::UpstreamError;
+
+/// A recordings list from the cache. A `fromQueueCallId` request is answered from the agent's
+/// full list (see [`crate::recordings`]) unless caching is off on a box that understands the
+/// parameter, or the box's list cannot be read as recordings.
+pub(super) async fn recordings_response<B>(
+    state: &AppState,
+    cache: &CacheConfig,
+    account: &Account,
+    query: AgentQuery,
+    request: &Request<B>,
+    exchange: &mut AccessEntry,
+) -> Result<Response<Full<Bytes>>, ProxyError> {
+    let api = account.settings.api_version;
+    let from = query
+        .from_queue_call_id
+        .filter(|_| !api.has_from_queue_call_id() || !cache.ttl.is_zero());
+    // Answered from the full list when selecting; otherwise the request's own key.
+    let full = AgentQuery {
+        from_queue_call_id: query.from_queue_call_id.filter(|_| from.is_none()),
+        ..query.clone()
+    };
+    let gzip = encoding::accepts_gzip(request.headers().get_all(ACCEPT_ENCODING).iter());
+    let (mut outcome, mut entry) = lookup(state, cache, account, full, exchange).await?;
+    if let Some(from) = from {
+        match &entry.list {
+            Some(list) => {
+                account.metrics.selections.inc();
+                entry = select(&entry, list, from, gzip, cache).await;
+            }
+            // An unknown agent (or another stored error) is the answer for every id.
+            None if entry.status != StatusCode::OK => {}
+            None if api.has_from_queue_call_id() => {
+                // The box's list has no numeric QueueCallIds: let the box do the filtering,
+                // and cache its answer as it is.
+                (outcome, entry) = lookup(state, cache, account, query, exchange).await?;
+            }
+            None => return Err(ProxyError::CannotEmulate),
+        }
+    }
+    let mut response = cached_response(
+        &entry,
+        outcome.status,
+        outcome.stale_because.as_ref(),
+        state.cache.now(),
+        gzip,
+    );
+    let etag = response.headers().get(ETAG);
+    if let Some(etag) = etag {
+        let if_none_match: Vec<&[u8]> = request
+            .headers()
+            .get_all(IF_NONE_MATCH)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        if !if_none_match.is_empty() && conditional::none_match(&if_none_match, etag) {
+            not_modified(&mut response);
+        }
+    }
+    Ok(response)
+}
+
+/// How one cache lookup went, without its result (which is returned beside it).
+pub(super) struct Lookup {
+    status: CacheStatus,
+    stale_because: Option<UpstreamError>,
+}
+
+/// Look `query` up in the cache (fetching it if need be), counting the outcome and noting it
+/// for the access log.
+pub(super) async fn lookup(
+    state: &AppState,
+    cache: &CacheConfig,
+    account: &Account,
+    query: AgentQuery,
+    exchange: &mut AccessEntry,
+) -> Result<(Lookup, Arc<CachedResponse>), ProxyError> {
+    let key = CacheKey {
+        account: account.name.clone(),
+        query,
+    };
+    let refresh = RefreshPlan {
+        full_refresh_interval: cache.full_refresh_interval,
+        now: state.cache.now(),
+    };
+    // Clones for the fetch task are made only when this request starts a fetch.
+    let outcome = state
+        .cache
+        .get_or_fetch(key, |key, kind, previous, waiters| {
+            fetch(account, key.query.clone(), kind, previous, waiters, refresh)
+        })
+        .await;
+    exchange.cache = outcome.status;
+    let metrics = &account.metrics;
+    match outcome.status {
+        CacheStatus::Hit => metrics.hits.inc(),
+        CacheStatus::Miss => metrics.misses.inc(),
+        CacheStatus::Collapsed => metrics.coalesced.inc(),
+        CacheStatus::Stale(StaleReason::Revalidating) => metrics.stale_revalidate.inc(),
+        CacheStatus::Stale(StaleReason::Error) => metrics.stale_error.inc(),
+        // The box was not asked: neither a hit nor a miss (requests_total still counts it).
+        CacheStatus::Backoff | CacheStatus::Skipped => 0,
+    };
+    if outcome.refresh_started {
+        metrics.refreshes.inc();
+    }
+    let entry = outcome
+        .result
+        .inspect_err(|e| exchange.upstream_status = e.upstream_status())?;
+    exchange.upstream_status = match (&outcome.stale_because, outcome.status) {
+        (Some(error), _) => error.upstream_status(),
+        (None, CacheStatus::Miss | CacheStatus::Collapsed) => Some(entry.status),
+        (None, _) => None,
+    };
+    let lookup = Lookup {
+        status: outcome.status,
+        stale_because: outcome.stale_because,
+    };
+    Ok((lookup, entry))
+}
+
+/// The answer to `fromQueueCallId=from` selected from a stored full list: its elements after
+/// `from`, with a tag of its own, compressed now only if this client takes gzip. A selection
+/// that keeps every element is the stored entry itself.
+pub(super) async fn select(
+    entry: &Arc<CachedResponse>,
+    list: &StoredList,
+    from: u64,
+    gzip: bool,
+    cache: &CacheConfig,
+) -> Arc<CachedResponse> {
+    let Some(body) = list.recordings.after(from) else {
+        return entry.clone();
+    };
+    let gzip = match gzip {
+        true => encoding::gzip_for_storage(&body, cache).await,
+        false => None,
+    };
+    Arc::new(CachedResponse {
+        status: entry.status,
+        content_type: entry.content_type.clone(),
+        etag: entry.etag.as_ref().map(|_| conditional::entity_tag(&body)),
+        gzip,
+        list: None,
+        body,
+        fetched_at: entry.fetched_at,
+        lifetime: entry.lifetime,
+        retain_for: entry.retain_for,
+        too_large: entry.too_large,
+    })
+}
+
+/// Turn a `200` answer into `304 Not Modified`: the same caching headers and `ETag`, no body
+/// and no representation metadata.
+pub(super) fn not_modified(response: &mut Response<Full<Bytes>>) {
+    *response.status_mut() = StatusCode::NOT_MODIFIED;
+    *response.body_mut() = Full::new(Bytes::new());
+    let headers = response.headers_mut();
+    headers.remove(CONTENT_TYPE);
+    headers.remove(CONTENT_ENCODING);
+}

@@ -1,0 +1,212 @@
+//! The gateway's request handling: every phase of a request on the public listener, in order,
+//! and the admin listener.
+//!
+//! ```text
+//! handle ─► admit (rate limit 429, Host and target form 400) ─► route::parse (400/404/414)
+//!        ─► method and body (405/413) ─► account (404) ─► auth::check (401/403)
+//!        ─► serve: list::respond (cache, fromQueueCallId, If-None-Match) or audio::respond
+//!        ─► respond (cache headers, JSON errors, HEAD) ─► one access-log and audit event
+//! ```
+//!
+//! [`handle`] is infallible: it calls `handle_inner`, turns a [`ProxyError`] into its JSON
+//! answer, counts the response and writes the one access-log event of the request. The
+//! phases live in their own files: [`state`] (the reloadable generation and [`AppState`]),
+//! `admit`, `list`, `fetch` (what a miss asks the box), `audio`, `respond` and `admin`.
+
+mod admin;
+mod admit;
+mod audio;
+mod fetch;
+mod list;
+mod respond;
+pub mod state;
+
+pub use self::admin::handle_admin;
+pub use self::audio::AudioBody;
+use self::audio::audio_response;
+use self::list::recordings_response;
+pub use self::respond::{CACHE_STATUS, X_CACHE};
+use self::respond::{NOSNIFF, X_CONTENT_TYPE_OPTIONS, error_response, strip_body};
+pub use self::state::{Account, AppState, BuildProblem, Generation, ReloadReport, StateError};
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+
+use crate::auth::{self, AuthError, Client, ClientCert};
+use crate::cache::CacheStatus;
+use crate::error::ProxyError;
+use crate::route::{self, AgentQuery, Route};
+use crate::telemetry::{ACCESS_LOG, AUDIT_LOG};
+
+/// The body of every answer: whole bytes, or audio streamed from the box.
+pub type Body = Either<Full<Bytes>, AudioBody>;
+
+/// What the access-log event reports besides method, path, status and duration.
+#[derive(Debug)]
+struct AccessEntry {
+    cache: CacheStatus,
+    upstream_status: Option<StatusCode>,
+    account: Option<Arc<str>>,
+    /// Who was let in (by key id), once authenticated.
+    client: Option<Client>,
+    /// What was read, canonical, for the audit log.
+    resource: Option<String>,
+}
+
+/// What the server knows of the connection a request came on.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The client's address.
+    pub addr: SocketAddr,
+    /// Its verified certificate, on a listener with `server.tls.client_ca`.
+    pub cert: Option<Arc<ClientCert>>,
+}
+
+/// Answer one request on the public listener. Never fails: errors become JSON answers.
+pub async fn handle<B: http_body::Body>(
+    state: Arc<AppState>,
+    request: Request<B>,
+    peer: Peer,
+) -> Response<Body> {
+    // The clock is read for the access log only when that log is on.
+    let started = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO).then(Instant::now);
+    let mut exchange = AccessEntry {
+        cache: CacheStatus::Skipped,
+        upstream_status: None,
+        account: None,
+        client: None,
+        resource: None,
+    };
+    let mut response = match handle_inner(&state, &request, &peer, &mut exchange).await {
+        Ok(response) => response,
+        Err(error) => error_response(&error, exchange.cache).map(Either::Left),
+    };
+    // A 304 has no body, and no length to announce for one.
+    if request.method() == Method::HEAD && response.status() != StatusCode::NOT_MODIFIED {
+        strip_body(&mut response);
+    }
+    response
+        .headers_mut()
+        .insert(X_CONTENT_TYPE_OPTIONS, NOSNIFF.clone());
+    state.metrics.record_response(response.status());
+    if let (Some(client), Some(resource)) = (&exchange.client, &exchange.resource) {
+        tracing::info!(
+            target: AUDIT_LOG,
+            account = exchange.account.as_deref().unwrap_or_default(),
+            client = %client,
+            resource = %resource,
+            status = response.status().as_u16(),
+            "read"
+        );
+    }
+    let Some(started) = started else {
+        return response;
+    };
+    tracing::info!(
+        target: ACCESS_LOG,
+        method = %request.method(),
+        path = %request.uri().path(),
+        account = exchange.account.as_deref().unwrap_or_default(),
+        client = exchange.client.as_ref().map(tracing::field::display),
+        status = response.status().as_u16(),
+        cache = exchange.cache.as_str(),
+        upstream_status = exchange.upstream_status.map(|s| s.as_u16()),
+        duration_ms = %format_args!("{:.3}", started.elapsed().as_secs_f64() * 1000.0),
+        "request"
+    );
+    response
+}
+
+/// The phases of one request, in order; each returns the error that answers it.
+async fn handle_inner<B: http_body::Body>(
+    state: &AppState,
+    request: &Request<B>,
+    peer: &Peer,
+    exchange: &mut AccessEntry,
+) -> Result<Response<Body>, ProxyError> {
+    let generation = state.generation.load();
+    admit::rate_limit(state, &generation, peer)?;
+    admit::request_form(request)?;
+    let route = route::parse(request.uri().path(), request.uri().query())?;
+    admit::method_and_body(request)?;
+    let account = account_for(&generation, &route)?;
+    exchange.account = Some(account.name.clone());
+    // Before anything is looked up: an unauthenticated request learns nothing, not even
+    // whether an agent is cached.
+    exchange.client = Some(authorize(state, &generation, account, request, peer)?);
+    match route {
+        Route::Recordings(recordings) => {
+            exchange.resource = audited(|| list_resource(&recordings.query));
+            let cache = &generation.config.cache;
+            let response =
+                recordings_response(state, cache, account, recordings.query, request, exchange)
+                    .await?;
+            Ok(response.map(Either::Left))
+        }
+        Route::Audio { queue_call_id, .. } => {
+            exchange.resource = audited(|| format!("queues/calls/recordings/{queue_call_id}"));
+            audio_response(account, queue_call_id, request, exchange).await
+        }
+    }
+}
+
+/// The configured account the route names.
+fn account_for<'a>(
+    generation: &'a Generation,
+    route: &Route<'_>,
+) -> Result<&'a Account, ProxyError> {
+    let name = match route {
+        Route::Recordings(recordings) => &recordings.account,
+        Route::Audio { account, .. } => account,
+    };
+    generation
+        .accounts
+        .get(name.as_ref())
+        .ok_or_else(|| ProxyError::UnknownAccount(name.clone().into_owned()))
+}
+
+/// The client, if the account's access rule lets it in.
+fn authorize<B>(
+    state: &AppState,
+    generation: &Generation,
+    account: &Account,
+    request: &Request<B>,
+    peer: &Peer,
+) -> Result<Client, ProxyError> {
+    auth::check(
+        &account.settings.access,
+        request.headers(),
+        peer.cert.as_deref(),
+    )
+    .map_err(|refused| {
+        // A wrong key costs the client a second token: guessing runs at half the rate.
+        if let (AuthError::Invalid, Some(limiter)) = (&refused, &generation.limiter) {
+            limiter.charge(peer.addr.ip(), state.clock.now());
+        }
+        ProxyError::Unauthorized(refused)
+    })
+}
+
+/// The resource for the audit log, named only when that log is on: the hit path does not
+/// allocate for it.
+fn audited(name: impl FnOnce() -> String) -> Option<String> {
+    tracing::enabled!(target: AUDIT_LOG, tracing::Level::INFO).then(name)
+}
+
+/// `agents/id/103/recordings[?fromQueueCallId=N]`, canonical.
+fn list_resource(query: &AgentQuery) -> String {
+    let mut resource = format!(
+        "agents/{}/{}/recordings",
+        query.id_type.as_str(),
+        query.identification
+    );
+    if let Some(from) = query.from_queue_call_id {
+        resource.push_str(&format!("?{}={from}", route::FROM_QUEUE_CALL_ID));
+    }
+    resource
+}
