@@ -449,7 +449,7 @@ pub fn owned(buf: impl Buf) -> Bytes {
 }
 
 /// A header value in an allocation of its own: one parsed by hyper is a view into the
-/// connection's read buffer, like a body piece (see [`UpstreamClient::read_body`]).
+/// connection's read buffer, like a body piece (see `UpstreamClient::read_body`).
 pub fn owned_header(value: &HeaderValue) -> HeaderValue {
     let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
     copy.set_sensitive(value.is_sensitive());
