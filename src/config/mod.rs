@@ -7,7 +7,7 @@
 //! Unknown keys are problems too. Nothing downstream of this module sees a string that should
 //! have been a duration.
 //!
-//! The pieces: [`model`] (the typed configuration, plain data), [`raw`] (the serde structs),
+//! The pieces: `model` (the typed configuration, plain data), `raw` (the serde structs),
 //! `validate` (from one to the other) and `sources` (files and credentials).
 
 mod account;
