@@ -23,42 +23,7 @@ pub const X_API_KEY: &str = "x-api-key";
 /// A SHA-256 digest of a key.
 pub use crate::crypto::Digest;
 
-/// Who may read an account's recordings.
-#[derive(Clone, PartialEq, Eq)]
-pub enum Access {
-    /// Only clients presenting one of these keys (held as digests), or a client certificate
-    /// with one of these names (lowercase).
-    Restricted {
-        keys: Vec<Digest>,
-        client_names: Vec<String>,
-    },
-    /// Anyone who can reach the listener: loopback, a listener that requires client
-    /// certificates, or `allow_anonymous = true`.
-    Open,
-}
-
-impl Access {
-    /// Only these keys.
-    pub fn keys(keys: Vec<Digest>) -> Self {
-        Access::Restricted {
-            keys,
-            client_names: Vec::new(),
-        }
-    }
-}
-
-impl fmt::Debug for Access {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Access::Restricted { keys, client_names } => f
-                .debug_struct("Restricted")
-                .field("keys", &format_args!("{} keys", keys.len()))
-                .field("client_names", client_names)
-                .finish(),
-            Access::Open => f.write_str("Open"),
-        }
-    }
-}
+pub use crate::config::Access;
 
 /// A client certificate that `server.tls.client_ca` verified at the handshake.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -265,33 +230,6 @@ pub enum AdminTokenError {
     Several(usize),
 }
 
-/// Parse a configured `api_key_hashes` entry: 64 hex digits, either case.
-pub fn parse_digest(hex: &str) -> Result<Digest, String> {
-    let hex = hex.trim();
-    crate::crypto::digest_from_hex(hex).ok_or_else(|| {
-        format!(
-            "\"{}\" is not a SHA-256 digest: expected 64 hex digits, e.g. from `printf %s \"$KEY\" | sha256sum`",
-            crate::identity::truncate_for_message(hex)
-        )
-    })
-}
-
-/// Shortest key accepted in `api_keys`: a key must not be guessable.
-pub const MIN_KEY_LENGTH: usize = 16;
-
-/// Check a configured `api_keys` entry and hash it.
-pub fn key_digest(key: &str) -> Result<Digest, String> {
-    if key.len() < MIN_KEY_LENGTH {
-        return Err(format!(
-            "an API key must be at least {MIN_KEY_LENGTH} characters long"
-        ));
-    }
-    if !key.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err("an API key may only contain printable ASCII without spaces".into());
-    }
-    Ok(digest(key.as_bytes()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -449,6 +387,7 @@ mod tests {
     #[test]
     fn configured_digests_and_keys_are_checked() {
         let hex = "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08";
+        use crate::config::{key_digest, parse_digest};
         assert_eq!(parse_digest(hex).unwrap(), digest(b"test"));
         assert!(parse_digest("abc").is_err());
         assert!(parse_digest(&"g".repeat(64)).is_err());

@@ -6,8 +6,6 @@ use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 
-use crate::auth::{self, Access};
-
 use super::validate::*;
 use super::*;
 
@@ -244,7 +242,7 @@ pub(super) fn validate_access(
     let mut digests = Vec::new();
     let mut valid = true;
     for (index, secret) in raw.api_keys.take().unwrap_or_default().iter().enumerate() {
-        match auth::key_digest(secret.expose()) {
+        match key_digest(secret.expose()) {
             Ok(digest) => digests.push(digest),
             Err(message) => {
                 problems.push(key(&format!("api_keys[{index}]")), message);
@@ -259,7 +257,7 @@ pub(super) fn validate_access(
         .iter()
         .enumerate()
     {
-        match auth::parse_digest(hex) {
+        match parse_digest(hex) {
             Ok(digest) => digests.push(digest),
             Err(message) => {
                 problems.push(key(&format!("api_key_hashes[{index}]")), message);

@@ -19,6 +19,7 @@ mod validate;
 pub use self::model::*;
 pub use self::raw::*;
 use self::sources::*;
+pub use self::sources::{MIN_KEY_LENGTH, key_digest, parse_digest};
 pub use self::validate::{format_pin, parse_pin};
 
 use std::path::Path;

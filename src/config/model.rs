@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
-use crate::auth::{Access, Digest};
+use crate::crypto::Digest;
 
 /// Prefix of environment overrides: `MIRALIX_GATEWAY__CACHE__TTL=10s` sets `cache.ttl`.
 pub const ENV_PREFIX: &str = "MIRALIX_GATEWAY";
@@ -314,3 +314,40 @@ pub const DEFAULT_MAX_AUDIO_STREAMS: usize = 4;
 pub const DEFAULT_FULL_REFRESH_INTERVAL: Duration = Duration::from_secs(15 * 60);
 pub const DEFAULT_GZIP_MIN_BYTES: u64 = 1024;
 pub const DEFAULT_GZIP_LEVEL: u32 = 6;
+
+/// Who may read an account's recordings.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Access {
+    /// Only clients presenting one of these keys (held as digests), or a client certificate
+    /// with one of these names (lowercase).
+    Restricted {
+        keys: Vec<Digest>,
+        client_names: Vec<String>,
+    },
+    /// Anyone who can reach the listener: loopback, a listener that requires client
+    /// certificates, or `allow_anonymous = true`.
+    Open,
+}
+
+impl Access {
+    /// Only these keys.
+    pub fn keys(keys: Vec<Digest>) -> Self {
+        Access::Restricted {
+            keys,
+            client_names: Vec::new(),
+        }
+    }
+}
+
+impl fmt::Debug for Access {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Access::Restricted { keys, client_names } => f
+                .debug_struct("Restricted")
+                .field("keys", &format_args!("{} keys", keys.len()))
+                .field("client_names", client_names)
+                .finish(),
+            Access::Open => f.write_str("Open"),
+        }
+    }
+}

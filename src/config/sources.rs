@@ -6,7 +6,7 @@ use std::path::Path;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::auth::{self, Digest};
+use crate::crypto::Digest;
 
 use super::*;
 
@@ -46,7 +46,7 @@ pub(super) fn read_token_file(path: &Path) -> Result<Digest, String> {
 /// The digest of an admin token read from a file or credential (one trailing newline ignored).
 pub(super) fn token_digest(bytes: &[u8]) -> Result<Digest, String> {
     let text = std::str::from_utf8(bytes).map_err(|_| "the admin token is not UTF-8 text")?;
-    auth::key_digest(text.trim_end_matches(['\r', '\n']))
+    key_digest(text.trim_end_matches(['\r', '\n']))
         .map_err(|e| e.replace("an API key", "the admin token"))
 }
 
@@ -82,4 +82,31 @@ pub(super) fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'stati
         ));
     }
     Ok(certs)
+}
+
+/// Parse a configured `api_key_hashes` entry: 64 hex digits, either case.
+pub fn parse_digest(hex: &str) -> Result<Digest, String> {
+    let hex = hex.trim();
+    crate::crypto::digest_from_hex(hex).ok_or_else(|| {
+        format!(
+            "\"{}\" is not a SHA-256 digest: expected 64 hex digits, e.g. from `printf %s \"$KEY\" | sha256sum`",
+            crate::identity::truncate_for_message(hex)
+        )
+    })
+}
+
+/// Shortest key accepted in `api_keys`: a key must not be guessable.
+pub const MIN_KEY_LENGTH: usize = 16;
+
+/// Check a configured `api_keys` entry and hash it.
+pub fn key_digest(key: &str) -> Result<Digest, String> {
+    if key.len() < MIN_KEY_LENGTH {
+        return Err(format!(
+            "an API key must be at least {MIN_KEY_LENGTH} characters long"
+        ));
+    }
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("an API key may only contain printable ASCII without spaces".into());
+    }
+    Ok(crate::crypto::sha256(key.as_bytes()))
 }

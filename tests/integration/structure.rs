@@ -123,3 +123,46 @@ fn the_cycle_finder_finds_a_cycle() {
     acyclic.get_mut("c").unwrap().remove("a");
     assert_eq!(find_cycle(&acyclic), None);
 }
+
+#[test]
+fn the_typed_configuration_and_the_primitives_are_leaves() {
+    let graph = module_graph(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"));
+    let names = |module: &str| -> Vec<String> { graph[module].iter().cloned().collect() };
+    assert_eq!(
+        names("crypto"),
+        Vec::<String>::new(),
+        "crypto imports nothing"
+    );
+    // Code that reads files or builds TLS configurations depends on the configuration, never
+    // the other way round.
+    for name in names("config") {
+        assert!(
+            ["crypto", "identity"].contains(&name.as_str()),
+            "config names crate::{name}"
+        );
+    }
+}
+
+#[test]
+fn no_source_file_holds_more_than_about_700_lines_of_code() {
+    let mut pending = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
+    let mut large = Vec::new();
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                let code = text
+                    .lines()
+                    .take_while(|line| !line.trim_start().starts_with("#[cfg(test)]"))
+                    .count();
+                if code > 720 {
+                    large.push(format!("{}: {code} lines", path.display()));
+                }
+            }
+        }
+    }
+    assert!(large.is_empty(), "split these: {large:?}");
+}
