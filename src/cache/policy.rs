@@ -93,6 +93,63 @@ pub fn age(fetched_at: Instant, now: Instant) -> Duration {
     now.saturating_duration_since(fetched_at)
 }
 
+/// How a fetch asks the box for an agent's list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListPlan {
+    /// The whole list (or the client's own `fromQueueCallId`, passed on).
+    Whole,
+    /// Only the recordings after this id, appended to the stored list.
+    DeltaAfter(u64),
+}
+
+/// What the delta-or-full rule knows of a fetch.
+#[derive(Debug, Clone, Copy)]
+pub struct FetchFacts {
+    /// An operator asked for this refresh: it never settles for a delta.
+    pub forced: bool,
+    /// The key is a client's `fromQueueCallId` passed on, not an agent's full list.
+    pub filtered: bool,
+    /// The box understands `fromQueueCallId` (API 7 and later).
+    pub box_filters: bool,
+    /// The stored full list this fetch would extend, if any.
+    pub stored: Option<StoredFacts>,
+}
+
+/// A stored `200` full list, as the rule sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct StoredFacts {
+    /// Its highest `QueueCallId`; `None` for an empty list.
+    pub highest_id: Option<u64>,
+    /// When the box last sent it whole.
+    pub fetched_whole_at: Instant,
+}
+
+/// The delta-or-full rule. A stored full list is extended by delta, asking only for the
+/// recordings after its highest id, until it was last fetched whole `full_refresh_interval`
+/// ago: a delta cannot see a deleted recording or a late call with a lower id, so it is
+/// fetched whole again then. Everything else is fetched whole.
+pub fn plan_list_fetch(
+    facts: FetchFacts,
+    full_refresh_interval: Duration,
+    now: Instant,
+) -> ListPlan {
+    let FetchFacts {
+        forced,
+        filtered,
+        box_filters,
+        stored,
+    } = facts;
+    let Some(stored) = stored.filter(|_| !forced && !filtered && box_filters) else {
+        return ListPlan::Whole;
+    };
+    match stored.highest_id {
+        Some(highest) if age(stored.fetched_whole_at, now) < full_refresh_interval => {
+            ListPlan::DeltaAfter(highest)
+        }
+        _ => ListPlan::Whole,
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -218,5 +275,54 @@ pub(crate) mod tests {
         let t0 = Instant::now();
         assert_eq!(age(t0 + Duration::from_secs(5), t0), Duration::ZERO);
         assert_eq!(age(t0, t0 + Duration::from_secs(5)), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_stored_list_is_extended_by_delta_until_it_is_due_whole() {
+        let t0 = Instant::now();
+        let interval = Duration::from_secs(900);
+        let stored = StoredFacts {
+            highest_id: Some(150_039),
+            fetched_whole_at: t0,
+        };
+        let facts = FetchFacts {
+            forced: false,
+            filtered: false,
+            box_filters: true,
+            stored: Some(stored),
+        };
+        let plan = |facts: FetchFacts, now| plan_list_fetch(facts, interval, now);
+        assert_eq!(plan(facts, t0), ListPlan::DeltaAfter(150_039));
+        let just_before = t0 + interval - Duration::from_millis(1);
+        assert_eq!(plan(facts, just_before), ListPlan::DeltaAfter(150_039));
+        assert_eq!(plan(facts, t0 + interval), ListPlan::Whole, "due whole");
+        assert_eq!(plan_list_fetch(facts, Duration::ZERO, t0), ListPlan::Whole);
+        for whole in [
+            FetchFacts {
+                forced: true,
+                ..facts
+            },
+            FetchFacts {
+                filtered: true,
+                ..facts
+            },
+            FetchFacts {
+                box_filters: false,
+                ..facts
+            },
+            FetchFacts {
+                stored: None,
+                ..facts
+            },
+            FetchFacts {
+                stored: Some(StoredFacts {
+                    highest_id: None,
+                    ..stored
+                }),
+                ..facts
+            },
+        ] {
+            assert_eq!(plan(whole, t0), ListPlan::Whole, "{whole:?}");
+        }
     }
 }

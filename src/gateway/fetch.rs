@@ -9,6 +9,7 @@ use http::StatusCode;
 
 use super::Account;
 use super::respond::upstream_outcome;
+use crate::cache::policy::{self, FetchFacts, ListPlan, StoredFacts};
 use crate::cache::{CachedResponse, FetchKind, Fetched, Previous, StoredList, Waiters};
 use crate::metrics::AccountMetrics;
 use crate::recordings::RecordingList;
@@ -43,19 +44,23 @@ pub(super) fn fetch(
         metrics: account.metrics.clone(),
         protection: account.protection.clone(),
     };
-    let delta_base = previous
-        .filter(|_| {
-            kind != FetchKind::Forced
-                && query.from_queue_call_id.is_none()
-                && account.settings.api_version.has_from_queue_call_id()
-        })
-        .and_then(|previous| {
-            let list = previous.list.clone()?;
-            let max = list.recordings.max_id()?;
-            let age = plan.now.saturating_duration_since(list.fetched_whole_at);
-            (previous.status == StatusCode::OK && age < plan.full_refresh_interval)
-                .then_some((previous, list, max))
-        });
+    // The stored full list a delta would extend: a `200` parsed into its elements.
+    let base = previous
+        .filter(|previous| previous.status == StatusCode::OK)
+        .and_then(|previous| Some((previous.list.clone()?, previous)));
+    let facts = FetchFacts {
+        forced: kind == FetchKind::Forced,
+        filtered: query.from_queue_call_id.is_some(),
+        box_filters: account.settings.api_version.has_from_queue_call_id(),
+        stored: base.as_ref().map(|(list, _)| StoredFacts {
+            highest_id: list.recordings.max_id(),
+            fetched_whole_at: list.fetched_whole_at,
+        }),
+    };
+    let delta_base = match policy::plan_list_fetch(facts, plan.full_refresh_interval, plan.now) {
+        ListPlan::DeltaAfter(max) => base.map(|(list, previous)| (previous, list, max)),
+        ListPlan::Whole => None,
+    };
     async move {
         let result = async {
             if let Some((previous, list, max)) = delta_base {
