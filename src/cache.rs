@@ -1,18 +1,23 @@
 //! The response cache: stored upstream answers keyed by normalized request, with coalescing,
 //! stale serving and per-key error backoff.
 //!
+//! The pieces: [`store`] (the in-memory tier, a byte-bounded moka cache weighed by [`weight`]:
+//! the seam a second tier plugs in behind), `flight` (fetches in progress), [`policy`]
+//! (freshness and the delta-or-full rule, pure, taking `now`), [`conditional`] and
+//! [`encoding`] (entity tags and gzip).
+//!
 //! Entries live in a byte-bounded moka cache. Whether an entry may be served is decided by the
 //! pure rules in [`policy`] from the injected clock: fresh, stale while a refresh runs, stale
 //! because the box fails, or expired. moka's own expiry only bounds memory, at the end of the
 //! last window in which an entry could still be served.
 //!
 //! Concurrent misses on one key share a single upstream fetch: the first request (the leader)
-//! spawns the fetch as its own task and registers a `watch` channel in the in-flight map; later
+//! spawns the fetch as its own task and registers a `watch` channel in the flight map; later
 //! requests subscribe to it and are woken the moment it completes. Because the fetch is a task of
 //! its own, a leader whose client hangs up neither cancels nor restarts it. A background refresh
 //! of a stale entry is the same kind of flight with nobody waiting, so a key never has two.
 //! moka's `try_get_with` would restart the fetch when its leader is dropped, and cannot coalesce
-//! the refresh of an entry that is still present, which is why the in-flight map is our own.
+//! the refresh of an entry that is still present, which is why the flight map is our own.
 //!
 //! A failed fetch never replaces a stored entry. It is remembered for `cache.error_backoff`, and
 //! requests for that key in the meantime get the same failure (or the stale entry) without
@@ -22,6 +27,7 @@ pub mod conditional;
 pub mod encoding;
 mod flight;
 pub mod policy;
+pub mod store;
 pub mod weight;
 
 use std::future::Future;
@@ -31,7 +37,6 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
-use moka::notification::RemovalCause;
 use tokio::sync::watch;
 
 use crate::clock::Clock;
@@ -44,6 +49,7 @@ use crate::upstream::{UpstreamError, UpstreamReply};
 pub use self::flight::Waiters;
 use self::flight::{Flight, Flights, Joined};
 use self::policy::{Freshness, Lifetime};
+use self::store::MemoryStore;
 
 /// What identifies one cacheable upstream answer. Built from the normalized request only, so
 /// every spelling of one agent maps to the same key.
@@ -189,7 +195,7 @@ struct Failure {
 /// Stored responses plus the map of fetches in flight. Cheap to clone: clones share state.
 #[derive(Clone)]
 pub struct ResponseCache {
-    store: moka::future::Cache<CacheKey, Arc<CachedResponse>>,
+    store: MemoryStore,
     failures: moka::future::Cache<CacheKey, Arc<Failure>>,
     in_flight: Flights,
     /// Keys already warned about for answers too large to store: one warning per key.
@@ -197,36 +203,6 @@ pub struct ResponseCache {
     /// TTLs and windows in force; replaced on reload (`max_bytes` is fixed when built).
     config: Arc<ArcSwap<CacheConfig>>,
     clock: Arc<dyn Clock>,
-}
-
-/// Per-entry lifetime for moka: an entry leaves memory when it is of no more use (see
-/// [`CachedResponse::retain_for`]).
-struct EntryExpiry;
-
-impl moka::Expiry<CacheKey, Arc<CachedResponse>> for EntryExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &CacheKey,
-        value: &Arc<CachedResponse>,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        value.retain_for
-    }
-
-    fn expire_after_update(
-        &self,
-        _key: &CacheKey,
-        value: &Arc<CachedResponse>,
-        _updated_at: std::time::Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        value.retain_for
-    }
-}
-
-/// Bytes an entry costs (see [`weight`]).
-fn weigh(key: &CacheKey, value: &Arc<CachedResponse>) -> u32 {
-    weight::entry(key, value)
 }
 
 /// The result a flight ends with; `Aborted` if it ended without one.
@@ -243,22 +219,7 @@ const MAX_REMEMBERED_FAILURES: u64 = 100_000;
 impl ResponseCache {
     /// A cache bounded by `config.max_bytes`; removals are counted in `evictions`.
     pub fn new(config: CacheConfig, clock: Arc<dyn Clock>, evictions: EvictionCounters) -> Self {
-        let store = moka::future::Cache::builder()
-            .max_capacity(config.max_bytes)
-            .weigher(weigh)
-            .expire_after(EntryExpiry)
-            .support_invalidation_closures()
-            .eviction_listener(move |_key, _value, cause| {
-                let counter = match cause {
-                    RemovalCause::Expired => &evictions.expired,
-                    RemovalCause::Size => &evictions.size,
-                    RemovalCause::Explicit => &evictions.explicit,
-                    // Replaced by a newer answer for the same key: nothing was lost.
-                    RemovalCause::Replaced => return,
-                };
-                counter.inc();
-            })
-            .build();
+        let store = MemoryStore::new(config.max_bytes, evictions);
         // The backoff itself is judged by the injected clock; this only bounds memory, with
         // room for a longer backoff set by a reload.
         let failures = moka::future::Cache::builder()
@@ -282,11 +243,7 @@ impl ResponseCache {
 
     /// Drop every entry of `account` (its upstream settings changed or it was removed).
     pub fn invalidate_account(&self, account: &str) {
-        let account: Arc<str> = account.into();
-        // Fails only without `support_invalidation_closures`, which the builder sets.
-        let _ = self
-            .store
-            .invalidate_entries_if(move |key, _| key.account == account);
+        self.store.invalidate_account(account);
     }
 
     /// The clock freshness is judged by.
@@ -411,18 +368,7 @@ impl ResponseCache {
     /// Remove every stored entry (and remembered failure) whose key matches; returns how many
     /// entries went. A fetch in flight is not stopped: what it brings is stored as usual.
     pub async fn purge(&self, matches: impl Fn(&CacheKey) -> bool) -> usize {
-        let keys: Vec<CacheKey> = self
-            .store
-            .iter()
-            .filter(|(key, _)| matches(key))
-            .map(|(key, _)| CacheKey::clone(&key))
-            .collect();
-        let mut removed = 0;
-        for key in keys {
-            if self.store.remove(&key).await.is_some() {
-                removed += 1;
-            }
-        }
+        let removed = self.store.remove_matching(&matches).await;
         let failed: Vec<CacheKey> = self
             .failures
             .iter()
@@ -593,7 +539,7 @@ impl ResponseCache {
 
     /// Apply moka's pending bookkeeping so counts are current (used before reporting them).
     pub async fn sync(&self) {
-        self.store.run_pending_tasks().await;
+        self.store.sync().await;
     }
 }
 
