@@ -83,6 +83,40 @@ pub struct CachedResponse {
     pub too_large: bool,
 }
 
+impl CachedResponse {
+    /// The answer to `fromQueueCallId=from` selected from this stored full list (`list`, its
+    /// parsed elements): the elements after `from`, with a tag of their own, compressed now
+    /// only if the client takes gzip. A selection that keeps every element is the stored entry
+    /// itself.
+    pub async fn select(
+        entry: &Arc<Self>,
+        list: &StoredList,
+        from: u64,
+        gzip: bool,
+        config: &CacheConfig,
+    ) -> Arc<Self> {
+        let Some(body) = list.recordings.after(from) else {
+            return entry.clone();
+        };
+        let gzip = match gzip {
+            true => encoding::gzip_for_storage(&body, config).await,
+            false => None,
+        };
+        Arc::new(Self {
+            status: entry.status,
+            content_type: entry.content_type.clone(),
+            etag: entry.etag.as_ref().map(|_| conditional::entity_tag(&body)),
+            gzip,
+            list: None,
+            body,
+            fetched_at: entry.fetched_at,
+            lifetime: entry.lifetime,
+            retain_for: entry.retain_for,
+            too_large: entry.too_large,
+        })
+    }
+}
+
 /// A compressed copy of a stored body, with its own entity tag.
 #[derive(Debug, Clone)]
 pub struct Encoded {

@@ -11,9 +11,7 @@ use http_body_util::Full;
 use super::fetch::{RefreshPlan, fetch};
 use super::respond::cached_response;
 use super::{AccessEntry, Account, AppState};
-use crate::cache::{
-    CacheKey, CacheStatus, CachedResponse, StaleReason, StoredList, conditional, encoding,
-};
+use crate::cache::{CacheKey, CacheStatus, CachedResponse, StaleReason, conditional, encoding};
 use crate::config::CacheConfig;
 use crate::error::ProxyError;
 use crate::route::AgentQuery;
@@ -45,7 +43,7 @@ pub(super) async fn recordings_response<B>(
         match &entry.list {
             Some(list) => {
                 account.metrics.selections.inc();
-                entry = select(&entry, list, from, gzip, cache).await;
+                entry = CachedResponse::select(&entry, list, from, gzip, cache).await;
             }
             // An unknown agent (or another stored error) is the answer for every id.
             None if entry.status != StatusCode::OK => {}
@@ -136,37 +134,6 @@ pub(super) async fn lookup(
         stale_because: outcome.stale_because,
     };
     Ok((lookup, entry))
-}
-
-/// The answer to `fromQueueCallId=from` selected from a stored full list: its elements after
-/// `from`, with a tag of its own, compressed now only if this client takes gzip. A selection
-/// that keeps every element is the stored entry itself.
-pub(super) async fn select(
-    entry: &Arc<CachedResponse>,
-    list: &StoredList,
-    from: u64,
-    gzip: bool,
-    cache: &CacheConfig,
-) -> Arc<CachedResponse> {
-    let Some(body) = list.recordings.after(from) else {
-        return entry.clone();
-    };
-    let gzip = match gzip {
-        true => encoding::gzip_for_storage(&body, cache).await,
-        false => None,
-    };
-    Arc::new(CachedResponse {
-        status: entry.status,
-        content_type: entry.content_type.clone(),
-        etag: entry.etag.as_ref().map(|_| conditional::entity_tag(&body)),
-        gzip,
-        list: None,
-        body,
-        fetched_at: entry.fetched_at,
-        lifetime: entry.lifetime,
-        retain_for: entry.retain_for,
-        too_large: entry.too_large,
-    })
 }
 
 /// Turn a `200` answer into `304 Not Modified`: the same caching headers and `ETag`, no body
