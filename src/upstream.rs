@@ -355,7 +355,7 @@ impl UpstreamClient {
     /// A request that failed before any byte of an answer arrived (connection refused or reset,
     /// TLS failure) is sent once more after a short random pause: a GET is safe to repeat. A
     /// timeout is not retried; the box is slow, not gone.
-    pub async fn fetch(&self, request: &AgentQuery) -> Result<UpstreamReply, UpstreamError> {
+    pub async fn get_list(&self, request: &AgentQuery) -> Result<UpstreamReply, UpstreamError> {
         let url = self.url_for(request);
         let response = match self.http.get(&url).send().await {
             Ok(response) => response,

@@ -8,7 +8,7 @@ use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 
-use super::fetch::{RefreshPlan, fetch};
+use super::fetch::{RefreshPlan, fetch_list};
 use super::respond::{NOSNIFF, X_CONTENT_TYPE_OPTIONS, strip_body};
 use super::{Account, AppState, Body};
 use crate::auth::{self};
@@ -173,7 +173,7 @@ pub(super) async fn refresh_now(
     let outcome = state
         .cache
         .fetch_now(key, |key, kind, previous, waiters| {
-            fetch(account, key.query.clone(), kind, previous, waiters, plan)
+            fetch_list(account, key.query.clone(), kind, previous, waiters, plan)
         })
         .await;
     let entry = outcome.result?;

@@ -20,7 +20,7 @@ pub(super) async fn audio_response<B>(
     account: &Account,
     queue_call_id: u64,
     request: &Request<B>,
-    exchange: &mut AccessEntry,
+    access: &mut AccessEntry,
 ) -> Result<Response<Body>, ProxyError> {
     let permit = account
         .audio_streams
@@ -45,8 +45,8 @@ pub(super) async fn audio_response<B>(
     account
         .metrics
         .record_upstream(&outcome, started.elapsed().as_secs_f64());
-    let upstream = upstream.inspect_err(|e| exchange.upstream_status = e.upstream_status())?;
-    exchange.upstream_status = Some(upstream.status());
+    let upstream = upstream.inspect_err(|e| access.upstream_status = e.upstream_status())?;
+    access.upstream_status = Some(upstream.status());
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = upstream.status();
     let headers = response.headers_mut();

@@ -31,7 +31,7 @@ pub(super) struct RefreshPlan {
 /// refreshed by delta: `fromQueueCallId=<highest stored id>`, the answer appended. A delta
 /// the box cannot answer with a list falls back to a full fetch; a `404` means the agent is
 /// gone and replaces the list.
-pub(super) fn fetch(
+pub(super) fn fetch_list(
     account: &Account,
     query: AgentQuery,
     kind: FetchKind,
@@ -157,7 +157,7 @@ impl BoxRequest {
         let result = protection
             .run(
                 async {
-                    tokio::time::timeout(limit, client.fetch(query))
+                    tokio::time::timeout(limit, client.get_list(query))
                         .await
                         .unwrap_or(Err(UpstreamError::Timeout(limit)))
                 },

@@ -8,7 +8,7 @@ use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE, ETAG, IF_NON
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 
-use super::fetch::{RefreshPlan, fetch};
+use super::fetch::{RefreshPlan, fetch_list};
 use super::respond::cached_response;
 use super::{AccessEntry, Account, AppState};
 use crate::cache::{CacheKey, CacheStatus, CachedResponse, StaleReason, conditional, encoding};
@@ -26,7 +26,7 @@ pub(super) async fn recordings_response<B>(
     account: &Account,
     query: AgentQuery,
     request: &Request<B>,
-    exchange: &mut AccessEntry,
+    access: &mut AccessEntry,
 ) -> Result<Response<Full<Bytes>>, ProxyError> {
     let api = account.settings.api_version;
     let from = query
@@ -38,7 +38,7 @@ pub(super) async fn recordings_response<B>(
         ..query.clone()
     };
     let gzip = encoding::accepts_gzip(request.headers().get_all(ACCEPT_ENCODING).iter());
-    let (mut outcome, mut entry) = lookup(state, cache, account, full, exchange).await?;
+    let (mut outcome, mut entry) = lookup(state, cache, account, full, access).await?;
     if let Some(from) = from {
         match &entry.list {
             Some(list) => {
@@ -50,7 +50,7 @@ pub(super) async fn recordings_response<B>(
             None if api.has_from_queue_call_id() => {
                 // The box's list has no numeric QueueCallIds: let the box do the filtering,
                 // and cache its answer as it is.
-                (outcome, entry) = lookup(state, cache, account, query, exchange).await?;
+                (outcome, entry) = lookup(state, cache, account, query, access).await?;
             }
             None => return Err(ProxyError::CannotEmulate),
         }
@@ -90,7 +90,7 @@ pub(super) async fn lookup(
     cache: &CacheConfig,
     account: &Account,
     query: AgentQuery,
-    exchange: &mut AccessEntry,
+    access: &mut AccessEntry,
 ) -> Result<(Lookup, Arc<CachedResponse>), ProxyError> {
     let key = CacheKey {
         account: account.name.clone(),
@@ -104,10 +104,10 @@ pub(super) async fn lookup(
     let outcome = state
         .cache
         .get_or_fetch(key, |key, kind, previous, waiters| {
-            fetch(account, key.query.clone(), kind, previous, waiters, refresh)
+            fetch_list(account, key.query.clone(), kind, previous, waiters, refresh)
         })
         .await;
-    exchange.cache = outcome.status;
+    access.cache = outcome.status;
     let metrics = &account.metrics;
     match outcome.status {
         CacheStatus::Hit => metrics.hits.inc(),
@@ -123,8 +123,8 @@ pub(super) async fn lookup(
     }
     let entry = outcome
         .result
-        .inspect_err(|e| exchange.upstream_status = e.upstream_status())?;
-    exchange.upstream_status = match (&outcome.stale_because, outcome.status) {
+        .inspect_err(|e| access.upstream_status = e.upstream_status())?;
+    access.upstream_status = match (&outcome.stale_because, outcome.status) {
         (Some(error), _) => error.upstream_status(),
         (None, CacheStatus::Miss | CacheStatus::Collapsed) => Some(entry.status),
         (None, _) => None,

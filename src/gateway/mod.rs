@@ -75,16 +75,16 @@ pub async fn handle<B: http_body::Body>(
 ) -> Response<Body> {
     // The clock is read for the access log only when that log is on.
     let started = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO).then(Instant::now);
-    let mut exchange = AccessEntry {
+    let mut access = AccessEntry {
         cache: CacheStatus::Skipped,
         upstream_status: None,
         account: None,
         client: None,
         resource: None,
     };
-    let mut response = match handle_inner(&state, &request, &peer, &mut exchange).await {
+    let mut response = match handle_inner(&state, &request, &peer, &mut access).await {
         Ok(response) => response,
-        Err(error) => error_response(&error, exchange.cache).map(Either::Left),
+        Err(error) => error_response(&error, access.cache).map(Either::Left),
     };
     // A 304 has no body, and no length to announce for one.
     if request.method() == Method::HEAD && response.status() != StatusCode::NOT_MODIFIED {
@@ -94,10 +94,10 @@ pub async fn handle<B: http_body::Body>(
         .headers_mut()
         .insert(X_CONTENT_TYPE_OPTIONS, NOSNIFF.clone());
     state.metrics.record_response(response.status());
-    if let (Some(client), Some(resource)) = (&exchange.client, &exchange.resource) {
+    if let (Some(client), Some(resource)) = (&access.client, &access.resource) {
         tracing::info!(
             target: AUDIT_LOG,
-            account = exchange.account.as_deref().unwrap_or_default(),
+            account = access.account.as_deref().unwrap_or_default(),
             client = %client,
             resource = %resource,
             status = response.status().as_u16(),
@@ -111,11 +111,11 @@ pub async fn handle<B: http_body::Body>(
         target: ACCESS_LOG,
         method = %request.method(),
         path = %request.uri().path(),
-        account = exchange.account.as_deref().unwrap_or_default(),
-        client = exchange.client.as_ref().map(tracing::field::display),
+        account = access.account.as_deref().unwrap_or_default(),
+        client = access.client.as_ref().map(tracing::field::display),
         status = response.status().as_u16(),
-        cache = exchange.cache.as_str(),
-        upstream_status = exchange.upstream_status.map(|s| s.as_u16()),
+        cache = access.cache.as_str(),
+        upstream_status = access.upstream_status.map(|s| s.as_u16()),
         duration_ms = %format_args!("{:.3}", started.elapsed().as_secs_f64() * 1000.0),
         "request"
     );
@@ -127,7 +127,7 @@ async fn handle_inner<B: http_body::Body>(
     state: &AppState,
     request: &Request<B>,
     peer: &Peer,
-    exchange: &mut AccessEntry,
+    access: &mut AccessEntry,
 ) -> Result<Response<Body>, ProxyError> {
     let generation = state.generation.load();
     admit::rate_limit(state, &generation, peer)?;
@@ -135,22 +135,22 @@ async fn handle_inner<B: http_body::Body>(
     let route = route::parse(request.uri().path(), request.uri().query())?;
     admit::method_and_body(request)?;
     let account = account_for(&generation, &route)?;
-    exchange.account = Some(account.name.clone());
+    access.account = Some(account.name.clone());
     // Before anything is looked up: an unauthenticated request learns nothing, not even
     // whether an agent is cached.
-    exchange.client = Some(authorize(state, &generation, account, request, peer)?);
+    access.client = Some(authorize(state, &generation, account, request, peer)?);
     match route {
         Route::Recordings(recordings) => {
-            exchange.resource = audited(|| list_resource(&recordings.query));
+            access.resource = audited(|| list_resource(&recordings.query));
             let cache = &generation.config.cache;
             let response =
-                recordings_response(state, cache, account, recordings.query, request, exchange)
+                recordings_response(state, cache, account, recordings.query, request, access)
                     .await?;
             Ok(response.map(Either::Left))
         }
         Route::Audio { queue_call_id, .. } => {
-            exchange.resource = audited(|| format!("queues/calls/recordings/{queue_call_id}"));
-            audio_response(account, queue_call_id, request, exchange).await
+            access.resource = audited(|| format!("queues/calls/recordings/{queue_call_id}"));
+            audio_response(account, queue_call_id, request, access).await
         }
     }
 }
