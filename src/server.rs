@@ -273,7 +273,6 @@ impl Connection {
                 let answering = Answering::new(activity.clone(), max_cancelled);
                 let state = state.clone();
                 let peer = peer.clone();
-                let activity = activity.clone();
                 async move {
                     let _busy = busy;
                     let http1 = request.version() <= http::Version::HTTP_11;
@@ -281,11 +280,10 @@ impl Connection {
                         Listener::Admin => handle_admin(state, request).await,
                         Listener::Public | Listener::Plain => handle(state, request, peer).await,
                     };
-                    answering.answered();
                     // A stopping server answers what it was sent and closes after it; a
                     // client told so opens a new connection instead of sending on this one.
                     // (HTTP/2 hears it as GOAWAY.)
-                    if http1 && activity.stopping.load(Ordering::Acquire) {
+                    if answering.answered() && http1 {
                         response.headers_mut().insert(
                             http::header::CONNECTION,
                             http::HeaderValue::from_static("close"),
@@ -499,8 +497,10 @@ impl Answering {
         }
     }
 
-    fn answered(mut self) {
+    /// The handler produced an answer; whether the server is stopping by now.
+    fn answered(mut self) -> bool {
         self.answered = true;
+        self.activity.stopping.load(Ordering::Acquire)
     }
 }
 

@@ -441,7 +441,7 @@ impl UpstreamClient {
 }
 
 /// The bytes of `buf` in one allocation of exactly their size, owned by nothing else.
-pub fn owned(buf: impl Buf) -> Bytes {
+fn owned(buf: impl Buf) -> Bytes {
     let mut bytes = Vec::with_capacity(buf.remaining());
     bytes.put(buf);
     // Length equals capacity, so this takes the allocation over without copying again.
@@ -450,7 +450,7 @@ pub fn owned(buf: impl Buf) -> Bytes {
 
 /// A header value in an allocation of its own: one parsed by hyper is a view into the
 /// connection's read buffer, like a body piece (see `UpstreamClient::read_body`).
-pub fn owned_header(value: &HeaderValue) -> HeaderValue {
+fn owned_header(value: &HeaderValue) -> HeaderValue {
     let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
     copy.set_sensitive(value.is_sensitive());
     copy

@@ -4,7 +4,7 @@
 //! alive, not only the bytes it serves: every allocation rounded up to the allocator's size
 //! class, the parsed element index, the compressed copy, the headers, the key, and the fixed
 //! bookkeeping of the entry and of moka around it. Bodies are copied into allocations of their
-//! exact size when they arrive ([`crate::upstream::owned`]), so no entry pins a larger buffer
+//! exact size when they arrive (in the upstream client), so no entry pins a larger buffer
 //! that this could not see.
 
 use std::mem::size_of;
