@@ -1,9 +1,7 @@
 //! The `miralix-gateway` binary: check-config, a full run's logs, and the demo as printed.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use miralix_gateway::simulator::{Failure, SimulatorTls};
@@ -70,81 +68,6 @@ pin_sha256 = "not-a-pin"
     let (ok, _, stderr) = check_config(&dir.path().join("missing.toml"));
     assert!(!ok);
     assert!(stderr.contains("missing.toml"), "{stderr}");
-}
-
-/// A child process whose stderr (or stdout) lines are collected as they arrive.
-struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Running {
-    fn spawn(command: &mut Command, read_stdout: bool) -> Self {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (sender, lines) = mpsc::channel();
-        let readers: Vec<Box<dyn std::io::Read + Send>> = vec![
-            Box::new(child.stderr.take().unwrap()),
-            Box::new(child.stdout.take().unwrap()),
-        ];
-        for (n, reader) in readers.into_iter().enumerate() {
-            let sender = sender.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(reader).lines().map_while(Result::ok) {
-                    // stdout is drained either way, so the child never blocks on a full pipe.
-                    if n == 0 || read_stdout {
-                        let _ = sender.send(line);
-                    }
-                }
-            });
-        }
-        Self {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Lines until one contains `needle`; that line is returned.
-    fn wait_for(&mut self, needle: &str) -> String {
-        loop {
-            let line = self
-                .lines
-                .recv_timeout(Duration::from_secs(30))
-                .unwrap_or_else(|_| {
-                    panic!("no line with {needle:?}; saw:\n{}", self.seen.join("\n"))
-                });
-            self.seen.push(line.clone());
-            if line.contains(needle) {
-                return line;
-            }
-        }
-    }
-
-    /// Stop the process and return everything it wrote.
-    fn finish(mut self) -> String {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
-            self.seen.push(line);
-        }
-        self.seen.join("\n")
-    }
-}
-
-fn addr_after(line: &str, key: &str) -> SocketAddr {
-    let start = line.find(key).unwrap_or_else(|| panic!("{key} in {line}")) + key.len();
-    line[start..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 #[tokio::test]

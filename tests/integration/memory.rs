@@ -6,13 +6,12 @@
 //! of the simulated box in this process, and its RSS is read from `/proc/<pid>/status`.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use miralix_gateway::simulator::{Dataset, Simulator, SimulatorTls, SyntheticAgents};
 use tokio::net::TcpStream;
 
-use crate::support::{ACCOUNT, KeepAlive, SECRET, path, request, sample};
+use crate::support::{ACCOUNT, KeepAlive, Running, SECRET, addr_after, path, request, sample};
 
 const BIN: &str = env!("CARGO_BIN_EXE_miralix-gateway");
 const MIB: u64 = 1024 * 1024;
@@ -26,34 +25,22 @@ const CALLS: u64 = 39;
 /// Client connections the floods are spread over.
 const CLIENTS: u64 = 8;
 
-/// The gateway binary, killed when dropped.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Process {
-    /// Resident set size, from the kernel's own accounting.
-    fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap();
-        let kib: u64 = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-            .expect("VmRSS in /proc/<pid>/status");
-        kib * 1024
-    }
+/// Resident set size of a running process, from the kernel's own accounting.
+fn rss_bytes(process: &Running) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", process.child.id())).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS in /proc/<pid>/status");
+    kib * 1024
 }
 
 /// Start the binary in front of `simulator`; returns it with its public and admin addresses.
 fn spawn_gateway(
     dir: &std::path::Path,
     simulator: &Simulator,
-) -> (Process, SocketAddr, SocketAddr) {
+) -> (Running, SocketAddr, SocketAddr) {
     let config = dir.join("gateway.toml");
     std::fs::write(
         &config,
@@ -75,48 +62,22 @@ shared_secret = "{SECRET}"
         ),
     )
     .unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env(
-            "RUST_LOG",
-            "warn,miralix_gateway=info,miralix_gateway::access=off",
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let process = Process(child);
-    let (sender, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = sender.send(line);
-        }
-    });
-    let serving = loop {
-        let line = lines
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the gateway starts serving");
-        if line.contains("miralix-gateway serving") {
-            break line;
-        }
-    };
-    let addr = |key: &str| -> SocketAddr {
-        let start = serving.find(key).unwrap() + key.len();
-        serving[start..]
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    (process, addr("public="), addr("admin="))
+    let mut gateway = Running::spawn(
+        Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env(
+                "RUST_LOG",
+                "warn,miralix_gateway=info,miralix_gateway::access=off",
+            ),
+        false,
+    );
+    let serving = gateway.wait_for("miralix-gateway serving");
+    let (public, admin) = (
+        addr_after(&serving, "public="),
+        addr_after(&serving, "admin="),
+    );
+    (gateway, public, admin)
 }
 
 /// GET every agent id in `ids` over [`CLIENTS`] keep-alive connections; every answer must have
@@ -159,13 +120,13 @@ async fn holds_the_bound(split_writes: bool) {
     let bound = MAX_BYTES * 3 / 2 + 40 * MIB;
     let mode = if split_writes { "split" } else { "one-write" };
 
-    let idle = gateway.rss_bytes();
+    let idle = rss_bytes(&gateway);
     let unknown = 90_000_000..90_000_000 + UNKNOWN_AGENTS;
     flood(public, unknown, 404).await;
-    let after_404s = gateway.rss_bytes();
+    let after_404s = rss_bytes(&gateway);
     let lists = FIRST_AGENT..FIRST_AGENT + LISTS;
     flood(public, lists, 200).await;
-    let after_lists = gateway.rss_bytes();
+    let after_lists = rss_bytes(&gateway);
     let metrics = request(admin, "GET", "/metrics", &[]).await.text();
     let weighed = sample(&metrics, "miralix_gateway_cache_bytes");
     let requests = simulator.request_count() as u64;

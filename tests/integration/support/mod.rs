@@ -3,8 +3,11 @@
 //! The client writes request targets byte for byte (no URL normalization), so tests can send
 //! `..`, encoded slashes and other input a real HTTP library would clean up first.
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::mpsc;
 use std::time::Duration;
 
 use miralix_gateway::AppState;
@@ -560,4 +563,87 @@ pub fn sample(metrics: &str, series: &str) -> f64 {
         .trim()
         .parse()
         .unwrap()
+}
+
+/// A child process whose stderr (or stdout) lines are collected as they arrive; killed when
+/// dropped, so a failing test leaves no process behind.
+pub struct Running {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Running {
+    pub fn spawn(command: &mut Command, read_stdout: bool) -> Self {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (sender, lines) = mpsc::channel();
+        let readers: Vec<Box<dyn std::io::Read + Send>> = vec![
+            Box::new(child.stderr.take().unwrap()),
+            Box::new(child.stdout.take().unwrap()),
+        ];
+        for (n, reader) in readers.into_iter().enumerate() {
+            let sender = sender.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(reader).lines().map_while(Result::ok) {
+                    // stdout is drained either way, so the child never blocks on a full pipe.
+                    if n == 0 || read_stdout {
+                        let _ = sender.send(line);
+                    }
+                }
+            });
+        }
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Lines until one contains `needle`; that line is returned.
+    pub fn wait_for(&mut self, needle: &str) -> String {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| {
+                    panic!("no line with {needle:?}; saw:\n{}", self.seen.join("\n"))
+                });
+            self.seen.push(line.clone());
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    /// Stop the process and return everything it wrote.
+    pub fn finish(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(line);
+        }
+        self.seen.join("\n")
+    }
+}
+
+pub fn addr_after(line: &str, key: &str) -> SocketAddr {
+    let start = line.find(key).unwrap_or_else(|| panic!("{key} in {line}")) + key.len();
+    line[start..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
