@@ -552,12 +552,12 @@ impl ResponseCache {
     }
 
     /// Requests currently waiting for an upstream fetch, leaders and collapsed waiters alike.
-    pub async fn waiting(&self) -> usize {
+    pub fn waiting(&self) -> usize {
         self.in_flight.waiting()
     }
 
     /// Fetches in flight, including background refreshes.
-    pub async fn fetches_in_flight(&self) -> usize {
+    pub fn fetches_in_flight(&self) -> usize {
         self.in_flight.len()
     }
 
@@ -622,7 +622,7 @@ pub(crate) mod tests {
     /// Let the spawned fetch tasks run until `done` holds (bounded; no sleeping).
     async fn settle(cache: &ResponseCache, done: impl Fn(usize) -> bool) {
         for _ in 0..10_000 {
-            if done(cache.fetches_in_flight().await) {
+            if done(cache.fetches_in_flight()) {
                 return;
             }
             tokio::task::yield_now().await;
@@ -643,7 +643,7 @@ pub(crate) mod tests {
             .await;
         assert_eq!(outcome.status, CacheStatus::Miss);
         assert!(matches!(outcome.result, Err(UpstreamError::Aborted)));
-        assert_eq!(cache.fetches_in_flight().await, 0);
+        assert_eq!(cache.fetches_in_flight(), 0);
         // Remembered like any failure for the error backoff, then fetched again.
         let held_back = cache
             .get_or_fetch(key("1"), |_, _, _, _| async { found() })
@@ -674,7 +674,7 @@ pub(crate) mod tests {
             })
         };
         settle(&cache, |n| n == 1).await;
-        assert_eq!(cache.waiting().await, 1);
+        assert_eq!(cache.waiting(), 1);
         leader.abort();
         gone_rx.await.expect("the fetch saw that nobody waits");
         settle(&cache, |n| n == 0).await;

@@ -38,6 +38,14 @@
 //! [`upstream::trust`], never by it, the log targets belong to [`telemetry`] and the list-fetch
 //! kinds to [`upstream`].
 //!
+//! # Public surface
+//!
+//! `main.rs` and the integration tests need only what is `pub` here: [`config`] (load and
+//! check), [`AppState`] and [`run`] with [`server::Listeners`], [`clock`], [`telemetry`],
+//! [`systemd`], [`crypto`], and the [`simulator`] and [`demo`] the tests and the demo run
+//! against. Everything else is `pub(crate)`: the cache, the upstream client, routing and
+//! authorization can change shape without breaking a caller outside the crate.
+//!
 //! # Request flow
 //!
 //! ```text
@@ -55,26 +63,29 @@
 //! ```
 
 #![forbid(unsafe_code)]
+// These docs are for the people changing the crate (`cargo doc --document-private-items`), so
+// they link to the `pub(crate)` modules they describe.
+#![allow(rustdoc::private_intra_doc_links)]
 
-pub mod auth;
-pub mod cache;
+pub(crate) mod auth;
+pub(crate) mod cache;
 pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod demo;
-pub mod error;
+pub(crate) mod error;
 pub mod gateway;
-pub mod identity;
-pub mod limit;
-pub mod metrics;
-pub mod recordings;
-pub mod route;
+pub(crate) mod identity;
+pub(crate) mod limit;
+pub(crate) mod metrics;
+pub(crate) mod recordings;
+pub(crate) mod route;
 pub mod server;
 pub mod simulator;
 pub mod systemd;
 pub mod telemetry;
-pub mod tls;
-pub mod upstream;
+pub(crate) mod tls;
+pub(crate) mod upstream;
 
 pub use gateway::AppState;
 pub use server::run;

@@ -102,7 +102,8 @@ impl RateLimiter {
         let _ = self.check(client, now);
     }
 
-    /// Client addresses with a bucket that has not refilled yet (for tests).
+    /// Client addresses with a bucket that has not refilled yet.
+    #[cfg(test)]
     pub fn tracked(&self) -> usize {
         self.shards
             .iter()

@@ -22,13 +22,13 @@ use crate::upstream::{self, UpstreamClient};
 /// One configured account, ready to serve.
 #[derive(Debug, Clone)]
 pub struct Account {
-    pub name: Arc<str>,
-    pub client: UpstreamClient,
-    pub metrics: AccountMetrics,
+    pub(crate) name: Arc<str>,
+    pub(crate) client: UpstreamClient,
+    pub(crate) metrics: AccountMetrics,
     /// Concurrency limit and circuit breaker for this account's box.
-    pub protection: Arc<Protection>,
+    pub(crate) protection: Arc<Protection>,
     /// Audio downloads in progress, at most `upstream.max_audio_streams`.
-    pub audio_streams: Arc<Semaphore>,
+    pub(crate) audio_streams: Arc<Semaphore>,
     /// The settings the client was built from, to tell on reload whether it can be kept.
     pub(super) settings: AccountConfig,
 }
@@ -36,11 +36,11 @@ pub struct Account {
 /// What a reload can replace: the configuration, the accounts' clients and the TLS acceptor.
 pub struct Generation {
     pub config: Config,
-    pub accounts: HashMap<String, Account>,
+    pub(crate) accounts: HashMap<String, Account>,
     /// Set when `server.tls` is configured: new public connections are TLS.
-    pub tls: Option<TlsAcceptor>,
+    pub(crate) tls: Option<TlsAcceptor>,
     /// Set when `server.rate_limit` is configured; kept across reloads that do not change it.
-    pub limiter: Option<Arc<RateLimiter>>,
+    pub(crate) limiter: Option<Arc<RateLimiter>>,
 }
 
 impl Generation {
@@ -117,8 +117,8 @@ impl Generation {
 /// Everything a request needs, built once and shared by every connection.
 pub struct AppState {
     pub(super) generation: ArcSwap<Generation>,
-    pub cache: ResponseCache,
-    pub metrics: Metrics,
+    pub(crate) cache: ResponseCache,
+    pub(crate) metrics: Metrics,
     pub(super) clock: Arc<dyn Clock>,
     ready: AtomicBool,
     /// The configuration the process started with: settings bound at start-up keep these
@@ -167,6 +167,17 @@ impl AppState {
             self.cache.invalidate_account(account);
         }
         Ok(report)
+    }
+
+    /// Requests waiting for a box fetch now, leaders and collapsed waiters alike: what tests
+    /// and the status page watch to know a miss is under way.
+    pub fn waiting(&self) -> usize {
+        self.cache.waiting()
+    }
+
+    /// Box fetches in flight now, background refreshes included.
+    pub fn fetches_in_flight(&self) -> usize {
+        self.cache.fetches_in_flight()
     }
 
     /// Whether the listeners are serving.

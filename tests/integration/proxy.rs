@@ -410,7 +410,7 @@ async fn a_leader_that_hangs_up_does_not_cancel_the_fetch_for_others() {
     let _ = leader.await;
     let follower = spawn_get(gw.addr, path("id", "104"));
     wait_until("the follower joins the flight", || async {
-        gw.state.cache.waiting().await >= 1
+        gw.state.waiting() >= 1
     })
     .await;
     gw.simulator.release();

@@ -58,7 +58,7 @@ async fn a_stale_entry_is_served_at_once_while_exactly_one_refresh_runs() {
 
     gw.simulator.release();
     wait_until("the refresh completes", || async {
-        gw.state.cache.fetches_in_flight().await == 0
+        gw.state.fetches_in_flight() == 0
     })
     .await;
     let refreshed = gw.get(&path("id", "103")).await;
@@ -155,7 +155,7 @@ async fn a_hung_refresh_is_abandoned_after_the_timeout() {
     let stale = gw.get(&path("id", "1")).await;
     assert_eq!(stale.header("x-cache"), Some("STALE"));
     wait_until("the hung refresh is released", || async {
-        gw.state.cache.fetches_in_flight().await == 0
+        gw.state.fetches_in_flight() == 0
     })
     .await;
     assert_eq!(gw.simulator.request_count(), 2);
@@ -164,11 +164,7 @@ async fn a_hung_refresh_is_abandoned_after_the_timeout() {
         gw.get(&path("id", "1")).await.header("x-cache"),
         Some("STALE")
     );
-    assert_eq!(
-        gw.state.cache.fetches_in_flight().await,
-        0,
-        "no refresh during backoff"
-    );
+    assert_eq!(gw.state.fetches_in_flight(), 0, "no refresh during backoff");
     gw.clock.advance(Duration::from_secs(1));
     gw.simulator.set_delay(Duration::ZERO);
     assert_eq!(
@@ -176,7 +172,7 @@ async fn a_hung_refresh_is_abandoned_after_the_timeout() {
         Some("STALE")
     );
     wait_until("the second refresh completes", || async {
-        gw.state.cache.fetches_in_flight().await == 0
+        gw.state.fetches_in_flight() == 0
     })
     .await;
     assert_eq!(
@@ -204,7 +200,7 @@ async fn a_failed_fetch_reaches_every_waiter_at_once_and_backs_off() {
         clients.push(spawn_get(gw.addr, path("id", "1")));
     }
     wait_until("all ten wait on the one fetch", || async {
-        gw.state.cache.waiting().await == 10
+        gw.state.waiting() == 10
     })
     .await;
     gw.simulator.release();
@@ -497,7 +493,7 @@ async fn an_answer_too_large_to_store_is_shared_served_and_backed_off() {
         .map(|_| spawn_get(gw.addr, path("id", "103")))
         .collect();
     wait_until("all five wait on the one fetch", || async {
-        gw.state.cache.waiting().await == 5
+        gw.state.waiting() == 5
     })
     .await;
     gw.simulator.release();
@@ -572,7 +568,7 @@ async fn a_queued_fetch_whose_clients_all_hung_up_never_reaches_the_box() {
         clients.push(stream);
     }
     wait_until("40 fetches, 2 of them at the box", || async {
-        gw.state.cache.fetches_in_flight().await == 40 && gw.simulator.request_count() == 2
+        gw.state.fetches_in_flight() == 40 && gw.simulator.request_count() == 2
     })
     .await;
     drop(clients);
@@ -580,14 +576,10 @@ async fn a_queued_fetch_whose_clients_all_hung_up_never_reaches_the_box() {
         account_metric(&gw.metrics().await, "upstream_abandoned_total") == 38.0
     })
     .await;
-    assert_eq!(
-        gw.state.cache.fetches_in_flight().await,
-        2,
-        "the two sent are kept"
-    );
+    assert_eq!(gw.state.fetches_in_flight(), 2, "the two sent are kept");
     gw.simulator.release();
     wait_until("the two sent fetches finish", || async {
-        gw.state.cache.fetches_in_flight().await == 0
+        gw.state.fetches_in_flight() == 0
     })
     .await;
     assert_eq!(

@@ -375,13 +375,13 @@ async fn a_client_that_resets_most_of_its_streams_gets_goaway() {
         sent += 1;
         // Reset once the gateway has the request in hand, waiting for its fetch.
         wait_until("the request to wait on its fetch", || async {
-            gw.state.cache.waiting().await == 1
+            gw.state.waiting() == 1
         })
         .await;
         stream.send_reset(h2::Reason::CANCEL);
         drop(response);
         wait_until("the reset to reach the gateway", || async {
-            gw.state.cache.waiting().await == 0
+            gw.state.waiting() == 0
         })
         .await;
         if connection.is_finished() {
