@@ -24,10 +24,15 @@
 //! asking the box again.
 
 pub mod conditional;
+mod disk;
 pub mod encoding;
+mod fill;
 mod flight;
 pub mod policy;
+pub mod record;
+pub mod shared;
 pub mod store;
+pub mod tier;
 pub mod weight;
 
 use std::future::Future;
@@ -41,15 +46,16 @@ use tokio::sync::watch;
 
 use crate::clock::Clock;
 use crate::config::CacheConfig;
-use crate::metrics::EvictionCounters;
+use crate::metrics::Metrics;
 use crate::recordings::RecordingList;
 use crate::route::AgentQuery;
 use crate::upstream::{UpstreamError, UpstreamReply};
 
 pub use self::flight::Waiters;
-use self::flight::{Flight, Flights, Joined};
+use self::flight::{Flights, Joined};
 use self::policy::{Freshness, Lifetime};
 use self::store::MemoryStore;
+pub use self::tier::{FetchTerms, Scope, Tier};
 
 /// What identifies one cacheable upstream answer. Built from the normalized request only, so
 /// every spelling of one agent maps to the same key.
@@ -57,6 +63,46 @@ use self::store::MemoryStore;
 pub struct CacheKey {
     pub account: Arc<str>,
     pub query: AgentQuery,
+}
+
+/// Bytes escaped in a key's identification, so that a canonical key reads back one way and
+/// is safe inside a Redis `SCAN MATCH` pattern.
+const KEY_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'%')
+    .add(b'/')
+    .add(b':')
+    .add(b'?')
+    .add(b'*')
+    .add(b'[')
+    .add(b']')
+    .add(b'\\')
+    .add(b'^')
+    .add(b'{')
+    .add(b'}');
+
+impl CacheKey {
+    /// The key as text, the same on every host: `{account}/{type}/{identification}`, then
+    /// `?from={id}` for a `fromQueueCallId` request. What the second tier stores under.
+    pub fn canonical(&self) -> String {
+        let mut text = Self::agent_prefix(
+            &self.account,
+            self.query.id_type.as_str(),
+            &self.query.identification,
+        );
+        if let Some(from) = self.query.from_queue_call_id {
+            text.push_str(&format!("?from={from}"));
+        }
+        text
+    }
+
+    /// The canonical key of an agent's full list, which its `?from=` keys extend.
+    pub fn agent_prefix(account: &str, id_type: &str, identification: &str) -> String {
+        format!(
+            "{account}/{id_type}/{}",
+            percent_encoding::utf8_percent_encode(identification, KEY_SEGMENT)
+        )
+    }
 }
 
 /// An upstream answer as it is served to clients, whether or not it was stored.
@@ -81,6 +127,8 @@ pub struct CachedResponse {
     pub list: Option<StoredList>,
     /// Served but not stored: it weighs more than `cache.max_entry_bytes`.
     pub too_large: bool,
+    /// The second tier it was read back from (`shared`, `disk`), or `None` from the box.
+    pub from_tier: Option<&'static str>,
 }
 
 impl CachedResponse {
@@ -113,6 +161,7 @@ impl CachedResponse {
             lifetime: entry.lifetime,
             retain_for: entry.retain_for,
             too_large: entry.too_large,
+            from_tier: entry.from_tier,
         })
     }
 }
@@ -206,6 +255,8 @@ pub struct Outcome {
     pub stale_because: Option<UpstreamError>,
     /// This lookup started a background refresh.
     pub refresh_started: bool,
+    /// The second tier (`shared` or `disk`) this lookup brought the entry from, if it did.
+    pub tier: Option<&'static str>,
 }
 
 impl Outcome {
@@ -215,6 +266,7 @@ impl Outcome {
             result,
             stale_because: None,
             refresh_started: false,
+            tier: None,
         }
     }
 }
@@ -237,6 +289,10 @@ pub struct ResponseCache {
     /// TTLs and windows in force; replaced on reload (`max_bytes` is fixed when built).
     config: Arc<ArcSwap<CacheConfig>>,
     clock: Arc<dyn Clock>,
+    /// The second tier, when one is configured and usable.
+    tier: Option<Tier>,
+    /// Looks into the tier in progress: one per key at a time.
+    loads: Flights,
 }
 
 /// The result a flight ends with; `Aborted` if it ended without one.
@@ -251,22 +307,42 @@ async fn completion(receiver: &mut watch::Receiver<Option<FetchResult>>) -> Fetc
 const MAX_REMEMBERED_FAILURES: u64 = 100_000;
 
 impl ResponseCache {
-    /// A cache bounded by `config.max_bytes`; removals are counted in `evictions`.
-    pub fn new(config: CacheConfig, clock: Arc<dyn Clock>, evictions: EvictionCounters) -> Self {
-        let store = MemoryStore::new(config.max_bytes, evictions);
+    /// A cache bounded by `config.max_bytes`, in front of the second tier `config.tier`
+    /// names (opened here; a tier that cannot be used is reported and left out).
+    pub fn new(config: CacheConfig, clock: Arc<dyn Clock>, metrics: &Metrics) -> Self {
+        let store = MemoryStore::new(config.max_bytes, metrics.evictions());
+        let (tier, notices) = Tier::open(config.tier.as_ref(), metrics);
         // The backoff itself is judged by the injected clock; this only bounds memory, with
         // room for a longer backoff set by a reload.
         let failures = moka::future::Cache::builder()
             .max_capacity(MAX_REMEMBERED_FAILURES)
             .time_to_live(config.error_backoff.max(Duration::from_secs(60)))
             .build();
-        Self {
+        let cache = Self {
             store,
             failures,
             warned_too_large: moka::future::Cache::new(MAX_REMEMBERED_FAILURES),
             in_flight: Flights::default(),
             config: Arc::new(ArcSwap::from_pointee(config)),
             clock,
+            tier,
+            loads: Flights::default(),
+        };
+        if let Some(notices) = notices {
+            cache.follow_notices(notices);
+        }
+        cache
+    }
+
+    /// The second tier in use, if any.
+    pub fn tier(&self) -> Option<&Tier> {
+        self.tier.as_ref()
+    }
+
+    /// Wait until what the tier has queued is stored (on shutdown).
+    pub async fn flush(&self) {
+        if let Some(tier) = &self.tier {
+            tier.flush().await;
         }
     }
 
@@ -289,13 +365,53 @@ impl ResponseCache {
     ///
     /// `fetch` is called (with the key) only when a fetch starts, and its future runs as a task
     /// of its own.
-    pub async fn get_or_fetch<F, Fut>(&self, key: CacheKey, fetch: F) -> Outcome
+    pub async fn get_or_fetch<F, Fut>(&self, key: CacheKey, terms: FetchTerms, fetch: F) -> Outcome
     where
         F: FnOnce(&CacheKey, FetchKind, Previous, Waiters) -> Fut,
         Fut: Future<Output = Result<Fetched, UpstreamError>> + Send + 'static,
     {
         let mut fallback = None;
-        let stored = self.store.get(&key).await;
+        let mut stored = self.store.get(&key).await;
+        let mut tier = None;
+        if stored.is_none()
+            && let Some(entry) = self.promote(&key).await
+        {
+            tier = self.tier.as_ref().map(Tier::name);
+            stored = Some(entry);
+        }
+        let mut outcome = self.answer(key, terms, fetch, stored, &mut fallback).await;
+        // A fetch that found another instance's fill answered from the tier: a hit there.
+        if let (CacheStatus::Miss | CacheStatus::Collapsed, Ok(entry)) =
+            (outcome.status, &outcome.result)
+            && let Some(name) = entry.from_tier
+        {
+            outcome.status = CacheStatus::Hit;
+            tier = Some(name);
+        }
+        let outcome = Outcome { tier, ..outcome };
+        match (outcome.result, fallback) {
+            (Err(error), Some(stale)) => Outcome {
+                stale_because: Some(error),
+                ..Outcome::new(CacheStatus::Stale(StaleReason::Error), Ok(stale))
+            },
+            (result, _) => Outcome { result, ..outcome },
+        }
+    }
+
+    /// The answer for `key` given what memory holds for it (`stored`); an entry that may
+    /// stand in should the fetch fail goes to `fallback`.
+    async fn answer<F, Fut>(
+        &self,
+        key: CacheKey,
+        terms: FetchTerms,
+        fetch: F,
+        stored: Previous,
+        fallback: &mut Previous,
+    ) -> Outcome
+    where
+        F: FnOnce(&CacheKey, FetchKind, Previous, Waiters) -> Fut,
+        Fut: Future<Output = Result<Fetched, UpstreamError>> + Send + 'static,
+    {
         if let Some(entry) = &stored
             && let Some(lifetime) = entry.lifetime
         {
@@ -305,27 +421,20 @@ impl ResponseCache {
                 }
                 Freshness::StaleRevalidate => {
                     let entry = entry.clone();
-                    let refresh_started = self.refresh(key, fetch, stored).await;
+                    let refresh_started = self.refresh(key, terms, fetch, stored).await;
                     let stale = CacheStatus::Stale(StaleReason::Revalidating);
                     return Outcome {
                         refresh_started,
                         ..Outcome::new(stale, Ok(entry))
                     };
                 }
-                Freshness::StaleIfError => fallback = Some(entry.clone()),
+                Freshness::StaleIfError => *fallback = Some(entry.clone()),
                 Freshness::Expired => {}
             }
         }
-        let outcome = match self.recent_failure(&key).await {
+        match self.recent_failure(&key).await {
             Some(error) => Outcome::new(CacheStatus::Backoff, Err(error)),
-            None => self.join_or_lead(key, fetch, stored).await,
-        };
-        match (outcome.result, fallback) {
-            (Err(error), Some(stale)) => Outcome {
-                stale_because: Some(error),
-                ..Outcome::new(CacheStatus::Stale(StaleReason::Error), Ok(stale))
-            },
-            (result, _) => Outcome { result, ..outcome },
+            None => self.join_or_lead(key, terms, fetch, stored).await,
         }
     }
 
@@ -336,7 +445,13 @@ impl ResponseCache {
         policy::in_backoff(failure.at, backoff, self.clock.now()).then(|| failure.error.clone())
     }
 
-    async fn join_or_lead<F, Fut>(&self, key: CacheKey, fetch: F, previous: Previous) -> Outcome
+    async fn join_or_lead<F, Fut>(
+        &self,
+        key: CacheKey,
+        terms: FetchTerms,
+        fetch: F,
+        previous: Previous,
+    ) -> Outcome
     where
         F: FnOnce(&CacheKey, FetchKind, Previous, Waiters) -> Fut,
         Fut: Future<Output = Result<Fetched, UpstreamError>> + Send + 'static,
@@ -350,7 +465,7 @@ impl ResponseCache {
                     return Outcome::new(CacheStatus::Hit, Ok(entry));
                 }
                 let fetch = fetch(&key, FetchKind::Miss, previous.clone(), flight.waiters());
-                self.spawn_fetch(key, flight, fetch, previous);
+                self.spawn_fetch(key, flight, (FetchKind::Miss, terms), fetch, previous);
                 (CacheStatus::Miss, receiver)
             }
         };
@@ -358,7 +473,13 @@ impl ResponseCache {
     }
 
     /// Start a background refresh of `key` unless one is running or the key is backing off.
-    async fn refresh<F, Fut>(&self, key: CacheKey, fetch: F, previous: Previous) -> bool
+    async fn refresh<F, Fut>(
+        &self,
+        key: CacheKey,
+        terms: FetchTerms,
+        fetch: F,
+        previous: Previous,
+    ) -> bool
     where
         F: FnOnce(&CacheKey, FetchKind, Previous, Waiters) -> Fut,
         Fut: Future<Output = Result<Fetched, UpstreamError>> + Send + 'static,
@@ -376,13 +497,13 @@ impl ResponseCache {
             previous.clone(),
             Waiters::always(),
         );
-        self.spawn_fetch(key, flight, fetch, previous);
+        self.spawn_fetch(key, flight, (FetchKind::Refresh, terms), fetch, previous);
         true
     }
 
     /// Fetch `key` now, whatever is stored and whatever its backoff says, and wait for the
     /// result; joins a fetch already in flight instead of starting a second one.
-    pub async fn fetch_now<F, Fut>(&self, key: CacheKey, fetch: F) -> Outcome
+    pub async fn fetch_now<F, Fut>(&self, key: CacheKey, terms: FetchTerms, fetch: F) -> Outcome
     where
         F: FnOnce(&CacheKey, FetchKind, Previous, Waiters) -> Fut,
         Fut: Future<Output = Result<Fetched, UpstreamError>> + Send + 'static,
@@ -392,17 +513,26 @@ impl ResponseCache {
             Joined::Follower(receiver) => receiver,
             Joined::Leader(flight, receiver) => {
                 let fetch = fetch(&key, FetchKind::Forced, previous.clone(), Waiters::always());
-                self.spawn_fetch(key, flight, fetch, previous);
+                self.spawn_fetch(key, flight, (FetchKind::Forced, terms), fetch, previous);
                 receiver
             }
         };
         Outcome::new(CacheStatus::Miss, completion(&mut receiver).await)
     }
 
-    /// Remove every stored entry (and remembered failure) whose key matches; returns how many
-    /// entries went. A fetch in flight is not stopped: what it brings is stored as usual.
-    pub async fn purge(&self, matches: impl Fn(&CacheKey) -> bool) -> usize {
-        let removed = self.store.remove_matching(&matches).await;
+    /// Remove every stored entry (and remembered failure) in `scope`, here, in the second
+    /// tier and (through it) on every instance of the fleet; returns how many entries went
+    /// from memory here, and from the shared tier. A fetch in flight is not stopped: what it
+    /// brings is stored as usual.
+    pub async fn purge(&self, scope: &Scope) -> (usize, Option<usize>) {
+        let removed = self.purge_memory(scope).await;
+        (removed, self.purge_tier(scope).await)
+    }
+
+    /// Remove `scope` from this instance's memory only.
+    async fn purge_memory(&self, scope: &Scope) -> usize {
+        let matches = |key: &CacheKey| scope.matches(&key.canonical());
+        let removed = self.store.remove_matching(matches).await;
         let failed: Vec<CacheKey> = self
             .failures
             .iter()
@@ -422,133 +552,6 @@ impl ResponseCache {
             Freshness::Fresh { .. } => Some(entry),
             _ => None,
         }
-    }
-
-    /// Run `fetch` for `flight` as a task of its own, store what it brings by the policy, and
-    /// land the flight with it.
-    fn spawn_fetch<Fut>(&self, key: CacheKey, flight: Flight, fetch: Fut, previous: Previous)
-    where
-        Fut: Future<Output = Result<Fetched, UpstreamError>> + Send + 'static,
-    {
-        let cache = self.clone();
-        tokio::spawn(async move {
-            // The fetch runs in a task of its own so that a panic in it still releases the
-            // waiters below instead of leaving the key in flight forever.
-            let fetched = tokio::spawn(fetch)
-                .await
-                .unwrap_or(Err(UpstreamError::Aborted));
-            let result = match fetched {
-                Ok(fetched) => Ok(cache.entry_for(&key, fetched, previous.as_deref()).await),
-                Err(error) => Err(error),
-            };
-            let config = cache.config.load_full();
-            // What later requests for the key meet during the backoff, if anything.
-            let backoff = match &result {
-                Ok(entry) if entry.lifetime.is_some() => {
-                    cache.failures.invalidate(&key).await;
-                    cache.store.insert(key.clone(), entry.clone()).await;
-                    None
-                }
-                Ok(entry) if entry.too_large => {
-                    // Those who waited get the answer; the box is not asked for it again until
-                    // the backoff has passed, so one oversized agent cannot hammer it.
-                    cache.warn_too_large(&key, entry).await;
-                    Some(UpstreamError::TooLargeToCache {
-                        weight: u64::from(weight::entry(&key, entry)),
-                        limit: config.max_entry_bytes,
-                        retry_after: config.error_backoff,
-                    })
-                }
-                Ok(_) => None,
-                // Nobody asked for it any more: not a failure of the key.
-                Err(UpstreamError::Abandoned) => None,
-                Err(error) => Some(error.clone()),
-            };
-            if let Some(error) = backoff.filter(|_| !config.error_backoff.is_zero()) {
-                let failure = Failure {
-                    error,
-                    at: cache.clock.now(),
-                };
-                cache.failures.insert(key.clone(), Arc::new(failure)).await;
-            }
-            // Stored first, then landed: a request arriving in between joins this flight, one
-            // arriving after finds the stored entry (or the failure).
-            flight.land(result);
-        });
-    }
-
-    /// Log, once per key, that an answer was too large to store.
-    async fn warn_too_large(&self, key: &CacheKey, entry: &CachedResponse) {
-        if self.warned_too_large.contains_key(key) {
-            return;
-        }
-        self.warned_too_large.insert(key.clone(), ()).await;
-        tracing::warn!(
-            account = %key.account,
-            agent = %format_args!("{} {}", key.query.id_type.as_str(), key.query.identification),
-            bytes = weight::entry(key, entry),
-            max_entry_bytes = self.config.load().max_entry_bytes,
-            "an answer is too large to cache: served, not stored, and fetched again at most once per cache.error_backoff; raise cache.max_entry_bytes (or cache.max_bytes) to cache it"
-        );
-    }
-
-    /// The entry for a fetched answer: its lifetime, and for a `200` that is stored, its entity
-    /// tag and compressed copy, made here once so that hits cost neither. When the body is the
-    /// same bytes as the previous entry's (a refresh that brought nothing new), that entry's
-    /// tag and compressed copy are reused. An entry weighing more than `max_entry_bytes` is
-    /// marked `too_large` and given no lifetime: it is served, not stored.
-    async fn entry_for(
-        &self,
-        key: &CacheKey,
-        fetched: Fetched,
-        previous: Option<&CachedResponse>,
-    ) -> Arc<CachedResponse> {
-        let Fetched { reply, list } = fetched;
-        let config = self.config.load_full();
-        let now = self.clock.now();
-        let lifetime = policy::ttl_for(reply.status, &config).map(|ttl| Lifetime {
-            fetched_at: now,
-            ttl,
-            stale_while_revalidate: config.stale_while_revalidate,
-            stale_if_error: config.stale_if_error,
-        });
-        let stored_list = lifetime.is_some() && reply.status == StatusCode::OK;
-        let same_bytes = previous.filter(|p| p.etag.is_some() && p.body == reply.body);
-        let etag = stored_list.then(|| match same_bytes {
-            Some(previous) => previous.etag.clone(),
-            None => Some(conditional::entity_tag(&reply.body)),
-        });
-        let gzip = match same_bytes.and_then(|p| p.gzip.clone()) {
-            Some(gzip) if config.gzip => Some(gzip),
-            _ if stored_list => encoding::gzip_for_storage(&reply.body, &config).await,
-            _ => None,
-        };
-        let retain_for = lifetime.map(|l| match &list {
-            Some(_) => l.servable_for().max(config.full_refresh_interval),
-            None => l.servable_for(),
-        });
-        let mut entry = CachedResponse {
-            lifetime,
-            retain_for,
-            etag: etag.flatten(),
-            gzip,
-            // Kept even when not stored: this one answer may still be selected from.
-            list,
-            status: reply.status,
-            content_type: reply.content_type,
-            body: reply.body,
-            fetched_at: now,
-            too_large: false,
-        };
-        if entry.lifetime.is_some()
-            && u64::from(weight::entry(key, &entry)) > config.max_entry_bytes
-        {
-            entry.too_large = true;
-            entry.lifetime = None;
-            entry.retain_for = None;
-            entry.etag = None;
-        }
-        Arc::new(entry)
     }
 
     /// Requests currently waiting for an upstream fetch, leaders and collapsed waiters alike.
@@ -584,12 +587,7 @@ pub(crate) mod tests {
     use crate::identity::IdType;
 
     fn cache_with(clock: Arc<ManualClock>) -> ResponseCache {
-        let evictions = EvictionCounters {
-            expired: Default::default(),
-            size: Default::default(),
-            explicit: Default::default(),
-        };
-        ResponseCache::new(policy::tests::cache(30, 5), clock, evictions)
+        ResponseCache::new(policy::tests::cache(30, 5), clock, &Metrics::new())
     }
 
     fn cache() -> ResponseCache {
@@ -635,7 +633,7 @@ pub(crate) mod tests {
         let clock = Arc::new(ManualClock::new());
         let cache = cache_with(clock.clone());
         let outcome = cache
-            .get_or_fetch(key("1"), |_, _, _, _| async {
+            .get_or_fetch(key("1"), FetchTerms::default(), |_, _, _, _| async {
                 panic!("a bug in the fetch");
                 #[allow(unreachable_code)]
                 found()
@@ -646,12 +644,16 @@ pub(crate) mod tests {
         assert_eq!(cache.fetches_in_flight(), 0);
         // Remembered like any failure for the error backoff, then fetched again.
         let held_back = cache
-            .get_or_fetch(key("1"), |_, _, _, _| async { found() })
+            .get_or_fetch(key("1"), FetchTerms::default(), |_, _, _, _| async {
+                found()
+            })
             .await;
         assert_eq!(held_back.status, CacheStatus::Backoff);
         clock.advance(Duration::from_secs(1));
         let again = cache
-            .get_or_fetch(key("1"), |_, _, _, _| async { found() })
+            .get_or_fetch(key("1"), FetchTerms::default(), |_, _, _, _| async {
+                found()
+            })
             .await;
         assert_eq!(again.status, CacheStatus::Miss);
         assert_eq!(again.result.unwrap().status, StatusCode::NOT_FOUND);
@@ -665,11 +667,15 @@ pub(crate) mod tests {
             let cache = cache.clone();
             tokio::spawn(async move {
                 cache
-                    .get_or_fetch(key("2"), |_, _, _, waiters| async move {
-                        waiters.gone().await;
-                        let _ = gone_tx.send(());
-                        Err(UpstreamError::Abandoned)
-                    })
+                    .get_or_fetch(
+                        key("2"),
+                        FetchTerms::default(),
+                        |_, _, _, waiters| async move {
+                            waiters.gone().await;
+                            let _ = gone_tx.send(());
+                            Err(UpstreamError::Abandoned)
+                        },
+                    )
                     .await
             })
         };
@@ -680,7 +686,9 @@ pub(crate) mod tests {
         settle(&cache, |n| n == 0).await;
         // A dropped fetch is no failure: the next request leads a fetch of its own.
         let next = cache
-            .get_or_fetch(key("2"), |_, _, _, _| async { found() })
+            .get_or_fetch(key("2"), FetchTerms::default(), |_, _, _, _| async {
+                found()
+            })
             .await;
         assert_eq!(next.status, CacheStatus::Miss);
         assert!(next.result.is_ok());

@@ -79,15 +79,8 @@ impl ProxyError {
             ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::AdminDisabled => StatusCode::FORBIDDEN,
             ProxyError::AudioBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Upstream(UpstreamError::Timeout(_) | UpstreamError::ConnectTimeout(_)) => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
-            ProxyError::Upstream(
-                UpstreamError::QueueTimeout(_)
-                | UpstreamError::CircuitOpen { .. }
-                | UpstreamError::TooLargeToCache { .. },
-            ) => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            // Upstream failures map in one place, which the cache uses too.
+            ProxyError::Upstream(upstream) => upstream.status(),
         }
     }
 

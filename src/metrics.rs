@@ -55,6 +55,36 @@ struct FetchLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TierLabels {
+    /// `shared` (Redis or Valkey) or `disk`.
+    tier: &'static str,
+}
+
+/// Upper bounds (seconds) of the second tier's command latency: a Redis round trip on a LAN
+/// is well under a millisecond; the default command timeout is 100 ms.
+const TIER_BUCKETS: [f64; 10] = [
+    0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+];
+
+fn tier_histogram() -> Histogram {
+    Histogram::new(TIER_BUCKETS)
+}
+
+/// The second tier's series (see `cache::tier`).
+#[derive(Clone, Debug)]
+pub struct TierMetrics {
+    /// 1 while the tier answers, 0 while it is skipped (down, slow, or its breaker open).
+    pub up: Gauge,
+    pub hits: Counter,
+    pub misses: Counter,
+    pub errors: Counter,
+    pub stores: Counter,
+    /// Fills refused because a newer lease holder had taken the key over.
+    pub fills_rejected: Counter,
+    pub command_seconds: Histogram,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CauseLabels {
     /// `expired`, `size` or `explicit`.
     cause: &'static str,
@@ -99,6 +129,13 @@ pub struct Metrics {
     selections: Family<AccountLabels, Counter>,
     audio_bytes: Family<AccountLabels, Counter>,
     rate_limited: Counter,
+    tier_up: Family<TierLabels, Gauge>,
+    tier_hits: Family<TierLabels, Counter>,
+    tier_misses: Family<TierLabels, Counter>,
+    tier_errors: Family<TierLabels, Counter>,
+    tier_stores: Family<TierLabels, Counter>,
+    tier_fills_rejected: Family<TierLabels, Counter>,
+    tier_command_seconds: Family<TierLabels, Histogram, fn() -> Histogram>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -140,6 +177,13 @@ impl Metrics {
             selections: Family::default(),
             audio_bytes: Family::default(),
             rate_limited: Counter::default(),
+            tier_up: Family::default(),
+            tier_hits: Family::default(),
+            tier_misses: Family::default(),
+            tier_errors: Family::default(),
+            tier_stores: Family::default(),
+            tier_fills_rejected: Family::default(),
+            tier_command_seconds: Family::new_with_constructor(tier_histogram),
             registry: Registry::default(),
         };
         registry.register(
@@ -255,9 +299,66 @@ impl Metrics {
             "Requests answered 429 by the per-client-address rate limit",
             metrics.rate_limited.clone(),
         );
+        registry.register(
+            "cache_tier_up",
+            "Second cache tier: 1 while it answers, 0 while it is skipped (down, slow or its breaker open)",
+            metrics.tier_up.clone(),
+        );
+        registry.register(
+            "cache_tier_hits",
+            "Lookups the second tier answered with a servable entry",
+            metrics.tier_hits.clone(),
+        );
+        registry.register(
+            "cache_tier_misses",
+            "Lookups the second tier had nothing servable for",
+            metrics.tier_misses.clone(),
+        );
+        registry.register(
+            "cache_tier_errors",
+            "Second-tier commands that failed, timed out or were skipped by its breaker",
+            metrics.tier_errors.clone(),
+        );
+        registry.register(
+            "cache_tier_stores",
+            "Entries written to the second tier",
+            metrics.tier_stores.clone(),
+        );
+        registry.register(
+            "cache_tier_fills_rejected",
+            "Fills refused because their lease had expired and another gateway had taken the key over",
+            metrics.tier_fills_rejected.clone(),
+        );
+        registry.register_with_unit(
+            "cache_tier_command_duration",
+            "Time each second-tier command took",
+            Unit::Seconds,
+            metrics.tier_command_seconds.clone(),
+        );
         Self {
             registry,
             ..metrics
+        }
+    }
+
+    /// The series of the second tier named `tier` (`shared` or `disk`), resolved once.
+    pub fn tier(&self, tier: &'static str) -> TierMetrics {
+        let labels = TierLabels { tier };
+        let up = self.tier_up.get_or_create(&labels).clone();
+        let hits = self.tier_hits.get_or_create(&labels).clone();
+        let misses = self.tier_misses.get_or_create(&labels).clone();
+        let errors = self.tier_errors.get_or_create(&labels).clone();
+        let stores = self.tier_stores.get_or_create(&labels).clone();
+        let fills_rejected = self.tier_fills_rejected.get_or_create(&labels).clone();
+        let command_seconds = self.tier_command_seconds.get_or_create(&labels).clone();
+        TierMetrics {
+            up,
+            hits,
+            misses,
+            errors,
+            stores,
+            fills_rejected,
+            command_seconds,
         }
     }
 

@@ -135,6 +135,9 @@ pub async fn run(listeners: Listeners, state: Arc<AppState>, shutdown: impl Futu
     tracing::info!("stopped accepting; draining open connections");
     while loops.join_next().await.is_some() {}
     tracing::info!("all connections closed");
+    // What the disk tier has queued is written before the process goes: a SIGTERM loses
+    // nothing.
+    state.cache.flush().await;
 }
 
 /// Completes once shutdown has been requested (or the server is gone).

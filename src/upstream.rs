@@ -148,6 +148,10 @@ pub enum UpstreamError {
         limit: u64,
         retry_after: Duration,
     },
+    /// The one fetch of this key in the fleet (on another gateway) failed moments ago; its
+    /// failure stands for `cache.error_backoff` instead of every instance asking again.
+    #[error("{message} (the fetch another gateway of this fleet made moments ago)")]
+    FailedElsewhere { status: u16, message: Arc<str> },
 }
 
 impl UpstreamError {
@@ -170,10 +174,28 @@ impl UpstreamError {
                 | UpstreamError::Aborted
                 | UpstreamError::Abandoned
                 | UpstreamError::TooLargeToCache { .. }
+                | UpstreamError::FailedElsewhere { .. }
         )
     }
 
     /// When a client may try again, for the errors that have an answer to that.
+    /// The status a client gets for this failure (the one mapping; `error.rs` uses it).
+    pub fn status(&self) -> StatusCode {
+        match self {
+            UpstreamError::Timeout(_) | UpstreamError::ConnectTimeout(_) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            UpstreamError::QueueTimeout(_)
+            | UpstreamError::CircuitOpen { .. }
+            | UpstreamError::TooLargeToCache { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            UpstreamError::FailedElsewhere { status, .. } => StatusCode::from_u16(*status)
+                .ok()
+                .filter(StatusCode::is_server_error)
+                .unwrap_or(StatusCode::BAD_GATEWAY),
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             UpstreamError::QueueTimeout(_) => Some(Duration::from_secs(1)),
@@ -199,6 +221,7 @@ impl UpstreamError {
             UpstreamError::Aborted => "aborted",
             UpstreamError::Abandoned => "abandoned",
             UpstreamError::TooLargeToCache { .. } => "too-large",
+            UpstreamError::FailedElsewhere { .. } => "failed_elsewhere",
         }
     }
 

@@ -167,6 +167,7 @@ pub(crate) mod tests {
             gzip: true,
             gzip_min_bytes: 1024,
             gzip_level: 6,
+            tier: None,
         }
     }
 

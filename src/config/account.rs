@@ -43,39 +43,19 @@ pub(super) fn validate_account(
             None
         }
     };
-    let sources = [
-        raw.shared_secret.is_some(),
-        raw.shared_secret_file.is_some(),
-        raw.shared_secret_credential.is_some(),
-    ];
-    let shared_secret = match (
-        raw.shared_secret,
-        raw.shared_secret_file,
-        raw.shared_secret_credential,
-    ) {
-        _ if sources.iter().filter(|set| **set).count() > 1 => {
-            problems.push(
-                key("shared_secret"),
-                "set exactly one of shared_secret, shared_secret_file and shared_secret_credential",
-            );
-            None
-        }
-        (Some(secret), _, _) => problems.check(&key("shared_secret"), non_empty_secret(secret)),
-        (_, Some(path), _) => problems.check(&key("shared_secret_file"), read_secret_file(&path)),
-        (_, _, Some(credential)) => problems.check(
-            &key("shared_secret_credential"),
-            read_credential(context, &credential).and_then(|bytes| {
-                secret_from_bytes(&bytes).map_err(|e| format!("credential \"{credential}\": {e}"))
-            }),
-        ),
-        (None, None, None) => {
-            problems.push(
-                key("shared_secret"),
-                "missing: set shared_secret, shared_secret_file or shared_secret_credential",
-            );
-            None
-        }
-    };
+    let shared_secret = SecretSource {
+        inline: raw.shared_secret,
+        file: raw.shared_secret_file,
+        credential: raw.shared_secret_credential,
+    }
+    .read(
+        &key("shared_secret"),
+        Needed::Required,
+        context,
+        problems,
+        secret_from_bytes,
+    )
+    .flatten();
     let ca_certs = match &raw.ca_file {
         Some(path) => problems.check(&key("ca_file"), read_certificates(path)),
         None => Some(Vec::new()),
@@ -222,11 +202,6 @@ pub(super) fn parse_base_url(value: &str) -> Result<reqwest::Url, String> {
         return Err("the URL must not have a query or fragment".into());
     }
     Ok(url)
-}
-
-pub(super) fn non_empty_secret(secret: Secret) -> Result<Secret, String> {
-    check_secret_text(secret.expose())?;
-    Ok(secret)
 }
 
 /// Who may read an account: its keys and client certificate names, or anyone when that was

@@ -167,6 +167,40 @@ pub struct CacheConfig {
     pub gzip_min_bytes: u64,
     /// 1 (fastest) to 9 (smallest).
     pub gzip_level: u32,
+    /// The second tier behind memory (`[cache.shared]` or `[cache.disk]`), if any. Bound at
+    /// start-up: a reload that changes it is reported as needing a restart.
+    pub tier: Option<TierConfig>,
+}
+
+/// The second cache tier: at most one of the two is configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TierConfig {
+    Shared(SharedTierConfig),
+    Disk(DiskTierConfig),
+}
+
+/// `[cache.shared]`: a Redis or Valkey server every gateway in front of the same boxes shares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedTierConfig {
+    /// `redis://` or `rediss://` URL; a secret, since it may carry a password.
+    pub url: Secret,
+    /// Where the URL came from (`cache.shared.url`, `..._file` or `..._credential`), for
+    /// messages that must not show the URL itself.
+    pub url_origin: String,
+    /// PEM trust anchors for `rediss://` (`None`: the system's roots).
+    pub ca_pem: Option<Vec<u8>>,
+    /// Every key the gateway writes starts with this and a colon.
+    pub key_prefix: String,
+    /// Bound on each Redis command; past it the request goes on without the tier.
+    pub timeout: Duration,
+}
+
+/// `[cache.disk]`: an embedded store on local disk, so a restart starts warm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskTierConfig {
+    pub path: std::path::PathBuf,
+    /// Bound on the stored records' bytes; the least recently stored go first.
+    pub max_bytes: u64,
 }
 
 /// One OfficeTeam account (the box's "domain") and how to reach its box.
@@ -314,6 +348,9 @@ pub const DEFAULT_MAX_AUDIO_STREAMS: usize = 4;
 pub const DEFAULT_FULL_REFRESH_INTERVAL: Duration = Duration::from_secs(15 * 60);
 pub const DEFAULT_GZIP_MIN_BYTES: u64 = 1024;
 pub const DEFAULT_GZIP_LEVEL: u32 = 6;
+pub const DEFAULT_KEY_PREFIX: &str = "miralix-gateway";
+pub const DEFAULT_SHARED_TIMEOUT: Duration = Duration::from_millis(100);
+pub const DEFAULT_DISK_MAX_BYTES: u64 = 1024 * 1024 * 1024;
 
 /// Who may read an account's recordings.
 #[derive(Clone, PartialEq, Eq)]

@@ -109,6 +109,30 @@ pub struct RawCache {
     pub gzip_min_bytes: Option<RawSize>,
     /// Default 6.
     pub gzip_level: Option<u64>,
+    pub shared: Option<RawShared>,
+    pub disk: Option<RawDisk>,
+}
+
+/// `[cache.shared]`.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawShared {
+    /// `redis://[user:password@]host:port/db` or `rediss://...`.
+    pub url: Option<Secret>,
+    pub url_file: Option<PathBuf>,
+    pub url_credential: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    /// Default `miralix-gateway`.
+    pub key_prefix: Option<String>,
+    /// Default `100ms`.
+    pub timeout: Option<String>,
+}
+
+/// `[cache.disk]`.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawDisk {
+    pub path: Option<PathBuf>,
+    /// Default `1GiB`.
+    pub max_bytes: Option<RawSize>,
 }
 
 /// A byte size written as `"256MiB"` or as a plain integer.

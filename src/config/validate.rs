@@ -114,33 +114,19 @@ impl RawConfig {
             }
         }
         let admin = self.admin;
-        let sources = [
-            admin.token.is_some(),
-            admin.token_file.is_some(),
-            admin.token_credential.is_some(),
-        ];
-        let admin_token = match (admin.token, admin.token_file, admin.token_credential) {
-            _ if sources.iter().filter(|set| **set).count() > 1 => {
-                problems.push(
-                    "admin.token",
-                    "set at most one of token, token_file and token_credential",
-                );
-                None
-            }
-            (Some(token), _, _) => problems
-                .check("admin.token", token_digest(token.expose().as_bytes()))
-                .map(Some),
-            (_, Some(path), _) => problems
-                .check("admin.token_file", read_token_file(&path))
-                .map(Some),
-            (_, _, Some(name)) => problems
-                .check(
-                    "admin.token_credential",
-                    read_credential(context, &name).and_then(|bytes| token_digest(&bytes)),
-                )
-                .map(Some),
-            (None, None, None) => Some(None),
-        };
+        let admin_token = SecretSource {
+            inline: admin.token,
+            file: admin.token_file,
+            credential: admin.token_credential,
+        }
+        .read(
+            "admin.token",
+            Needed::Optional,
+            context,
+            &mut problems,
+            token_digest,
+        );
+        let tier = validate_tier(self.cache.shared, self.cache.disk, context, &mut problems);
 
         if let (Some(server), Some(admin)) = (&server, admin_listen) {
             let mut taken = vec![("server.listen", server.listen)];
@@ -168,6 +154,7 @@ impl RawConfig {
                 gzip: self.cache.gzip.unwrap_or(true),
                 gzip_min_bytes: gzip_min_bytes?,
                 gzip_level: gzip_level?,
+                tier: tier?,
             })
         })();
         match (server, admin_listen, cache, log_format, admin_token) {
@@ -186,6 +173,108 @@ impl RawConfig {
                 })
             }
             _ => Err(problems.0),
+        }
+    }
+}
+
+/// `[cache.shared]` or `[cache.disk]`, never both. `None`: a problem was recorded.
+fn validate_tier(
+    shared: Option<RawShared>,
+    disk: Option<RawDisk>,
+    context: &LoadContext,
+    problems: &mut Problems,
+) -> Option<Option<TierConfig>> {
+    match (shared, disk) {
+        (None, None) => Some(None),
+        (Some(_), Some(_)) => {
+            problems.push(
+                "cache",
+                "both [cache.shared] and [cache.disk] are set; configure at most one second tier: [cache.shared] (a Redis or Valkey server shared by a fleet of gateways) or [cache.disk] (a local store, for a single instance that should restart warm)",
+            );
+            None
+        }
+        (Some(raw), None) => {
+            let origin = match (&raw.url_file, &raw.url_credential) {
+                (Some(_), _) => "cache.shared.url_file",
+                (_, Some(_)) => "cache.shared.url_credential",
+                _ => "cache.shared.url",
+            };
+            let url = SecretSource {
+                inline: raw.url,
+                file: raw.url_file,
+                credential: raw.url_credential,
+            }
+            .read(
+                "cache.shared.url",
+                Needed::Required,
+                context,
+                problems,
+                redis_url,
+            )
+            .flatten();
+            let ca_pem = match &raw.ca_file {
+                Some(path) => problems
+                    .check(
+                        "cache.shared.ca_file",
+                        read_certificates(path).and_then(|_| {
+                            std::fs::read(path)
+                                .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                        }),
+                    )
+                    .map(Some),
+                None => Some(None),
+            };
+            let key_prefix = raw
+                .key_prefix
+                .unwrap_or_else(|| DEFAULT_KEY_PREFIX.to_owned());
+            let prefix_ok = !key_prefix.is_empty()
+                && key_prefix.len() <= 64
+                && key_prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !prefix_ok {
+                problems.push(
+                    "cache.shared.key_prefix",
+                    "must be 1 to 64 letters, digits, '-', '_' or '.'",
+                );
+            }
+            let timeout = problems.check(
+                "cache.shared.timeout",
+                duration_or(&raw.timeout, DEFAULT_SHARED_TIMEOUT).and_then(|d| {
+                    if d.is_zero() || d > Duration::from_secs(10) {
+                        Err("must be more than 0 and at most 10s".to_owned())
+                    } else {
+                        Ok(d)
+                    }
+                }),
+            );
+            Some(Some(TierConfig::Shared(SharedTierConfig {
+                url: url?,
+                url_origin: origin.to_owned(),
+                ca_pem: ca_pem?,
+                key_prefix: prefix_ok.then_some(key_prefix)?,
+                timeout: timeout?,
+            })))
+        }
+        (None, Some(raw)) => {
+            let path = match raw.path {
+                Some(path) if path.is_absolute() || path.components().count() > 0 => Some(path),
+                _ => {
+                    problems.push(
+                        "cache.disk.path",
+                        "missing: the file the disk tier keeps, e.g. \"/var/lib/miralix-gateway/cache.redb\"",
+                    );
+                    None
+                }
+            };
+            let max_bytes = problems.check(
+                "cache.disk.max_bytes",
+                parse_size(raw.max_bytes, DEFAULT_DISK_MAX_BYTES),
+            );
+            Some(Some(TierConfig::Disk(DiskTierConfig {
+                path: path?,
+                max_bytes: max_bytes?,
+            })))
         }
     }
 }

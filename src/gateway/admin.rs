@@ -12,7 +12,7 @@ use super::fetch::{RefreshPlan, fetch_list};
 use super::respond::{NOSNIFF, X_CONTENT_TYPE_OPTIONS, strip_body};
 use super::{Account, AppState, Body};
 use crate::auth::{self};
-use crate::cache::CacheKey;
+use crate::cache::{CacheKey, Scope};
 use crate::config::CacheConfig;
 use crate::error::{ProxyError, json_error};
 use crate::route::{self, AgentQuery, CacheTarget};
@@ -106,18 +106,15 @@ pub(super) async fn cache_admin<B>(
     };
     let result = async {
         Ok(match target {
-            CacheTarget::All => purged(state.cache.purge(|_| true).await, "every account"),
+            CacheTarget::All => purged(state.cache.purge(&Scope::All).await, "every account"),
             CacheTarget::Account(name) => {
                 let name = account(&name)?.name.clone();
-                let count = state.cache.purge(|key| key.account == name).await;
+                let count = state.cache.purge(&Scope::Account(name.to_string())).await;
                 purged(count, &name)
             }
             CacheTarget::Agent(agent) => {
                 let name = account(&agent.account)?.name.clone();
-                let count = state
-                    .cache
-                    .purge(|key| key.account == name && same_agent(&key.query, &agent.query))
-                    .await;
+                let count = state.cache.purge(&agent_scope(&name, &agent.query)).await;
                 purged(count, &format!("{name} {}", describe(&agent.query)))
             }
             CacheTarget::AgentRefresh(agent) => {
@@ -130,9 +127,14 @@ pub(super) async fn cache_admin<B>(
     result.unwrap_or_else(|error: ProxyError| error.to_response())
 }
 
-/// Whether two queries name the same agent, whatever their `fromQueueCallId`.
-pub(super) fn same_agent(a: &AgentQuery, b: &AgentQuery) -> bool {
-    a.id_type == b.id_type && a.identification == b.identification
+/// An agent's entries: its full list and its `fromQueueCallId` answers.
+fn agent_scope(account: &str, query: &AgentQuery) -> Scope {
+    Scope::Agent(agent_key(account, query))
+}
+
+/// The canonical key of an agent's full list.
+fn agent_key(account: &str, query: &AgentQuery) -> String {
+    CacheKey::agent_prefix(account, query.id_type.as_str(), &query.identification)
 }
 
 /// `id 103`, `email derek.a@company.local`: an agent for messages.
@@ -140,9 +142,17 @@ pub(super) fn describe(query: &AgentQuery) -> String {
     format!("{} {}", query.id_type.as_str(), query.identification)
 }
 
-pub(super) fn purged(count: usize, scope: &str) -> Response<Full<Bytes>> {
-    tracing::info!(target: AUDIT_LOG, scope, entries = count, "cache purged");
-    let body = serde_json::json!({ "purged": count });
+/// The answer to a purge: the entries that went from this instance's memory, and from the
+/// shared tier when there is one (the fleet's other instances drop theirs on its notice).
+pub(super) fn purged(
+    (count, shared): (usize, Option<usize>),
+    scope: &str,
+) -> Response<Full<Bytes>> {
+    tracing::info!(target: AUDIT_LOG, scope, entries = count, shared, "cache purged");
+    let mut body = serde_json::json!({ "purged": count });
+    if let Some(shared) = shared {
+        body["purged_shared"] = shared.into();
+    }
     json_ok(body)
 }
 
@@ -154,13 +164,8 @@ pub(super) async fn refresh_now(
     account: &Account,
     query: AgentQuery,
 ) -> Result<Response<Full<Bytes>>, ProxyError> {
-    let name = account.name.clone();
-    let filtered = |key: &CacheKey| {
-        key.account == name
-            && key.query.from_queue_call_id.is_some()
-            && same_agent(&key.query, &query)
-    };
-    let dropped = state.cache.purge(filtered).await;
+    let list_key = agent_key(&account.name, &query);
+    let (dropped, _) = state.cache.purge(&Scope::Filtered(list_key.clone())).await;
     let plan = RefreshPlan {
         full_refresh_interval: cache.full_refresh_interval,
         now: state.cache.now(),
@@ -172,11 +177,17 @@ pub(super) async fn refresh_now(
     let agent = describe(&key.query);
     let outcome = state
         .cache
-        .fetch_now(key, |key, kind, previous, waiters| {
-            fetch_list(account, key.query.clone(), kind, previous, waiters, plan)
-        })
+        .fetch_now(
+            key,
+            account.fetch_terms(),
+            |key, kind, previous, waiters| {
+                fetch_list(account, key.query.clone(), kind, previous, waiters, plan)
+            },
+        )
         .await;
     let entry = outcome.result?;
+    // The fleet's other instances drop their copies and read the new list from the tier.
+    state.cache.announce(&Scope::Exact(list_key)).await;
     tracing::info!(
         target: AUDIT_LOG,
         account = %account.name,
@@ -213,6 +224,10 @@ pub(super) fn readiness(state: &AppState) -> Response<Full<Bytes>> {
         let breaker = generation.accounts[name].protection.state();
         reachable |= breaker != BreakerState::Open;
         body.push_str(&format!("account {name}: breaker {}\n", breaker.as_str()));
+    }
+    // The second tier never makes the gateway unready: without it, it serves as one instance.
+    if let Some(tier) = state.cache.tier() {
+        body.push_str(&format!("cache tier {}: {}\n", tier.name(), tier.state()));
     }
     let (status, verdict) = match (state.is_ready(), reachable) {
         (true, true) => (StatusCode::OK, "ready"),

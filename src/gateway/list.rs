@@ -59,6 +59,7 @@ pub(super) async fn recordings_response<B>(
         &entry,
         outcome.status,
         outcome.stale_because.as_ref(),
+        outcome.tier,
         state.cache.now(),
         gzip,
     );
@@ -81,6 +82,8 @@ pub(super) async fn recordings_response<B>(
 pub(super) struct Lookup {
     status: CacheStatus,
     stale_because: Option<UpstreamError>,
+    /// The second tier the entry was brought from for this request, if any.
+    tier: Option<&'static str>,
 }
 
 /// Look `query` up in the cache (fetching it if need be), counting the outcome and noting it
@@ -103,9 +106,13 @@ pub(super) async fn lookup(
     // Clones for the fetch task are made only when this request starts a fetch.
     let outcome = state
         .cache
-        .get_or_fetch(key, |key, kind, previous, waiters| {
-            fetch_list(account, key.query.clone(), kind, previous, waiters, refresh)
-        })
+        .get_or_fetch(
+            key,
+            account.fetch_terms(),
+            |key, kind, previous, waiters| {
+                fetch_list(account, key.query.clone(), kind, previous, waiters, refresh)
+            },
+        )
         .await;
     access.cache = outcome.status;
     let metrics = &account.metrics;
@@ -129,9 +136,11 @@ pub(super) async fn lookup(
         (None, CacheStatus::Miss | CacheStatus::Collapsed) => Some(entry.status),
         (None, _) => None,
     };
+    access.tier = outcome.tier;
     let lookup = Lookup {
         status: outcome.status,
         stale_because: outcome.stale_because,
+        tier: outcome.tier,
     };
     Ok((lookup, entry))
 }

@@ -50,6 +50,8 @@ pub type Body = Either<Full<Bytes>, AudioBody>;
 #[derive(Debug)]
 struct AccessEntry {
     cache: CacheStatus,
+    /// The second tier the answer was brought from, if any.
+    tier: Option<&'static str>,
     upstream_status: Option<StatusCode>,
     account: Option<Arc<str>>,
     /// Who was let in (by key id), once authenticated.
@@ -77,6 +79,7 @@ pub async fn handle<B: http_body::Body>(
     let started = tracing::enabled!(target: ACCESS_LOG, tracing::Level::INFO).then(Instant::now);
     let mut access = AccessEntry {
         cache: CacheStatus::Skipped,
+        tier: None,
         upstream_status: None,
         account: None,
         client: None,
@@ -115,6 +118,7 @@ pub async fn handle<B: http_body::Body>(
         client = access.client.as_ref().map(tracing::field::display),
         status = response.status().as_u16(),
         cache = access.cache.as_str(),
+        tier = access.tier,
         upstream_status = access.upstream_status.map(|s| s.as_u16()),
         duration_ms = %format_args!("{:.3}", started.elapsed().as_secs_f64() * 1000.0),
         "request"

@@ -40,6 +40,7 @@ pub(super) fn cached_response(
     entry: &CachedResponse,
     status: CacheStatus,
     stale_because: Option<&UpstreamError>,
+    tier: Option<&str>,
     now: Instant,
     accepts_gzip: bool,
 ) -> Response<Full<Bytes>> {
@@ -56,7 +57,7 @@ pub(super) fn cached_response(
         Freshness::Fresh { remaining } => remaining.as_secs(),
         _ => 0,
     });
-    let cache_status = match (status, remaining) {
+    let mut cache_status = match (status, remaining) {
         (CacheStatus::Hit, Some(ttl)) => format!("{CACHE_NAME}; hit; ttl={ttl}"),
         (CacheStatus::Stale(StaleReason::Revalidating), _) => {
             format!("{CACHE_NAME}; hit; stale; fwd=stale")
@@ -82,6 +83,9 @@ pub(super) fn cached_response(
             entry.status.as_u16()
         ),
     };
+    if let Some(tier) = tier {
+        cache_status.push_str(&format!("; detail={tier}"));
+    }
     let headers = response.headers_mut();
     if let Some(content_type) = &entry.content_type {
         headers.insert(CONTENT_TYPE, content_type.clone());

@@ -5,12 +5,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
-use crate::cache::ResponseCache;
+use crate::cache::{FetchTerms, ResponseCache};
 use crate::clock::Clock;
 use crate::config::{AccountConfig, Config};
 use crate::limit::RateLimiter;
@@ -31,6 +32,20 @@ pub struct Account {
     pub(crate) audio_streams: Arc<Semaphore>,
     /// The settings the client was built from, to tell on reload whether it can be kept.
     pub(super) settings: AccountConfig,
+}
+
+impl Account {
+    /// What the fleet's one box request per key is bound by for this account: a lease as long
+    /// as the longest a fetch can take (see `fetch::BoxRequest::send`) plus a margin, and the
+    /// box's cap and queue wait.
+    pub(crate) fn fetch_terms(&self) -> FetchTerms {
+        let upstream = &self.settings.upstream;
+        FetchTerms {
+            lease: upstream.timeout * 2 + upstream.queue_timeout + Duration::from_secs(2),
+            box_slots: upstream.max_concurrent_requests,
+            queue_timeout: upstream.queue_timeout,
+        }
+    }
 }
 
 /// What a reload can replace: the configuration, the accounts' clients and the TLS acceptor.
@@ -132,7 +147,7 @@ impl AppState {
     /// Build the clients, cache and metrics for a validated configuration.
     pub fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StateError> {
         let metrics = Metrics::new();
-        let cache = ResponseCache::new(config.cache.clone(), clock.clone(), metrics.evictions());
+        let cache = ResponseCache::new(config.cache.clone(), clock.clone(), &metrics);
         let started = config.clone();
         let generation = Generation::build(config, None, &metrics, &clock)?;
         Ok(Self {

@@ -1,0 +1,357 @@
+//! The disk tier: stored entries kept in an embedded redb file, so that a restart or an
+//! upgrade starts warm.
+//!
+//! Fills are written by one writer task in small transactions, each committed durably: the
+//! writer gathers what arrives within [`BATCH_WINDOW`] into one commit, so a `kill -9` loses
+//! at most the fills of that window, and a write costs what changed, never the whole cache. On
+//! SIGTERM the server's drain ends with [`DiskTier::flush`], so nothing queued is lost. The
+//! file holds at most `max_bytes` of records: past that, the least recently stored go first.
+//! Ages are judged by this host's wall clock, the only clock a single instance has.
+//!
+//! A file that cannot be opened as this tier's store (corrupt, truncated, another program's)
+//! is moved aside with a warning that names both paths, and the gateway starts cold with a
+//! new one. It never refuses to start because of its disk tier: when even a new file cannot
+//! be made, it runs without one.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableTable, TableDefinition};
+use tokio::sync::{mpsc, oneshot};
+
+use super::record::Record;
+use super::tier::{Found, Scope};
+use crate::config::DiskTierConfig;
+use crate::metrics::TierMetrics;
+
+/// Canonical key -> stored-at (unix ms, 8 bytes LE), keep-until (unix ms, 8 bytes LE), record.
+const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries-v1");
+/// Fills that arrive within this long of each other share one durable commit.
+pub const BATCH_WINDOW: Duration = Duration::from_millis(200);
+/// Bytes each stored record costs beyond its own (its key and the table's bookkeeping).
+const OVERHEAD: u64 = 128;
+
+fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+enum Write {
+    Put { key: String, value: Vec<u8> },
+    Remove { scope: Scope },
+    Flush(oneshot::Sender<()>),
+}
+
+/// The disk tier. Cheap to clone: clones share the file and its writer.
+#[derive(Clone)]
+pub struct DiskTier {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<Database>,
+    writes: mpsc::UnboundedSender<Write>,
+    metrics: TierMetrics,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for DiskTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskTier")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the writer knows of the stored records, to keep them under `max_bytes`.
+#[derive(Default)]
+struct Index {
+    /// Key -> (stored at, bytes).
+    sizes: HashMap<String, (u64, u64)>,
+    /// (stored at, key), oldest first.
+    order: BTreeSet<(u64, String)>,
+    bytes: u64,
+}
+
+impl Index {
+    fn insert(&mut self, key: String, stored_at: u64, size: u64) {
+        self.remove(&key);
+        self.order.insert((stored_at, key.clone()));
+        self.sizes.insert(key, (stored_at, size));
+        self.bytes += size;
+    }
+
+    fn remove(&mut self, key: &str) {
+        if let Some((at, size)) = self.sizes.remove(key) {
+            self.order.remove(&(at, key.to_owned()));
+            self.bytes -= size;
+        }
+    }
+
+    fn oldest(&self) -> Option<String> {
+        self.order.first().map(|(_, key)| key.clone())
+    }
+}
+
+/// Open the file at `path`, or say why it cannot be this tier's store.
+fn open_store(path: &Path) -> Result<(Database, Index), String> {
+    let db = Database::create(path).map_err(|e| e.to_string())?;
+    let mut index = Index::default();
+    let now = unix_ms(SystemTime::now());
+    let mut spent = Vec::new();
+    {
+        let txn = db.begin_write().map_err(|e| e.to_string())?;
+        {
+            let table = txn.open_table(ENTRIES).map_err(|e| e.to_string())?;
+            for item in table.iter().map_err(|e| e.to_string())? {
+                let (key, value) = item.map_err(|e| e.to_string())?;
+                let value = value.value();
+                let (Some(stored), Some(until)) = (field(value, 0), field(value, 8)) else {
+                    spent.push(key.value().to_owned());
+                    continue;
+                };
+                if until <= now {
+                    spent.push(key.value().to_owned());
+                } else {
+                    index.insert(
+                        key.value().to_owned(),
+                        stored,
+                        value.len() as u64 + OVERHEAD,
+                    );
+                }
+            }
+        }
+        {
+            let mut table = txn.open_table(ENTRIES).map_err(|e| e.to_string())?;
+            for key in &spent {
+                table.remove(key.as_str()).map_err(|e| e.to_string())?;
+            }
+        }
+        txn.commit().map_err(|e| e.to_string())?;
+    }
+    Ok((db, index))
+}
+
+fn field(value: &[u8], at: usize) -> Option<u64> {
+    let bytes: [u8; 8] = value.get(at..at + 8)?.try_into().ok()?;
+    Some(u64::from_le_bytes(bytes))
+}
+
+impl DiskTier {
+    /// The tier for `config`; `None` (after a warning) when no store can be opened or made.
+    pub fn open(config: &DiskTierConfig, metrics: TierMetrics) -> Option<Self> {
+        let path = &config.path;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && let Err(error) = std::fs::create_dir_all(dir)
+        {
+            tracing::warn!(path = %dir.display(), error = %error, "cannot create the disk tier's directory: running without a disk tier");
+            return None;
+        }
+        let (db, index) = match open_store(path) {
+            Ok(opened) => opened,
+            Err(error) if error.contains("already open") => {
+                tracing::warn!(path = %path.display(), "the disk tier's file is in use by another gateway process: running without a disk tier");
+                return None;
+            }
+            Err(error) => {
+                let aside = aside_path(path);
+                if let Err(rename) = std::fs::rename(path, &aside) {
+                    tracing::warn!(path = %path.display(), error = %error, rename = %rename, "the disk tier's file cannot be opened or moved aside: running without a disk tier");
+                    return None;
+                }
+                tracing::warn!(
+                    path = %path.display(),
+                    moved_to = %aside.display(),
+                    error = %error,
+                    "the disk tier's file is not a usable store (corrupt, truncated or another program's): moved aside, starting cold with a new one"
+                );
+                match open_store(path) {
+                    Ok(opened) => opened,
+                    Err(error) => {
+                        tracing::warn!(path = %path.display(), error = %error, "cannot make a new disk tier file: running without a disk tier");
+                        return None;
+                    }
+                }
+            }
+        };
+        tracing::info!(
+            path = %path.display(),
+            entries = index.sizes.len(),
+            bytes = index.bytes,
+            "disk tier opened"
+        );
+        metrics.up.set(1);
+        let db = Arc::new(db);
+        let (writes, queue) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(
+            db.clone(),
+            queue,
+            index,
+            config.max_bytes,
+            metrics.clone(),
+        ));
+        Some(Self {
+            inner: Arc::new(Inner {
+                db,
+                writes,
+                metrics,
+                path: path.clone(),
+            }),
+        })
+    }
+
+    pub fn metrics(&self) -> &TierMetrics {
+        &self.inner.metrics
+    }
+
+    /// The record stored under `key`, and how long ago it was stored.
+    pub(super) async fn read(&self, key: String) -> Option<Found> {
+        let db = self.inner.db.clone();
+        let read = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, String> {
+            let txn = db.begin_read().map_err(|e| e.to_string())?;
+            let table = match txn.open_table(ENTRIES) {
+                Ok(table) => table,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(e.to_string()),
+            };
+            let value = table.get(key.as_str()).map_err(|e| e.to_string())?;
+            Ok(value.map(|v| v.value().to_vec()))
+        })
+        .await;
+        let value = match read {
+            Ok(Ok(value)) => value?,
+            Ok(Err(error)) => {
+                self.inner.metrics.errors.inc();
+                tracing::warn!(error = %error, "disk tier read failed");
+                return None;
+            }
+            Err(_) => return None,
+        };
+        let now = unix_ms(SystemTime::now());
+        let (stored, until) = (field(&value, 0)?, field(&value, 8)?);
+        if until <= now {
+            return None;
+        }
+        Some(Found {
+            bytes: value[16..].to_vec(),
+            elapsed: Duration::from_millis(now.saturating_sub(stored)),
+        })
+    }
+
+    /// Queue `record` for `key`; it is on disk within [`BATCH_WINDOW`].
+    pub(super) fn store(&self, key: String, record: &Record) {
+        let now = SystemTime::now();
+        let mut value = Vec::with_capacity(16 + record.bytes.len());
+        value.extend_from_slice(&unix_ms(now).to_le_bytes());
+        value.extend_from_slice(&unix_ms(now + record.keep_for).to_le_bytes());
+        value.extend_from_slice(&record.bytes);
+        let _ = self.inner.writes.send(Write::Put { key, value });
+    }
+
+    /// Queue the removal of every record in `scope`.
+    pub(super) fn remove_matching(&self, scope: Scope) {
+        let _ = self.inner.writes.send(Write::Remove { scope });
+    }
+
+    /// Wait until everything queued so far is on disk.
+    pub async fn flush(&self) {
+        let (done, flushed) = oneshot::channel();
+        if self.inner.writes.send(Write::Flush(done)).is_ok() {
+            let _ = flushed.await;
+        }
+    }
+}
+
+/// `cache.redb` -> `cache.redb.corrupt-<unix seconds>`.
+fn aside_path(path: &Path) -> PathBuf {
+    let seconds = unix_ms(SystemTime::now()) / 1000;
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".corrupt-{seconds}"));
+    path.with_file_name(name)
+}
+
+/// The writer: gathers the writes of one [`BATCH_WINDOW`] into one durable commit.
+async fn write_loop(
+    db: Arc<Database>,
+    mut queue: mpsc::UnboundedReceiver<Write>,
+    index: Index,
+    max_bytes: u64,
+    metrics: TierMetrics,
+) {
+    let index = Arc::new(Mutex::new(index));
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
+        // A flush ends the window at once: whoever waits for it waits for the disk only.
+        while !matches!(batch.last(), Some(Write::Flush(_))) {
+            match tokio::time::timeout_at(deadline, queue.recv()).await {
+                Ok(Some(write)) => batch.push(write),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let (db, index, counted) = (db.clone(), index.clone(), metrics.clone());
+        let committed = tokio::task::spawn_blocking(move || {
+            let mut index = index.lock().unwrap_or_else(|e| e.into_inner());
+            commit(&db, batch, &mut index, max_bytes, &counted)
+        })
+        .await;
+        if let Ok(Err(error)) = committed {
+            metrics.errors.inc();
+            tracing::warn!(error = %error, "disk tier write failed; the entries stay in memory");
+        }
+    }
+}
+
+fn commit(
+    db: &Database,
+    batch: Vec<Write>,
+    index: &mut Index,
+    max_bytes: u64,
+    metrics: &TierMetrics,
+) -> Result<(), String> {
+    let mut flushed = Vec::new();
+    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    {
+        let mut table = txn.open_table(ENTRIES).map_err(|e| e.to_string())?;
+        for write in batch {
+            match write {
+                Write::Put { key, value } => {
+                    let size = value.len() as u64 + OVERHEAD;
+                    if size > max_bytes {
+                        continue;
+                    }
+                    table
+                        .insert(key.as_str(), value.as_slice())
+                        .map_err(|e| e.to_string())?;
+                    index.insert(key, field(&value, 0).unwrap_or(0), size);
+                    metrics.stores.inc();
+                    while index.bytes > max_bytes {
+                        let Some(oldest) = index.oldest() else { break };
+                        table.remove(oldest.as_str()).map_err(|e| e.to_string())?;
+                        index.remove(&oldest);
+                    }
+                }
+                Write::Remove { scope } => {
+                    let keys: Vec<String> = index
+                        .sizes
+                        .keys()
+                        .filter(|key| scope.matches(key))
+                        .cloned()
+                        .collect();
+                    for key in keys {
+                        table.remove(key.as_str()).map_err(|e| e.to_string())?;
+                        index.remove(&key);
+                    }
+                }
+                Write::Flush(done) => flushed.push(done),
+            }
+        }
+    }
+    txn.commit().map_err(|e| e.to_string())?;
+    for done in flushed {
+        let _ = done.send(());
+    }
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! What a fetch's task does with what it brings: the entry it makes (lifetime, entity tag,
+//! gzip copy, the too-large rule), stored in memory and written through to the second tier,
+//! a failure remembered for the backoff, and then the flight landed.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use http::StatusCode;
+
+use super::flight::Flight;
+use super::policy::{self, Lifetime};
+use super::tier::{FetchTerms, Filled};
+use super::{
+    CacheKey, CachedResponse, Failure, FetchKind, Fetched, Previous, ResponseCache, conditional,
+    encoding, weight,
+};
+use crate::upstream::UpstreamError;
+
+impl ResponseCache {
+    /// Run `fetch` for `flight` as a task of its own (through the fleet's lease when the tier
+    /// is shared), store what it brings by the policy, and land the flight with it.
+    pub(super) fn spawn_fetch<Fut>(
+        &self,
+        key: CacheKey,
+        flight: Flight,
+        (kind, terms): (FetchKind, FetchTerms),
+        fetch: Fut,
+        previous: Previous,
+    ) where
+        Fut: Future<Output = Result<Fetched, UpstreamError>> + Send + 'static,
+    {
+        let cache = self.clone();
+        tokio::spawn(async move {
+            // The fetch runs in a task of its own so that a panic in it still releases the
+            // waiters below instead of leaving the key in flight forever.
+            let fetch = async move {
+                tokio::spawn(fetch)
+                    .await
+                    .unwrap_or(Err(UpstreamError::Aborted))
+            };
+            let filled = cache
+                .fill_from_box(&key, kind == FetchKind::Forced, terms, fetch)
+                .await;
+            let (result, generation, from_box) = match filled {
+                Ok(Filled::Box(fetched, generation)) => {
+                    let status = fetched.reply.status.as_u16();
+                    let entry = cache.entry_for(&key, fetched, previous.as_deref()).await;
+                    (Ok(entry), generation, Some(status))
+                }
+                Ok(Filled::Tier(entry)) => (Ok(entry), None, None),
+                Err(error) => {
+                    let status = error.status().as_u16();
+                    (Err(error), None, Some(status))
+                }
+            };
+            let config = cache.config.load_full();
+            // What later requests for the key meet during the backoff, if anything.
+            let backoff = match &result {
+                Ok(entry) if entry.lifetime.is_some() => {
+                    cache.failures.invalidate(&key).await;
+                    cache.store.insert(key.clone(), entry.clone()).await;
+                    None
+                }
+                Ok(entry) if entry.too_large => {
+                    // Those who waited get the answer; the box is not asked for it again until
+                    // the backoff has passed, so one oversized agent cannot hammer it.
+                    cache.warn_too_large(&key, entry).await;
+                    Some(UpstreamError::TooLargeToCache {
+                        weight: u64::from(weight::entry(&key, entry)),
+                        limit: config.max_entry_bytes,
+                        retry_after: config.error_backoff,
+                    })
+                }
+                Ok(_) => None,
+                // Nobody asked for it any more: not a failure of the key.
+                Err(UpstreamError::Abandoned) => None,
+                Err(error) => Some(error.clone()),
+            };
+            if let Some(error) = backoff.filter(|_| !config.error_backoff.is_zero()) {
+                let failure = Failure {
+                    error,
+                    at: cache.clock.now(),
+                };
+                cache.failures.insert(key.clone(), Arc::new(failure)).await;
+            }
+            if let Some(status) = from_box {
+                cache.write_through(&key, generation, &result, status);
+            }
+            // Stored first, then landed: a request arriving in between joins this flight, one
+            // arriving after finds the stored entry (or the failure).
+            flight.land(result);
+        });
+    }
+
+    /// Log, once per key, that an answer was too large to store.
+    async fn warn_too_large(&self, key: &CacheKey, entry: &CachedResponse) {
+        if self.warned_too_large.contains_key(key) {
+            return;
+        }
+        self.warned_too_large.insert(key.clone(), ()).await;
+        tracing::warn!(
+            account = %key.account,
+            agent = %format_args!("{} {}", key.query.id_type.as_str(), key.query.identification),
+            bytes = weight::entry(key, entry),
+            max_entry_bytes = self.config.load().max_entry_bytes,
+            "an answer is too large to cache: served, not stored, and fetched again at most once per cache.error_backoff; raise cache.max_entry_bytes (or cache.max_bytes) to cache it"
+        );
+    }
+
+    /// The entry for a fetched answer: its lifetime, and for a `200` that is stored, its entity
+    /// tag and compressed copy, made here once so that hits cost neither. When the body is the
+    /// same bytes as the previous entry's (a refresh that brought nothing new), that entry's
+    /// tag and compressed copy are reused. An entry weighing more than `max_entry_bytes` is
+    /// marked `too_large` and given no lifetime: it is served, not stored.
+    pub(super) async fn entry_for(
+        &self,
+        key: &CacheKey,
+        fetched: Fetched,
+        previous: Option<&CachedResponse>,
+    ) -> Arc<CachedResponse> {
+        let Fetched { reply, list } = fetched;
+        let config = self.config.load_full();
+        let now = self.clock.now();
+        let lifetime = policy::ttl_for(reply.status, &config).map(|ttl| Lifetime {
+            fetched_at: now,
+            ttl,
+            stale_while_revalidate: config.stale_while_revalidate,
+            stale_if_error: config.stale_if_error,
+        });
+        let stored_list = lifetime.is_some() && reply.status == StatusCode::OK;
+        let same_bytes = previous.filter(|p| p.etag.is_some() && p.body == reply.body);
+        let etag = stored_list.then(|| match same_bytes {
+            Some(previous) => previous.etag.clone(),
+            None => Some(conditional::entity_tag(&reply.body)),
+        });
+        let gzip = match same_bytes.and_then(|p| p.gzip.clone()) {
+            Some(gzip) if config.gzip => Some(gzip),
+            _ if stored_list => encoding::gzip_for_storage(&reply.body, &config).await,
+            _ => None,
+        };
+        let retain_for = lifetime.map(|l| match &list {
+            Some(_) => l.servable_for().max(config.full_refresh_interval),
+            None => l.servable_for(),
+        });
+        let mut entry = CachedResponse {
+            lifetime,
+            retain_for,
+            etag: etag.flatten(),
+            gzip,
+            // Kept even when not stored: this one answer may still be selected from.
+            list,
+            status: reply.status,
+            content_type: reply.content_type,
+            body: reply.body,
+            fetched_at: now,
+            too_large: false,
+            from_tier: None,
+        };
+        if entry.lifetime.is_some()
+            && u64::from(weight::entry(key, &entry)) > config.max_entry_bytes
+        {
+            entry.too_large = true;
+            entry.lifetime = None;
+            entry.retain_for = None;
+            entry.etag = None;
+        }
+        Arc::new(entry)
+    }
+}
