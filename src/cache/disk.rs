@@ -149,7 +149,19 @@ impl DiskTier {
             tracing::warn!(path = %dir.display(), error = %error, "cannot create the disk tier's directory: running without a disk tier");
             return None;
         }
-        let (db, index) = match open_store(path) {
+        // A gateway that is still closing the file (a restart in progress) lets go of it
+        // within moments.
+        let mut opened = open_store(path);
+        for _ in 0..20 {
+            match &opened {
+                Err(error) if error.contains("already open") => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    opened = open_store(path);
+                }
+                _ => break,
+            }
+        }
+        let (db, index) = match opened {
             Ok(opened) => opened,
             Err(error) if error.contains("already open") => {
                 tracing::warn!(path = %path.display(), "the disk tier's file is in use by another gateway process: running without a disk tier");
@@ -186,7 +198,7 @@ impl DiskTier {
         let db = Arc::new(db);
         let (writes, queue) = mpsc::unbounded_channel();
         tokio::spawn(write_loop(
-            db.clone(),
+            Arc::downgrade(&db),
             queue,
             index,
             config.max_bytes,
@@ -274,7 +286,7 @@ fn aside_path(path: &Path) -> PathBuf {
 
 /// The writer: gathers the writes of one [`BATCH_WINDOW`] into one durable commit.
 async fn write_loop(
-    db: Arc<Database>,
+    db: std::sync::Weak<Database>,
     mut queue: mpsc::UnboundedReceiver<Write>,
     index: Index,
     max_bytes: u64,
@@ -291,7 +303,9 @@ async fn write_loop(
                 Ok(None) | Err(_) => break,
             }
         }
-        let (db, index, counted) = (db.clone(), index.clone(), metrics.clone());
+        // Only the tier holds the file open, so that it is closed the moment the tier goes.
+        let Some(db) = db.upgrade() else { return };
+        let (index, counted) = (index.clone(), metrics.clone());
         let committed = tokio::task::spawn_blocking(move || {
             let mut index = index.lock().unwrap_or_else(|e| e.into_inner());
             commit(&db, batch, &mut index, max_bytes, &counted)
@@ -312,6 +326,7 @@ fn commit(
     metrics: &TierMetrics,
 ) -> Result<(), String> {
     let mut flushed = Vec::new();
+    let mut stored = 0;
     let txn = db.begin_write().map_err(|e| e.to_string())?;
     {
         let mut table = txn.open_table(ENTRIES).map_err(|e| e.to_string())?;
@@ -326,7 +341,7 @@ fn commit(
                         .insert(key.as_str(), value.as_slice())
                         .map_err(|e| e.to_string())?;
                     index.insert(key, field(&value, 0).unwrap_or(0), size);
-                    metrics.stores.inc();
+                    stored += 1;
                     while index.bytes > max_bytes {
                         let Some(oldest) = index.oldest() else { break };
                         table.remove(oldest.as_str()).map_err(|e| e.to_string())?;
@@ -350,6 +365,7 @@ fn commit(
         }
     }
     txn.commit().map_err(|e| e.to_string())?;
+    metrics.stores.inc_by(stored);
     for done in flushed {
         let _ = done.send(());
     }

@@ -42,16 +42,17 @@ impl ResponseCache {
                 .fill_from_box(&key, kind == FetchKind::Forced, terms, fetch)
                 .await;
             let (result, generation, from_box) = match filled {
-                Ok(Filled::Box(fetched, generation)) => {
+                Ok(Filled::Box(Ok(fetched), generation)) => {
                     let status = fetched.reply.status.as_u16();
                     let entry = cache.entry_for(&key, fetched, previous.as_deref()).await;
                     (Ok(entry), generation, Some(status))
                 }
-                Ok(Filled::Tier(entry)) => (Ok(entry), None, None),
-                Err(error) => {
+                Ok(Filled::Box(Err(error), generation)) => {
                     let status = error.status().as_u16();
-                    (Err(error), None, Some(status))
+                    (Err(error), generation, Some(status))
                 }
+                Ok(Filled::Tier(entry)) => (Ok(entry), None, None),
+                Err(error) => (Err(error), None, None),
             };
             let config = cache.config.load_full();
             // What later requests for the key meet during the backoff, if anything.

@@ -197,8 +197,9 @@ impl Tier {
 
 /// Where the one fetch of a key got its answer.
 pub(super) enum Filled {
-    /// From the box: store it, and fill the shared tier under this lease generation.
-    Box(Fetched, Option<u64>),
+    /// The box's answer (or failure): store it, and fill the shared tier (or leave it a
+    /// failure marker) under this lease generation.
+    Box(Result<Fetched, UpstreamError>, Option<u64>),
     /// Another instance filled the shared tier meanwhile.
     Tier(Arc<CachedResponse>),
 }
@@ -266,7 +267,9 @@ impl ResponseCache {
     }
 
     /// The fetch of `key` for the fleet: with the shared tier up, take the key's lease (or
-    /// wait for whoever holds it, or take what they stored); otherwise just `fetch`.
+    /// wait for whoever holds it, or take what they stored); otherwise just `fetch`. An
+    /// `Err` is a failure that never reached the box (another instance's, or the fleet's
+    /// box cap stayed full).
     pub(super) async fn fill_from_box<Fut>(
         &self,
         key: &CacheKey,
@@ -279,13 +282,13 @@ impl ResponseCache {
     {
         let shared = match &self.tier {
             Some(Tier::Shared(shared)) if shared.is_up() => shared,
-            _ => return fetch.await.map(|f| Filled::Box(f, None)),
+            _ => return Ok(Filled::Box(fetch.await, None)),
         };
         // Past the lease (plus a margin), whoever held it is gone: stop waiting.
         let give_up = Instant::now() + terms.lease + Duration::from_secs(1);
         let generation = loop {
             match shared.lead(key, terms.lease, !forced).await {
-                Err(_) => return fetch.await.map(|f| Filled::Box(f, None)),
+                Err(_) => return Ok(Filled::Box(fetch.await, None)),
                 Ok(Lead::Lease(generation)) => break generation,
                 Ok(Lead::Fresh(found)) => {
                     if let Some(entry) =
@@ -302,7 +305,7 @@ impl ResponseCache {
                     });
                 }
                 Ok(Lead::Busy) if Instant::now() >= give_up => {
-                    return fetch.await.map(|f| Filled::Box(f, None));
+                    return Ok(Filled::Box(fetch.await, None));
                 }
                 Ok(Lead::Busy) => shared.wait_for_fill(jittered()).await,
             }
@@ -327,7 +330,7 @@ impl ResponseCache {
                 Ok(None) => tokio::time::sleep(jittered()).await,
             }
         };
-        fetch.await.map(|f| Filled::Box(f, Some(generation)))
+        Ok(Filled::Box(fetch.await, Some(generation)))
     }
 
     /// After a fetch: write a stored entry to the tier (under the lease it was fetched

@@ -3,6 +3,7 @@
 
 mod cli;
 mod deploy;
+mod fleet;
 mod hostile;
 mod memory;
 mod proxy;

@@ -3,6 +3,8 @@
 //! The client writes request targets byte for byte (no URL normalization), so tests can send
 //! `..`, encoded slashes and other input a real HTTP library would clean up first.
 
+pub mod redis;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
