@@ -289,8 +289,9 @@ pub struct ResponseCache {
     /// TTLs and windows in force; replaced on reload (`max_bytes` is fixed when built).
     config: Arc<ArcSwap<CacheConfig>>,
     clock: Arc<dyn Clock>,
-    /// The second tier, when one is configured and usable.
-    tier: Option<Tier>,
+    /// The second tier, once opened (see [`ResponseCache::open_tier`]), when one is
+    /// configured and usable.
+    tier: Arc<std::sync::OnceLock<Tier>>,
     /// Looks into the tier in progress: one per key at a time.
     loads: Flights,
 }
@@ -307,41 +308,53 @@ async fn completion(receiver: &mut watch::Receiver<Option<FetchResult>>) -> Fetc
 const MAX_REMEMBERED_FAILURES: u64 = 100_000;
 
 impl ResponseCache {
-    /// A cache bounded by `config.max_bytes`, in front of the second tier `config.tier`
-    /// names (opened here; a tier that cannot be used is reported and left out).
+    /// A cache bounded by `config.max_bytes`; removals are counted in `metrics`. Its second
+    /// tier is opened by [`ResponseCache::open_tier`], when the server starts.
     pub fn new(config: CacheConfig, clock: Arc<dyn Clock>, metrics: &Metrics) -> Self {
         let store = MemoryStore::new(config.max_bytes, metrics.evictions());
-        let (tier, notices) = Tier::open(config.tier.as_ref(), metrics);
         // The backoff itself is judged by the injected clock; this only bounds memory, with
         // room for a longer backoff set by a reload.
         let failures = moka::future::Cache::builder()
             .max_capacity(MAX_REMEMBERED_FAILURES)
             .time_to_live(config.error_backoff.max(Duration::from_secs(60)))
             .build();
-        let cache = Self {
+        Self {
             store,
             failures,
             warned_too_large: moka::future::Cache::new(MAX_REMEMBERED_FAILURES),
             in_flight: Flights::default(),
             config: Arc::new(ArcSwap::from_pointee(config)),
             clock,
-            tier,
+            tier: Arc::default(),
             loads: Flights::default(),
-        };
-        if let Some(notices) = notices {
-            cache.follow_notices(notices);
         }
-        cache
+    }
+
+    /// Open the second tier `config` names, once, inside the runtime (the shared tier starts
+    /// following the fleet's notices). Never fails: a tier that cannot be used is reported
+    /// and left out. `check-config` never calls it, so checking touches neither Redis nor
+    /// the disk.
+    pub fn open_tier(&self, config: Option<&crate::config::TierConfig>, metrics: &Metrics) {
+        if self.tier.get().is_some() {
+            return;
+        }
+        let (tier, notices) = Tier::open(config, metrics);
+        if let Some(tier) = tier
+            && self.tier.set(tier).is_ok()
+            && let Some(notices) = notices
+        {
+            self.follow_notices(notices);
+        }
     }
 
     /// The second tier in use, if any.
     pub fn tier(&self) -> Option<&Tier> {
-        self.tier.as_ref()
+        self.tier.get()
     }
 
     /// Wait until what the tier has queued is stored (on shutdown).
     pub async fn flush(&self) {
-        if let Some(tier) = &self.tier {
+        if let Some(tier) = self.tier.get() {
             tier.flush().await;
         }
     }
@@ -376,7 +389,7 @@ impl ResponseCache {
         if stored.is_none()
             && let Some(entry) = self.promote(&key).await
         {
-            tier = self.tier.as_ref().map(Tier::name);
+            tier = self.tier.get().map(Tier::name);
             stored = Some(entry);
         }
         let mut outcome = self.answer(key, terms, fetch, stored, &mut fallback).await;

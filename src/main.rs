@@ -180,8 +180,20 @@ fn check_config(path: &Path) -> ExitCode {
         }
     };
     let names: Vec<String> = config.accounts.keys().cloned().collect();
+    let tier = match &config.cache.tier {
+        Some(config::TierConfig::Shared(shared)) => {
+            format!(
+                ", second tier: shared (Redis, prefix {})",
+                shared.key_prefix
+            )
+        }
+        Some(config::TierConfig::Disk(disk)) => {
+            format!(", second tier: disk ({})", disk.path.display())
+        }
+        None => String::new(),
+    };
     let summary = format!(
-        "{}: ok: {} account(s) ({}), listen {}{}, admin {}, ttl {}, negative_ttl {}, max_bytes {}",
+        "{}: ok: {} account(s) ({}), listen {}{}, admin {}, ttl {}, negative_ttl {}, max_bytes {}{tier}",
         path.display(),
         names.len(),
         names.join(", "),

@@ -212,7 +212,7 @@ fn jittered() -> Duration {
 impl ResponseCache {
     /// The entry the tier holds for `key`, put in memory; one look per key at a time.
     pub(super) async fn promote(&self, key: &CacheKey) -> Option<Arc<CachedResponse>> {
-        let tier = self.tier.as_ref()?;
+        let tier = self.tier.get()?;
         match self.loads.join_or_lead(key) {
             Joined::Follower(mut receiver) => completion(&mut receiver).await.ok(),
             Joined::Leader(flight, _receiver) => {
@@ -280,7 +280,7 @@ impl ResponseCache {
     where
         Fut: std::future::Future<Output = Result<Fetched, UpstreamError>>,
     {
-        let shared = match &self.tier {
+        let shared = match self.tier.get() {
             Some(Tier::Shared(shared)) if shared.is_up() => shared,
             _ => return Ok(Filled::Box(fetch.await, None)),
         };
@@ -342,7 +342,7 @@ impl ResponseCache {
         result: &Result<Arc<CachedResponse>, UpstreamError>,
         status: u16,
     ) {
-        let Some(tier) = self.tier.clone() else {
+        let Some(tier) = self.tier.get().cloned() else {
             return;
         };
         let config = self.config.load_full();
@@ -388,7 +388,7 @@ impl ResponseCache {
     /// Remove `scope` from the tier and tell the fleet; how many entries went there (for the
     /// disk, queued removals are not counted).
     pub(super) async fn purge_tier(&self, scope: &Scope) -> Option<usize> {
-        match self.tier.as_ref()? {
+        match self.tier.get()? {
             Tier::Shared(shared) => shared.purge(&scope.patterns(), &scope.notice()).await.ok(),
             Tier::Disk(disk) => {
                 disk.remove_matching(scope.clone());
@@ -400,7 +400,7 @@ impl ResponseCache {
     /// Tell the fleet's other instances to drop `scope` from memory (they read it from the
     /// tier next time), without touching the tier.
     pub async fn announce(&self, scope: &Scope) {
-        if let Some(Tier::Shared(shared)) = &self.tier {
+        if let Some(Tier::Shared(shared)) = self.tier.get() {
             let _ = shared.publish(&scope.notice()).await;
         }
     }

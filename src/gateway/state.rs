@@ -184,6 +184,12 @@ impl AppState {
         Ok(report)
     }
 
+    /// Open the cache's second tier (the one the process started with), inside the runtime.
+    pub fn open_tier(&self) {
+        self.cache
+            .open_tier(self.started.cache.tier.as_ref(), &self.metrics);
+    }
+
     /// Requests waiting for a box fetch now, leaders and collapsed waiters alike: what tests
     /// and the status page watch to know a miss is under way.
     pub fn waiting(&self) -> usize {
@@ -257,6 +263,7 @@ impl ReloadReport {
             ),
             ("admin.listen", a.admin.listen != b.admin.listen),
             ("cache.max_bytes", a.cache.max_bytes != b.cache.max_bytes),
+            ("cache.shared / cache.disk", a.cache.tier != b.cache.tier),
             ("log.format", a.log.format != b.log.format),
             ("log.audit_file", a.log.audit_file != b.log.audit_file),
         ];
