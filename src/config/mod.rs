@@ -237,6 +237,66 @@ mod tests {
         api_key_hashes = ["9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"]
     "#;
 
+    /// The problems `text` (with [`MINIMAL`]'s account after it) is refused for.
+    fn problems_of(text: &str) -> String {
+        let text = format!("{text}\n{MINIMAL}");
+        match from_toml_str(&text, "test.toml") {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_second_tier_is_shared_or_disk_never_both_and_its_url_stays_secret() {
+        let both = problems_of(
+            "[cache.shared]\nurl = \"redis://h:6379\"\n[cache.disk]\npath = \"/tmp/c.redb\"",
+        );
+        assert!(
+            both.contains("both [cache.shared] and [cache.disk]"),
+            "{both}"
+        );
+        let password = "pw-do-not-show-91";
+        let text = format!(
+            "[cache.shared]\nurl = \"redis://:{password}@10.0.0.5:6379/0\"\ntimeout = \"250ms\"\n{MINIMAL}"
+        );
+        let config = from_toml_str(&text, "test.toml").unwrap();
+        let Some(TierConfig::Shared(shared)) = &config.cache.tier else {
+            panic!("a shared tier")
+        };
+        assert_eq!(shared.key_prefix, DEFAULT_KEY_PREFIX);
+        assert_eq!(shared.timeout, std::time::Duration::from_millis(250));
+        assert!(
+            !format!("{config:?}").contains(password),
+            "Debug hides the URL"
+        );
+        for (bad, says) in [
+            ("url = \"http://h:6379\"", "expected redis://"),
+            (
+                "url = \"redis://:pw-do-not-show-91@\"",
+                "expected redis://host",
+            ),
+            (
+                "url = \"redis://h\"\nurl_file = \"/x\"",
+                "exactly one of url, url_file and url_credential",
+            ),
+            ("", "missing: set url, url_file or url_credential"),
+            (
+                "url = \"redis://h\"\nkey_prefix = \"a b\"",
+                "cache.shared.key_prefix",
+            ),
+            (
+                "url = \"redis://h\"\ntimeout = \"0s\"",
+                "cache.shared.timeout",
+            ),
+        ] {
+            let problems = problems_of(&format!("[cache.shared]\n{bad}"));
+            assert!(problems.contains(says), "{bad}: {problems}");
+            assert!(!problems.contains(password), "{problems}");
+        }
+        let disk = problems_of("[cache.disk]\nmax_bytes = \"1GiB\"");
+        assert!(disk.contains("cache.disk.path: missing"), "{disk}");
+    }
+
     #[test]
     fn defaults_apply() {
         let config = from_toml_str(MINIMAL, "test.toml").unwrap();

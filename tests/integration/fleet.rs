@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use miralix_gateway::simulator::{Simulator, SimulatorTls};
 
-use crate::support::redis::{Redis, signal};
+use crate::support::redis::{Redis, free_port, signal};
 use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_miralix-gateway");
@@ -507,4 +507,127 @@ async fn a_corrupt_disk_file_is_moved_aside_and_the_gateway_starts_cold() {
     let reply = request(addr, "GET", &path("id", "103"), &[]).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("x-cache"), Some("MISS"));
+}
+
+const REDIS_PASSWORD: &str = "rds-8Kq2-do-not-leak-w4Zt";
+
+#[tokio::test]
+async fn over_rediss_with_a_password_nothing_secret_reaches_logs_metrics_or_the_store() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(certs.path());
+    let tls_port = free_port();
+    let redis = Redis::start_with(
+        [
+            "--requirepass",
+            REDIS_PASSWORD,
+            "--tls-port",
+            &tls_port.to_string(),
+            "--tls-cert-file",
+            &ca.cert_path.display().to_string(),
+            "--tls-key-file",
+            &ca.key_path.display().to_string(),
+            "--tls-auth-clients",
+            "no",
+            "--rdbcompression",
+            "no",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    );
+    let boxsim = plain_box().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url_file = dir.path().join("redis.url");
+    std::fs::write(
+        &url_file,
+        format!("rediss://:{REDIS_PASSWORD}@127.0.0.1:{tls_port}/0\n"),
+    )
+    .unwrap();
+    let ca_file = dir.path().join("redis-ca.pem");
+    std::fs::write(&ca_file, &ca.ca_pem).unwrap();
+    let config = write_config(
+        dir.path(),
+        "g.toml",
+        &format!(
+            "[cache.shared]\nurl_file = \"{}\"\nca_file = \"{}\"",
+            url_file.display(),
+            ca_file.display()
+        ),
+        &boxsim.base_url(),
+        &format!("api_keys = [\"{API_KEY}\"]"),
+    );
+    let spawn = || {
+        let mut gateway = Running::spawn(
+            Command::new(BIN)
+                .args(["serve", "--config"])
+                .arg(&config)
+                .env("RUST_LOG", "debug,hyper=info,h2=info,rustls=info"),
+            false,
+        );
+        let serving = gateway.wait_for("miralix-gateway serving");
+        let addrs = (
+            addr_after(&serving, "public="),
+            addr_after(&serving, "admin="),
+        );
+        (gateway, addrs)
+    };
+    let (a, (a_addr, a_admin)) = spawn();
+    let (b, (b_addr, b_admin)) = spawn();
+    let key = [("x-api-key", API_KEY)];
+    let first = request(a_addr, "GET", &path("id", "103"), &key).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let second = request(b_addr, "GET", &path("id", "103"), &key).await;
+    assert!(
+        from_shared(&second),
+        "shared over TLS with a password: {:?}",
+        second.header("cache-status")
+    );
+    let mut seen = String::new();
+    for admin in [a_admin, b_admin] {
+        seen.push_str(&metrics_of(admin).await);
+        seen.push_str(&request(admin, "GET", "/readyz", &[]).await.text());
+    }
+    let check = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(check.status.success());
+    let summary = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert!(summary.contains("second tier: shared"), "{summary}");
+    seen.push_str(&summary);
+    seen.push_str(&String::from_utf8_lossy(&check.stderr));
+    seen.push_str(&a.finish());
+    seen.push_str(&b.finish());
+    // The whole store, as Redis itself saves it, uncompressed.
+    let dump = redis.dir().join("store.rdb");
+    let saved = Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "-a",
+            REDIS_PASSWORD,
+            "--no-auth-warning",
+            "--rdb",
+        ])
+        .arg(&dump)
+        .output()
+        .expect("redis-cli (redis-tools, a dependency of redis-server)");
+    assert!(
+        saved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&saved.stderr)
+    );
+    let store = String::from_utf8_lossy(&std::fs::read(&dump).unwrap()).into_owned();
+    assert!(
+        store.contains("Derek Andersen"),
+        "the dump holds the list, so the checks below can fail"
+    );
+    assert!(store.contains("miralix-gateway:entry:greenbox/id/103"));
+    for secret in [REDIS_PASSWORD, SECRET, API_KEY] {
+        assert!(
+            !seen.contains(secret),
+            "{secret} leaked into logs, metrics or check-config"
+        );
+        assert!(!store.contains(secret), "{secret} is in the shared store");
+    }
 }

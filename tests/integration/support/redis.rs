@@ -9,6 +9,8 @@ pub struct Redis {
     pub port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// More `redis-server` arguments (a password, a TLS port).
+    extra: Vec<String>,
 }
 
 /// The server binary; the tests need it (`apt-get install redis-server`, which `.ci/run` does).
@@ -29,18 +31,24 @@ fn binary() -> &'static str {
 impl Redis {
     /// A new server on a free port.
     pub fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        Self::start_with(Vec::new())
+    }
+
+    /// A new server on a free port, with more arguments.
+    pub fn start_with(extra: Vec<String>) -> Self {
         let mut redis = Self {
-            port,
+            port: free_port(),
             child: None,
             dir: tempfile::tempdir().unwrap(),
+            extra,
         };
         redis.launch();
         redis
+    }
+
+    /// The server's working directory.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     /// `redis://127.0.0.1:<port>/0`.
@@ -62,6 +70,7 @@ impl Redis {
             ])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -74,17 +83,17 @@ impl Redis {
         }
     }
 
-    /// Whether the server answers `PING` now.
+    /// Whether the server answers `PING` now (`+PONG`, or `-NOAUTH` with a password).
     pub fn answers(&self) -> bool {
         use std::io::{Read, Write};
         let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };
         let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
-        let mut reply = [0u8; 7];
+        let mut reply = [0u8; 1];
         stream.write_all(b"PING\r\n").is_ok()
             && stream.read_exact(&mut reply).is_ok()
-            && &reply == b"+PONG\r\n"
+            && matches!(&reply, b"+" | b"-")
     }
 
     fn pid(&self) -> String {
@@ -114,6 +123,15 @@ impl Redis {
     pub fn thaw(&self) {
         signal("CONT", &self.pid());
     }
+}
+
+/// A loopback port nothing listens on now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn signal(name: &str, pid: &str) {
