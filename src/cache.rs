@@ -1,10 +1,11 @@
 //! The response cache: stored upstream answers keyed by normalized request, with coalescing,
 //! stale serving and per-key error backoff.
 //!
-//! The pieces: [`store`] (the in-memory tier, a byte-bounded moka cache weighed by [`weight`]:
-//! the seam a second tier plugs in behind), `flight` (fetches in progress), [`policy`]
-//! (freshness and the delta-or-full rule, pure, taking `now`), [`conditional`] and
-//! [`encoding`] (entity tags and gzip).
+//! The pieces: [`store`] (the in-memory tier, a byte-bounded moka cache weighed by [`weight`]),
+//! `flight` (fetches in progress), `fill` (what a fetch's task stores and lands), [`tier`] (the
+//! second tier behind memory: [`shared`] on Redis or `disk` on redb, entries travelling as
+//! [`record`]s), [`policy`] (freshness and the delta-or-full rule, pure, taking `now`),
+//! [`conditional`] and [`encoding`] (entity tags and gzip).
 //!
 //! Entries live in a byte-bounded moka cache. Whether an entry may be served is decided by the
 //! pure rules in [`policy`] from the injected clock: fresh, stale while a refresh runs, stale

@@ -14,7 +14,9 @@
 //! - [`route`] and [`identity`]: parse the request target and normalize the identification.
 //! - [`cache`] (+ [`cache::policy`], [`cache::conditional`], [`cache::encoding`]): stored
 //!   answers, coalescing, stale serving, error backoff; pure freshness rules; entity tags;
-//!   gzip made once at store time.
+//!   gzip made once at store time. [`cache::tier`]: the second tier behind memory, shared
+//!   ([`cache::shared`], Redis or Valkey: one box request per key for a fleet) or on disk
+//!   (redb: restarts start warm).
 //! - [`recordings`]: a list parsed into its elements (id + exact bytes) for `fromQueueCallId`
 //!   selection and delta merges.
 //! - [`clock`]: the injectable time source every freshness decision reads.
@@ -53,10 +55,13 @@
 //!   (TLS, client certificate)       │  ─► route::parse ─► identity::normalize ─► auth::check
 //!                                   │
 //!                                   ├─► cache::ResponseCache::get_or_fetch ─► hit: stored Bytes
-//!                                   │        │  (fromQueueCallId: selected from the full list)
+//!                                   │        │  (fromQueueCallId: selected from the full list;
+//!                                   │        │  a memory miss looks in the second tier first)
 //!                                   │        └─ miss: one spawned fetch per key (a delta when a
 //!                                   │           stored list can be extended), shared by every
-//!                                   │           concurrent waiter, stored by policy, gzipped once
+//!                                   │           concurrent waiter (and, through a lease in
+//!                                   │           Redis, by the fleet), stored by policy, gzipped
+//!                                   │           once, written through to the second tier
 //!                                   ├─► audio: UpstreamClient::audio, streamed, never stored
 //!                                   └─► response headers (X-Cache, Cache-Status, Age,
 //!                                       Cache-Control) + one access-log event + metrics
