@@ -2,8 +2,9 @@
 //! TCP or TLS, for the scenarios `wrk` cannot express. Prints one JSON object of latency
 //! statistics in milliseconds.
 //!
-//! - `probe storm URL N`: N connections opened first, then one request each, all at once
-//!   (a cold-miss storm).
+//! - `probe storm URL N [--spread URL]...`: N connections opened first (round-robin over URL
+//!   and every `--spread` URL: a storm over a fleet), then one request each, all at once (a
+//!   cold-miss storm).
 //! - `probe sequence BASE TEMPLATE FROM COUNT`: COUNT requests for distinct keys (`{n}` in
 //!   TEMPLATE runs from FROM), over `--parallel` keep-alive connections (misses, or filling the
 //!   cache).
@@ -37,6 +38,9 @@ enum Command {
     Storm {
         url: Url,
         concurrency: usize,
+        /// More servers to spread the connections over (the same path on each).
+        #[arg(long)]
+        spread: Vec<Url>,
     },
     Sequence {
         base: Url,
@@ -168,11 +172,17 @@ async fn main() {
     let cli = Cli::parse();
     let client = Arc::new(Client::new(cli.ca.as_deref(), &cli.headers));
     let samples = match cli.command {
-        Command::Storm { url, concurrency } => {
+        Command::Storm {
+            url,
+            concurrency,
+            spread,
+        } => {
             let start = Arc::new(tokio::sync::Barrier::new(concurrency));
+            let targets: Vec<Url> = std::iter::once(url).chain(spread).collect();
             let mut tasks = Vec::new();
-            for _ in 0..concurrency {
-                let (client, url, start) = (client.clone(), url.clone(), start.clone());
+            for n in 0..concurrency {
+                let url = targets[n % targets.len()].clone();
+                let (client, start) = (client.clone(), start.clone());
                 tasks.push(tokio::spawn(async move {
                     let mut stream = client.connect(&url).await;
                     start.wait().await;

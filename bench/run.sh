@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark: miralix-gateway against nginx proxy_cache and a static-file reference, on this
 # machine, in one run. Installs what it needs on Debian/Ubuntu, builds the release binary and the
-# load probe, then runs bench/bench.py. Results: bench/results/latest.{md,json}, ratios.png and
-# the results section of bench/README.md.
+# load probe, then runs bench/bench.py and bench/fleet.py. Results: bench/results/latest.{md,json},
+# fleet.json, ratios.png and the results sections of bench/README.md.
 #
 # Knobs: BENCH_ROUNDS (default 3), BENCH_DURATION (wrk duration per run, default 10s).
 set -euo pipefail
@@ -15,6 +15,7 @@ command -v gnuplot >/dev/null 2>&1 || need+=(gnuplot-nox)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v taskset >/dev/null 2>&1 || need+=(util-linux)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 if [ ${#need[@]} -gt 0 ]; then
   echo "[bench] installing ${need[*]}"
   sudo=""
@@ -30,4 +31,6 @@ fi
 echo "[bench] building the release binary and the load probe"
 cargo build --release --locked --bin miralix-gateway --example probe
 
-exec python3 bench/bench.py
+python3 bench/bench.py
+# The second tier's rows (a fleet on one Redis, a restart on the disk tier).
+exec python3 bench/fleet.py
