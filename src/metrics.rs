@@ -3,6 +3,9 @@
 //! Per-account series are resolved once into an [`AccountMetrics`] when the account is set up,
 //! so the hit path only bumps an atomic and never allocates a label set.
 
+pub mod exposition;
+mod process;
+
 use std::fmt::Write as _;
 use std::sync::OnceLock;
 
@@ -52,6 +55,39 @@ struct FetchLabels {
     account: String,
     /// `full`, `delta` or `filtered` (see [`ListFetch`]).
     kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    /// The access log's `cache` value: `hit`, `miss`, `collapsed`, `stale-revalidating`,
+    /// `stale-error`, `backoff` or `none`.
+    cache: &'static str,
+}
+
+/// The `cache` values of the request duration histogram, resolved up front.
+pub const CACHE_VALUES: [&str; 7] = [
+    "hit",
+    "miss",
+    "collapsed",
+    "stale-revalidating",
+    "stale-error",
+    "backoff",
+    "none",
+];
+
+/// Upper bounds (seconds) of the client request histogram: a hit takes well under a
+/// millisecond, a miss as long as the box.
+const REQUEST_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0,
+];
+
+fn request_histogram() -> Histogram {
+    Histogram::new(REQUEST_BUCKETS)
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -115,6 +151,7 @@ pub struct Metrics {
     requests_by_status: Box<[OnceLock<Counter>]>,
     cache_entries: Gauge,
     cache_bytes: Gauge,
+    cache_max_bytes: Gauge,
     stale: Family<ReasonLabels, Counter>,
     refreshes: Family<AccountLabels, Counter>,
     refresh_failures: Family<AccountLabels, Counter>,
@@ -136,6 +173,10 @@ pub struct Metrics {
     tier_stores: Family<TierLabels, Counter>,
     tier_fills_rejected: Family<TierLabels, Counter>,
     tier_command_seconds: Family<TierLabels, Histogram, fn() -> Histogram>,
+    build_info: Family<BuildLabels, Gauge>,
+    request_duration: Family<CacheLabels, Histogram, fn() -> Histogram>,
+    /// `request_duration` per [`CACHE_VALUES`], resolved once.
+    request_duration_by_cache: Vec<Histogram>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -152,7 +193,20 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("miralix_gateway");
+        // The standard process metrics keep their usual names; everything else is prefixed.
+        let mut root = Registry::default();
+        root.register_collector(Box::new(process::ProcessCollector::new()));
+        let registry = root.sub_registry_with_prefix("miralix_gateway");
+        let request_duration: Family<CacheLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(request_histogram);
+        let request_duration_by_cache = CACHE_VALUES
+            .iter()
+            .map(|cache| {
+                request_duration
+                    .get_or_create(&CacheLabels { cache })
+                    .clone()
+            })
+            .collect();
         let metrics = Self {
             hits: Family::default(),
             misses: Family::default(),
@@ -163,6 +217,7 @@ impl Metrics {
             requests_by_status: (0..1000).map(|_| OnceLock::new()).collect(),
             cache_entries: Gauge::default(),
             cache_bytes: Gauge::default(),
+            cache_max_bytes: Gauge::default(),
             stale: Family::default(),
             refreshes: Family::default(),
             refresh_failures: Family::default(),
@@ -184,6 +239,9 @@ impl Metrics {
             tier_stores: Family::default(),
             tier_fills_rejected: Family::default(),
             tier_command_seconds: Family::new_with_constructor(tier_histogram),
+            build_info: Family::default(),
+            request_duration,
+            request_duration_by_cache,
             registry: Registry::default(),
         };
         registry.register(
@@ -226,6 +284,11 @@ impl Metrics {
             "cache_bytes",
             "Bytes currently held by the cache, as weighed against cache.max_bytes",
             metrics.cache_bytes.clone(),
+        );
+        registry.register(
+            "cache_max_bytes",
+            "cache.max_bytes: the bound cache_bytes is held under",
+            metrics.cache_max_bytes.clone(),
         );
         registry.register(
             "cache_stale_served",
@@ -335,9 +398,39 @@ impl Metrics {
             Unit::Seconds,
             metrics.tier_command_seconds.clone(),
         );
+        metrics
+            .build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "Always 1; the version label is the gateway's version",
+            metrics.build_info.clone(),
+        );
+        registry.register_with_unit(
+            "request_duration",
+            "Time from a request's arrival on the public listener to its answer's head, by how the cache answered it",
+            Unit::Seconds,
+            metrics.request_duration.clone(),
+        );
         Self {
-            registry,
+            registry: root,
             ..metrics
+        }
+    }
+
+    /// The bound `cache_bytes` is held under (`cache.max_bytes`, fixed at start-up).
+    pub fn set_cache_max_bytes(&self, max_bytes: u64) {
+        self.cache_max_bytes
+            .set(i64::try_from(max_bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Time one request on the public listener took, by its access log `cache` value.
+    pub fn record_request_duration(&self, cache: &str, seconds: f64) {
+        if let Some(index) = CACHE_VALUES.iter().position(|c| *c == cache) {
+            self.request_duration_by_cache[index].observe(seconds);
         }
     }
 
@@ -455,8 +548,9 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition, with the cache gauges set to the given values first.
-    pub fn render(&self, cache_entries: u64, cache_bytes: u64) -> String {
+    /// The exposition, OpenMetrics or classic 0.0.4 text (see [`exposition`]), with the
+    /// cache gauges set to the given values first.
+    pub fn render(&self, cache_entries: u64, cache_bytes: u64, openmetrics: bool) -> String {
         self.cache_entries
             .set(i64::try_from(cache_entries).unwrap_or(i64::MAX));
         self.cache_bytes
@@ -466,7 +560,10 @@ impl Metrics {
             // Encoding into a String cannot fail; say so in the output rather than panic.
             let _ = writeln!(text, "# metrics encoding failed");
         }
-        text
+        match openmetrics {
+            true => text,
+            false => exposition::to_text_004(&text),
+        }
     }
 }
 
@@ -522,7 +619,8 @@ mod tests {
         greenbox.misses.inc();
         greenbox.record_upstream("200", 0.02);
         metrics.record_response(StatusCode::OK);
-        let text = metrics.render(3, 4096);
+        metrics.record_request_duration("hit", 0.0002);
+        let text = metrics.render(3, 4096, false);
         for line in [
             "miralix_gateway_cache_hits_total{account=\"greenbox\"} 1",
             "miralix_gateway_cache_misses_total{account=\"greenbox\"} 1",
@@ -532,8 +630,25 @@ mod tests {
             "miralix_gateway_requests_total{status=\"200\"} 1",
             "miralix_gateway_cache_entries 3",
             "miralix_gateway_cache_bytes 4096",
+            "# TYPE miralix_gateway_cache_hits_total counter",
+            "miralix_gateway_build_info{version=\"",
+            "miralix_gateway_request_duration_seconds_count{cache=\"hit\"} 1",
+            "# TYPE process_cpu_seconds_total counter",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_start_time_seconds ",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "0.0.4 text"
+        );
+        let openmetrics = metrics.render(3, 4096, true);
+        assert!(
+            openmetrics.ends_with("# EOF\n"),
+            "OpenMetrics ends in # EOF"
+        );
+        assert!(openmetrics.contains("# TYPE miralix_gateway_cache_hits counter"));
     }
 }

@@ -15,6 +15,7 @@ use crate::auth::{self};
 use crate::cache::{CacheKey, Scope};
 use crate::config::CacheConfig;
 use crate::error::{ProxyError, json_error};
+use crate::metrics::exposition;
 use crate::route::{self, AgentQuery, CacheTarget};
 use crate::telemetry::AUDIT_LOG;
 use crate::upstream::protect::BreakerState;
@@ -35,14 +36,22 @@ pub async fn handle_admin<B>(state: Arc<AppState>, request: Request<B>) -> Respo
         match path {
             "/metrics" => {
                 state.cache.sync().await;
-                let text = state
-                    .metrics
-                    .render(state.cache.entry_count(), state.cache.weighted_size());
-                let mut response = Response::new(Full::new(Bytes::from(text)));
-                response.headers_mut().insert(
-                    CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                let accept = request.headers().get(http::header::ACCEPT);
+                let openmetrics =
+                    exposition::wants_openmetrics(accept.and_then(|a| a.to_str().ok()));
+                let text = state.metrics.render(
+                    state.cache.entry_count(),
+                    state.cache.weighted_size(),
+                    openmetrics,
                 );
+                let mut response = Response::new(Full::new(Bytes::from(text)));
+                let content_type = match openmetrics {
+                    true => exposition::OPENMETRICS,
+                    false => exposition::TEXT_004,
+                };
+                response
+                    .headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
                 response
             }
             "/healthz" => plain(StatusCode::OK, "ok\n"),

@@ -147,6 +147,7 @@ impl AppState {
     /// Build the clients, cache and metrics for a validated configuration.
     pub fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StateError> {
         let metrics = Metrics::new();
+        metrics.set_cache_max_bytes(config.cache.max_bytes);
         let cache = ResponseCache::new(config.cache.clone(), clock.clone(), &metrics);
         let started = config.clone();
         let generation = Generation::build(config, None, &metrics, &clock)?;

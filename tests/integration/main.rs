@@ -6,6 +6,7 @@ mod deploy;
 mod fleet;
 mod hostile;
 mod memory;
+mod observability;
 mod proxy;
 mod recordings;
 mod resilience;

@@ -453,12 +453,32 @@ pub fn parse_reply(raw: &[u8]) -> Option<Reply> {
         .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
     {
         body.truncate(length.parse().ok()?);
+    } else if headers.iter().any(|(n, v)| {
+        n.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+    }) {
+        body = dechunk(&body)?;
     }
     Some(Reply {
         status: response.code?,
         headers,
         body,
     })
+}
+
+/// A chunked body (as other servers than the gateway send, e.g. Prometheus) decoded.
+fn dechunk(mut raw: &[u8]) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = raw.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&raw[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        raw = &raw[line_end + 2..];
+        if size == 0 {
+            return Some(body);
+        }
+        body.extend_from_slice(raw.get(..size)?);
+        raw = raw.get(size + 2..)?;
+    }
 }
 
 /// A client connection kept open across requests (plain TCP or TLS).
