@@ -83,6 +83,26 @@ pub struct UpstreamReply {
 }
 
 /// Which kind of list request went to the box, for metrics.
+/// The trace context passed on to the box with a request: the request id and W3C
+/// `traceparent` of the client request that caused it.
+#[derive(Debug, Clone, Default)]
+pub struct Forwarded {
+    pub request_id: Option<HeaderValue>,
+    pub traceparent: Option<HeaderValue>,
+}
+
+impl Forwarded {
+    fn apply(&self, mut request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        if let Some(id) = &self.request_id {
+            request = request.header("x-request-id", id.clone());
+        }
+        if let Some(traceparent) = &self.traceparent {
+            request = request.header("traceparent", traceparent.clone());
+        }
+        request
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ListFetch {
     /// The whole list.
@@ -352,9 +372,10 @@ impl UpstreamClient {
         &self,
         queue_call_id: u64,
         client_headers: &HeaderMap,
+        forwarded: &Forwarded,
     ) -> Result<reqwest::Response, UpstreamError> {
         let url = self.audio_url(queue_call_id);
-        let mut request = self.streaming.get(&url);
+        let mut request = forwarded.apply(self.streaming.get(&url));
         request = request.header(ACCEPT, HeaderValue::from_static("*/*"));
         for name in AUDIO_REQUEST_HEADERS {
             for value in client_headers.get_all(&name) {
@@ -378,19 +399,20 @@ impl UpstreamClient {
     /// A request that failed before any byte of an answer arrived (connection refused or reset,
     /// TLS failure) is sent once more after a short random pause: a GET is safe to repeat. A
     /// timeout is not retried; the box is slow, not gone.
-    pub async fn get_list(&self, request: &AgentQuery) -> Result<UpstreamReply, UpstreamError> {
+    pub async fn get_list(
+        &self,
+        request: &AgentQuery,
+        forwarded: &Forwarded,
+    ) -> Result<UpstreamReply, UpstreamError> {
         let url = self.url_for(request);
-        let response = match self.http.get(&url).send().await {
+        let get = || forwarded.apply(self.http.get(&url));
+        let response = match get().send().await {
             Ok(response) => response,
             Err(error) if error.is_timeout() => return Err(self.classify(error)),
             Err(error) => {
                 tracing::debug!(account = %self.account, error = %error, "retrying once");
                 tokio::time::sleep(retry_pause()).await;
-                self.http
-                    .get(&url)
-                    .send()
-                    .await
-                    .map_err(|e| self.classify(e))?
+                get().send().await.map_err(|e| self.classify(e))?
             }
         };
         let status = response.status();

@@ -190,7 +190,15 @@ pub(super) async fn refresh_now(
             key,
             account.fetch_terms(),
             |key, kind, previous, waiters| {
-                fetch_list(account, key.query.clone(), kind, previous, waiters, plan)
+                fetch_list(
+                    account,
+                    key.query.clone(),
+                    kind,
+                    previous,
+                    waiters,
+                    plan,
+                    Default::default(),
+                )
             },
         )
         .await;

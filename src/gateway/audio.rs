@@ -29,7 +29,10 @@ pub(super) async fn audio_response<B>(
         .map_err(|_| ProxyError::AudioBusy(account.settings.upstream.max_audio_streams))?;
     let started = Instant::now();
     let head = request.method() == Method::HEAD;
-    let upstream = account.client.audio(queue_call_id, request.headers()).await;
+    let upstream = account
+        .client
+        .audio(queue_call_id, request.headers(), &access.trace.forwarded())
+        .await;
     let outcome = match &upstream {
         Ok(response) => response.status().as_u16().to_string(),
         Err(error) => {

@@ -15,7 +15,7 @@ use crate::metrics::AccountMetrics;
 use crate::recordings::RecordingList;
 use crate::route::AgentQuery;
 use crate::upstream::protect::Protection;
-use crate::upstream::{ListFetch, UpstreamClient, UpstreamError, UpstreamReply};
+use crate::upstream::{Forwarded, ListFetch, UpstreamClient, UpstreamError, UpstreamReply};
 
 /// What decides between a delta and a full refresh, read when the fetch is set up.
 #[derive(Debug, Clone, Copy)]
@@ -38,11 +38,13 @@ pub(super) fn fetch_list(
     previous: Previous,
     waiters: Waiters,
     plan: RefreshPlan,
+    forwarded: Forwarded,
 ) -> impl Future<Output = Result<Fetched, UpstreamError>> + Send + 'static {
     let box_ = BoxRequest {
         client: account.client.clone(),
         metrics: account.metrics.clone(),
         protection: account.protection.clone(),
+        forwarded,
     };
     // The stored full list a delta would extend: a `200` parsed into its elements.
     let base = previous
@@ -133,11 +135,13 @@ pub(super) fn merged(
     }
 }
 
-/// What one request to the box needs: the client, its protection and the metrics.
+/// What one request to the box needs: the client, its protection, the metrics, and the trace
+/// context of the client request that caused it.
 pub(super) struct BoxRequest {
     client: UpstreamClient,
     metrics: AccountMetrics,
     protection: Arc<Protection>,
+    forwarded: Forwarded,
 }
 
 impl BoxRequest {
@@ -157,7 +161,7 @@ impl BoxRequest {
         let result = protection
             .run(
                 async {
-                    tokio::time::timeout(limit, client.get_list(query))
+                    tokio::time::timeout(limit, client.get_list(query, &self.forwarded))
                         .await
                         .unwrap_or(Err(UpstreamError::Timeout(limit)))
                 },

@@ -104,13 +104,22 @@ pub(super) async fn lookup(
         now: state.cache.now(),
     };
     // Clones for the fetch task are made only when this request starts a fetch.
+    let trace = &access.trace;
     let outcome = state
         .cache
         .get_or_fetch(
             key,
             account.fetch_terms(),
             |key, kind, previous, waiters| {
-                fetch_list(account, key.query.clone(), kind, previous, waiters, refresh)
+                fetch_list(
+                    account,
+                    key.query.clone(),
+                    kind,
+                    previous,
+                    waiters,
+                    refresh,
+                    trace.forwarded(),
+                )
             },
         )
         .await;

@@ -20,6 +20,7 @@ mod fetch;
 mod list;
 mod respond;
 pub mod state;
+mod trace;
 
 pub use self::admin::handle_admin;
 pub use self::audio::AudioBody;
@@ -28,6 +29,7 @@ use self::list::recordings_response;
 pub use self::respond::{CACHE_STATUS, X_CACHE};
 use self::respond::{NOSNIFF, X_CONTENT_TYPE_OPTIONS, error_response, strip_body};
 pub use self::state::{Account, AppState, BuildProblem, Generation, ReloadReport, StateError};
+use self::trace::{Trace, X_REQUEST_ID};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -49,6 +51,8 @@ pub type Body = Either<Full<Bytes>, AudioBody>;
 /// What the access-log event reports besides method, path, status and duration.
 #[derive(Debug)]
 struct AccessEntry {
+    /// The request id and trace context, kept or made on arrival.
+    trace: Trace,
     cache: CacheStatus,
     /// The second tier the answer was brought from, if any.
     tier: Option<&'static str>,
@@ -77,6 +81,7 @@ pub async fn handle<B: http_body::Body>(
 ) -> Response<Body> {
     let started = Instant::now();
     let mut access = AccessEntry {
+        trace: Trace::of(request.headers()),
         cache: CacheStatus::Skipped,
         tier: None,
         upstream_status: None,
@@ -92,9 +97,9 @@ pub async fn handle<B: http_body::Body>(
     if request.method() == Method::HEAD && response.status() != StatusCode::NOT_MODIFIED {
         strip_body(&mut response);
     }
-    response
-        .headers_mut()
-        .insert(X_CONTENT_TYPE_OPTIONS, NOSNIFF.clone());
+    let headers = response.headers_mut();
+    headers.insert(X_CONTENT_TYPE_OPTIONS, NOSNIFF.clone());
+    headers.insert(X_REQUEST_ID, access.trace.request_id.clone());
     state.metrics.record_response(response.status());
     let elapsed = started.elapsed().as_secs_f64();
     state
@@ -103,6 +108,8 @@ pub async fn handle<B: http_body::Body>(
     if let (Some(client), Some(resource)) = (&access.client, &access.resource) {
         tracing::info!(
             target: AUDIT_LOG,
+            request_id = access.trace.request_id(),
+            trace_id = access.trace.trace_id(),
             account = access.account.as_deref().unwrap_or_default(),
             client = %client,
             resource = %resource,
@@ -115,8 +122,11 @@ pub async fn handle<B: http_body::Body>(
     }
     tracing::info!(
         target: ACCESS_LOG,
+        request_id = access.trace.request_id(),
+        trace_id = access.trace.trace_id(),
         method = %request.method(),
-        path = %request.uri().path(),
+        // With the query: a fromQueueCallId hit is not a full-list hit.
+        path = %request.uri().path_and_query().map_or("", |p| p.as_str()),
         account = access.account.as_deref().unwrap_or_default(),
         client = access.client.as_ref().map(tracing::field::display),
         status = response.status().as_u16(),

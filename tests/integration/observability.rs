@@ -284,7 +284,10 @@ async fn a_real_prometheus_scrapes_the_gateway_and_evaluates_every_query() {
     // Its start (a new TSDB) and a first scrape take a few seconds.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if tokio::net::TcpStream::connect(api).await.is_ok() {
+        // Until its TSDB is open, the API answers 503 in plain text.
+        if tokio::net::TcpStream::connect(api).await.is_ok()
+            && request(api, "GET", "/-/ready", &[]).await.status == 200
+        {
             let up = query(api, "up{job=\"miralix-gateway\"}").await;
             if up.as_array().is_some_and(|r| !r.is_empty()) {
                 assert_eq!(up[0]["value"][1], "1", "{up}");
@@ -315,4 +318,99 @@ async fn a_real_prometheus_scrapes_the_gateway_and_evaluates_every_query() {
     let loaded = request(api, "GET", "/api/v1/rules", &[]).await.json();
     let groups = loaded["data"]["groups"].as_array().unwrap();
     assert_eq!(groups[0]["rules"].as_array().unwrap().len(), 6, "{loaded}");
+}
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+#[tokio::test]
+async fn request_ids_and_trace_context_go_back_to_the_client_and_on_to_the_box() {
+    let gateway = Gateway::start(Options::default()).await;
+    let traced = [
+        ("x-request-id", "crm-widget-7f3a"),
+        ("traceparent", TRACEPARENT),
+    ];
+    let reply = request(gateway.addr, "GET", &path("id", "103"), &traced).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("x-request-id"), Some("crm-widget-7f3a"));
+    let audio = request(
+        gateway.addr,
+        "GET",
+        &format!(
+            "/mot/{ACCOUNT}/queues/calls/recordings/{}",
+            47_000 + 103 * 1_000
+        ),
+        &[("x-request-id", "archiver-1"), ("traceparent", "00-bogus")],
+    )
+    .await;
+    assert_eq!(audio.header("x-request-id"), Some("archiver-1"));
+    let received = gateway.simulator.received();
+    assert_eq!(received.len(), 2);
+    let header = |n: usize, name: &str| {
+        received[n]
+            .headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    assert_eq!(
+        header(0, "x-request-id").as_deref(),
+        Some("crm-widget-7f3a")
+    );
+    assert_eq!(header(0, "traceparent").as_deref(), Some(TRACEPARENT));
+    assert_eq!(header(1, "x-request-id").as_deref(), Some("archiver-1"));
+    assert_eq!(
+        header(1, "traceparent"),
+        None,
+        "a malformed traceparent is dropped"
+    );
+    // Errors carry one too; a missing or unusable id is replaced by the gateway's own.
+    let long = "x".repeat(200);
+    for (target, headers) in [
+        (path("id", "x!"), vec![]),
+        ("/nowhere".to_owned(), vec![("x-request-id", long.as_str())]),
+        (path("id", "9999"), vec![("x-request-id", "two words")]),
+    ] {
+        let reply = request(gateway.addr, "GET", &target, &headers).await;
+        assert!(reply.status >= 400, "{target}");
+        let id = reply
+            .header("x-request-id")
+            .expect("every answer has an id");
+        assert_eq!(id.len(), 32, "{target}: {id}");
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+    }
+}
+
+#[tokio::test]
+async fn the_access_event_carries_the_ids_the_query_and_a_numeric_duration() {
+    let boxsim = start_box(miralix_gateway::simulator::SimulatorTls::Plain).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("g.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n[accounts.{ACCOUNT}]\nbase_url = \"{}\"\nshared_secret = \"{SECRET}\"\n",
+            boxsim.base_url()
+        ),
+    )
+    .unwrap();
+    let mut gateway = Running::spawn(
+        Command::new(env!("CARGO_BIN_EXE_miralix-gateway"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info"),
+        false,
+    );
+    let serving: serde_json::Value =
+        serde_json::from_str(&gateway.wait_for("miralix-gateway serving")).unwrap();
+    let addr = serving["fields"]["public"].as_str().unwrap().parse().unwrap();
+    let target = format!("{}?fromQueueCallId=0", path("id", "103"));
+    let traced = [("x-request-id", "qa-dash-19"), ("traceparent", TRACEPARENT)];
+    assert_eq!(request(addr, "GET", &target, &traced).await.status, 200);
+    let line = gateway.wait_for("miralix_gateway::access");
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let fields = &event["fields"];
+    assert_eq!(fields["request_id"], "qa-dash-19", "{line}");
+    assert_eq!(fields["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(fields["path"], target.as_str());
+    assert!(fields["duration_ms"].is_f64(), "{line}");
+    assert!(fields["status"].is_u64(), "{line}");
 }
