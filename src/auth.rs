@@ -204,9 +204,36 @@ pub fn check(
     }
 }
 
-/// Whether a request carries the admin token as `Authorization: Bearer <token>`, and if not,
-/// what it sent instead.
+/// The password of `Authorization: Basic <base64 user:password>`: how a browser sends the
+/// admin token to the cache listing's page (any user name).
+fn basic_password(headers: &HeaderMap) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let (value, None) = (values.next()?, values.next()) else {
+        return None;
+    };
+    let (scheme, encoded) = value.as_bytes().split_at_checked(6)?;
+    if !scheme.eq_ignore_ascii_case(b"basic ") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim_ascii())
+        .ok()?;
+    let colon = decoded.iter().position(|b| *b == b':')?;
+    Some(decoded[colon + 1..].to_vec())
+}
+
+/// Whether a request carries the admin token as `Authorization: Bearer <token>` (or, from a
+/// browser, as the password of `Authorization: Basic`), and if not, what it sent instead.
 pub fn check_admin_token(token: &Digest, headers: &HeaderMap) -> Result<(), AdminTokenError> {
+    if headers.get(X_API_KEY).is_none()
+        && let Some(password) = basic_password(headers)
+    {
+        return match digests_equal(&digest(&password), token) {
+            true => Ok(()),
+            false => Err(AdminTokenError::Wrong),
+        };
+    }
     match presented(headers) {
         Err(AuthError::SeveralCredentials(count)) => Err(AdminTokenError::Several(count)),
         Ok(Some(key)) if digests_equal(&digest(key), token) => Ok(()),

@@ -29,6 +29,7 @@ mod disk;
 pub mod encoding;
 mod fill;
 mod flight;
+pub mod listing;
 pub mod policy;
 pub mod record;
 pub mod shared;

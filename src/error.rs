@@ -51,6 +51,9 @@ pub enum ProxyError {
         "cache control is disabled: set admin.token_file (or admin.token_credential) and send the token as Authorization: Bearer <token>"
     )]
     AdminDisabled,
+    /// A cache listing's query that is not understood.
+    #[error("{0}")]
+    BadListing(String),
     #[error(transparent)]
     AdminToken(AdminTokenError),
     #[error(transparent)]
@@ -78,6 +81,7 @@ impl ProxyError {
             ProxyError::HostHeader(_) | ProxyError::RequestTarget => StatusCode::BAD_REQUEST,
             ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::AdminDisabled => StatusCode::FORBIDDEN,
+            ProxyError::BadListing(_) => StatusCode::BAD_REQUEST,
             ProxyError::AudioBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
             // Upstream failures map in one place, which the cache uses too.
             ProxyError::Upstream(upstream) => upstream.status(),
@@ -118,6 +122,8 @@ impl ProxyError {
                     AdminTokenError::Several(_) => return response,
                 };
                 headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+                // A browser (the status page's cache listing) asks for the token as a password.
+                headers.append(WWW_AUTHENTICATE, HeaderValue::from_static(ADMIN_BASIC));
             }
             ProxyError::Upstream(upstream) => {
                 if let Some(after) = upstream.retry_after() {
@@ -136,6 +142,7 @@ impl ProxyError {
 const MISSING_TOKEN: &str = "Bearer realm=\"miralix-gateway\"";
 const INVALID_TOKEN: &str = "Bearer realm=\"miralix-gateway\", error=\"invalid_token\"";
 const ADMIN_MISSING_TOKEN: &str = "Bearer realm=\"miralix-gateway admin\"";
+const ADMIN_BASIC: &str = "Basic realm=\"miralix-gateway admin\", charset=\"UTF-8\"";
 const ADMIN_INVALID_TOKEN: &str = "Bearer realm=\"miralix-gateway admin\", error=\"invalid_token\"";
 
 /// `Retry-After` for a wait: whole seconds, rounded up and at least 1, so a client never

@@ -104,6 +104,11 @@ impl MemoryStore {
             .invalidate_entries_if(move |key, _| key.account == account);
     }
 
+    /// Every stored entry (a snapshot as moka iterates; entries may come and go meanwhile).
+    pub fn entries(&self) -> impl Iterator<Item = (Arc<CacheKey>, Arc<CachedResponse>)> + '_ {
+        self.entries.iter()
+    }
+
     /// Entries stored.
     pub fn entry_count(&self) -> u64 {
         self.entries.entry_count()

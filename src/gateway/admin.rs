@@ -10,7 +10,7 @@ use http_body_util::{Either, Full};
 
 use super::fetch::{RefreshPlan, fetch_list};
 use super::respond::{NOSNIFF, X_CONTENT_TYPE_OPTIONS, strip_body};
-use super::{Account, AppState, Body};
+use super::{Account, AppState, Body, status};
 use crate::auth::{self};
 use crate::cache::{CacheKey, Scope};
 use crate::config::CacheConfig;
@@ -54,11 +54,16 @@ pub async fn handle_admin<B>(state: Arc<AppState>, request: Request<B>) -> Respo
                     .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
                 response
             }
+            "/" => {
+                // moka's counts are brought up to date first, as for /metrics.
+                state.cache.sync().await;
+                status::status_page(&state)
+            }
             "/healthz" => plain(StatusCode::OK, "ok\n"),
             "/readyz" => readiness(&state),
             _ => json_error(
                 StatusCode::NOT_FOUND,
-                "no such admin endpoint: the admin listener serves /metrics, /healthz, /readyz and /cache",
+                "no such admin endpoint: the admin listener serves / (status), /metrics, /healthz, /readyz and /cache",
             ),
         }
     };
@@ -84,11 +89,15 @@ pub(super) async fn cache_admin<B>(
         Err(error) => return ProxyError::from(error).to_response(),
     };
     let method = request.method();
-    let allow = match target {
-        CacheTarget::AgentRefresh(_) => "POST",
-        _ => "DELETE",
+    let (allow, allowed) = match target {
+        CacheTarget::AgentRefresh(_) => ("POST", method == Method::POST),
+        CacheTarget::Agent(_) => ("DELETE", method == Method::DELETE),
+        CacheTarget::All | CacheTarget::Account(_) => (
+            "GET, HEAD, DELETE",
+            matches!(*method, Method::GET | Method::HEAD | Method::DELETE),
+        ),
     };
-    if method.as_str() != allow {
+    if !allowed {
         let method = method.clone();
         return ProxyError::MethodNotAllowed { method, allow }.to_response();
     }
@@ -113,8 +122,14 @@ pub(super) async fn cache_admin<B>(
             .get(name)
             .ok_or_else(|| ProxyError::UnknownAccount(name.to_owned()))
     };
+    let listing = matches!(*method, Method::GET | Method::HEAD);
     let result = async {
         Ok(match target {
+            CacheTarget::All if listing => list(state, request, None)?,
+            CacheTarget::Account(name) if listing => {
+                let name = account(&name)?.name.clone();
+                list(state, request, Some(&name))?
+            }
             CacheTarget::All => purged(state.cache.purge(&Scope::All).await, "every account"),
             CacheTarget::Account(name) => {
                 let name = account(&name)?.name.clone();
@@ -134,6 +149,63 @@ pub(super) async fn cache_admin<B>(
     }
     .await;
     result.unwrap_or_else(|error: ProxyError| error.to_response())
+}
+
+/// Entries listed at most, unless `?limit=` says otherwise.
+const DEFAULT_LIMIT: usize = 1000;
+const MAX_LIMIT: usize = 100_000;
+
+/// `GET /cache[/{account}][?account=..][&limit=..][&format=html]`: what is stored, as JSON (or
+/// a page). It lists personal identifiers, so it takes the admin token like the rest of
+/// `/cache`.
+fn list<B>(
+    state: &AppState,
+    request: &Request<B>,
+    account: Option<&str>,
+) -> Result<Response<Full<Bytes>>, ProxyError> {
+    let mut limit = DEFAULT_LIMIT;
+    let mut html = false;
+    let mut filter = account.map(str::to_owned);
+    for (key, value) in form_urlencoded::parse(request.uri().query().unwrap_or_default().as_bytes())
+    {
+        match &*key {
+            "limit" => {
+                limit = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_LIMIT).contains(n))
+                    .ok_or(ProxyError::BadListing(format!(
+                        "limit must be a whole number from 1 to {MAX_LIMIT}, not {value:?}"
+                    )))?
+            }
+            "account" if account.is_none() => {
+                if !state.generation().accounts.contains_key(&*value) {
+                    return Err(ProxyError::UnknownAccount(value.into_owned()));
+                }
+                filter = Some(value.into_owned());
+            }
+            "format" if value == "html" || value == "json" => html = value == "html",
+            _ => {
+                return Err(ProxyError::BadListing(format!(
+                    "unknown parameter {key:?}={value:?}: the listing takes limit=<1..{MAX_LIMIT}>, format=html|json and, on /cache, account=<name>"
+                )));
+            }
+        }
+    }
+    let (rows, total) = state.cache.listing(filter.as_deref(), limit);
+    if html {
+        return Ok(status::listing_page(
+            filter.as_deref().unwrap_or("every account"),
+            &rows,
+            total,
+        ));
+    }
+    let entries: Vec<serde_json::Value> = rows.iter().map(status::listed_json).collect();
+    Ok(json_ok(serde_json::json!({
+        "total": total,
+        "listed": entries.len(),
+        "entries": entries,
+    })))
 }
 
 /// An agent's entries: its full list and its `fromQueueCallId` answers.

@@ -42,6 +42,9 @@ pub(super) async fn audio_response<B>(
                 queue_call_id,
                 "audio download failed"
             );
+            account
+                .errors
+                .record(format!("audio {queue_call_id}: {}", error.detail()));
             upstream_outcome(error)
         }
     };

@@ -9,6 +9,7 @@ use http::StatusCode;
 
 use super::Account;
 use super::respond::upstream_outcome;
+use super::status::RecentErrors;
 use crate::cache::policy::{self, FetchFacts, ListPlan, StoredFacts};
 use crate::cache::{CachedResponse, FetchKind, Fetched, Previous, StoredList, Waiters};
 use crate::metrics::AccountMetrics;
@@ -45,6 +46,7 @@ pub(super) fn fetch_list(
         metrics: account.metrics.clone(),
         protection: account.protection.clone(),
         forwarded,
+        errors: account.errors.clone(),
     };
     // The stored full list a delta would extend: a `200` parsed into its elements.
     let base = previous
@@ -142,6 +144,7 @@ pub(super) struct BoxRequest {
     metrics: AccountMetrics,
     protection: Arc<Protection>,
     forwarded: Forwarded,
+    errors: Arc<RecentErrors>,
 }
 
 impl BoxRequest {
@@ -190,6 +193,8 @@ impl BoxRequest {
                     fetch = what.as_str(),
                     "upstream fetch failed"
                 );
+                self.errors
+                    .record(format!("{} fetch: {}", what.as_str(), error.detail()));
                 upstream_outcome(error)
             }
         };

@@ -20,6 +20,7 @@ mod fetch;
 mod list;
 mod respond;
 pub mod state;
+mod status;
 mod trace;
 
 pub use self::admin::handle_admin;

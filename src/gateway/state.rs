@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
+use super::status::{RecentErrors, Samples};
 use crate::cache::{FetchTerms, ResponseCache};
 use crate::clock::Clock;
 use crate::config::{AccountConfig, Config};
@@ -32,6 +33,8 @@ pub struct Account {
     pub(crate) audio_streams: Arc<Semaphore>,
     /// The settings the client was built from, to tell on reload whether it can be kept.
     pub(super) settings: AccountConfig,
+    /// The last few box errors, for the status page.
+    pub(super) errors: Arc<RecentErrors>,
 }
 
 impl Account {
@@ -99,6 +102,7 @@ impl Generation {
                     )),
                     audio_streams: Arc::new(Semaphore::new(settings.upstream.max_audio_streams)),
                     settings: settings.clone(),
+                    errors: Arc::default(),
                 },
             };
             accounts.insert(name.clone(), account);
@@ -141,6 +145,10 @@ pub struct AppState {
     started: Config,
     /// Reloads run one at a time.
     reloading: tokio::sync::Mutex<()>,
+    /// When the state was built: the status page's uptime.
+    pub(super) started_at: std::time::Instant,
+    /// The status page's recent counters.
+    pub(super) samples: Samples,
 }
 
 impl AppState {
@@ -159,6 +167,8 @@ impl AppState {
             clock,
             ready: AtomicBool::new(false),
             reloading: tokio::sync::Mutex::new(()),
+            started_at: std::time::Instant::now(),
+            samples: Samples::default(),
         })
     }
 
@@ -183,6 +193,21 @@ impl AppState {
             self.cache.invalidate_account(account);
         }
         Ok(report)
+    }
+
+    /// Sample the status page's counters every few seconds, for as long as `self` lives.
+    pub fn keep_sampling(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(super::status::SAMPLE_EVERY);
+            loop {
+                every.tick().await;
+                match weak.upgrade() {
+                    Some(state) => state.sample(),
+                    None => return,
+                }
+            }
+        });
     }
 
     /// Open the cache's second tier (the one the process started with), inside the runtime.

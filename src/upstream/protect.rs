@@ -240,6 +240,11 @@ impl Protection {
         self.queue_timeout
     }
 
+    /// Requests to the box in progress now.
+    pub fn in_flight(&self) -> i64 {
+        self.metrics.in_flight.get()
+    }
+
     /// The breaker's state now.
     pub fn state(&self) -> BreakerState {
         self.breaker().state(self.clock.now())

@@ -12,6 +12,7 @@ mod recordings;
 mod resilience;
 mod security;
 mod serving;
+mod status;
 mod structure;
 mod support;
 mod upstream;

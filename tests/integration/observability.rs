@@ -401,7 +401,11 @@ async fn the_access_event_carries_the_ids_the_query_and_a_numeric_duration() {
     );
     let serving: serde_json::Value =
         serde_json::from_str(&gateway.wait_for("miralix-gateway serving")).unwrap();
-    let addr = serving["fields"]["public"].as_str().unwrap().parse().unwrap();
+    let addr = serving["fields"]["public"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let target = format!("{}?fromQueueCallId=0", path("id", "103"));
     let traced = [("x-request-id", "qa-dash-19"), ("traceparent", TRACEPARENT)];
     assert_eq!(request(addr, "GET", &target, &traced).await.status, 200);

@@ -457,8 +457,11 @@ async fn purge_removes_one_agent_an_account_or_everything_and_says_how_many() {
     assert!(unknown.text().contains("otherbox"));
     let bad = admin(&gw, "DELETE", "/cache/greenbox/agents/id/abc").await;
     assert_eq!(bad.status, 400, "{}", bad.text());
-    let wrong = admin(&gw, "GET", "/cache/greenbox").await;
+    // GET lists (see status.rs); other methods are refused.
+    let wrong = admin(&gw, "POST", "/cache/greenbox").await;
     assert_eq!(wrong.status, 405);
+    assert_eq!(wrong.header("allow"), Some("GET, HEAD, DELETE"));
+    let wrong = admin(&gw, "GET", "/cache/greenbox/agents/id/1").await;
     assert_eq!(wrong.header("allow"), Some("DELETE"));
     let wrong = admin(&gw, "DELETE", "/cache/greenbox/agents/id/1/refresh").await;
     assert_eq!(wrong.header("allow"), Some("POST"));
