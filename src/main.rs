@@ -143,7 +143,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{error:#}");
+            // Once, on stderr (where the logs go too), with each cause after its context.
             eprintln!("miralix-gateway: {error:#}");
             ExitCode::FAILURE
         }
@@ -206,8 +206,14 @@ fn check_config(path: &Path) -> ExitCode {
         config.admin.listen,
         humantime::format_duration(config.cache.ttl),
         humantime::format_duration(config.cache.negative_ttl),
-        config.cache.max_bytes,
+        bytesize::ByteSize(config.cache.max_bytes).display().iec(),
     );
+    for key in config.placeholder_secrets() {
+        eprintln!(
+            "{}: warning: {key} is still the example's placeholder; the box will refuse it (set the account's real shared secret, preferably as shared_secret_credential)",
+            path.display()
+        );
+    }
     // Building the upstream clients and the TLS acceptor checks what loading cannot,
     // such as usable trust anchors.
     if let Err(error) = AppState::new(config, Arc::new(SystemClock)) {
@@ -294,6 +300,18 @@ async fn run_demo(listen: SocketAddr, admin_listen: SocketAddr) -> Result<()> {
         }
     })
     .await
+    // The demo's user passed flags, not configuration keys: name those.
+    .map_err(|error| match error.downcast::<server::BindError>() {
+        Ok(mut bind) => {
+            bind.key = match bind.key {
+                "server.listen" => "--listen",
+                "admin.listen" => "--admin-listen",
+                other => other,
+            };
+            bind.into()
+        }
+        Err(error) => error,
+    })
 }
 
 /// Bind the listeners, tell `on_bound` and systemd, and serve until a stop signal.

@@ -68,14 +68,29 @@ impl Listeners {
     }
 }
 
-/// A listener that could not be bound.
+/// A listener that could not be bound. `Display` names the address and its key (the cause is
+/// the source, printed once after it); a busy port says what to do.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr} ({key}): {source}")]
+#[error("cannot listen on {addr} ({key}){}", self.hint())]
 pub struct BindError {
     pub addr: SocketAddr,
     pub key: &'static str,
     #[source]
     pub source: std::io::Error,
+}
+
+impl BindError {
+    fn hint(&self) -> &'static str {
+        match self.source.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                ": another process listens there; stop it, or pick another port (port 0, e.g. 127.0.0.1:0, takes a free one)"
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                ": ports below 1024 need CAP_NET_BIND_SERVICE (the systemd unit grants it)"
+            }
+            _ => "",
+        }
+    }
 }
 
 async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, BindError> {

@@ -298,6 +298,21 @@ mod tests {
     }
 
     #[test]
+    fn a_pin_pasted_from_openssl_and_sizes_and_placeholders() {
+        let pin = "12:6A:".to_owned() + &"AB:".repeat(29) + "CD";
+        let pasted = format!("sha256 Fingerprint={pin}");
+        assert_eq!(parse_pin(&pasted), parse_pin(&pin));
+        assert!(parse_pin(&pin).is_ok());
+        assert!(parse_pin("md5 Fingerprint=12:34").is_err());
+        let text = MINIMAL.replace("s3cret", "change-me");
+        let config = from_toml_str(&text, "test.toml").unwrap();
+        assert_eq!(
+            config.placeholder_secrets(),
+            ["accounts.greenbox.shared_secret"]
+        );
+    }
+
+    #[test]
     fn defaults_apply() {
         let config = from_toml_str(MINIMAL, "test.toml").unwrap();
         assert_eq!(config.server.listen, DEFAULT_LISTEN.parse().unwrap());

@@ -294,6 +294,22 @@ pub struct UpstreamTrust {
     pub server_name: Option<ServerName<'static>>,
 }
 
+impl Config {
+    /// The keys whose secret is still a placeholder from the example (`change-me`, ...):
+    /// worth a warning, since the box will refuse it.
+    pub fn placeholder_secrets(&self) -> Vec<String> {
+        let placeholder = |secret: &str| {
+            let s = secret.to_ascii_lowercase();
+            s.starts_with("change-me") || s.starts_with("changeme") || s == "secret" || s == "xxx"
+        };
+        self.accounts
+            .iter()
+            .filter(|(_, account)| placeholder(account.shared_secret.expose()))
+            .map(|(name, _)| format!("accounts.{name}.shared_secret"))
+            .collect()
+    }
+}
+
 /// A secret that never shows itself in `Debug` or `Display` output.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(Box<str>);

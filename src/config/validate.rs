@@ -555,6 +555,13 @@ pub(super) fn parse_size(value: Option<RawSize>, default: u64) -> Result<u64, St
 
 /// Accept `FD:C8:0A:...` (openssl's fingerprint output) or plain hex, any case.
 pub fn parse_pin(value: &str) -> Result<[u8; 32], String> {
+    // openssl prints `sha256 Fingerprint=AB:CD:...` (or `SHA256 Fingerprint=`): pasted as it
+    // is, the label is dropped.
+    let value = value.trim();
+    let value = match value.split_once('=') {
+        Some((label, pin)) if label.trim().eq_ignore_ascii_case("sha256 fingerprint") => pin,
+        _ => value,
+    };
     let hex: String = value.chars().filter(|c| *c != ':').collect();
     crate::crypto::digest_from_hex(&hex).ok_or_else(|| {
         "expected the SHA-256 fingerprint of the box's certificate as 64 hex digits, \

@@ -563,3 +563,35 @@ fn check_config_reports_every_problem_found_while_building_too() {
         assert!(stderr.contains(&line), "missing {line:?} in:\n{stderr}");
     }
 }
+
+#[test]
+fn a_busy_port_is_reported_once_naming_the_flag_and_what_to_do() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let output = std::process::Command::new(BIN)
+        .args([
+            "demo",
+            "--listen",
+            &addr.to_string(),
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.matches("cannot listen").count(), 1, "{stderr}");
+    assert_eq!(
+        stderr.matches("Address already in use").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr} (--listen)")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("127.0.0.1:0"),
+        "suggests a free port: {stderr}"
+    );
+}
