@@ -76,6 +76,7 @@ pub(crate) mod auth;
 pub(crate) mod cache;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod crypto;
 pub mod demo;
 pub(crate) mod error;

@@ -13,7 +13,7 @@ use miralix_gateway::clock::SystemClock;
 use miralix_gateway::config::{self, Config, LogFormat};
 use miralix_gateway::server::{self, Listeners};
 use miralix_gateway::simulator::{self, Dataset, Simulator, SimulatorTls, SyntheticAgents};
-use miralix_gateway::{AppState, demo, systemd, telemetry};
+use miralix_gateway::{AppState, control, demo, systemd, telemetry};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Debug, Parser)]
@@ -30,6 +30,37 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Debug, Clone, Subcommand)]
+enum CacheAction {
+    /// What is stored: one row per entry, with its status, size, age, time left and state.
+    List {
+        /// Only this account's entries.
+        #[arg(long)]
+        account: Option<String>,
+        /// At most this many rows (default 1000).
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Drop entries: everything, one account's, or one agent's (on every instance of a fleet).
+    Purge {
+        /// The account (default: every account).
+        account: Option<String>,
+        /// The agent's identification type (sipUri, id, email, syncId), with IDENTIFICATION.
+        id_type: Option<String>,
+        /// The agent's identification.
+        identification: Option<String>,
+    },
+    /// Fetch one agent's whole list from the box now.
+    Refresh {
+        /// The account.
+        account: String,
+        /// The identification type: sipUri, id, email or syncId.
+        id_type: String,
+        /// The agent's identification.
+        identification: String,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the gateway with a configuration file. SIGHUP reloads it; SIGTERM or SIGINT stops.
@@ -40,6 +71,7 @@ enum Command {
     },
     /// Validate a configuration file and exit: 0 when it is usable, 1 with every problem.
     CheckConfig {
+        /// TOML configuration file to check (see config/example.toml).
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -74,6 +106,20 @@ enum Command {
         #[arg(long)]
         split_writes: bool,
     },
+    /// List, purge or refresh what a running gateway caches, through its admin listener.
+    Cache {
+        /// The admin listener (`admin.listen`).
+        #[arg(long, default_value = "http://127.0.0.1:9091", global = true)]
+        admin: String,
+        /// File holding the admin token (default: $MIRALIX_GATEWAY_ADMIN_TOKEN).
+        #[arg(long, global = true)]
+        token_file: Option<PathBuf>,
+        /// Print the admin API's JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        action: CacheAction,
+    },
     /// Run a simulated Miralix box and a gateway in front of it, on loopback.
     Demo {
         /// Address of the gateway's public listener.
@@ -89,6 +135,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (config, source) = match &cli.command {
         Command::CheckConfig { config } => return check_config(config),
+        Command::Cache {
+            admin,
+            token_file,
+            json,
+            action,
+        } => return cache_command(admin, token_file.as_deref(), *json, action),
         Command::Serve { config: path } => match config::load(path) {
             Ok(config) => (Some(config), Some(path.clone())),
             Err(error) => {
@@ -169,6 +221,63 @@ fn print_problems(path: &Path, error: &config::ConfigError) {
         eprintln!("{problem}");
     }
     eprintln!("{}: configuration is invalid", path.display());
+}
+
+fn cache_command(
+    admin: &str,
+    token_file: Option<&Path>,
+    json: bool,
+    action: &CacheAction,
+) -> ExitCode {
+    let action = match action.clone() {
+        CacheAction::List { account, limit } => control::Action::List { account, limit },
+        CacheAction::Purge {
+            account,
+            id_type,
+            identification,
+        } => match (id_type, identification) {
+            (Some(id_type), Some(id)) => control::Action::Purge {
+                account,
+                agent: Some((id_type, id)),
+            },
+            (None, None) => control::Action::Purge {
+                account,
+                agent: None,
+            },
+            _ => {
+                eprintln!(
+                    "miralix-gateway: cache purge takes ACCOUNT, or ACCOUNT TYPE IDENTIFICATION"
+                );
+                return ExitCode::FAILURE;
+            }
+        },
+        CacheAction::Refresh {
+            account,
+            id_type,
+            identification,
+        } => control::Action::Refresh {
+            account,
+            id_type,
+            identification,
+        },
+    };
+    let result = control::token(token_file).and_then(|token| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| control::ControlError::Unreachable(admin.to_owned(), e.to_string()))?;
+        runtime.block_on(control::run(admin, &token, &action, json))
+    });
+    match result {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("miralix-gateway: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn check_config(path: &Path) -> ExitCode {

@@ -14,6 +14,7 @@ mod account;
 mod model;
 mod raw;
 mod sources;
+mod suggest;
 mod validate;
 
 pub use self::model::*;
@@ -139,7 +140,9 @@ pub fn load_with(path: &Path, context: &LoadContext) -> Result<Config, ConfigErr
     let source = config::File::from(path)
         .format(config::FileFormat::Toml)
         .required(true);
-    build(origin, source, context)
+    // Read once more for the lines of unknown keys (a missing file is reported by the load).
+    let text = std::fs::read_to_string(path).ok();
+    build(origin, source, text.as_deref(), context)
 }
 
 /// Parse TOML text (the demo's embedded config, tests) with environment overrides.
@@ -156,11 +159,17 @@ pub fn from_toml_str_with(
     build(
         origin.to_owned(),
         config::File::from_str(text, config::FileFormat::Toml),
+        Some(text),
         context,
     )
 }
 
-fn build<S>(origin: String, source: S, context: &LoadContext) -> Result<Config, ConfigError>
+fn build<S>(
+    origin: String,
+    source: S,
+    text: Option<&str>,
+    context: &LoadContext,
+) -> Result<Config, ConfigError>
 where
     S: config::Source + Send + Sync + 'static,
 {
@@ -189,9 +198,18 @@ where
         .map_err(load_error)?;
     let mut problems: Vec<Problem> = unknown
         .into_iter()
-        .map(|key| Problem {
-            key,
-            message: "unknown key (see config/example.toml for every accepted key)".into(),
+        .map(|key| {
+            let line = text
+                .and_then(|t| suggest::line_of(t, &key))
+                .map_or_else(String::new, |n| format!(" (line {n})"));
+            let hint = match suggest::did_you_mean(&key) {
+                Some(meant) => format!("; did you mean `{meant}`?"),
+                None => " (see config/example.toml for every accepted key)".to_owned(),
+            };
+            Problem {
+                message: format!("unknown key{line}{hint}"),
+                key,
+            }
         })
         .collect();
     match raw.validate(context) {

@@ -595,3 +595,44 @@ fn a_busy_port_is_reported_once_naming_the_flag_and_what_to_do() {
         "suggests a free port: {stderr}"
     );
 }
+
+#[test]
+fn every_flag_of_every_command_has_a_help_text() {
+    for command in ["serve", "check-config", "demo", "simulate", "cache"] {
+        let output = std::process::Command::new(BIN)
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{command}: {help}");
+        let lines: Vec<&str> = help.lines().collect();
+        for (n, line) in lines.iter().enumerate() {
+            let flag = line.trim_start();
+            let is_flag = flag.starts_with("--") || flag.get(2..3) == Some(",");
+            if flag.starts_with('-') && is_flag && !flag.contains("  ") {
+                let next = lines.get(n + 1).map_or("", |l| l.trim());
+                assert!(
+                    !next.is_empty(),
+                    "{command}: {flag} has no help text:\n{help}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn an_unknown_key_gets_its_line_and_the_key_it_meant() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("typo.toml");
+    std::fs::write(
+        &path,
+        "[cache]\nttl = \"30s\"\ntll = \"30s\"\n[accounts.g]\nbase_url = \"http://127.0.0.1:9\"\nshared_secret = \"x\"\n",
+    )
+    .unwrap();
+    let (ok, _, stderr) = check_config(&path);
+    assert!(!ok);
+    assert!(
+        stderr.contains("cache.tll: unknown key (line 3); did you mean `ttl`?"),
+        "{stderr}"
+    );
+}

@@ -245,3 +245,93 @@ async fn the_status_page_renders_in_a_real_browser() {
         );
     }
 }
+
+/// `miralix-gateway cache ...` against `gateway`, off the runtime thread that serves it.
+async fn cache_cli(
+    gateway: &Gateway,
+    token: Option<&Path>,
+    args: &[&str],
+) -> (bool, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_miralix-gateway"));
+    command
+        .arg("cache")
+        .args(["--admin", &format!("http://{}", gateway.admin)])
+        .args(args)
+        .env_remove("MIRALIX_GATEWAY_ADMIN_TOKEN");
+    if let Some(token) = token {
+        command.arg("--token-file").arg(token);
+    }
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn the_cache_command_lists_purges_and_refreshes_through_the_admin_api() {
+    let gateway = Gateway::start(Options::default()).await;
+    for id in ["103", "1"] {
+        gateway.get(&path("id", id)).await;
+    }
+    let token = gateway.dir().join("cli.token");
+    std::fs::write(&token, format!("{ADMIN_TOKEN}\n")).unwrap();
+
+    let (ok, table, err) = cache_cli(&gateway, Some(&token), &["list"]).await;
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = table.lines().collect();
+    let columns = |line: &str| {
+        line.split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        columns(lines[0])[..3],
+        ["ACCOUNT", "TYPE", "IDENTIFICATION"],
+        "{table}"
+    );
+    let derek = columns(lines[2]);
+    assert_eq!(derek[..4], [ACCOUNT, "id", "103", "200"], "{table}");
+    assert_eq!(derek.last().map(String::as_str), Some("fresh"));
+    assert_eq!(*lines.last().unwrap(), "2 of 2 entries");
+
+    let (ok, json, _) =
+        cache_cli(&gateway, Some(&token), &["--json", "list", "--limit", "1"]).await;
+    assert!(ok);
+    let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        (value["listed"].as_u64(), value["total"].as_u64()),
+        (Some(1), Some(2))
+    );
+
+    let (ok, refreshed, err) =
+        cache_cli(&gateway, Some(&token), &["refresh", ACCOUNT, "id", "103"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        refreshed.starts_with("refreshed: the box answered 200"),
+        "{refreshed}"
+    );
+    let (ok, purged, _) = cache_cli(&gateway, Some(&token), &["purge", ACCOUNT, "id", "1"]).await;
+    assert!(ok);
+    assert_eq!(
+        purged.trim(),
+        "purged 1 entries from this instance's memory"
+    );
+
+    let (ok, _, err) = cache_cli(&gateway, None, &["list"]).await;
+    assert!(!ok);
+    assert!(err.contains("no admin token: pass --token-file"), "{err}");
+    let wrong = gateway.dir().join("wrong.token");
+    std::fs::write(&wrong, "not-the-token").unwrap();
+    let (ok, _, err) = cache_cli(&gateway, Some(&wrong), &["list"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("the gateway answered 401: the admin token is not valid"),
+        "{err}"
+    );
+    let (ok, _, err) = cache_cli(&gateway, Some(&token), &["purge", ACCOUNT, "id"]).await;
+    assert!(!ok && err.contains("ACCOUNT TYPE IDENTIFICATION"), "{err}");
+}
