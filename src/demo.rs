@@ -88,26 +88,31 @@ miralix-gateway demo
   simulated Miralix box  {box_url}  (self-signed certificate, pinned)
                          pin_sha256 = \"{pin}\"
   gateway                http://{public}
-  admin                  http://{admin}  (/metrics, /healthz, /readyz, /cache)
+  admin                  http://{admin}  (status page at /, /metrics, /readyz, /cache)
+  cache                  ttl {ttl} for lists, {negative_ttl} for unknown agents (this demo's settings)
 
-Try it (the first call is a MISS that reaches the box, the same agent again is a HIT):
+Try it. Each command prints headers or a one-line summary, never a body:
 
-  curl -si {base}/email/derek.a@company.local/recordings | head -n 12
-  curl -si {base}/email/derek.a@company.local/recordings | grep -i -e x-cache -e cache-status -e age
-  curl -si {base}/email/Derek.A@Company.Local/recordings | grep -i x-cache     # same agent, other spelling: HIT
-  curl -si '{base}/email/derek.a@company.local/recordings?fromQueueCallId=150100' | grep -i x-cache  # from the stored list: HIT
-  curl -s --compressed -o /dev/null -w '%{{size_download}} bytes gzip\\n' {base}/email/derek.a@company.local/recordings
-  curl -s -o /dev/null -w '%{{http_code}} %{{size_download}} bytes of audio\\n' -H 'Range: bytes=0-999' http://{public}/mot/{ACCOUNT}/queues/calls/recordings/150000
-  curl -s -X POST -H 'Authorization: Bearer {ADMIN_TOKEN}' http://{admin}/cache/{ACCOUNT}/agents/email/derek.a@company.local/refresh; echo
-  curl -s -X DELETE -H 'Authorization: Bearer {ADMIN_TOKEN}' http://{admin}/cache/{ACCOUNT}; echo
-  curl -si {base}/id/999/recordings                                          # unknown agent: 404
-  curl -si {base}/phone/123/recordings                                       # bad type: 400
-  curl -s  http://{admin}/metrics | grep -e cache_ -e upstream_requests
+  curl -s -o /dev/null -D - {base}/email/derek.a@company.local/recordings | grep -i -e '^HTTP' -e '^x-cache' -e '^cache-status' -e '^age'  # MISS: the box was asked
+  curl -s -o /dev/null -D - {base}/email/derek.a@company.local/recordings | grep -i -e '^x-cache' -e '^cache-status' -e '^age'  # HIT, and its Age
+  curl -s -o /dev/null -D - {base}/email/Derek.A@Company.Local/recordings | grep -i '^x-cache'  # same agent, other spelling: HIT
+  curl -s -o /dev/null -D - '{base}/email/derek.a@company.local/recordings?fromQueueCallId=150100' | grep -i '^x-cache'  # from the stored list: HIT
+  curl -s --compressed -o /dev/null -w '%{{size_download}} bytes gzip\\n' {base}/email/derek.a@company.local/recordings  # one line: the compressed size
+  curl -s -o /dev/null -w '%{{http_code}} %{{size_download}} bytes of audio\\n' -H 'Range: bytes=0-999' http://{public}/mot/{ACCOUNT}/queues/calls/recordings/150000  # one line: 206 and the range's size
+  curl -s -X POST -H 'Authorization: Bearer {ADMIN_TOKEN}' http://{admin}/cache/{ACCOUNT}/agents/email/derek.a@company.local/refresh; echo  # one line of JSON: what the box sent
+  curl -s -X DELETE -H 'Authorization: Bearer {ADMIN_TOKEN}' http://{admin}/cache/{ACCOUNT}; echo  # one line of JSON: how many entries went
+  curl -s -o /dev/null -w '%{{http_code}}\\n' {base}/id/999/recordings  # unknown agent: 404
+  curl -s {base}/phone/123/recordings; echo  # bad type: 400, one line of JSON saying what is accepted
+  curl -s http://{admin}/metrics | grep -e '^miralix_gateway_cache_hits_total' -e '^miralix_gateway_upstream_requests_total'  # counter lines
+
+Or open http://{admin}/ in a browser: the status page.
 
 Agents on the box: id 1, 103, 104, 105 (no recordings); e.g. derek.a@company.local,
 sip:lp1@company.local, syncId f4fd9e5f-017d-4350-adf8-8dd811bc1a2e all name agent 103.
 Press Ctrl-C to stop.
 ",
         box_url = demo.simulator.base_url(),
+        ttl = humantime::format_duration(demo.config.cache.ttl),
+        negative_ttl = humantime::format_duration(demo.config.cache.negative_ttl),
     )
 }

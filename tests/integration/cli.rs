@@ -314,24 +314,41 @@ fn the_demo_prints_curl_commands_that_work_as_printed() {
         String::from_utf8_lossy(&output.stdout).into_owned()
     };
     let outputs: Vec<String> = commands.iter().map(|c| run(c)).collect();
+    // Each command prints what its comment promises: headers, or one line, never a body.
+    for (command, output) in commands.iter().zip(&outputs) {
+        let comment = command
+            .split("  # ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no comment: {command}"));
+        let lines: Vec<&str> = output.lines().collect();
+        assert!(!lines.is_empty(), "{command} printed nothing");
+        for line in &lines {
+            let header = line.starts_with("HTTP/")
+                || line.split_once(": ").is_some_and(|(name, _)| {
+                    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
+            let promised = header
+                || (comment.starts_with("one line") && lines.len() == 1)
+                || (comment.contains("one line of JSON") && lines.len() == 1)
+                || (comment == "counter lines" && line.starts_with("miralix_gateway_"))
+                || (comment.ends_with(": 404") && *line == "404");
+            assert!(
+                promised,
+                "{command}\nprinted a line its comment ({comment:?}) does not promise: {line:?}"
+            );
+        }
+    }
+    let lower = |n: usize| outputs[n].to_lowercase();
     assert!(outputs[0].starts_with("HTTP/1.1 200 OK"), "{}", outputs[0]);
+    assert!(lower(0).contains("x-cache: miss"), "{}", outputs[0]);
     assert!(
-        outputs[0].to_lowercase().contains("x-cache: miss"),
-        "{}",
-        outputs[0]
-    );
-    assert!(
-        outputs[1].to_lowercase().contains("x-cache: hit"),
+        lower(1).contains("x-cache: hit") && lower(1).contains("age: "),
         "{}",
         outputs[1]
     );
+    assert!(lower(2).contains("x-cache: hit"), "{}", outputs[2]);
     assert!(
-        outputs[2].to_lowercase().contains("x-cache: hit"),
-        "{}",
-        outputs[2]
-    );
-    assert!(
-        outputs[3].to_lowercase().contains("x-cache: hit"),
+        lower(3).contains("x-cache: hit"),
         "fromQueueCallId from the stored list: {}",
         outputs[3]
     );
@@ -347,12 +364,17 @@ fn the_demo_prints_curl_commands_that_work_as_printed() {
         outputs[6]
     );
     assert!(outputs[7].contains("\"purged\":1"), "{}", outputs[7]);
-    assert!(outputs[8].starts_with("HTTP/1.1 404"), "{}", outputs[8]);
-    assert!(outputs[9].starts_with("HTTP/1.1 400"), "{}", outputs[9]);
+    assert_eq!(outputs[8], "404\n");
+    assert!(outputs[9].starts_with("{\"status\":400"), "{}", outputs[9]);
     assert!(
         outputs[10].contains("miralix_gateway_cache_hits_total{account=\"greenbox\"} 4"),
         "{}",
         outputs[10]
+    );
+    let printed = demo.seen.join("\n");
+    assert!(
+        printed.contains("ttl 1m for lists"),
+        "the demo says its TTL: {printed}"
     );
     let logs = demo.finish();
     assert!(
