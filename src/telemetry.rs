@@ -114,7 +114,9 @@ pub fn init(
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
-            .with_current_span(true)
+            // The span list alone: `span` would repeat its last element on every line.
+            .with_current_span(false)
+            .with_span_list(true)
             .with_writer(std::io::stderr)
             .with_filter(stderr_filter)
             .boxed(),

@@ -149,6 +149,14 @@ async fn handle_inner<B: http_body::Body>(
     access: &mut AccessEntry,
 ) -> Result<Response<Body>, ProxyError> {
     let generation = state.generation.load();
+    // A refused target is still logged under the account it names, when that is one.
+    access.account = request
+        .uri()
+        .path()
+        .strip_prefix("/mot/")
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|name| generation.accounts.get(name))
+        .map(|account| account.name.clone());
     admit::rate_limit(state, &generation, peer)?;
     admit::request_form(request)?;
     let route = route::parse(request.uri().path(), request.uri().query())?;

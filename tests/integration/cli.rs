@@ -521,7 +521,10 @@ async fn json_logs_are_one_object_per_line() {
     let access: serde_json::Value = serde_json::from_str(&access).expect("a JSON access line");
     assert_eq!(access["fields"]["cache"], "miss");
     assert_eq!(access["fields"]["status"], 200);
-    assert_eq!(access["span"]["name"], "conn");
+    // The connection's span once, in the span list (no `span` repeating its last element).
+    assert_eq!(access["spans"][0]["name"], "conn");
+    assert!(access["spans"][0]["client.addr"].is_string(), "{access}");
+    assert!(access.get("span").is_none(), "{access}");
     let logs = gateway.finish();
     for line in logs.lines() {
         serde_json::from_str::<serde_json::Value>(line)

@@ -417,4 +417,13 @@ async fn the_access_event_carries_the_ids_the_query_and_a_numeric_duration() {
     assert_eq!(fields["path"], target.as_str());
     assert!(fields["duration_ms"].is_f64(), "{line}");
     assert!(fields["status"].is_u64(), "{line}");
+    // A refused target is logged under the account it names.
+    assert_eq!(
+        request(addr, "GET", &path("phone", "1"), &[]).await.status,
+        400
+    );
+    let refused: serde_json::Value =
+        serde_json::from_str(&gateway.wait_for("miralix_gateway::access")).unwrap();
+    assert_eq!(refused["fields"]["account"], ACCOUNT);
+    assert_eq!(refused["fields"]["status"], 400);
 }
