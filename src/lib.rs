@@ -23,12 +23,14 @@
 //! - [`upstream`] (+ [`upstream::trust`], [`upstream::protect`]): one rustls reqwest client per
 //!   account; certificate trust; concurrency cap and circuit breaker.
 //! - [`gateway`]: the request path, one phase per file (`admit`, `list`, `fetch`, `audio`,
-//!   `respond`, `admin`) around [`gateway::handle`], and [`gateway::AppState`] with the
+//!   `respond`, `admin`, `status` for the status page and cache listing, `trace` for request
+//!   ids) around [`gateway::handle`], and [`gateway::AppState`] with the
 //!   reloadable [`gateway::Generation`]; [`error`]: errors to statuses.
 //! - [`server`]: accept loops, timeouts, graceful shutdown; [`tls`]: TLS termination.
 //! - [`systemd`]: `sd_notify` readiness, reload and stop messages, and the watchdog.
 //! - [`metrics`], [`telemetry`]: Prometheus exposition; the tracing subscriber (with the audit
 //!   log's own file) and the access and audit log targets.
+//! - [`control`]: the `cache list|purge|refresh` subcommand, a client of the admin API.
 //! - [`simulator`] and [`demo`]: a simulated box for the demo and the tests.
 //! - [`crypto`]: SHA-256, hex, constant-time digest comparison and the rustls provider; it
 //!   imports nothing from the crate.
@@ -44,7 +46,7 @@
 //!
 //! `main.rs` and the integration tests need only what is `pub` here: [`config`] (load and
 //! check), [`AppState`] and [`run`] with [`server::Listeners`], [`clock`], [`telemetry`],
-//! [`systemd`], [`crypto`], and the [`simulator`] and [`demo`] the tests and the demo run
+//! [`systemd`], [`crypto`], [`control`], and the [`simulator`] and [`demo`] the tests and the demo run
 //! against. Everything else is `pub(crate)`: the cache, the upstream client, routing and
 //! authorization can change shape without breaking a caller outside the crate.
 //!

@@ -488,11 +488,14 @@ async fn reload_on_hangup(
                         "changed in the configuration; takes effect after a restart"
                     );
                 }
+                // Lists as plain comma-separated text: tracing has no array fields (without
+                // the unstable `valuable`), and a Debug-printed `["a", "b"]` is a string full
+                // of escaped quotes in JSON.
                 tracing::info!(
-                    added = ?report.added,
-                    changed = ?report.changed,
-                    removed = ?report.removed,
-                    unchanged = ?report.unchanged,
+                    added = %report.added.join(", "),
+                    changed = %report.changed.join(", "),
+                    removed = %report.removed.join(", "),
+                    unchanged = %report.unchanged.join(", "),
                     "configuration reloaded"
                 );
                 systemd::reloaded("serving (reloaded)");
