@@ -26,7 +26,7 @@ pub(super) fn read_credential(context: &LoadContext, name: &str) -> Result<Vec<u
     }
     let Some(dir) = &context.credentials_dir else {
         return Err(format!(
-            "credential \"{name}\" needs $CREDENTIALS_DIRECTORY, which systemd sets for a unit with LoadCredential={name}:<path>"
+            "credential \"{name}\" needs $CREDENTIALS_DIRECTORY, which systemd sets for a unit with LoadCredential={name}:<path>; to check by hand, run with CREDENTIALS_DIRECTORY=<the directory holding a file named {name}>"
         ));
     };
     let path = dir.join(name);
