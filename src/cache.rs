@@ -539,7 +539,7 @@ impl ResponseCache {
     /// tier and (through it) on every instance of the fleet; returns how many entries went
     /// from memory here, and from the shared tier. A fetch in flight is not stopped: what it
     /// brings is stored as usual.
-    pub async fn purge(&self, scope: &Scope) -> (usize, Option<usize>) {
+    pub async fn purge(&self, scope: &Scope) -> (usize, Option<Result<usize, String>>) {
         let removed = self.purge_memory(scope).await;
         (removed, self.purge_tier(scope).await)
     }

@@ -291,12 +291,16 @@ impl ResponseCache {
                 Err(_) => return Ok(Filled::Box(fetch.await, None)),
                 Ok(Lead::Lease(generation)) => break generation,
                 Ok(Lead::Fresh(found)) => {
-                    if let Some(entry) =
-                        self.decode(&Tier::Shared(shared.clone()), key, found).await
-                    {
-                        shared.metrics().hits.inc();
-                        return Ok(Filled::Tier(entry));
-                    }
+                    let tier = Tier::Shared(shared.clone());
+                    return Ok(match self.decode(&tier, key, found).await {
+                        Some(entry) => {
+                            shared.metrics().hits.inc();
+                            Filled::Tier(entry)
+                        }
+                        // A record that cannot be read back (another version's, damaged):
+                        // asking again would find the same one, so the box is asked.
+                        None => Filled::Box(fetch.await, None),
+                    });
                 }
                 Ok(Lead::Failed(status, message)) => {
                     return Err(UpstreamError::FailedElsewhere {
@@ -385,11 +389,17 @@ impl ResponseCache {
         }
     }
 
-    /// Remove `scope` from the tier and tell the fleet; how many entries went there (for the
-    /// disk, queued removals are not counted).
-    pub(super) async fn purge_tier(&self, scope: &Scope) -> Option<usize> {
+    /// Remove `scope` from the tier and tell the fleet: for the shared tier, how many entries
+    /// went there, or why it could not be reached; `None` otherwise (the disk's removals are
+    /// queued, not counted).
+    pub(super) async fn purge_tier(&self, scope: &Scope) -> Option<Result<usize, String>> {
         match self.tier.get()? {
-            Tier::Shared(shared) => shared.purge(&scope.patterns(), &scope.notice()).await.ok(),
+            Tier::Shared(shared) => Some(
+                shared
+                    .purge(&scope.patterns(), &scope.notice())
+                    .await
+                    .map_err(|e| e.to_string()),
+            ),
             Tier::Disk(disk) => {
                 disk.remove_matching(scope.clone());
                 None

@@ -226,13 +226,23 @@ pub(super) fn describe(query: &AgentQuery) -> String {
 /// The answer to a purge: the entries that went from this instance's memory, and from the
 /// shared tier when there is one (the fleet's other instances drop theirs on its notice).
 pub(super) fn purged(
-    (count, shared): (usize, Option<usize>),
+    (count, shared): (usize, Option<Result<usize, String>>),
     scope: &str,
 ) -> Response<Full<Bytes>> {
-    tracing::info!(target: AUDIT_LOG, scope, entries = count, shared, "cache purged");
     let mut body = serde_json::json!({ "purged": count });
-    if let Some(shared) = shared {
-        body["purged_shared"] = shared.into();
+    match &shared {
+        Some(Ok(shared)) => {
+            tracing::info!(target: AUDIT_LOG, scope, entries = count, shared, "cache purged");
+            body["purged_shared"] = (*shared).into();
+        }
+        Some(Err(error)) => {
+            tracing::warn!(target: AUDIT_LOG, scope, entries = count, error = %error, "cache purged here only: the shared tier did not answer");
+            body["shared_error"] = format!(
+                "{error}: purged on this instance only; the others keep their copies until they expire, and Redis keeps its entries"
+            )
+            .into();
+        }
+        None => tracing::info!(target: AUDIT_LOG, scope, entries = count, "cache purged"),
     }
     json_ok(body)
 }

@@ -211,6 +211,24 @@ async fn redis_killed_costs_no_request_and_sharing_resumes_when_it_returns() {
         "{}",
         ready.text()
     );
+    // A purge still works here, and says it could not reach the fleet.
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let purged = request(
+        gateways[0].admin,
+        "DELETE",
+        &format!("/cache/{ACCOUNT}/agents/id/103"),
+        &[("authorization", &bearer)],
+    )
+    .await;
+    assert_eq!(purged.status, 200);
+    assert_eq!(purged.json()["purged"], 1);
+    assert!(
+        purged.json()["shared_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("purged on this instance only")),
+        "{}",
+        purged.text()
+    );
     redis.restart();
     sharing_resumes(&gateways, 200).await;
     assert_eq!(sample(&gateways[1].metrics().await, TIER_UP), 1.0);
