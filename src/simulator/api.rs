@@ -24,7 +24,19 @@ pub(super) fn route(
     {
         return audio(state, request, account, id);
     }
-    let response = recordings(state, request, &segments, api_6_5);
+    let response = match segments[..] {
+        [
+            "",
+            "mot",
+            account,
+            "queues",
+            queue_id,
+            "calls",
+            "recordings",
+        ] => queue_recordings(state, request, account, queue_id, api_6_5),
+        ["", "mot", account, "agents"] => directory(state, request, account),
+        _ => recordings(state, request, &segments, api_6_5),
+    };
     if response.status() == StatusCode::OK {
         let length = http_body::Body::size_hint(response.body())
             .exact()
@@ -80,25 +92,11 @@ pub(super) fn recordings(
         "syncId" => |a, v| a.sync_id == v,
         _ => return message(StatusCode::BAD_REQUEST, "Invalid identification type."),
     };
-    let mut from = None;
     // A 6.5 box has no query parameters at all.
-    let query = match api_6_5 {
-        true => "",
-        false => request.uri().query().unwrap_or_default(),
+    let from = match from_queue_call_id(request, api_6_5) {
+        Ok(from) => from,
+        Err(text) => return message(StatusCode::BAD_REQUEST, text),
     };
-    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
-        if key == "fromQueueCallId" {
-            match value.parse::<u64>() {
-                Ok(n) => from = Some(n),
-                Err(_) => {
-                    return message(
-                        StatusCode::BAD_REQUEST,
-                        "The value of fromQueueCallId is not valid.",
-                    );
-                }
-            }
-        }
-    }
     if let Some(agent) = account.agents.iter().find(|a| matches(a, &identification)) {
         return json(StatusCode::OK, agent.recordings_after(from));
     }
@@ -109,6 +107,91 @@ pub(super) fn recordings(
     match synthetic {
         Some(agent) => json(StatusCode::OK, agent.recordings_after(from)),
         None => message(StatusCode::NOT_FOUND, "Agent not found."),
+    }
+}
+
+/// `fromQueueCallId` from the query (ignored by a 6.5 box); `Err` is the box's `400` message.
+fn from_queue_call_id(
+    request: &Request<Incoming>,
+    api_6_5: bool,
+) -> Result<Option<u64>, &'static str> {
+    let query = match api_6_5 {
+        true => "",
+        false => request.uri().query().unwrap_or_default(),
+    };
+    let mut from = None;
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        if key == "fromQueueCallId" {
+            from = Some(
+                value
+                    .parse::<u64>()
+                    .map_err(|_| "The value of fromQueueCallId is not valid.")?,
+            );
+        }
+    }
+    Ok(from)
+}
+
+/// `GET /mot/{account}/queues/{queueId}/calls/recordings[?fromQueueCallId=N]`.
+fn queue_recordings(
+    state: &SimState,
+    request: &Request<Incoming>,
+    account: &str,
+    queue_id: &str,
+    api_6_5: bool,
+) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET {
+        return message(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "The requested resource does not support this method.",
+        );
+    }
+    let dataset = read(&state.dataset);
+    let account = match authorized(&dataset, request, account) {
+        Ok(account) => account,
+        Err((status, text)) => return message(status, text),
+    };
+    let Ok(queue_id) = queue_id.parse::<u64>() else {
+        return message(StatusCode::BAD_REQUEST, "The queue id is not valid.");
+    };
+    let from = match from_queue_call_id(request, api_6_5) {
+        Ok(from) => from,
+        Err(text) => return message(StatusCode::BAD_REQUEST, text),
+    };
+    match account.queue_recordings(queue_id, from) {
+        Some(list) => json(StatusCode::OK, list),
+        None => message(StatusCode::NOT_FOUND, "Queue not found."),
+    }
+}
+
+/// `GET /mot/{account}/agents[?state=any|loggedIn|loggedOut]`: the agent directory (a bare
+/// `/agents` lists the logged-in agents only).
+fn directory(
+    state: &SimState,
+    request: &Request<Incoming>,
+    account: &str,
+) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET {
+        return message(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "The requested resource does not support this method.",
+        );
+    }
+    let dataset = read(&state.dataset);
+    let account = match authorized(&dataset, request, account) {
+        Ok(account) => account,
+        Err((status, text)) => return message(status, text),
+    };
+    let mut wanted = "loggedIn".to_owned();
+    for (key, value) in form_urlencoded::parse(request.uri().query().unwrap_or_default().as_bytes())
+    {
+        if key == "state" {
+            wanted = value.into_owned();
+        }
+    }
+    match account.directory(&wanted) {
+        Some(list) => json(StatusCode::OK, list),
+        None => message(StatusCode::BAD_REQUEST, "The value of state is not valid."),
     }
 }
 

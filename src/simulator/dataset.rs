@@ -75,6 +75,63 @@ struct Queue {
     culture: &'static str,
 }
 
+/// The queue a recording of agent `agent_id` at index `n` of its history was taken in.
+fn queue_of(agent_id: u64, n: u64) -> &'static Queue {
+    &QUEUES[usize::try_from((agent_id + n) % 3).unwrap_or(0)]
+}
+
+impl SimAccount {
+    /// `GET /queues/{queueId}/calls/recordings`: every recording taken in the queue, after
+    /// `from` when given, in ascending QueueCallId order; `None` for a queue the box does not
+    /// have.
+    pub fn queue_recordings(&self, queue_id: u64, from: Option<u64>) -> Option<String> {
+        QUEUES.iter().find(|q| q.id == queue_id)?;
+        let mut selected: Vec<(u64, &str)> = self
+            .agents
+            .iter()
+            .flat_map(|agent| {
+                agent
+                    .recordings
+                    .iter()
+                    .enumerate()
+                    .filter(move |(n, _)| queue_of(agent.id, *n as u64).id == queue_id)
+                    .map(|(_, (id, json))| (*id, json.as_str()))
+            })
+            .filter(|(id, _)| from.is_none_or(|from| *id > from))
+            .collect();
+        selected.sort_by_key(|(id, _)| *id);
+        let elements: Vec<&str> = selected.into_iter().map(|(_, json)| json).collect();
+        Some(format!("[{}]", elements.join(",")))
+    }
+
+    /// `GET /agents[?state=...]`: the agent directory. `state` is `any`, `loggedIn` (what a
+    /// bare `/agents` lists) or `loggedOut`; agents with an odd id are logged in.
+    pub fn directory(&self, state: &str) -> Option<String> {
+        let wanted: fn(bool) -> bool = match state {
+            "any" => |_| true,
+            "loggedIn" => |logged_in| logged_in,
+            "loggedOut" => |logged_in| !logged_in,
+            _ => return None,
+        };
+        let agents: Vec<serde_json::Value> = self
+            .agents
+            .iter()
+            .filter(|agent| wanted(agent.id % 2 == 1))
+            .map(|agent| {
+                serde_json::json!({
+                    "AgentId": agent.id,
+                    "Name": agent.name,
+                    "Email": agent.email,
+                    "SipUri": agent.sip_uri,
+                    "SyncId": agent.sync_id,
+                    "State": if agent.id % 2 == 1 { "LoggedIn" } else { "LoggedOut" },
+                })
+            })
+            .collect();
+        Some(serde_json::Value::Array(agents).to_string())
+    }
+}
+
 const QUEUES: [Queue; 3] = [
     Queue {
         id: 1,
@@ -195,7 +252,7 @@ impl Agent {
 
 /// One recording element; every number derives from the agent and call index.
 fn recording_json(agent_id: u64, agent_name: &str, queue_call_id: u64, n: u64) -> String {
-    let queue = &QUEUES[usize::try_from((agent_id + n) % 3).unwrap_or(0)];
+    let queue = queue_of(agent_id, n);
     let seed = queue_call_id.wrapping_mul(2_654_435_761) % 1_000_000_007;
     let started = FIRST_CALL_UNIX + n * 9_437 + seed % 3_600;
     let duration = 20 + seed % 580;
@@ -260,6 +317,41 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queues_list_their_recordings_in_order_and_the_directory_filters_by_state() {
+        let dataset = Dataset::demo("greenbox", "s");
+        let account = &dataset.accounts["greenbox"];
+        let mut total = 0;
+        for queue in [1, 2, 7] {
+            let list: Vec<serde_json::Value> =
+                serde_json::from_str(&account.queue_recordings(queue, None).unwrap()).unwrap();
+            assert!(list.iter().all(|r| r["QueueId"] == queue));
+            let ids: Vec<u64> = list
+                .iter()
+                .map(|r| r["QueueCallId"].as_u64().unwrap())
+                .collect();
+            assert!(ids.windows(2).all(|w| w[0] < w[1]), "ascending");
+            let after: Vec<serde_json::Value> =
+                serde_json::from_str(&account.queue_recordings(queue, Some(ids[2])).unwrap())
+                    .unwrap();
+            assert_eq!(after.len(), ids.len() - 3);
+            total += ids.len();
+        }
+        let every: usize = account.agents.iter().map(|a| a.recordings.len()).sum();
+        assert_eq!(total, every, "each recording is in exactly one queue");
+        assert!(account.queue_recordings(3, None).is_none());
+        let all: Vec<serde_json::Value> =
+            serde_json::from_str(&account.directory("any").unwrap()).unwrap();
+        assert_eq!(all.len(), 4);
+        assert_eq!(all[1]["AgentId"], 103);
+        assert_eq!(all[1]["Email"], "derek.a@company.local");
+        let logged_in: Vec<serde_json::Value> =
+            serde_json::from_str(&account.directory("loggedIn").unwrap()).unwrap();
+        assert!(logged_in.iter().all(|a| a["State"] == "LoggedIn"));
+        assert_eq!(logged_in.len(), 3);
+        assert!(account.directory("busy").is_none());
+    }
 
     #[test]
     fn timestamps_are_calendar_dates() {

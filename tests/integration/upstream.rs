@@ -251,3 +251,91 @@ async fn an_unreachable_box_is_a_502() {
         1.0
     );
 }
+
+/// The simulated box serves what issue-17 routes will read: recordings per queue and the
+/// agent directory, behind the shared secret like every route.
+#[tokio::test]
+async fn the_simulated_box_serves_queue_recordings_and_the_agent_directory() {
+    let boxsim = start_box(SimulatorTls::Plain).await;
+    let secret = [("x-miralix-shared-secret", SECRET)];
+    let queue = request(
+        boxsim.addr(),
+        "GET",
+        &format!("/mot/{ACCOUNT}/queues/1/calls/recordings"),
+        &secret,
+    )
+    .await;
+    assert_eq!(queue.status, 200);
+    let list = queue.json();
+    let ids: Vec<u64> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["QueueCallId"].as_u64().unwrap())
+        .collect();
+    assert!(!ids.is_empty() && ids.windows(2).all(|w| w[0] < w[1]));
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["QueueId"] == 1 && r["QueueName"] == "Support")
+    );
+    let after = request(
+        boxsim.addr(),
+        "GET",
+        &format!(
+            "/mot/{ACCOUNT}/queues/1/calls/recordings?fromQueueCallId={}",
+            ids[0]
+        ),
+        &secret,
+    )
+    .await;
+    assert_eq!(after.json().as_array().unwrap().len(), ids.len() - 1);
+    for (target, status) in [
+        (format!("/mot/{ACCOUNT}/queues/3/calls/recordings"), 404),
+        (format!("/mot/{ACCOUNT}/queues/x/calls/recordings"), 400),
+        (
+            format!("/mot/{ACCOUNT}/queues/1/calls/recordings?fromQueueCallId=-1"),
+            400,
+        ),
+        (format!("/mot/{ACCOUNT}/agents?state=busy"), 400),
+    ] {
+        assert_eq!(
+            request(boxsim.addr(), "GET", &target, &secret).await.status,
+            status,
+            "{target}"
+        );
+    }
+    let unauthorized = request(
+        boxsim.addr(),
+        "GET",
+        &format!("/mot/{ACCOUNT}/agents?state=any"),
+        &[],
+    )
+    .await;
+    assert_eq!(unauthorized.status, 401);
+    let everyone = request(
+        boxsim.addr(),
+        "GET",
+        &format!("/mot/{ACCOUNT}/agents?state=any"),
+        &secret,
+    )
+    .await;
+    assert_eq!(everyone.json().as_array().unwrap().len(), 4);
+    let logged_in = request(
+        boxsim.addr(),
+        "GET",
+        &format!("/mot/{ACCOUNT}/agents"),
+        &secret,
+    )
+    .await;
+    let logged_in = logged_in.json();
+    assert!(
+        logged_in
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["State"] == "LoggedIn")
+    );
+    assert_eq!(logged_in.as_array().unwrap().len(), 3);
+}
