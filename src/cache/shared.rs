@@ -261,6 +261,12 @@ impl SharedTier {
         format!("{}:{kind}:{}", self.inner.prefix, key.canonical())
     }
 
+    /// What the lease scripts read and write for `key`, as their `KEYS[1..4]`: the entry,
+    /// the lock, the fencing counter and the failure marker.
+    fn lease_keys(&self, key: &CacheKey) -> [String; 4] {
+        ["entry", "lock", "fence", "fail"].map(|kind| self.key(kind, key))
+    }
+
     fn slots_key(&self, account: &str) -> String {
         format!("{}:slots:{account}", self.inner.prefix)
     }
@@ -360,12 +366,7 @@ impl SharedTier {
         lease: Duration,
         check: bool,
     ) -> Result<Lead, TierError> {
-        let keys = [
-            self.key("entry", key),
-            self.key("lock", key),
-            self.key("fence", key),
-            self.key("fail", key),
-        ];
+        let keys = self.lease_keys(key);
         let script = &self.inner.scripts.lead;
         let (code, value, elapsed): (i64, Vec<u8>, i64) = self
             .call("lead", async move |mut c: ConnectionManager| {
@@ -402,12 +403,7 @@ impl SharedTier {
         generation: u64,
         record: &Record,
     ) -> Result<bool, TierError> {
-        let keys = [
-            self.key("entry", key),
-            self.key("lock", key),
-            self.key("fence", key),
-            self.key("fail", key),
-        ];
+        let keys = self.lease_keys(key);
         let (channel, notice) = (self.channel(), format!("filled {}", key.canonical()));
         let script = &self.inner.scripts.fill;
         let stored: i64 = self
@@ -438,12 +434,7 @@ impl SharedTier {
         message: &str,
         backoff: Duration,
     ) -> Result<bool, TierError> {
-        let keys = [
-            self.key("entry", key),
-            self.key("lock", key),
-            self.key("fence", key),
-            self.key("fail", key),
-        ];
+        let keys = self.lease_keys(key);
         let failure = format!("{status} {message}");
         let (channel, notice) = (self.channel(), format!("filled {}", key.canonical()));
         let backoff = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX);
@@ -462,7 +453,7 @@ impl SharedTier {
             })
             .await?;
         if left != 1 {
-            self.inner.metrics.fills_rejected.inc();
+            self.refused();
         }
         Ok(left == 1)
     }
@@ -472,13 +463,16 @@ impl SharedTier {
             true => {
                 self.inner.metrics.stores.inc();
             }
-            false => {
-                self.inner.metrics.fills_rejected.inc();
-                tracing::warn!(
-                    "a fill was refused: its lease had run out and another gateway had taken the key over (the newer answer is kept)"
-                );
-            }
+            false => self.refused(),
         }
+    }
+
+    /// A fill or failure marker refused: its lease had run out and a newer holder decides.
+    fn refused(&self) {
+        self.inner.metrics.fills_rejected.inc();
+        tracing::warn!(
+            "a fill was refused: its lease had run out and another gateway had taken the key over (the newer holder's answer stands)"
+        );
     }
 
     /// Wait until another instance reports a fill, or `at_most` (a jittered poll interval).

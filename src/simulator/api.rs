@@ -140,14 +140,8 @@ fn queue_recordings(
     queue_id: &str,
     api_6_5: bool,
 ) -> Response<Full<Bytes>> {
-    if request.method() != Method::GET {
-        return message(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "The requested resource does not support this method.",
-        );
-    }
     let dataset = read(&state.dataset);
-    let account = match authorized(&dataset, request, account) {
+    let account = match get_of(&dataset, request, account) {
         Ok(account) => account,
         Err((status, text)) => return message(status, text),
     };
@@ -171,14 +165,8 @@ fn directory(
     request: &Request<Incoming>,
     account: &str,
 ) -> Response<Full<Bytes>> {
-    if request.method() != Method::GET {
-        return message(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "The requested resource does not support this method.",
-        );
-    }
     let dataset = read(&state.dataset);
-    let account = match authorized(&dataset, request, account) {
+    let account = match get_of(&dataset, request, account) {
         Ok(account) => account,
         Err((status, text)) => return message(status, text),
     };
@@ -193,6 +181,22 @@ fn directory(
         Some(list) => json(StatusCode::OK, list),
         None => message(StatusCode::BAD_REQUEST, "The value of state is not valid."),
     }
+}
+
+/// A GET of the account named in the path, which exists and whose shared secret the request
+/// carries; otherwise the box's refusal.
+fn get_of<'a>(
+    dataset: &'a Dataset,
+    request: &Request<Incoming>,
+    account: &str,
+) -> Result<&'a SimAccount, (StatusCode, &'static str)> {
+    if request.method() != Method::GET {
+        return Err((
+            StatusCode::METHOD_NOT_ALLOWED,
+            "The requested resource does not support this method.",
+        ));
+    }
+    authorized(dataset, request, account)
 }
 
 /// The account named in the path, if it exists and the request carries its shared secret.
