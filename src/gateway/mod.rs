@@ -92,7 +92,25 @@ pub async fn handle<B: http_body::Body>(
     };
     let mut response = match handle_inner(&state, &request, &peer, &mut access).await {
         Ok(response) => response,
-        Err(error) => error_response(&error, access.cache).map(Either::Left),
+        Err(error) => {
+            // A request refused before its account was resolved is still logged under the
+            // account its path names, when that is one (only on this error path).
+            if access.account.is_none() {
+                access.account = request
+                    .uri()
+                    .path()
+                    .strip_prefix("/mot/")
+                    .and_then(|rest| rest.split('/').next())
+                    .and_then(|name| {
+                        state
+                            .generation()
+                            .accounts
+                            .get(name)
+                            .map(|a| a.name.clone())
+                    });
+            }
+            error_response(&error, access.cache).map(Either::Left)
+        }
     };
     // A 304 has no body, and no length to announce for one.
     if request.method() == Method::HEAD && response.status() != StatusCode::NOT_MODIFIED {
@@ -149,14 +167,6 @@ async fn handle_inner<B: http_body::Body>(
     access: &mut AccessEntry,
 ) -> Result<Response<Body>, ProxyError> {
     let generation = state.generation.load();
-    // A refused target is still logged under the account it names, when that is one.
-    access.account = request
-        .uri()
-        .path()
-        .strip_prefix("/mot/")
-        .and_then(|rest| rest.split('/').next())
-        .and_then(|name| generation.accounts.get(name))
-        .map(|account| account.name.clone());
     admit::rate_limit(state, &generation, peer)?;
     admit::request_form(request)?;
     let route = route::parse(request.uri().path(), request.uri().query())?;
