@@ -50,7 +50,7 @@ use crate::clock::Clock;
 use crate::config::CacheConfig;
 use crate::metrics::Metrics;
 use crate::recordings::RecordingList;
-use crate::route::AgentQuery;
+use crate::route::{ListQuery, Subject};
 use crate::upstream::{UpstreamError, UpstreamReply};
 
 pub use self::flight::Waiters;
@@ -64,7 +64,7 @@ pub use self::tier::{FetchTerms, Scope, Tier};
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey {
     pub account: Arc<str>,
-    pub query: AgentQuery,
+    pub query: ListQuery,
 }
 
 /// Bytes escaped in a key's identification, so that a canonical key reads back one way and
@@ -84,26 +84,32 @@ const KEY_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
     .add(b'}');
 
 impl CacheKey {
-    /// The key as text, the same on every host: `{account}/{type}/{identification}`, then
-    /// `?from={id}` for a `fromQueueCallId` request. What the second tier stores under.
+    /// The key as text, the same on every host: `{account}/{type}/{identification}` for an
+    /// agent, `{account}/queues/{queueId}` for a queue (each then `?from={id}` for a
+    /// `fromQueueCallId` request), `{account}/directory[/{state}]` for the agent directory.
+    /// What the second tier stores under.
     pub fn canonical(&self) -> String {
-        let mut text = Self::agent_prefix(
-            &self.account,
-            self.query.id_type.as_str(),
-            &self.query.identification,
-        );
+        let mut text = Self::subject_prefix(&self.account, &self.query.subject);
         if let Some(from) = self.query.from_queue_call_id {
             text.push_str(&format!("?from={from}"));
         }
         text
     }
 
-    /// The canonical key of an agent's full list, which its `?from=` keys extend.
-    pub fn agent_prefix(account: &str, id_type: &str, identification: &str) -> String {
-        format!(
-            "{account}/{id_type}/{}",
-            percent_encoding::utf8_percent_encode(identification, KEY_SEGMENT)
-        )
+    /// The canonical key of a subject's full list, which its `?from=` keys extend. A bare
+    /// directory's key is the prefix of every `state`'s, so purging it purges them all.
+    pub fn subject_prefix(account: &str, subject: &Subject) -> String {
+        let escaped =
+            |text: &str| percent_encoding::utf8_percent_encode(text, KEY_SEGMENT).to_string();
+        match subject {
+            Subject::Agent {
+                id_type,
+                identification,
+            } => format!("{account}/{}/{}", id_type.as_str(), escaped(identification)),
+            Subject::Queue(id) => format!("{account}/queues/{id}"),
+            Subject::Directory(None) => format!("{account}/directory"),
+            Subject::Directory(Some(state)) => format!("{account}/directory/{}", escaped(state)),
+        }
     }
 }
 
@@ -189,6 +195,20 @@ pub struct StoredList {
 pub struct Fetched {
     pub reply: UpstreamReply,
     pub list: Option<StoredList>,
+    /// How long a `200` is fresh when not `cache.ttl` (the agent directory's
+    /// `cache.directory_ttl`, a passthrough route's `ttl`).
+    pub ttl: Option<Duration>,
+}
+
+impl Fetched {
+    /// An answer stored as it is, with no parsed list, for `cache.ttl`.
+    pub fn opaque(reply: UpstreamReply) -> Self {
+        Self {
+            reply,
+            list: None,
+            ttl: None,
+        }
+    }
 }
 
 /// Why a stale entry was served.
@@ -613,9 +633,11 @@ pub(crate) mod tests {
     pub(crate) fn key(id: &str) -> CacheKey {
         CacheKey {
             account: "greenbox".into(),
-            query: AgentQuery {
-                id_type: IdType::Id,
-                identification: id.into(),
+            query: ListQuery {
+                subject: Subject::Agent {
+                    id_type: IdType::Id,
+                    identification: id.into(),
+                },
                 from_queue_call_id: None,
             },
         }
@@ -629,6 +651,7 @@ pub(crate) mod tests {
                 body: Bytes::from_static(b"{}"),
             },
             list: None,
+            ttl: None,
         })
     }
 

@@ -29,6 +29,10 @@ pub enum ProxyError {
     )]
     CannotEmulate,
     #[error(
+        "the agent directory's state \"{given}\" is not one this gateway passes on; use one of: {allowed} (accounts.<name>.directory_states)"
+    )]
+    DirectoryState { given: String, allowed: String },
+    #[error(
         "{0} audio downloads from this account's box are already in progress (upstream.max_audio_streams); try again shortly"
     )]
     AudioBusy(usize),
@@ -71,6 +75,7 @@ impl ProxyError {
             ProxyError::Route(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::CannotEmulate => StatusCode::BAD_GATEWAY,
+            ProxyError::DirectoryState { .. } => StatusCode::BAD_REQUEST,
             ProxyError::Unauthorized(
                 AuthError::CertificateRequired | AuthError::CertificateNotAllowed,
             ) => StatusCode::FORBIDDEN,

@@ -20,30 +20,84 @@ pub const MAX_PATH_BYTES: usize = 2048;
 /// The query parameter the API understands; matched case-insensitively like the box does.
 pub const FROM_QUEUE_CALL_ID: &str = "fromQueueCallId";
 
-/// A request for one agent's recordings list, already normalized.
+/// A request for one cached list, already normalized.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RecordingsRequest<'a> {
+pub struct ListRequest<'a> {
     /// The `{account}` segment, decoded; the caller checks it is configured.
     pub account: Cow<'a, str>,
-    pub query: AgentQuery,
+    pub query: ListQuery,
+}
+
+/// Whose list a request names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Subject {
+    /// One agent's recordings: `/agents/{identificationType}/{identification}/recordings`.
+    Agent {
+        id_type: IdType,
+        /// Canonical identification (see [`crate::identity`]).
+        identification: Box<str>,
+    },
+    /// One queue's recordings: `/queues/{queueId}/calls/recordings`.
+    Queue(u64),
+    /// The agent directory, `/agents[?state=..]`: the `state` value as given, which the
+    /// gateway checks against the account's allowlist and spells as that list does; `None`
+    /// for a bare `/agents` (the box lists the logged-in agents then).
+    Directory(Option<Box<str>>),
+}
+
+impl std::fmt::Display for Subject {
+    /// For messages: `id 103`, `queue 4`, `directory`, `directory state=any`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Subject::Agent {
+                id_type,
+                identification,
+            } => write!(f, "{} {identification}", id_type.as_str()),
+            Subject::Queue(id) => write!(f, "queue {id}"),
+            Subject::Directory(None) => f.write_str("directory"),
+            Subject::Directory(Some(state)) => write!(f, "directory state={state}"),
+        }
+    }
+}
+
+impl Subject {
+    /// The kind and the name, for listings: (`id`, `103`), (`queue`, `4`), (`directory`,
+    /// `any`; empty for a bare `/agents`).
+    pub fn parts(&self) -> (&'static str, std::borrow::Cow<'_, str>) {
+        match self {
+            Subject::Agent {
+                id_type,
+                identification,
+            } => (id_type.as_str(), Cow::Borrowed(identification)),
+            Subject::Queue(id) => ("queue", Cow::Owned(id.to_string())),
+            Subject::Directory(state) => {
+                ("directory", Cow::Borrowed(state.as_deref().unwrap_or("")))
+            }
+        }
+    }
+
+    /// Whether the box's answer is a recordings list (parsed, selected from, refreshed by
+    /// delta) rather than opaque JSON.
+    pub fn is_recordings(&self) -> bool {
+        !matches!(self, Subject::Directory(_))
+    }
 }
 
 /// Which list of one account to fetch: everything but the account, in canonical form.
 /// Part of the cache key, and all the upstream client needs to build its URL.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct AgentQuery {
-    pub id_type: IdType,
-    /// Canonical identification (see [`crate::identity`]).
-    pub identification: Box<str>,
-    /// `fromQueueCallId`, when given.
+pub struct ListQuery {
+    pub subject: Subject,
+    /// `fromQueueCallId`, when given (never for the directory).
     pub from_queue_call_id: Option<u64>,
 }
 
 /// What a request target turned out to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route<'a> {
-    Recordings(RecordingsRequest<'a>),
-    /// The audio file of one recording, streamed from the box.
+    /// A list served from the cache: an agent's or a queue's recordings, or the directory.
+    List(ListRequest<'a>),
+    /// The audio file of one recording.
     Audio {
         account: Cow<'a, str>,
         queue_call_id: u64,
@@ -57,10 +111,12 @@ pub enum CacheTarget<'a> {
     All,
     /// `/cache/{account}`: every entry of one account.
     Account(Cow<'a, str>),
-    /// `/cache/{account}/agents/{identificationType}/{identification}`: one agent's entries.
-    Agent(RecordingsRequest<'a>),
-    /// The same path plus `/refresh`.
-    AgentRefresh(RecordingsRequest<'a>),
+    /// `/cache/{account}/agents/{identificationType}/{identification}` (one agent's entries),
+    /// `/cache/{account}/queues/{queueId}` (one queue's) or `/cache/{account}/agents` (the
+    /// directory's, every `state`).
+    Subject(ListRequest<'a>),
+    /// An agent's or a queue's path plus `/refresh`.
+    Refresh(ListRequest<'a>),
 }
 
 /// Why a request target was refused. `Display` is the message sent to the client.
@@ -68,7 +124,7 @@ pub enum CacheTarget<'a> {
 pub enum RouteError {
     /// Not a path this gateway serves; it is never forwarded.
     #[error(
-        "no such route: the gateway serves only GET /mot/{{account}}/agents/{{identificationType}}/{{identification}}/recordings"
+        "no such route: the gateway serves GET /mot/{{account}}/agents/{{identificationType}}/{{identification}}/recordings, /mot/{{account}}/queues/{{queueId}}/calls/recordings, /mot/{{account}}/agents and /mot/{{account}}/queues/calls/recordings/{{queueCallId}}, and the reads an account's passthrough table names"
     )]
     NotFound,
     #[error("the request path is longer than {MAX_PATH_BYTES} bytes")]
@@ -85,6 +141,10 @@ pub enum RouteError {
     RepeatedFromQueueCallId,
     #[error("invalid queueCallId \"{0}\": expected a non-negative integer")]
     QueueCallId(String),
+    #[error("invalid queueId \"{0}\": expected a non-negative integer")]
+    QueueId(String),
+    #[error("the agent directory takes only the query parameter state (given once), not \"{0}\"")]
+    DirectoryQuery(String),
 }
 
 /// Parse a request path and optional query string.
@@ -92,29 +152,49 @@ pub fn parse<'a>(path: &'a str, query: Option<&str>) -> Result<Route<'a>, RouteE
     if path.len() > MAX_PATH_BYTES {
         return Err(RouteError::PathTooLong);
     }
-    // Exactly seven segments, the first empty (the path starts with '/'); no allocation.
+    // At most seven segments, the first empty (the path starts with '/'); no allocation.
     let mut segments = path.split('/');
     let mut next = || segments.next().ok_or(RouteError::NotFound);
-    let (root, mot, account) = (next()?, next()?, next()?);
-    let (fourth, fifth, sixth, seventh) = (next()?, next()?, next()?, next()?);
-    if segments.next().is_some() || !root.is_empty() || mot != "mot" {
+    let (root, mot, account, fourth) = (next()?, next()?, next()?, next()?);
+    if !root.is_empty() || mot != "mot" {
         return Err(RouteError::NotFound);
     }
-    match (fourth, fifth, sixth) {
-        ("agents", id_type, identification) if seventh == "recordings" => {
-            let mut request = agent(account, id_type, identification)?;
-            request.query.from_queue_call_id = parse_query(query)?;
-            Ok(Route::Recordings(request))
-        }
-        ("queues", "calls", "recordings") => {
+    let rest: [Option<&str>; 4] = std::array::from_fn(|_| segments.next());
+    let request = |account, subject, from_queue_call_id| {
+        Ok(Route::List(ListRequest {
+            account,
+            query: ListQuery {
+                subject,
+                from_queue_call_id,
+            },
+        }))
+    };
+    match (fourth, rest) {
+        ("agents", [None, ..]) => {
             let account = account_name(account)?;
-            let id = decode(seventh, "queueCallId")?;
-            let queue_call_id = id
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-                .then(|| id.parse::<u64>().ok())
-                .flatten()
-                .ok_or_else(|| RouteError::QueueCallId(truncate_for_message(&id)))?;
+            request(account, Subject::Directory(directory_state(query)?), None)
+        }
+        (
+            "agents",
+            [
+                Some(id_type),
+                Some(identification),
+                Some("recordings"),
+                None,
+            ],
+        ) => {
+            let mut list = agent(account, id_type, identification)?;
+            list.query.from_queue_call_id = parse_query(query)?;
+            Ok(Route::List(list))
+        }
+        ("queues", [Some(queue_id), Some("calls"), Some("recordings"), None]) => {
+            let account = account_name(account)?;
+            let queue = number(queue_id, "queueId", RouteError::QueueId)?;
+            request(account, Subject::Queue(queue), parse_query(query)?)
+        }
+        ("queues", [Some("calls"), Some("recordings"), Some(id), None]) => {
+            let account = account_name(account)?;
+            let queue_call_id = number(id, "queueCallId", RouteError::QueueCallId)?;
             Ok(Route::Audio {
                 account,
                 queue_call_id,
@@ -124,9 +204,38 @@ pub fn parse<'a>(path: &'a str, query: Option<&str>) -> Result<Route<'a>, RouteE
     }
 }
 
+/// A decimal id segment: digits only, within `u64`.
+fn number(
+    segment: &str,
+    name: &'static str,
+    invalid: fn(String) -> RouteError,
+) -> Result<u64, RouteError> {
+    let id = decode(segment, name)?;
+    id.bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| id.parse::<u64>().ok())
+        .flatten()
+        .ok_or_else(|| invalid(truncate_for_message(&id)))
+}
+
+/// The directory's `state` parameter, if given; any other parameter is refused, since the box
+/// would be asked something the cache key does not say.
+fn directory_state(query: Option<&str>) -> Result<Option<Box<str>>, RouteError> {
+    let mut state = None;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        if !key.eq_ignore_ascii_case("state") || state.is_some() {
+            return Err(RouteError::DirectoryQuery(truncate_for_message(&key)));
+        }
+        state = Some(value.into_owned().into_boxed_str());
+    }
+    Ok(state)
+}
+
 /// Parse an admin cache path: `/cache`, `/cache/{account}`,
-/// `/cache/{account}/agents/{identificationType}/{identification}[/refresh]`. The agent is
-/// normalized exactly as on the public route, so any spelling names the stored entries.
+/// `/cache/{account}/agents/{identificationType}/{identification}[/refresh]`,
+/// `/cache/{account}/queues/{queueId}[/refresh]` or `/cache/{account}/agents` (the
+/// directory). An agent is normalized exactly as on the public route, so any spelling names
+/// the stored entries.
 pub fn parse_cache_target(path: &str) -> Result<CacheTarget<'_>, RouteError> {
     if path.len() > MAX_PATH_BYTES {
         return Err(RouteError::PathTooLong);
@@ -141,14 +250,36 @@ pub fn parse_cache_target(path: &str) -> Result<CacheTarget<'_>, RouteError> {
         return Err(RouteError::NotFound);
     };
     let segments: Vec<&str> = rest.splitn(6, '/').collect();
+    let queue = |account, id| -> Result<ListRequest<'_>, RouteError> {
+        Ok(ListRequest {
+            account: account_name(account)?,
+            query: ListQuery {
+                subject: Subject::Queue(number(id, "queueId", RouteError::QueueId)?),
+                from_queue_call_id: None,
+            },
+        })
+    };
     match segments[..] {
         [account] => Ok(CacheTarget::Account(account_name(account)?)),
-        [account, "agents", id_type, identification] => {
-            Ok(CacheTarget::Agent(agent(account, id_type, identification)?))
-        }
-        [account, "agents", id_type, identification, "refresh"] => Ok(CacheTarget::AgentRefresh(
-            agent(account, id_type, identification)?,
-        )),
+        [account, "agents"] => Ok(CacheTarget::Subject(ListRequest {
+            account: account_name(account)?,
+            query: ListQuery {
+                subject: Subject::Directory(None),
+                from_queue_call_id: None,
+            },
+        })),
+        [account, "agents", id_type, identification] => Ok(CacheTarget::Subject(agent(
+            account,
+            id_type,
+            identification,
+        )?)),
+        [account, "agents", id_type, identification, "refresh"] => Ok(CacheTarget::Refresh(agent(
+            account,
+            id_type,
+            identification,
+        )?)),
+        [account, "queues", id] => Ok(CacheTarget::Subject(queue(account, id)?)),
+        [account, "queues", id, "refresh"] => Ok(CacheTarget::Refresh(queue(account, id)?)),
         _ => Err(RouteError::NotFound),
     }
 }
@@ -174,15 +305,17 @@ fn agent<'a>(
     account: &'a str,
     id_type: &str,
     identification: &str,
-) -> Result<RecordingsRequest<'a>, RouteError> {
+) -> Result<ListRequest<'a>, RouteError> {
     let account = account_name(account)?;
     let id_type = IdType::parse(&decode(id_type, "identificationType")?)?;
     let identification = id_type.normalize(&decode(identification, "identification")?)?;
-    Ok(RecordingsRequest {
+    Ok(ListRequest {
         account,
-        query: AgentQuery {
-            id_type,
-            identification: identification.into_boxed_str(),
+        query: ListQuery {
+            subject: Subject::Agent {
+                id_type,
+                identification: identification.into_boxed_str(),
+            },
             from_queue_call_id: None,
         },
     })
@@ -219,10 +352,21 @@ fn parse_query(query: Option<&str>) -> Result<Option<u64>, RouteError> {
 mod tests {
     use super::*;
 
-    fn recordings<'a>(path: &'a str, query: Option<&str>) -> RecordingsRequest<'a> {
+    fn recordings<'a>(path: &'a str, query: Option<&str>) -> ListRequest<'a> {
         match parse(path, query) {
-            Ok(Route::Recordings(r)) => r,
+            Ok(Route::List(r)) => r,
             other => panic!("{path}: {other:?}"),
+        }
+    }
+
+    /// The agent a request names.
+    pub(super) fn agent_of(query: &ListQuery) -> (IdType, &str) {
+        match &query.subject {
+            Subject::Agent {
+                id_type,
+                identification,
+            } => (*id_type, identification),
+            other => panic!("not an agent: {other:?}"),
         }
     }
 
@@ -230,8 +374,7 @@ mod tests {
     fn parses_the_documented_examples() {
         let r = recordings("/mot/greenbox/agents/id/103/recordings", None);
         assert_eq!(r.account, "greenbox");
-        assert_eq!(r.query.id_type, IdType::Id);
-        assert_eq!(&*r.query.identification, "103");
+        assert_eq!(agent_of(&r.query), (IdType::Id, "103"));
         assert_eq!(r.query.from_queue_call_id, None);
 
         let r = recordings(
@@ -239,7 +382,7 @@ mod tests {
             Some("fromQueueCallId=47610"),
         );
         assert_eq!(r.account, "12986");
-        assert_eq!(&*r.query.identification, "sip:lp1@company.local");
+        assert_eq!(agent_of(&r.query).1, "sip:lp1@company.local");
         assert_eq!(r.query.from_queue_call_id, Some(47610));
     }
 
@@ -249,12 +392,12 @@ mod tests {
             "/mot/greenbox/agents/EMAIL/Derek.A%40Company.Local/recordings",
             None,
         );
-        assert_eq!(&*r.query.identification, "derek.a@company.local");
+        assert_eq!(agent_of(&r.query).1, "derek.a@company.local");
         let r = recordings(
             "/mot/greenbox/agents/sipUri/%3Csip%3Alp1%40company.local%3E/recordings",
             None,
         );
-        assert_eq!(&*r.query.identification, "sip:lp1@company.local");
+        assert_eq!(agent_of(&r.query).1, "sip:lp1@company.local");
         // Double encoding decodes to a literal `%40`, which is no '@'.
         assert!(parse("/mot/g/agents/email/a%2540b.c/recordings", None).is_err());
     }
@@ -263,7 +406,7 @@ mod tests {
     fn query_handling() {
         let q = |q: &str| parse("/mot/g/agents/id/1/recordings", Some(q));
         let from = |q: &str| match parse("/mot/g/agents/id/1/recordings", Some(q)) {
-            Ok(Route::Recordings(r)) => r.query.from_queue_call_id,
+            Ok(Route::List(r)) => r.query.from_queue_call_id,
             other => panic!("{q}: {other:?}"),
         };
         assert_eq!(from("fromQueueCallId=0"), Some(0));
@@ -296,11 +439,15 @@ mod tests {
         for path in [
             "/",
             "/mot",
-            "/mot/greenbox/agents",
+            "/mot/greenbox/agents/",
+            "/mot/greenbox/agents/id",
             "/mot/greenbox/agents/id/103",
             "/mot/greenbox/agents/id/103/recordings/",
             "/mot/greenbox/agents/id/103/recording",
-            "/mot/greenbox/queues/1/calls/recordings",
+            "/mot/greenbox/queues/1/calls/recordings/",
+            "/mot/greenbox/queues/1/calls",
+            "/mot/greenbox/queues/1",
+            "/mot/greenbox/queues",
             "/mot/greenbox/queues/calls/recordings",
             "/mot/greenbox/queues/calls/recordings/1/",
             "/mot/greenbox/queues/calls/recording/1",
@@ -333,6 +480,58 @@ mod tests {
         }
         let long = format!("/mot/g/agents/id/{}/recordings", "1".repeat(MAX_PATH_BYTES));
         assert_eq!(parse(&long, None), Err(RouteError::PathTooLong));
+    }
+
+    #[test]
+    fn queue_lists_take_a_numeric_id_and_fromqueuecallid() {
+        let r = recordings(
+            "/mot/greenbox/queues/0007/calls/recordings",
+            Some("fromQueueCallId=12"),
+        );
+        assert_eq!(r.query.subject, Subject::Queue(7));
+        assert_eq!(r.query.from_queue_call_id, Some(12));
+        for bad in [
+            "abc",
+            "-1",
+            "1.5",
+            "%2E%2E",
+            "99999999999999999999",
+            "",
+            "1%2F2",
+        ] {
+            let path = format!("/mot/greenbox/queues/{bad}/calls/recordings");
+            assert!(
+                matches!(parse(&path, None), Err(RouteError::QueueId(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_directory_takes_only_a_state() {
+        let state = |query: Option<&str>| {
+            parse("/mot/g/agents", query).map(|r| match r {
+                Route::List(r) => r.query.subject,
+                other => panic!("{other:?}"),
+            })
+        };
+        assert_eq!(state(None), Ok(Subject::Directory(None)));
+        assert_eq!(state(Some("")), Ok(Subject::Directory(None)));
+        assert_eq!(
+            state(Some("state=any")),
+            Ok(Subject::Directory(Some("any".into())))
+        );
+        assert_eq!(
+            state(Some("STATE=logged%49n")),
+            Ok(Subject::Directory(Some("loggedIn".into())))
+        );
+        for bad in ["state=any&state=any", "x=1", "state=any&fromQueueCallId=1"] {
+            let refused = state(Some(bad));
+            assert!(
+                matches!(refused, Err(RouteError::DirectoryQuery(_))),
+                "{bad}: {refused:?}"
+            );
+        }
     }
 
     #[test]
@@ -369,20 +568,34 @@ mod tests {
             parse_cache_target("/cache/greenbox"),
             Ok(CacheTarget::Account("greenbox".into()))
         );
-        let Ok(CacheTarget::Agent(agent)) =
+        let Ok(CacheTarget::Subject(agent)) =
             parse_cache_target("/cache/greenbox/agents/EMAIL/Derek.A%40Company.Local")
         else {
             panic!("an agent")
         };
-        assert_eq!(&*agent.query.identification, "derek.a@company.local");
+        assert_eq!(agent_of(&agent.query).1, "derek.a@company.local");
         assert!(matches!(
             parse_cache_target("/cache/greenbox/agents/id/103/refresh"),
-            Ok(CacheTarget::AgentRefresh(_))
+            Ok(CacheTarget::Refresh(_))
+        ));
+        let Ok(CacheTarget::Refresh(queue)) = parse_cache_target("/cache/g/queues/0042/refresh")
+        else {
+            panic!("a queue")
+        };
+        assert_eq!(queue.query.subject, Subject::Queue(42));
+        let Ok(CacheTarget::Subject(directory)) = parse_cache_target("/cache/g/agents") else {
+            panic!("the directory")
+        };
+        assert_eq!(directory.query.subject, Subject::Directory(None));
+        assert!(matches!(
+            parse_cache_target("/cache/g/queues/x"),
+            Err(RouteError::QueueId(_))
         ));
         for path in [
             "/cachex",
             "/cache//",
-            "/cache/g/agents",
+            "/cache/g/agents/refresh",
+            "/cache/g/queues",
             "/cache/g/agents/id/1/x",
             "/metrics",
         ] {
@@ -443,23 +656,24 @@ mod properties {
             query in prop::option::of(any::<String>()),
         ) {
             let path = format!("/mot/{account}/agents/{kind}/{identification}/recordings");
-            if let Ok(Route::Recordings(request)) = parse(&path, query.as_deref()) {
+            if let Ok(Route::List(request)) = parse(&path, query.as_deref()) {
+                let (id_type, identification) = tests::agent_of(&request.query);
                 let query_text = request
                     .query
                     .from_queue_call_id
                     .map(|n| format!("{FROM_QUEUE_CALL_ID}={n}"));
                 let encoded = percent_encoding::utf8_percent_encode(
-                    &request.query.identification,
+                    identification,
                     percent_encoding::NON_ALPHANUMERIC,
                 )
                 .to_string();
                 let canonical = format!(
                     "/mot/{}/agents/{}/{encoded}/recordings",
                     percent_encoding::utf8_percent_encode(&request.account, percent_encoding::NON_ALPHANUMERIC),
-                    request.query.id_type.as_str(),
+                    id_type.as_str(),
                 );
                 let again = parse(&canonical, query_text.as_deref());
-                prop_assert_eq!(again, Ok(Route::Recordings(request.clone())));
+                prop_assert_eq!(again, Ok(Route::List(request.clone())));
             }
             let _ = parse_cache_target(&format!("/cache/{account}/agents/{kind}/{identification}"));
         }

@@ -20,7 +20,7 @@ use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use serde::de::IgnoredAny;
 
 use crate::config::AccountConfig;
-use crate::route::{AgentQuery, FROM_QUEUE_CALL_ID};
+use crate::route::{FROM_QUEUE_CALL_ID, ListQuery, Subject};
 
 /// The header the box authenticates requests with.
 pub const SHARED_SECRET_HEADER: &str = "x-miralix-shared-secret";
@@ -339,14 +339,30 @@ impl UpstreamClient {
     }
 
     /// The upstream URL for a normalized request: the canonical identification as one segment.
-    pub fn url_for(&self, request: &AgentQuery) -> String {
-        let mut url = format!(
-            "{}/mot/{}/agents/{}/{}/recordings",
-            self.base,
-            utf8_percent_encode(&self.account, SEGMENT),
-            request.id_type.as_str(),
-            utf8_percent_encode(&request.identification, SEGMENT),
-        );
+    pub fn url_for(&self, request: &ListQuery) -> String {
+        let account = utf8_percent_encode(&self.account, SEGMENT);
+        let mut url = match &request.subject {
+            Subject::Agent {
+                id_type,
+                identification,
+            } => format!(
+                "{}/mot/{account}/agents/{}/{}/recordings",
+                self.base,
+                id_type.as_str(),
+                utf8_percent_encode(identification, SEGMENT),
+            ),
+            Subject::Queue(id) => {
+                format!("{}/mot/{account}/queues/{id}/calls/recordings", self.base)
+            }
+            Subject::Directory(state) => {
+                let mut url = format!("{}/mot/{account}/agents", self.base);
+                if let Some(state) = state {
+                    url.push_str("?state=");
+                    url.extend(form_urlencoded::byte_serialize(state.as_bytes()));
+                }
+                url
+            }
+        };
         if let Some(from) = request.from_queue_call_id {
             url.push_str(&format!("?{FROM_QUEUE_CALL_ID}={from}"));
         }
@@ -401,7 +417,7 @@ impl UpstreamClient {
     /// timeout is not retried; the box is slow, not gone.
     pub async fn get_list(
         &self,
-        request: &AgentQuery,
+        request: &ListQuery,
         forwarded: &Forwarded,
     ) -> Result<UpstreamReply, UpstreamError> {
         let url = self.url_for(request);
@@ -525,14 +541,17 @@ mod tests {
             upstream: crate::config::UpstreamSettings::default(),
             api_version: crate::config::ApiVersion::V7,
             access: crate::auth::Access::Open,
+            directory_states: Vec::new(),
         };
         UpstreamClient::new(account, &config).unwrap()
     }
 
-    fn request(id_type: IdType, identification: &str, from: Option<u64>) -> AgentQuery {
-        AgentQuery {
-            id_type,
-            identification: identification.into(),
+    fn request(id_type: IdType, identification: &str, from: Option<u64>) -> ListQuery {
+        ListQuery {
+            subject: Subject::Agent {
+                id_type,
+                identification: identification.into(),
+            },
             from_queue_call_id: from,
         }
     }
@@ -551,6 +570,31 @@ mod tests {
         assert_eq!(
             c.url_for(&request(IdType::Email, "åse@firma.dk", None)),
             "http://10.0.0.1/mot/greenbox/agents/email/%C3%A5se@firma.dk/recordings"
+        );
+    }
+
+    #[test]
+    fn queue_and_directory_urls() {
+        let c = client("http://10.0.0.1", "greenbox");
+        let queue = ListQuery {
+            subject: Subject::Queue(4),
+            from_queue_call_id: Some(9),
+        };
+        assert_eq!(
+            c.url_for(&queue),
+            "http://10.0.0.1/mot/greenbox/queues/4/calls/recordings?fromQueueCallId=9"
+        );
+        let directory = |state: Option<&str>| ListQuery {
+            subject: Subject::Directory(state.map(Into::into)),
+            from_queue_call_id: None,
+        };
+        assert_eq!(
+            c.url_for(&directory(None)),
+            "http://10.0.0.1/mot/greenbox/agents"
+        );
+        assert_eq!(
+            c.url_for(&directory(Some("a b&c"))),
+            "http://10.0.0.1/mot/greenbox/agents?state=a+b%26c"
         );
     }
 

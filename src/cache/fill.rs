@@ -101,7 +101,7 @@ impl ResponseCache {
         self.warned_too_large.insert(key.clone(), ()).await;
         tracing::warn!(
             account = %key.account,
-            agent = %format_args!("{} {}", key.query.id_type.as_str(), key.query.identification),
+            subject = %key.query.subject,
             bytes = weight::entry(key, entry),
             max_entry_bytes = self.config.load().max_entry_bytes,
             "an answer is too large to cache: served, not stored, and fetched again at most once per cache.error_backoff; raise cache.max_entry_bytes (or cache.max_bytes) to cache it"
@@ -119,10 +119,11 @@ impl ResponseCache {
         fetched: Fetched,
         previous: Option<&CachedResponse>,
     ) -> Arc<CachedResponse> {
-        let Fetched { reply, list } = fetched;
+        let Fetched { reply, list, ttl } = fetched;
         let config = self.config.load_full();
         let now = self.clock.now();
-        let lifetime = policy::ttl_for(reply.status, &config).map(|ttl| Lifetime {
+        let ok_ttl = ttl.unwrap_or(config.ttl);
+        let lifetime = policy::ttl_for(reply.status, ok_ttl, &config).map(|ttl| Lifetime {
             fetched_at: now,
             ttl,
             stale_while_revalidate: config.stale_while_revalidate,

@@ -11,12 +11,12 @@ use crate::config::CacheConfig;
 
 /// How long a response with this upstream status may be stored, or `None` when it must not be.
 ///
-/// Only a `200` list and a `404` (unknown agent) are stored; a zero TTL means "never store".
-/// A `400` or `403` passes through uncached: it depends on the request or on the licence, which
-/// may change at any moment.
-pub fn ttl_for(status: StatusCode, cache: &CacheConfig) -> Option<Duration> {
+/// Only a `200` (stored for `ok_ttl`: `cache.ttl` for a recordings list) and a `404` (unknown
+/// agent) are stored; a zero TTL means "never store". A `400` or `403` passes through
+/// uncached: it depends on the request or on the licence, which may change at any moment.
+pub fn ttl_for(status: StatusCode, ok_ttl: Duration, cache: &CacheConfig) -> Option<Duration> {
     let ttl = match status {
-        StatusCode::OK => cache.ttl,
+        StatusCode::OK => ok_ttl,
         StatusCode::NOT_FOUND => cache.negative_ttl,
         _ => return None,
     };
@@ -158,6 +158,7 @@ pub(crate) mod tests {
         CacheConfig {
             ttl: Duration::from_secs(ttl),
             negative_ttl: Duration::from_secs(negative_ttl),
+            directory_ttl: Duration::from_secs(60),
             max_bytes: 1 << 20,
             max_entry_bytes: 1 << 20,
             stale_while_revalidate: Duration::from_secs(30),
@@ -174,22 +175,25 @@ pub(crate) mod tests {
     #[test]
     fn only_lists_and_unknown_agents_are_stored() {
         let c = cache(30, 5);
-        assert_eq!(ttl_for(StatusCode::OK, &c), Some(Duration::from_secs(30)));
         assert_eq!(
-            ttl_for(StatusCode::NOT_FOUND, &c),
+            ttl_for(StatusCode::OK, c.ttl, &c),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            ttl_for(StatusCode::NOT_FOUND, c.ttl, &c),
             Some(Duration::from_secs(5))
         );
         for status in [400, 401, 403, 500, 502, 503, 204, 301] {
             let status = StatusCode::from_u16(status).unwrap();
-            assert_eq!(ttl_for(status, &c), None, "{status}");
+            assert_eq!(ttl_for(status, c.ttl, &c), None, "{status}");
         }
     }
 
     #[test]
     fn zero_ttl_means_never_stored() {
         let c = cache(0, 0);
-        assert_eq!(ttl_for(StatusCode::OK, &c), None);
-        assert_eq!(ttl_for(StatusCode::NOT_FOUND, &c), None);
+        assert_eq!(ttl_for(StatusCode::OK, c.ttl, &c), None);
+        assert_eq!(ttl_for(StatusCode::NOT_FOUND, c.ttl, &c), None);
     }
 
     fn lifetime(t0: Instant) -> Lifetime {

@@ -192,14 +192,16 @@ mod tests {
     use super::*;
     use crate::cache::policy::tests::cache;
     use crate::identity::IdType;
-    use crate::route::AgentQuery;
+    use crate::route::{ListQuery, Subject};
 
     fn key(identification: &str) -> CacheKey {
         CacheKey {
             account: "greenbox".into(),
-            query: AgentQuery {
-                id_type: IdType::Id,
-                identification: identification.into(),
+            query: ListQuery {
+                subject: Subject::Agent {
+                    id_type: IdType::Id,
+                    identification: identification.into(),
+                },
                 from_queue_call_id: None,
             },
         }

@@ -58,9 +58,10 @@ impl Default for FetchTerms {
 pub enum Scope {
     All,
     Account(String),
-    /// An agent's full list and its `fromQueueCallId` entries: the agent's canonical prefix.
-    Agent(String),
-    /// Only an agent's `fromQueueCallId` entries.
+    /// A subject's full list and its `fromQueueCallId` entries (the directory: every
+    /// `state`'s): the subject's canonical prefix (see [`super::CacheKey::subject_prefix`]).
+    Subject(String),
+    /// Only a subject's `fromQueueCallId` entries.
     Filtered(String),
     /// One key.
     Exact(String),
@@ -78,7 +79,13 @@ impl Scope {
             Scope::Account(account) => canonical
                 .strip_prefix(account.as_str())
                 .is_some_and(|rest| rest.starts_with('/')),
-            Scope::Agent(agent) => canonical == agent || filtered(agent),
+            Scope::Subject(prefix) => {
+                canonical == prefix
+                    || filtered(prefix)
+                    || canonical
+                        .strip_prefix(prefix.as_str())
+                        .is_some_and(|rest| rest.starts_with('/'))
+            }
             Scope::Filtered(agent) => filtered(agent),
             Scope::Exact(key) => canonical == key,
         }
@@ -90,7 +97,8 @@ impl Scope {
         match self {
             Scope::All => "purge all".to_owned(),
             Scope::Account(a) => format!("purge account {a}"),
-            Scope::Agent(a) => format!("purge agent {a}"),
+            // "agent", the word instances of every version read.
+            Scope::Subject(a) => format!("purge agent {a}"),
             Scope::Filtered(a) => format!("purge filtered {a}"),
             Scope::Exact(a) => format!("purge key {a}"),
         }
@@ -102,7 +110,7 @@ impl Scope {
         Some(match kind {
             "all" => Scope::All,
             "account" => Scope::Account(text.to_owned()),
-            "agent" => Scope::Agent(text.to_owned()),
+            "agent" => Scope::Subject(text.to_owned()),
             "filtered" => Scope::Filtered(text.to_owned()),
             "key" => Scope::Exact(text.to_owned()),
             _ => return None,
@@ -125,7 +133,11 @@ impl Scope {
         match self {
             Scope::All => vec!["*".to_owned()],
             Scope::Account(a) => vec![format!("{}/*", escape(a))],
-            Scope::Agent(a) => vec![escape(a), format!("{}\\?from=*", escape(a))],
+            Scope::Subject(a) => vec![
+                escape(a),
+                format!("{}\\?from=*", escape(a)),
+                format!("{}/*", escape(a)),
+            ],
             Scope::Filtered(a) => vec![format!("{}\\?from=*", escape(a))],
             Scope::Exact(a) => vec![escape(a)],
         }
@@ -435,10 +447,17 @@ mod tests {
 
     #[test]
     fn scopes_match_what_they_name_and_round_trip_as_notices() {
-        let agent = Scope::Agent("greenbox/id/10".into());
+        let agent = Scope::Subject("greenbox/id/10".into());
         assert!(agent.matches("greenbox/id/10"));
         assert!(agent.matches("greenbox/id/10?from=5"));
         assert!(!agent.matches("greenbox/id/103"), "another agent");
+        let directory = Scope::Subject("greenbox/directory".into());
+        assert!(directory.matches("greenbox/directory"));
+        assert!(directory.matches("greenbox/directory/any"));
+        assert!(!directory.matches("greenbox/directoryx"));
+        let queue = Scope::Subject("greenbox/queues/4".into());
+        assert!(queue.matches("greenbox/queues/4?from=9"));
+        assert!(!queue.matches("greenbox/queues/42"), "another queue");
         let filtered = Scope::Filtered("greenbox/id/10".into());
         assert!(!filtered.matches("greenbox/id/10"));
         assert!(filtered.matches("greenbox/id/10?from=5"));
@@ -450,10 +469,11 @@ mod tests {
         }
         assert_eq!(Scope::from_notice("filled greenbox/id/1"), None);
         assert_eq!(
-            Scope::Agent("a/email/x*y".into()).patterns(),
+            Scope::Subject("a/email/x*y".into()).patterns(),
             vec![
                 "a/email/x\\*y".to_owned(),
-                "a/email/x\\*y\\?from=*".to_owned()
+                "a/email/x\\*y\\?from=*".to_owned(),
+                "a/email/x\\*y/*".to_owned()
             ]
         );
     }

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 
 use super::{CacheKey, CachedResponse};
+use crate::route::Subject;
 
 /// The fixed cost of one entry beyond its own allocations: moka's node, its entry metadata and
 /// its places in the access order, write order and expiry timer wheel, the `Arc` headers and
@@ -55,7 +56,11 @@ pub fn entry(key: &CacheKey, value: &CachedResponse) -> u32 {
     let total = BOOKKEEPING
         + size_of::<CacheKey>()
         + size_of::<CachedResponse>()
-        + allocation(key.query.identification.len())
+        + match &key.query.subject {
+            Subject::Agent { identification, .. } => allocation(identification.len()),
+            Subject::Directory(state) => state.as_ref().map_or(0, |s| allocation(s.len())),
+            Subject::Queue(_) => 0,
+        }
         + bytes(&value.body)
         + gzip
         + list

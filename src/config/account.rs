@@ -88,8 +88,13 @@ pub(super) fn validate_account(
         &key("api_version"),
         parse_api_version(raw.api_version.as_deref()),
     );
+    let directory_states = problems.check(
+        &key("directory_states"),
+        directory_states(raw.directory_states),
+    );
     Some(AccountConfig {
         access: Access::Open,
+        directory_states: directory_states?,
         api_version: api_version?,
         base_url: base_url?,
         shared_secret: shared_secret?,
@@ -100,6 +105,32 @@ pub(super) fn validate_account(
         },
         upstream: upstream?,
     })
+}
+
+/// The directory's `state` allowlist: values a query may carry as they are (letters, digits,
+/// `-`, `_`, `.`), no two the same but for case.
+fn directory_states(raw: Option<Vec<String>>) -> Result<Vec<Box<str>>, String> {
+    let Some(states) = raw else {
+        return Ok(DEFAULT_DIRECTORY_STATES.map(Box::from).to_vec());
+    };
+    let mut seen: Vec<Box<str>> = Vec::with_capacity(states.len());
+    for state in states {
+        let plain = (1..=64).contains(&state.len())
+            && state
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !plain {
+            return Err(format!(
+                "\"{}\" is not a state value: 1 to 64 letters, digits, '-', '_' or '.'",
+                state.escape_debug()
+            ));
+        }
+        if seen.iter().any(|s| s.eq_ignore_ascii_case(&state)) {
+            return Err(format!("\"{state}\" is listed twice"));
+        }
+        seen.push(state.into_boxed_str());
+    }
+    Ok(seen)
 }
 
 /// `[upstream]` (prefix `upstream`) or an account's overrides of it (prefix `accounts.<name>`).

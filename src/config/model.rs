@@ -147,6 +147,9 @@ pub struct CacheConfig {
     pub ttl: Duration,
     /// How long a `404` (unknown agent) is remembered. Zero: never.
     pub negative_ttl: Duration,
+    /// How long the agent directory (`/agents[?state=..]`) is served from the cache. Zero:
+    /// coalesce, but never store.
+    pub directory_ttl: Duration,
     /// Bound on the bytes held by the cache (bodies plus keys).
     pub max_bytes: u64,
     /// An answer weighing more than this is served but not stored (default: an eighth of
@@ -215,6 +218,9 @@ pub struct AccountConfig {
     pub api_version: ApiVersion,
     /// Who may read this account through the gateway.
     pub access: Access,
+    /// The `state` values the agent directory passes on to the box, matched without regard
+    /// to case and sent as spelled here.
+    pub directory_states: Vec<Box<str>>,
 }
 
 impl AccountConfig {
@@ -341,6 +347,9 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9091";
 pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
 pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(5);
+pub const DEFAULT_DIRECTORY_TTL: Duration = Duration::from_secs(60);
+/// The agent directory's `state` values the vendor's clients use.
+pub const DEFAULT_DIRECTORY_STATES: [&str; 3] = ["any", "loggedIn", "loggedOut"];
 pub const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);

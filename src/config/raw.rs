@@ -91,6 +91,8 @@ pub struct RawCache {
     pub ttl: Option<String>,
     /// Default `5s`.
     pub negative_ttl: Option<String>,
+    /// Default `60s`.
+    pub directory_ttl: Option<String>,
     /// Default `256MiB`; a string with a unit or a plain number of bytes.
     pub max_bytes: Option<RawSize>,
     /// Default: an eighth of `max_bytes`.
@@ -182,6 +184,9 @@ pub struct RawAccount {
     pub client_names: Option<Vec<String>>,
     /// Serve the account without keys on a non-loopback listener.
     pub allow_anonymous: Option<bool>,
+    /// The `state` values the agent directory passes on; default `any`, `loggedIn`,
+    /// `loggedOut`.
+    pub directory_states: Option<Vec<String>>,
     // Overrides of [upstream]; the same keys as `RawUpstream`.
     pub timeout: Option<String>,
     pub connect_timeout: Option<String>,

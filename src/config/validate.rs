@@ -23,6 +23,10 @@ impl RawConfig {
             "cache.negative_ttl",
             duration_or(&self.cache.negative_ttl, DEFAULT_NEGATIVE_TTL),
         );
+        let directory_ttl = problems.check(
+            "cache.directory_ttl",
+            duration_or(&self.cache.directory_ttl, DEFAULT_DIRECTORY_TTL),
+        );
         let max_bytes = problems.check(
             "cache.max_bytes",
             parse_size(self.cache.max_bytes, DEFAULT_MAX_BYTES),
@@ -145,6 +149,7 @@ impl RawConfig {
             Some(CacheConfig {
                 ttl: ttl?,
                 negative_ttl: negative_ttl?,
+                directory_ttl: directory_ttl?,
                 max_bytes: max_bytes?,
                 max_entry_bytes: max_entry_bytes?,
                 stale_while_revalidate: stale_while_revalidate?,

@@ -16,7 +16,7 @@ use crate::cache::{CacheKey, Scope};
 use crate::config::CacheConfig;
 use crate::error::{ProxyError, json_error};
 use crate::metrics::exposition;
-use crate::route::{self, AgentQuery, CacheTarget};
+use crate::route::{self, CacheTarget, ListQuery};
 use crate::telemetry::AUDIT_LOG;
 use crate::upstream::protect::BreakerState;
 
@@ -77,9 +77,10 @@ pub async fn handle_admin<B>(state: Arc<AppState>, request: Request<B>) -> Respo
     response
 }
 
-/// `DELETE /cache[/{account}[/agents/{type}/{identification}]]` purges and answers how many
-/// entries went; `POST /cache/{account}/agents/{type}/{identification}/refresh` fetches the
-/// agent's whole list now and answers what the box said.
+/// `DELETE /cache[/{account}[/agents/{type}/{identification}|/queues/{queueId}|/agents]]`
+/// purges and answers how many entries went; `POST .../agents/{type}/{identification}/refresh`
+/// (or `.../queues/{queueId}/refresh`) fetches the whole list now and answers what the box
+/// said.
 pub(super) async fn cache_admin<B>(
     state: &AppState,
     request: &Request<B>,
@@ -90,8 +91,8 @@ pub(super) async fn cache_admin<B>(
     };
     let method = request.method();
     let (allow, allowed) = match target {
-        CacheTarget::AgentRefresh(_) => ("POST", method == Method::POST),
-        CacheTarget::Agent(_) => ("DELETE", method == Method::DELETE),
+        CacheTarget::Refresh(_) => ("POST", method == Method::POST),
+        CacheTarget::Subject(_) => ("DELETE", method == Method::DELETE),
         CacheTarget::All | CacheTarget::Account(_) => (
             "GET, HEAD, DELETE",
             matches!(*method, Method::GET | Method::HEAD | Method::DELETE),
@@ -136,14 +137,15 @@ pub(super) async fn cache_admin<B>(
                 let count = state.cache.purge(&Scope::Account(name.to_string())).await;
                 purged(count, &name)
             }
-            CacheTarget::Agent(agent) => {
-                let name = account(&agent.account)?.name.clone();
-                let count = state.cache.purge(&agent_scope(&name, &agent.query)).await;
-                purged(count, &format!("{name} {}", describe(&agent.query)))
+            CacheTarget::Subject(subject) => {
+                let name = account(&subject.account)?.name.clone();
+                let prefix = CacheKey::subject_prefix(&name, &subject.query.subject);
+                let count = state.cache.purge(&Scope::Subject(prefix)).await;
+                purged(count, &format!("{name} {}", subject.query.subject))
             }
-            CacheTarget::AgentRefresh(agent) => {
-                let account = account(&agent.account)?;
-                refresh_now(state, &generation.config.cache, account, agent.query).await?
+            CacheTarget::Refresh(subject) => {
+                let account = account(&subject.account)?;
+                refresh_now(state, &generation.config.cache, account, subject.query).await?
             }
         })
     }
@@ -208,21 +210,6 @@ fn list<B>(
     })))
 }
 
-/// An agent's entries: its full list and its `fromQueueCallId` answers.
-fn agent_scope(account: &str, query: &AgentQuery) -> Scope {
-    Scope::Agent(agent_key(account, query))
-}
-
-/// The canonical key of an agent's full list.
-fn agent_key(account: &str, query: &AgentQuery) -> String {
-    CacheKey::agent_prefix(account, query.id_type.as_str(), &query.identification)
-}
-
-/// `id 103`, `email derek.a@company.local`: an agent for messages.
-pub(super) fn describe(query: &AgentQuery) -> String {
-    format!("{} {}", query.id_type.as_str(), query.identification)
-}
-
 /// The answer to a purge: the entries that went from this instance's memory, and from the
 /// shared tier when there is one (the fleet's other instances drop theirs on its notice).
 pub(super) fn purged(
@@ -247,25 +234,22 @@ pub(super) fn purged(
     json_ok(body)
 }
 
-/// Fetch one agent's whole list now, replacing what is stored; the agent's entries for a
+/// Fetch one agent's or queue's whole list now, replacing what is stored; its entries for a
 /// forwarded `fromQueueCallId` go too, as they may be older than the new list.
 pub(super) async fn refresh_now(
     state: &AppState,
     cache: &CacheConfig,
     account: &Account,
-    query: AgentQuery,
+    query: ListQuery,
 ) -> Result<Response<Full<Bytes>>, ProxyError> {
-    let list_key = agent_key(&account.name, &query);
+    let list_key = CacheKey::subject_prefix(&account.name, &query.subject);
     let (dropped, _) = state.cache.purge(&Scope::Filtered(list_key.clone())).await;
-    let plan = RefreshPlan {
-        full_refresh_interval: cache.full_refresh_interval,
-        now: state.cache.now(),
-    };
+    let plan = RefreshPlan::of(cache, state.cache.now());
     let key = CacheKey {
         account: account.name.clone(),
         query,
     };
-    let agent = describe(&key.query);
+    let subject = key.query.subject.to_string();
     let outcome = state
         .cache
         .fetch_now(
@@ -290,7 +274,7 @@ pub(super) async fn refresh_now(
     tracing::info!(
         target: AUDIT_LOG,
         account = %account.name,
-        agent,
+        subject,
         status = entry.status.as_u16(),
         "cache refreshed"
     );

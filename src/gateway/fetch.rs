@@ -14,7 +14,7 @@ use crate::cache::policy::{self, FetchFacts, ListPlan, StoredFacts};
 use crate::cache::{CachedResponse, FetchKind, Fetched, Previous, StoredList, Waiters};
 use crate::metrics::AccountMetrics;
 use crate::recordings::RecordingList;
-use crate::route::AgentQuery;
+use crate::route::ListQuery;
 use crate::upstream::protect::Protection;
 use crate::upstream::{Forwarded, ListFetch, UpstreamClient, UpstreamError, UpstreamReply};
 
@@ -23,6 +23,18 @@ use crate::upstream::{Forwarded, ListFetch, UpstreamClient, UpstreamError, Upstr
 pub(super) struct RefreshPlan {
     pub(super) full_refresh_interval: Duration,
     pub(super) now: Instant,
+    /// How long the directory is fresh (`cache.directory_ttl`).
+    pub(super) directory_ttl: Duration,
+}
+
+impl RefreshPlan {
+    pub(super) fn of(cache: &crate::config::CacheConfig, now: Instant) -> Self {
+        Self {
+            full_refresh_interval: cache.full_refresh_interval,
+            now,
+            directory_ttl: cache.directory_ttl,
+        }
+    }
 }
 
 /// The fetch behind a cache key, run as a task of its own (so it owns clones of what it
@@ -31,10 +43,10 @@ pub(super) struct RefreshPlan {
 /// A full list whose stored copy was fetched whole less than `full_refresh_interval` ago is
 /// refreshed by delta: `fromQueueCallId=<highest stored id>`, the answer appended. A delta
 /// the box cannot answer with a list falls back to a full fetch; a `404` means the agent is
-/// gone and replaces the list.
+/// gone and replaces the list. The directory is opaque JSON: always fetched whole.
 pub(super) fn fetch_list(
     account: &Account,
-    query: AgentQuery,
+    query: ListQuery,
     kind: FetchKind,
     previous: Previous,
     waiters: Waiters,
@@ -68,7 +80,7 @@ pub(super) fn fetch_list(
     async move {
         let result = async {
             if let Some((previous, list, max)) = delta_base {
-                let delta = AgentQuery {
+                let delta = ListQuery {
                     from_queue_call_id: Some(max),
                     ..query.clone()
                 };
@@ -79,7 +91,7 @@ pub(super) fn fetch_list(
                             return Ok(merged(&previous, list, &new, reply));
                         }
                     }
-                    StatusCode::NOT_FOUND => return Ok(Fetched { reply, list: None }),
+                    StatusCode::NOT_FOUND => return Ok(Fetched::opaque(reply)),
                     _ => {}
                 }
                 tracing::info!(
@@ -93,6 +105,13 @@ pub(super) fn fetch_list(
                 None => ListFetch::Full,
             };
             let reply = box_.send(&query, what, kind, &waiters).await?;
+            if !query.subject.is_recordings() {
+                let ttl = Some(plan.directory_ttl);
+                return Ok(Fetched {
+                    ttl,
+                    ..Fetched::opaque(reply)
+                });
+            }
             let list = (what == ListFetch::Full && reply.status == StatusCode::OK)
                 .then(|| RecordingList::parse(&reply.body))
                 .flatten()
@@ -100,7 +119,11 @@ pub(super) fn fetch_list(
                     recordings: Arc::new(recordings),
                     fetched_whole_at: plan.now,
                 });
-            Ok(Fetched { reply, list })
+            Ok(Fetched {
+                reply,
+                list,
+                ttl: None,
+            })
         }
         .await;
         if result.is_err() && kind == FetchKind::Refresh {
@@ -126,6 +149,7 @@ pub(super) fn merged(
                 body: previous.body.clone(),
             },
             list: Some(list),
+            ttl: None,
         },
         Some((recordings, body)) => Fetched {
             reply: UpstreamReply { body, ..reply },
@@ -133,6 +157,7 @@ pub(super) fn merged(
                 recordings: Arc::new(recordings),
                 fetched_whole_at: list.fetched_whole_at,
             }),
+            ttl: None,
         },
     }
 }
@@ -151,7 +176,7 @@ impl BoxRequest {
     /// One list request, through the protection, bounded, timed and counted.
     async fn send(
         &self,
-        query: &AgentQuery,
+        query: &ListQuery,
         what: ListFetch,
         kind: FetchKind,
         waiters: &Waiters,

@@ -1,5 +1,5 @@
-//! Serving an agent's recordings list: the cache lookup, `fromQueueCallId` selection from the
-//! stored full list, and `If-None-Match`.
+//! Serving a cached list (an agent's or a queue's recordings, or the agent directory): the
+//! cache lookup, `fromQueueCallId` selection from the stored full list, and `If-None-Match`.
 
 use std::sync::Arc;
 
@@ -14,17 +14,17 @@ use super::{AccessEntry, Account, AppState};
 use crate::cache::{CacheKey, CacheStatus, CachedResponse, StaleReason, conditional, encoding};
 use crate::config::CacheConfig;
 use crate::error::ProxyError;
-use crate::route::AgentQuery;
+use crate::route::ListQuery;
 use crate::upstream::UpstreamError;
 
-/// A recordings list from the cache. A `fromQueueCallId` request is answered from the agent's
-/// full list (see [`crate::recordings`]) unless caching is off on a box that understands the
+/// A list from the cache. A `fromQueueCallId` request is answered from the subject's full
+/// list (see [`crate::recordings`]) unless caching is off on a box that understands the
 /// parameter, or the box's list cannot be read as recordings.
-pub(super) async fn recordings_response<B>(
+pub(super) async fn list_response<B>(
     state: &AppState,
     cache: &CacheConfig,
     account: &Account,
-    query: AgentQuery,
+    query: ListQuery,
     request: &Request<B>,
     access: &mut AccessEntry,
 ) -> Result<Response<Full<Bytes>>, ProxyError> {
@@ -33,7 +33,7 @@ pub(super) async fn recordings_response<B>(
         .from_queue_call_id
         .filter(|_| !api.has_from_queue_call_id() || !cache.ttl.is_zero());
     // Answered from the full list when selecting; otherwise the request's own key.
-    let full = AgentQuery {
+    let full = ListQuery {
         from_queue_call_id: query.from_queue_call_id.filter(|_| from.is_none()),
         ..query.clone()
     };
@@ -92,17 +92,14 @@ pub(super) async fn lookup(
     state: &AppState,
     cache: &CacheConfig,
     account: &Account,
-    query: AgentQuery,
+    query: ListQuery,
     access: &mut AccessEntry,
 ) -> Result<(Lookup, Arc<CachedResponse>), ProxyError> {
     let key = CacheKey {
         account: account.name.clone(),
         query,
     };
-    let refresh = RefreshPlan {
-        full_refresh_interval: cache.full_refresh_interval,
-        now: state.cache.now(),
-    };
+    let refresh = RefreshPlan::of(cache, state.cache.now());
     // Clones for the fetch task are made only when this request starts a fetch.
     let trace = &access.trace;
     let outcome = state

@@ -26,7 +26,7 @@ mod trace;
 pub use self::admin::handle_admin;
 pub use self::audio::AudioBody;
 use self::audio::audio_response;
-use self::list::recordings_response;
+use self::list::list_response;
 pub use self::respond::{CACHE_STATUS, X_CACHE};
 use self::respond::{NOSNIFF, X_CONTENT_TYPE_OPTIONS, error_response, strip_body};
 pub use self::state::{Account, AppState, BuildProblem, Generation, ReloadReport, StateError};
@@ -43,7 +43,7 @@ use http_body_util::{Either, Full};
 use crate::auth::{self, AuthError, Client, ClientCert};
 use crate::cache::CacheStatus;
 use crate::error::ProxyError;
-use crate::route::{self, AgentQuery, Route};
+use crate::route::{self, ListQuery, Route, Subject};
 use crate::telemetry::{ACCESS_LOG, AUDIT_LOG};
 
 /// The body of every answer: whole bytes, or audio streamed from the box.
@@ -177,12 +177,11 @@ async fn handle_inner<B: http_body::Body>(
     // whether an agent is cached.
     access.client = Some(authorize(state, &generation, account, request, peer)?);
     match route {
-        Route::Recordings(recordings) => {
-            access.resource = audited(|| list_resource(&recordings.query));
+        Route::List(list) => {
+            let query = allowed_state(account, list.query)?;
+            access.resource = audited(|| list_resource(&query));
             let cache = &generation.config.cache;
-            let response =
-                recordings_response(state, cache, account, recordings.query, request, access)
-                    .await?;
+            let response = list_response(state, cache, account, query, request, access).await?;
             Ok(response.map(Either::Left))
         }
         Route::Audio { queue_call_id, .. } => {
@@ -198,7 +197,7 @@ fn account_for<'a>(
     route: &Route<'_>,
 ) -> Result<&'a Account, ProxyError> {
     let name = match route {
-        Route::Recordings(recordings) => &recordings.account,
+        Route::List(list) => &list.account,
         Route::Audio { account, .. } => account,
     };
     generation
@@ -235,13 +234,34 @@ fn audited(name: impl FnOnce() -> String) -> Option<String> {
     tracing::enabled!(target: AUDIT_LOG, tracing::Level::INFO).then(name)
 }
 
-/// `agents/id/103/recordings[?fromQueueCallId=N]`, canonical.
-fn list_resource(query: &AgentQuery) -> String {
-    let mut resource = format!(
-        "agents/{}/{}/recordings",
-        query.id_type.as_str(),
-        query.identification
-    );
+/// The directory's `state` as the account's allowlist spells it; a value not on the list is
+/// refused before it reaches the cache or the box.
+fn allowed_state(account: &Account, mut query: ListQuery) -> Result<ListQuery, ProxyError> {
+    if let Subject::Directory(Some(given)) = &query.subject {
+        let states = &account.settings.directory_states;
+        let Some(state) = states.iter().find(|s| s.eq_ignore_ascii_case(given)) else {
+            return Err(ProxyError::DirectoryState {
+                given: crate::identity::truncate_for_message(given),
+                allowed: states.join(", "),
+            });
+        };
+        query.subject = Subject::Directory(Some(state.clone()));
+    }
+    Ok(query)
+}
+
+/// `agents/id/103/recordings[?fromQueueCallId=N]`, `queues/4/calls/recordings`,
+/// `agents[?state=any]`: canonical.
+fn list_resource(query: &ListQuery) -> String {
+    let mut resource = match &query.subject {
+        Subject::Agent {
+            id_type,
+            identification,
+        } => format!("agents/{}/{identification}/recordings", id_type.as_str()),
+        Subject::Queue(id) => format!("queues/{id}/calls/recordings"),
+        Subject::Directory(None) => "agents".to_owned(),
+        Subject::Directory(Some(state)) => format!("agents?state={state}"),
+    };
     if let Some(from) = query.from_queue_call_id {
         resource.push_str(&format!("?{}={from}", route::FROM_QUEUE_CALL_ID));
     }

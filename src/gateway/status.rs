@@ -269,10 +269,11 @@ refreshes every 5 s.</p><h2>Recent box errors</h2>{}",
 /// One listed entry as JSON.
 pub(super) fn listed_json(row: &Listed) -> serde_json::Value {
     let query = &row.key.query;
+    let (kind, name) = query.subject.parts();
     serde_json::json!({
         "account": &*row.key.account,
-        "type": query.id_type.as_str(),
-        "identification": &*query.identification,
+        "type": kind,
+        "identification": name,
         "from_queue_call_id": query.from_queue_call_id,
         "status": row.status,
         "bytes": row.bytes,
@@ -295,14 +296,15 @@ pub(super) fn listing_page(account: &str, rows: &[Listed], total: usize) -> Resp
     );
     for row in rows {
         let query = &row.key.query;
+        let (kind, name) = query.subject.parts();
         let identification = match query.from_queue_call_id {
-            Some(from) => format!("{} (fromQueueCallId={from})", query.identification),
-            None => query.identification.to_string(),
+            Some(from) => format!("{name} (fromQueueCallId={from})"),
+            None => name.into_owned(),
         };
         let _ = write!(
             body,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            query.id_type.as_str(),
+            kind,
             escape(&identification),
             row.status,
             bytes(row.bytes as u64),

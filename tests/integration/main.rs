@@ -15,4 +15,5 @@ mod serving;
 mod status;
 mod structure;
 mod support;
+mod surface;
 mod upstream;

@@ -1,0 +1,321 @@
+//! The read surface beyond one agent's list: recordings per queue and the agent directory,
+//! each through the same cache (coalescing, selection, delta refresh, purge), and access
+//! control on every route.
+
+use std::time::Duration;
+
+use miralix_gateway::simulator::SimulatorTls;
+use serde_json::Value;
+
+use crate::support::{ACCOUNT, ADMIN_TOKEN, API_KEY, Gateway, Options, SECRET, request, sample};
+
+async fn plain_gateway(cache: &'static str, account: &str) -> Gateway {
+    Gateway::start(Options {
+        tls: SimulatorTls::Plain,
+        cache,
+        account: account.to_owned(),
+        ..Options::default()
+    })
+    .await
+}
+
+fn ids(body: &[u8]) -> Vec<u64> {
+    let list: Vec<Value> = serde_json::from_slice(body).unwrap();
+    list.iter()
+        .map(|r| r["QueueCallId"].as_u64().unwrap())
+        .collect()
+}
+
+async fn from_box(gw: &Gateway, target: &str) -> Vec<u8> {
+    let reply = request(
+        gw.simulator.addr(),
+        "GET",
+        target,
+        &[("X-Miralix-Shared-Secret", SECRET)],
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{target}: {}", reply.text());
+    reply.body
+}
+
+async fn admin(gw: &Gateway, method: &str, target: &str) -> crate::support::Reply {
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    request(gw.admin, method, target, &[("Authorization", &bearer)]).await
+}
+
+fn queue(id: &str) -> String {
+    format!("/mot/{ACCOUNT}/queues/{id}/calls/recordings")
+}
+
+const FOREGROUND: &str =
+    "ttl = \"30s\"\nstale_while_revalidate = \"0s\"\nfull_refresh_interval = \"2m\"";
+
+#[tokio::test]
+async fn a_queue_list_is_cached_selected_from_and_refreshed_by_delta() {
+    let gw = plain_gateway(FOREGROUND, "").await;
+    let list = queue("2");
+    let first = gw.get(&list).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+    assert_eq!(first.body, from_box(&gw, &list).await, "byte for byte");
+    let all = ids(&first.body);
+    assert!(all.len() > 10, "queue 2 has {} recordings", all.len());
+    let asked = gw.simulator.request_count();
+
+    // A spelling with leading zeros is the same queue; fromQueueCallId is selected from the
+    // stored list.
+    let again = gw.get(&queue("0002")).await;
+    assert_eq!(again.header("x-cache"), Some("HIT"));
+    let after = all[all.len() / 2];
+    let selected = gw.get(&format!("{list}?fromQueueCallId={after}")).await;
+    assert_eq!(selected.header("x-cache"), Some("HIT"));
+    let expected: Vec<u64> = all.iter().copied().filter(|id| *id > after).collect();
+    assert_eq!(ids(&selected.body), expected);
+    assert_eq!(gw.simulator.request_count(), asked, "the box was not asked");
+
+    // New calls (a third of them in each queue) arrive by delta after the TTL.
+    let added = gw.simulator.add_calls(ACCOUNT, 103, 6);
+    gw.clock.advance(Duration::from_secs(31));
+    let refreshed = gw.get(&list).await;
+    assert_eq!(refreshed.status, 200);
+    let received = gw.simulator.received();
+    assert_eq!(
+        received.last().unwrap().target,
+        format!("{list}?fromQueueCallId={}", all.last().unwrap()),
+        "the refresh asked only for what is new"
+    );
+    let whole = from_box(&gw, &list).await;
+    assert_eq!(
+        serde_json::from_slice::<Value>(&refreshed.body).unwrap(),
+        serde_json::from_slice::<Value>(&whole).unwrap()
+    );
+    let new: Vec<u64> = ids(&whole)
+        .into_iter()
+        .filter(|id| added.contains(id))
+        .collect();
+    assert!(!new.is_empty(), "some of {added:?} were taken in queue 2");
+    let metrics = gw.metrics().await;
+    let fetches = |kind: &str| {
+        sample(
+            &metrics,
+            &format!(
+                "miralix_gateway_upstream_list_fetches_total{{account=\"{ACCOUNT}\",kind=\"{kind}\"}}"
+            ),
+        )
+    };
+    assert_eq!((fetches("full"), fetches("delta")), (1.0, 1.0));
+}
+
+#[tokio::test]
+async fn queue_ids_are_checked_and_an_unknown_queue_is_a_remembered_404() {
+    let gw = plain_gateway("ttl = \"30s\"\nnegative_ttl = \"5s\"", "").await;
+    for bad in ["abc", "-1", "1.5", "99999999999999999999", "%2E%2E"] {
+        let reply = gw.get(&queue(bad)).await;
+        assert_eq!(reply.status, 400, "{bad}");
+        assert!(reply.text().contains("queueId"), "{bad}: {}", reply.text());
+    }
+    assert_eq!(gw.simulator.request_count(), 0, "refused before the box");
+    let missing = gw.get(&queue("55")).await;
+    assert_eq!(missing.status, 404);
+    let again = gw.get(&queue("55")).await;
+    assert_eq!(again.status, 404);
+    assert_eq!(again.header("x-cache"), Some("HIT"));
+    assert_eq!(gw.simulator.request_count(), 1);
+}
+
+#[tokio::test]
+async fn the_directory_has_its_own_ttl_and_takes_only_allowed_states() {
+    let gw = plain_gateway(
+        "ttl = \"30s\"\ndirectory_ttl = \"60s\"\nstale_while_revalidate = \"0s\"",
+        "",
+    )
+    .await;
+    let directory = format!("/mot/{ACCOUNT}/agents");
+    let any = gw.get(&format!("{directory}?state=any")).await;
+    assert_eq!(any.status, 200, "{}", any.text());
+    assert_eq!(any.header("x-cache"), Some("MISS"));
+    let agents: Vec<Value> = serde_json::from_slice(&any.body).unwrap();
+    assert!(
+        agents
+            .iter()
+            .all(|a| a["AgentId"].is_u64() && a["Email"].is_string())
+    );
+    assert_eq!(
+        any.body,
+        from_box(&gw, &format!("{directory}?state=any")).await
+    );
+    // A bare /agents is the box's logged-in list: another entry, fewer agents.
+    let bare = gw.get(&directory).await;
+    assert_eq!(bare.header("x-cache"), Some("MISS"));
+    assert!(
+        serde_json::from_slice::<Vec<Value>>(&bare.body)
+            .unwrap()
+            .len()
+            < agents.len()
+    );
+    let asked = gw.simulator.request_count();
+
+    // Any case of an allowed state is the same entry, sent to the box as configured.
+    let upper = gw.get(&format!("{directory}?STATE=ANY")).await;
+    assert_eq!(upper.header("x-cache"), Some("HIT"));
+    assert_eq!(upper.body, any.body);
+    for refused in [
+        "state=all",
+        "state=",
+        "state=any&state=any",
+        "page=2",
+        "state=any&x=1",
+    ] {
+        let reply = gw.get(&format!("{directory}?{refused}")).await;
+        assert_eq!(reply.status, 400, "{refused}");
+        let text = reply.text();
+        assert!(text.contains("state"), "{refused}: {text}");
+    }
+    let refused = gw.get(&format!("{directory}?state=all")).await.text();
+    assert!(refused.contains("any, loggedIn, loggedOut"), "{refused}");
+    assert_eq!(
+        gw.simulator.request_count(),
+        asked,
+        "nothing refused reached the box"
+    );
+
+    // Past the list TTL but within directory_ttl: still a hit; past directory_ttl: fetched.
+    gw.clock.advance(Duration::from_secs(45));
+    assert_eq!(
+        gw.get(&format!("{directory}?state=any"))
+            .await
+            .header("x-cache"),
+        Some("HIT")
+    );
+    gw.clock.advance(Duration::from_secs(16));
+    assert_eq!(
+        gw.get(&format!("{directory}?state=any"))
+            .await
+            .header("x-cache"),
+        Some("MISS")
+    );
+    assert_eq!(gw.simulator.request_count(), asked + 1);
+    let received = gw.simulator.received();
+    assert_eq!(
+        received.last().unwrap().target,
+        format!("{directory}?state=any")
+    );
+}
+
+#[tokio::test]
+async fn directory_states_are_configurable() {
+    let gw = plain_gateway("ttl = \"30s\"", "directory_states = [\"loggedOut\"]").await;
+    let directory = format!("/mot/{ACCOUNT}/agents");
+    assert_eq!(
+        gw.get(&format!("{directory}?state=loggedout")).await.status,
+        200
+    );
+    let refused = gw.get(&format!("{directory}?state=any")).await;
+    assert_eq!(refused.status, 400);
+    assert!(
+        refused.text().contains("use one of: loggedOut"),
+        "{}",
+        refused.text()
+    );
+    assert_eq!(gw.simulator.request_count(), 1);
+}
+
+#[tokio::test]
+async fn queues_and_the_directory_are_purged_refreshed_and_listed() {
+    let gw = plain_gateway("ttl = \"30s\"", "").await;
+    let directory = format!("/mot/{ACCOUNT}/agents");
+    for target in [
+        queue("1"),
+        format!("{}?fromQueueCallId=5", queue("7")),
+        queue("7"),
+        directory.clone(),
+        format!("{directory}?state=any"),
+        format!("/mot/{ACCOUNT}/agents/id/103/recordings"),
+    ] {
+        assert_eq!(gw.get(&target).await.status, 200, "{target}");
+    }
+    let listing = admin(&gw, "GET", &format!("/cache/{ACCOUNT}")).await.json();
+    let kinds: Vec<(String, String)> = listing["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap().to_owned(),
+                e["identification"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    for expected in [
+        ("queue", "1"),
+        ("queue", "7"),
+        ("directory", ""),
+        ("directory", "any"),
+    ] {
+        assert!(
+            kinds.contains(&(expected.0.to_owned(), expected.1.to_owned())),
+            "{expected:?} in {kinds:?}"
+        );
+    }
+
+    let purged = admin(&gw, "DELETE", &format!("/cache/{ACCOUNT}/queues/7")).await;
+    assert_eq!(purged.status, 200, "{}", purged.text());
+    assert_eq!(
+        purged.json()["purged"],
+        1,
+        "queue 7's full list; fromQueueCallId was selected"
+    );
+    let purged = admin(&gw, "DELETE", &format!("/cache/{ACCOUNT}/agents")).await;
+    assert_eq!(purged.json()["purged"], 2, "both directory entries");
+    let asked = gw.simulator.request_count();
+    assert_eq!(
+        gw.get(&queue("1")).await.header("x-cache"),
+        Some("HIT"),
+        "another queue stays"
+    );
+    assert_eq!(gw.get(&queue("7")).await.header("x-cache"), Some("MISS"));
+    assert_eq!(gw.simulator.request_count(), asked + 1);
+
+    gw.simulator.add_calls(ACCOUNT, 103, 3);
+    let refreshed = admin(&gw, "POST", &format!("/cache/{ACCOUNT}/queues/1/refresh")).await;
+    assert_eq!(refreshed.status, 200, "{}", refreshed.text());
+    assert_eq!(refreshed.json()["status"], 200);
+    assert_eq!(
+        gw.simulator.received().last().unwrap().target,
+        queue("1"),
+        "an operator's refresh fetches the whole list"
+    );
+    let now = gw.get(&queue("1")).await;
+    assert_eq!(now.header("x-cache"), Some("HIT"));
+    assert_eq!(now.body, from_box(&gw, &queue("1")).await);
+}
+
+#[tokio::test]
+async fn every_route_needs_the_accounts_key_before_anything_is_looked_up() {
+    let gw = plain_gateway("ttl = \"30s\"", &format!("api_keys = [\"{API_KEY}\"]")).await;
+    let routes = [
+        queue("1"),
+        format!("/mot/{ACCOUNT}/agents"),
+        format!("/mot/{ACCOUNT}/agents?state=any"),
+        format!("/mot/{ACCOUNT}/agents?state=bogus"),
+        format!("/mot/{ACCOUNT}/queues/calls/recordings/1"),
+        format!("/mot/{ACCOUNT}/agents/id/103/recordings"),
+    ];
+    for target in &routes {
+        let anonymous = gw.get(target).await;
+        assert_eq!(anonymous.status, 401, "{target}");
+        let wrong = request(
+            gw.addr,
+            "GET",
+            target,
+            &[("X-Api-Key", "not-the-key-0123456789")],
+        )
+        .await;
+        assert_eq!(wrong.status, 401, "{target}");
+    }
+    assert_eq!(gw.simulator.request_count(), 0, "nothing reached the box");
+    for target in &routes[..3] {
+        let reply = request(gw.addr, "GET", target, &[("X-Api-Key", API_KEY)]).await;
+        assert_eq!(reply.status, 200, "{target}: {}", reply.text());
+    }
+}
