@@ -36,6 +36,12 @@ pub enum ProxyError {
         "{0} audio downloads from this account's box are already in progress (upstream.max_audio_streams); try again shortly"
     )]
     AudioBusy(usize),
+    #[error("the box's audio download broke off ({0}); try again")]
+    AudioBroken(String),
+    #[error(
+        "the requested range is not satisfiable: the recording has {0} bytes; ask for a range that starts before its end"
+    )]
+    RangeNotSatisfiable(u64),
     #[error(
         "the request target must be a path such as /mot/{{account}}/agents/id/103/recordings, or an absolute http(s) URL without user information"
     )]
@@ -88,6 +94,8 @@ impl ProxyError {
             ProxyError::AdminDisabled => StatusCode::FORBIDDEN,
             ProxyError::BadListing(_) => StatusCode::BAD_REQUEST,
             ProxyError::AudioBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::AudioBroken(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::RangeNotSatisfiable(_) => StatusCode::RANGE_NOT_SATISFIABLE,
             // Upstream failures map in one place, which the cache uses too.
             ProxyError::Upstream(upstream) => upstream.status(),
         }
@@ -103,6 +111,13 @@ impl ProxyError {
             }
             ProxyError::AudioBusy(_) => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(1));
+            }
+            ProxyError::RangeNotSatisfiable(length) => {
+                let range = format!("bytes */{length}");
+                headers.insert(
+                    http::header::CONTENT_RANGE,
+                    HeaderValue::try_from(range).expect("digits"),
+                );
             }
             ProxyError::RateLimited(limited) => {
                 let seconds = retry_after_seconds(limited.retry_after);

@@ -74,6 +74,7 @@
 // they link to the `pub(crate)` modules they describe.
 #![allow(rustdoc::private_intra_doc_links)]
 
+pub(crate) mod audio;
 pub(crate) mod auth;
 pub(crate) mod cache;
 pub mod clock;

@@ -3,6 +3,7 @@
 //! Per-account series are resolved once into an [`AccountMetrics`] when the account is set up,
 //! so the hit path only bumps an atomic and never allocates a label set.
 
+mod audio;
 pub mod exposition;
 mod process;
 
@@ -17,6 +18,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
+pub use self::audio::{AccountAudio, AudioMetrics, AudioStoreMetrics};
 use crate::upstream::ListFetch;
 use crate::upstream::protect::ProtectionMetrics;
 
@@ -177,6 +179,7 @@ pub struct Metrics {
     request_duration: Family<CacheLabels, Histogram, fn() -> Histogram>,
     /// `request_duration` per [`CACHE_VALUES`], resolved once.
     request_duration_by_cache: Vec<Histogram>,
+    pub audio: AudioMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -242,8 +245,10 @@ impl Metrics {
             build_info: Family::default(),
             request_duration,
             request_duration_by_cache,
+            audio: AudioMetrics::default(),
             registry: Registry::default(),
         };
+        metrics.audio.register(registry);
         registry.register(
             "cache_hits",
             "Requests answered from a fresh cache entry",
@@ -353,7 +358,7 @@ impl Metrics {
         );
         registry.register_with_unit(
             "audio",
-            "Audio bytes streamed from the Miralix box to clients",
+            "Audio bytes received from the Miralix box (streamed to clients, or into the audio store)",
             Unit::Bytes,
             metrics.audio_bytes.clone(),
         );
@@ -491,6 +496,7 @@ impl Metrics {
             list_fetch_bytes,
             selections: self.selections.get_or_create(&labels).clone(),
             audio_bytes: self.audio_bytes.get_or_create(&labels).clone(),
+            audio: self.audio.account(account),
         }
     }
 
@@ -585,6 +591,7 @@ pub struct AccountMetrics {
     list_fetch_bytes: [Counter; 3],
     pub selections: Counter,
     pub audio_bytes: Counter,
+    pub audio: AccountAudio,
 }
 
 impl AccountMetrics {

@@ -169,6 +169,7 @@ pub(crate) mod tests {
             gzip_min_bytes: 1024,
             gzip_level: 6,
             tier: None,
+            audio: None,
         }
     }
 

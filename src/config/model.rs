@@ -170,9 +170,22 @@ pub struct CacheConfig {
     pub gzip_min_bytes: u64,
     /// 1 (fastest) to 9 (smallest).
     pub gzip_level: u32,
+    /// The audio store (`[cache.audio]`), if any. Bound at start-up.
+    pub audio: Option<AudioStoreConfig>,
     /// The second tier behind memory (`[cache.shared]` or `[cache.disk]`), if any. Bound at
     /// start-up: a reload that changes it is reported as needing a restart.
     pub tier: Option<TierConfig>,
+}
+
+/// `[cache.audio]`: recordings' audio kept on local disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AudioStoreConfig {
+    /// The directory the store keeps (made if missing).
+    pub path: std::path::PathBuf,
+    /// Bound on the stored files' bytes; the least recently used go first.
+    pub max_bytes: u64,
+    /// A recording larger than this is served, not stored.
+    pub max_file_bytes: u64,
 }
 
 /// The second cache tier: at most one of the two is configured.
@@ -347,6 +360,7 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9091";
 pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
 pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(5);
+pub const DEFAULT_AUDIO_MAX_BYTES: u64 = 4 << 30;
 pub const DEFAULT_DIRECTORY_TTL: Duration = Duration::from_secs(60);
 /// The agent directory's `state` values the vendor's clients use.
 pub const DEFAULT_DIRECTORY_STATES: [&str; 3] = ["any", "loggedIn", "loggedOut"];

@@ -113,6 +113,17 @@ pub struct RawCache {
     pub gzip_level: Option<u64>,
     pub shared: Option<RawShared>,
     pub disk: Option<RawDisk>,
+    pub audio: Option<RawAudio>,
+}
+
+/// `[cache.audio]`.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawAudio {
+    pub path: Option<PathBuf>,
+    /// Default `4GiB`.
+    pub max_bytes: Option<RawSize>,
+    /// Default: an eighth of `max_bytes`.
+    pub max_file_bytes: Option<RawSize>,
 }
 
 /// `[cache.shared]`.

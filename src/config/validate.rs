@@ -131,6 +131,10 @@ impl RawConfig {
             token_digest,
         );
         let tier = validate_tier(self.cache.shared, self.cache.disk, context, &mut problems);
+        let audio = match self.cache.audio {
+            Some(raw) => validate_audio(raw, &mut problems).map(Some),
+            None => Some(None),
+        };
 
         if let (Some(server), Some(admin)) = (&server, admin_listen) {
             let mut taken = vec![("server.listen", server.listen)];
@@ -160,6 +164,7 @@ impl RawConfig {
                 gzip_min_bytes: gzip_min_bytes?,
                 gzip_level: gzip_level?,
                 tier: tier?,
+                audio: audio?,
             })
         })();
         match (server, admin_listen, cache, log_format, admin_token) {
@@ -282,6 +287,42 @@ fn validate_tier(
             })))
         }
     }
+}
+
+/// `[cache.audio]`: a directory and its bounds.
+fn validate_audio(raw: RawAudio, problems: &mut Problems) -> Option<AudioStoreConfig> {
+    let path = match raw.path {
+        Some(path) if path.components().count() > 0 => Some(path),
+        _ => {
+            problems.push(
+                "cache.audio.path",
+                "missing: the directory the audio store keeps, e.g. \"/var/lib/miralix-gateway/audio\"",
+            );
+            None
+        }
+    };
+    let max_bytes = problems.check(
+        "cache.audio.max_bytes",
+        parse_size(raw.max_bytes, DEFAULT_AUDIO_MAX_BYTES),
+    );
+    let max_file_bytes = max_bytes.and_then(|max_bytes| {
+        let file = problems.check(
+            "cache.audio.max_file_bytes",
+            parse_size(raw.max_file_bytes, max_bytes / 8),
+        )?;
+        if file > max_bytes {
+            problems.push(
+                "cache.audio.max_file_bytes",
+                format!("must not exceed cache.audio.max_bytes ({max_bytes} bytes)"),
+            );
+        }
+        Some(file)
+    });
+    Some(AudioStoreConfig {
+        path: path?,
+        max_bytes: max_bytes?,
+        max_file_bytes: max_file_bytes?,
+    })
 }
 
 pub(super) fn validate_server(

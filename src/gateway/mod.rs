@@ -186,7 +186,7 @@ async fn handle_inner<B: http_body::Body>(
         }
         Route::Audio { queue_call_id, .. } => {
             access.resource = audited(|| format!("queues/calls/recordings/{queue_call_id}"));
-            audio_response(account, queue_call_id, request, access).await
+            audio_response(state, account, queue_call_id, request, access).await
         }
     }
 }

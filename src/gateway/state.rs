@@ -149,6 +149,8 @@ pub struct AppState {
     pub(super) started_at: std::time::Instant,
     /// The status page's recent counters.
     pub(super) samples: Samples,
+    /// The audio store (`[cache.audio]`), once opened.
+    pub(super) audio: std::sync::OnceLock<crate::audio::AudioStore>,
 }
 
 impl AppState {
@@ -169,6 +171,7 @@ impl AppState {
             reloading: tokio::sync::Mutex::new(()),
             started_at: std::time::Instant::now(),
             samples: Samples::default(),
+            audio: std::sync::OnceLock::new(),
         })
     }
 
@@ -191,6 +194,9 @@ impl AppState {
         self.generation.store(Arc::new(new));
         for account in report.changed.iter().chain(&report.removed) {
             self.cache.invalidate_account(account);
+            if let Some(store) = self.audio.get() {
+                store.invalidate_account(account).await;
+            }
         }
         Ok(report)
     }
@@ -214,6 +220,26 @@ impl AppState {
     pub fn open_tier(&self) {
         self.cache
             .open_tier(self.started.cache.tier.as_ref(), &self.metrics);
+    }
+
+    /// Open the audio store the process started with, if any, inside the runtime.
+    pub fn open_audio(&self) {
+        let Some(config) = &self.started.cache.audio else {
+            return;
+        };
+        if self.audio.get().is_some() {
+            return;
+        }
+        if let Some(store) = crate::audio::AudioStore::open(config, self.metrics.audio.store()) {
+            let _ = self.audio.set(store);
+        }
+    }
+
+    /// Wait until the audio store's index has settled (evictions done), if there is one.
+    pub async fn sync_audio(&self) {
+        if let Some(store) = self.audio.get() {
+            store.sync().await;
+        }
     }
 
     /// Requests waiting for a box fetch now, leaders and collapsed waiters alike: what tests
@@ -290,6 +316,7 @@ impl ReloadReport {
             ("admin.listen", a.admin.listen != b.admin.listen),
             ("cache.max_bytes", a.cache.max_bytes != b.cache.max_bytes),
             ("cache.shared / cache.disk", a.cache.tier != b.cache.tier),
+            ("cache.audio", a.cache.audio != b.cache.audio),
             ("log.format", a.log.format != b.log.format),
             ("log.audit_file", a.log.audit_file != b.log.audit_file),
         ];

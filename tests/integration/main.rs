@@ -1,6 +1,7 @@
 //! The integration suite: one test binary, real loopback sockets on port 0, and the same
 //! simulated Miralix box the demo uses as the upstream.
 
+mod audio;
 mod cli;
 mod deploy;
 mod fleet;

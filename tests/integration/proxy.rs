@@ -246,10 +246,11 @@ async fn unknown_accounts_and_foreign_paths_are_404_and_not_forwarded() {
     let gw = Gateway::start(Options::default()).await;
     for target in [
         "/",
-        "/mot/greenbox/agents",
-        "/mot/greenbox/agents?state=any",
-        "/mot/greenbox/queues/1/calls/recordings?fromQueueCallId=1",
+        "/mot/greenbox/agents/",
+        "/mot/greenbox/queues",
+        "/mot/greenbox/queues/1/calls",
         "/mot/greenbox/queues/calls/recordings",
+        "/mot/otherbox/agents?state=any",
         "/mot/otherbox/queues/calls/recordings/47610",
         "/mot/greenbox/agents/id/103/recordings/extra",
         "/metrics",

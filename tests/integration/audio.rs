@@ -1,0 +1,395 @@
+//! The audio store (`[cache.audio]`): a recording downloaded once and then served from disk,
+//! `Range` and conditionals answered from the file, one download for concurrent requests, an
+//! interrupted download never stored, box errors passed on, the size bound, a warm restart
+//! and access control.
+
+use std::path::Path;
+use std::time::Duration;
+
+use miralix_gateway::simulator::{Failure, SimulatorTls, audio_byte};
+
+use crate::support::{ACCOUNT, API_KEY, Gateway, Options, request, sample, wait_until};
+
+/// The first recording of agent 103 on the demo box.
+const RECORDING: u64 = 47_000 + 103 * 1_000;
+
+/// Agent 103's recordings, from its list.
+async fn recordings(gw: &Gateway) -> Vec<u64> {
+    let list = gw
+        .get(&format!("/mot/{ACCOUNT}/agents/id/103/recordings"))
+        .await;
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&list.body).unwrap();
+    list.iter()
+        .map(|r| r["QueueCallId"].as_u64().unwrap())
+        .collect()
+}
+
+fn audio_path(id: u64) -> String {
+    format!("/mot/{ACCOUNT}/queues/calls/recordings/{id}")
+}
+
+fn expected(id: u64, range: std::ops::Range<u64>) -> Vec<u8> {
+    range.map(|offset| audio_byte(id, offset)).collect()
+}
+
+/// `[cache]` lines with an audio store in `dir`.
+fn store_in(dir: &Path, extra: &str) -> &'static str {
+    Box::leak(
+        format!(
+            "ttl = \"30s\"\n[cache.audio]\npath = \"{}\"\n{extra}",
+            dir.display()
+        )
+        .into_boxed_str(),
+    )
+}
+
+async fn gateway(dir: &Path, extra: &str, account: &str) -> Gateway {
+    Gateway::start(Options {
+        tls: SimulatorTls::Plain,
+        cache: store_in(dir, extra),
+        account: account.to_owned(),
+        ..Options::default()
+    })
+    .await
+}
+
+/// The whole stored files in the store's directory (not its temporary files).
+fn stored_files(dir: &Path) -> Vec<(String, u64)> {
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "audio"))
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, e.metadata().unwrap().len())
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+fn tmp_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("tmp")).map_or(0, |d| d.flatten().count())
+}
+
+async fn metric(gw: &Gateway, name: &str) -> f64 {
+    sample(
+        &gw.metrics().await,
+        &format!("miralix_gateway_{name}{{account=\"{ACCOUNT}\"}}"),
+    )
+}
+
+async fn wait_stored(gw: &Gateway, dir: &Path, count: usize) {
+    wait_until("the download to be stored", || async {
+        stored_files(dir).len() == count
+    })
+    .await;
+    gw.state.sync_audio().await;
+}
+
+#[tokio::test]
+async fn a_recording_is_downloaded_once_then_served_from_disk_with_ranges() {
+    const SIZE: u64 = 3 * 1024 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(dir.path(), "", "").await;
+    gw.simulator.set_audio_bytes(SIZE);
+    let target = audio_path(RECORDING);
+
+    let first = gw.get(&target).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+    assert_eq!(first.header("content-length"), Some(&*SIZE.to_string()));
+    assert_eq!(first.body, expected(RECORDING, 0..SIZE));
+    wait_stored(&gw, dir.path(), 1).await;
+    let etag = first.header("etag").expect("an ETag").to_owned();
+    let last_modified = first
+        .header("last-modified")
+        .expect("Last-Modified")
+        .to_owned();
+    let from_box = gw.simulator.audio_bytes_sent();
+    assert_eq!(from_box, SIZE);
+
+    let second = gw.get(&target).await;
+    assert_eq!(second.status, 200);
+    assert_eq!(second.header("x-cache"), Some("HIT"));
+    assert_eq!(second.header("cache-status"), Some("miralix-gateway; hit"));
+    assert_eq!(second.header("etag"), Some(&*etag));
+    assert_eq!(second.header("content-type"), Some("audio/mpeg"));
+    assert_eq!(second.header("accept-ranges"), Some("bytes"));
+    assert_eq!(second.body, first.body);
+
+    let range = |value: &str| {
+        let target = target.clone();
+        let value = value.to_owned();
+        async move { request(gw.addr, "GET", &target, &[("Range", &value)]).await }
+    };
+    let part = range("bytes=1000-1999").await;
+    assert_eq!(part.status, 206);
+    assert_eq!(
+        part.header("content-range"),
+        Some(&*format!("bytes 1000-1999/{SIZE}"))
+    );
+    assert_eq!(part.body, expected(RECORDING, 1000..2000));
+    let tail = range("bytes=-10").await;
+    assert_eq!(tail.status, 206);
+    assert_eq!(tail.body, expected(RECORDING, SIZE - 10..SIZE));
+    let open = range(&format!("bytes={}-", SIZE - 100)).await;
+    assert_eq!(open.body, expected(RECORDING, SIZE - 100..SIZE));
+    let beyond = range(&format!("bytes={SIZE}-")).await;
+    assert_eq!(beyond.status, 416);
+    assert_eq!(
+        beyond.header("content-range"),
+        Some(&*format!("bytes */{SIZE}"))
+    );
+    assert!(
+        beyond.text().contains(&SIZE.to_string()),
+        "{}",
+        beyond.text()
+    );
+    let several = range("bytes=0-1,5-6").await;
+    assert_eq!(several.status, 200, "a list of ranges is answered whole");
+
+    let not_modified = request(gw.addr, "GET", &target, &[("If-None-Match", &etag)]).await;
+    assert_eq!(not_modified.status, 304);
+    assert!(not_modified.body.is_empty());
+    let since = request(
+        gw.addr,
+        "GET",
+        &target,
+        &[("If-Modified-Since", &last_modified)],
+    )
+    .await;
+    assert_eq!(since.status, 304);
+    let stale_range = request(
+        gw.addr,
+        "GET",
+        &target,
+        &[("Range", "bytes=0-9"), ("If-Range", "\"another\"")],
+    )
+    .await;
+    assert_eq!(stale_range.status, 200, "If-Range that no longer matches");
+    let head = request(gw.addr, "HEAD", &target, &[]).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), Some(&*SIZE.to_string()));
+    assert!(head.body.is_empty());
+
+    assert_eq!(
+        gw.simulator.audio_bytes_sent(),
+        from_box,
+        "the box sent it once"
+    );
+    assert_eq!(gw.simulator.request_count(), 1);
+    assert_eq!(metric(&gw, "audio_cache_misses_total").await, 1.0);
+    assert_eq!(metric(&gw, "audio_cache_hits_total").await, 10.0);
+    assert_eq!(metric(&gw, "audio_bytes_total").await, SIZE as f64);
+    let disk = metric(&gw, "audio_disk_bytes_total").await;
+    // Four whole bodies (the first read from the download's file) and three parts.
+    assert_eq!(disk, (4 * SIZE + 1000 + 10 + 100) as f64);
+}
+
+#[tokio::test]
+async fn concurrent_requests_for_one_recording_make_one_download() {
+    const SIZE: u64 = 2 * 1024 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(dir.path(), "", "").await;
+    gw.simulator.set_audio_bytes(SIZE);
+    gw.simulator.hold();
+    let target = audio_path(RECORDING);
+    let clients: Vec<_> = (0..6)
+        .map(|n| {
+            let (addr, target) = (gw.addr, target.clone());
+            tokio::spawn(async move {
+                let range = format!("bytes={}-", n * 1000);
+                request(addr, "GET", &target, &[("Range", &range)]).await
+            })
+        })
+        .collect();
+    assert!(
+        gw.simulator
+            .wait_for_requests(1, Duration::from_secs(5))
+            .await
+    );
+    wait_until("every client to wait for the download", || async {
+        metric(&gw, "audio_cache_misses_total").await == 6.0
+    })
+    .await;
+    gw.simulator.release();
+    for (n, client) in clients.into_iter().enumerate() {
+        let reply = client.await.unwrap();
+        let start = n as u64 * 1000;
+        assert_eq!(reply.status, 206, "client {n}");
+        assert_eq!(reply.body, expected(RECORDING, start..SIZE), "client {n}");
+    }
+    assert_eq!(gw.simulator.request_count(), 1, "one box download");
+    assert_eq!(gw.simulator.audio_bytes_sent(), SIZE);
+    wait_stored(&gw, dir.path(), 1).await;
+}
+
+#[tokio::test]
+async fn an_interrupted_download_is_never_stored_or_served_as_whole() {
+    const SIZE: u64 = 1024 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(dir.path(), "", "").await;
+    gw.simulator.set_audio_bytes(SIZE);
+    gw.simulator.set_failure(Failure::ResetMidBody);
+    let target = audio_path(RECORDING);
+    let broken = gw.get(&target).await;
+    assert!(
+        (broken.body.len() as u64) < SIZE,
+        "the client sees the answer break off ({} bytes)",
+        broken.body.len()
+    );
+    wait_until("the partial file to go", || async {
+        tmp_files(dir.path()) == 0
+    })
+    .await;
+    assert!(stored_files(dir.path()).is_empty(), "nothing stored");
+
+    gw.simulator.set_failure(Failure::None);
+    let whole = gw.get(&target).await;
+    assert_eq!(whole.header("x-cache"), Some("MISS"), "asked again");
+    assert_eq!(whole.body, expected(RECORDING, 0..SIZE));
+    wait_stored(&gw, dir.path(), 1).await;
+    assert_eq!(gw.simulator.request_count(), 2);
+}
+
+#[tokio::test]
+async fn box_errors_are_passed_on_and_not_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(dir.path(), "", "").await;
+    let unknown = audio_path(1);
+    for _ in 0..2 {
+        let reply = gw.get(&unknown).await;
+        assert_eq!(reply.status, 404);
+        assert!(
+            reply.text().contains("Recording not found"),
+            "{}",
+            reply.text()
+        );
+        assert_eq!(
+            reply.header("cache-status"),
+            Some("miralix-gateway; fwd=miss; fwd-status=404")
+        );
+    }
+    assert_eq!(gw.simulator.request_count(), 2, "a 404 is asked again");
+    gw.simulator.set_failure(Failure::Status(500));
+    let failed = gw.get(&audio_path(RECORDING)).await;
+    assert_eq!(failed.status, 502, "{}", failed.text());
+    assert!(stored_files(dir.path()).is_empty());
+}
+
+#[tokio::test]
+async fn the_store_stays_within_its_bound_and_evicts_the_least_recently_used() {
+    const SIZE: u64 = 300 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    // Room for three 300 KiB recordings (and their 4 KiB headers), not four.
+    let gw = gateway(
+        dir.path(),
+        "max_bytes = \"1MiB\"\nmax_file_bytes = \"1MiB\"",
+        "",
+    )
+    .await;
+    gw.simulator.set_audio_bytes(SIZE);
+    let ids = recordings(&gw).await;
+    let (a, b, c, d, big_one) = (ids[1], ids[2], ids[3], ids[4], ids[5]);
+    for id in [a, b, c] {
+        assert_eq!(gw.get(&audio_path(id)).await.status, 200);
+    }
+    wait_stored(&gw, dir.path(), 3).await;
+    // a is used again: b is now the least recently used.
+    assert_eq!(gw.get(&audio_path(a)).await.header("x-cache"), Some("HIT"));
+    assert_eq!(gw.get(&audio_path(d)).await.status, 200);
+    wait_until("the eviction", || async {
+        gw.state.sync_audio().await;
+        stored_files(dir.path()).len() == 3
+    })
+    .await;
+    let total: u64 = stored_files(dir.path()).iter().map(|(_, len)| len).sum();
+    assert!(total <= 1024 * 1024, "{total} bytes on disk");
+    assert_eq!(gw.get(&audio_path(a)).await.header("x-cache"), Some("HIT"));
+    assert_eq!(gw.get(&audio_path(c)).await.header("x-cache"), Some("HIT"));
+    assert_eq!(
+        gw.get(&audio_path(b)).await.header("x-cache"),
+        Some("MISS"),
+        "b went"
+    );
+    let metrics = gw.metrics().await;
+    assert!(sample(&metrics, "miralix_gateway_audio_store_bytes") <= 1024.0 * 1024.0);
+    assert_eq!(
+        sample(&metrics, "miralix_gateway_audio_store_max_bytes"),
+        1024.0 * 1024.0
+    );
+
+    // Larger than max_file_bytes: served whole, not stored.
+    gw.simulator.set_audio_bytes(2 * 1024 * 1024);
+    let big = gw.get(&audio_path(big_one)).await;
+    assert_eq!(big.body.len(), 2 * 1024 * 1024);
+    wait_until("the oversized download to be dropped", || async {
+        tmp_files(dir.path()) == 0
+    })
+    .await;
+    assert_eq!(
+        gw.get(&audio_path(RECORDING + 4)).await.header("x-cache"),
+        Some("MISS")
+    );
+}
+
+#[tokio::test]
+async fn a_restart_serves_stored_audio_while_the_box_is_down() {
+    const SIZE: u64 = 512 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(dir.path(), "", "").await;
+    gw.simulator.set_audio_bytes(SIZE);
+    assert_eq!(gw.get(&audio_path(RECORDING)).await.status, 200);
+    wait_stored(&gw, dir.path(), 1).await;
+    // A partial download an earlier run left behind is cleared at start-up.
+    std::fs::write(dir.path().join("tmp").join("left-over"), b"partial").unwrap();
+    gw.stop().await;
+
+    let restarted = Gateway::start(Options {
+        tls: SimulatorTls::Plain,
+        cache: store_in(dir.path(), ""),
+        base_url: Some("http://127.0.0.1:9".to_owned()),
+        ..Options::default()
+    })
+    .await;
+    wait_until("the store to be indexed", || async {
+        sample(
+            &restarted.metrics().await,
+            "miralix_gateway_audio_store_files",
+        ) == 1.0
+    })
+    .await;
+    let reply = restarted.get(&audio_path(RECORDING)).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("x-cache"), Some("HIT"));
+    assert_eq!(reply.body, expected(RECORDING, 0..SIZE));
+    assert_eq!(tmp_files(dir.path()), 0);
+    // The box being down is still an error for what is not stored.
+    assert_eq!(restarted.get(&audio_path(RECORDING + 1)).await.status, 502);
+    assert_eq!(
+        restarted
+            .get(&audio_path(RECORDING + 1))
+            .await
+            .header("x-cache"),
+        Some("MISS")
+    );
+}
+
+#[tokio::test]
+async fn stored_audio_is_served_only_to_clients_that_may_read_the_account() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(dir.path(), "", &format!("api_keys = [\"{API_KEY}\"]")).await;
+    let target = audio_path(RECORDING);
+    let allowed = request(gw.addr, "GET", &target, &[("X-Api-Key", API_KEY)]).await;
+    assert_eq!(allowed.status, 200);
+    wait_stored(&gw, dir.path(), 1).await;
+    for headers in [vec![], vec![("X-Api-Key", "not-the-key-0123456789")]] {
+        let refused = request(gw.addr, "GET", &target, &headers).await;
+        assert_eq!(refused.status, 401);
+        assert!(refused.header("etag").is_none());
+    }
+    let again = request(gw.addr, "GET", &target, &[("X-Api-Key", API_KEY)]).await;
+    assert_eq!(again.header("x-cache"), Some("HIT"));
+    assert_eq!(gw.simulator.request_count(), 1);
+}
