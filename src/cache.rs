@@ -109,6 +109,7 @@ impl CacheKey {
             Subject::Queue(id) => format!("{account}/queues/{id}"),
             Subject::Directory(None) => format!("{account}/directory"),
             Subject::Directory(Some(state)) => format!("{account}/directory/{}", escaped(state)),
+            Subject::Passthrough(target) => format!("{account}/passthrough/{}", escaped(target)),
         }
     }
 }

@@ -20,6 +20,8 @@ use crate::upstream::UpstreamError;
 pub enum ProxyError {
     #[error(transparent)]
     Route(#[from] RouteError),
+    #[error(transparent)]
+    Passthrough(crate::route::passthrough::PassthroughError),
     #[error("unknown account \"{0}\": no such account is configured on this gateway")]
     UnknownAccount(String),
     #[error("method {method} is not allowed here: use {allow}")]
@@ -81,7 +83,9 @@ impl ProxyError {
             ProxyError::Route(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::CannotEmulate => StatusCode::BAD_GATEWAY,
-            ProxyError::DirectoryState { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::DirectoryState { .. } | ProxyError::Passthrough(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::Unauthorized(
                 AuthError::CertificateRequired | AuthError::CertificateNotAllowed,
             ) => StatusCode::FORBIDDEN,

@@ -8,6 +8,8 @@
 //! split on `/` first and each segment is percent-decoded once afterwards, so an encoded slash
 //! stays inside its segment and is then refused by the identification rules.
 
+pub mod passthrough;
+
 use std::borrow::Cow;
 
 use percent_encoding::percent_decode_str;
@@ -43,6 +45,9 @@ pub enum Subject {
     /// gateway checks against the account's allowlist and spells as that list does; `None`
     /// for a bare `/agents` (the box lists the logged-in agents then).
     Directory(Option<Box<str>>),
+    /// An allowlisted read (see [`passthrough`]): its canonical target under
+    /// `/mot/{account}/`, query included.
+    Passthrough(Box<str>),
 }
 
 impl std::fmt::Display for Subject {
@@ -56,6 +61,7 @@ impl std::fmt::Display for Subject {
             Subject::Queue(id) => write!(f, "queue {id}"),
             Subject::Directory(None) => f.write_str("directory"),
             Subject::Directory(Some(state)) => write!(f, "directory state={state}"),
+            Subject::Passthrough(target) => write!(f, "passthrough {target}"),
         }
     }
 }
@@ -73,13 +79,14 @@ impl Subject {
             Subject::Directory(state) => {
                 ("directory", Cow::Borrowed(state.as_deref().unwrap_or("")))
             }
+            Subject::Passthrough(target) => ("passthrough", Cow::Borrowed(target)),
         }
     }
 
     /// Whether the box's answer is a recordings list (parsed, selected from, refreshed by
     /// delta) rather than opaque JSON.
     pub fn is_recordings(&self) -> bool {
-        !matches!(self, Subject::Directory(_))
+        matches!(self, Subject::Agent { .. } | Subject::Queue(_))
     }
 }
 
@@ -97,6 +104,8 @@ pub struct ListQuery {
 pub enum Route<'a> {
     /// A list served from the cache: an agent's or a queue's recordings, or the directory.
     List(ListRequest<'a>),
+    /// An allowlisted read, with how long its `200` is stored.
+    Passthrough(ListRequest<'a>, std::time::Duration),
     /// The audio file of one recording.
     Audio {
         account: Cow<'a, str>,

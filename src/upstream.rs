@@ -354,6 +354,7 @@ impl UpstreamClient {
             Subject::Queue(id) => {
                 format!("{}/mot/{account}/queues/{id}/calls/recordings", self.base)
             }
+            Subject::Passthrough(target) => format!("{}/mot/{account}/{target}", self.base),
             Subject::Directory(state) => {
                 let mut url = format!("{}/mot/{account}/agents", self.base);
                 if let Some(state) = state {
@@ -542,6 +543,7 @@ mod tests {
             api_version: crate::config::ApiVersion::V7,
             access: crate::auth::Access::Open,
             directory_states: Vec::new(),
+            passthrough: Vec::new(),
         };
         UpstreamClient::new(account, &config).unwrap()
     }

@@ -59,6 +59,7 @@ pub fn entry(key: &CacheKey, value: &CachedResponse) -> u32 {
         + match &key.query.subject {
             Subject::Agent { identification, .. } => allocation(identification.len()),
             Subject::Directory(state) => state.as_ref().map_or(0, |s| allocation(s.len())),
+            Subject::Passthrough(target) => allocation(target.len()),
             Subject::Queue(_) => 0,
         }
         + bytes(&value.body)

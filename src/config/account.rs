@@ -92,8 +92,15 @@ pub(super) fn validate_account(
         &key("directory_states"),
         directory_states(raw.directory_states),
     );
+    let passthrough = match raw.passthrough {
+        Some(raw) => {
+            super::passthrough::validate_passthrough(&format!("accounts.{name}"), raw, problems)
+        }
+        None => Some(Vec::new()),
+    };
     Some(AccountConfig {
         access: Access::Open,
+        passthrough: passthrough?,
         directory_states: directory_states?,
         api_version: api_version?,
         base_url: base_url?,

@@ -12,6 +12,7 @@
 
 mod account;
 mod model;
+mod passthrough;
 mod raw;
 mod sources;
 mod suggest;

@@ -234,6 +234,8 @@ pub struct AccountConfig {
     /// The `state` values the agent directory passes on to the box, matched without regard
     /// to case and sent as spelled here.
     pub directory_states: Vec<Box<str>>,
+    /// More read-only routes passed on to the box (`[[accounts.<name>.passthrough]]`).
+    pub passthrough: Vec<crate::route::passthrough::PassthroughRoute>,
 }
 
 impl AccountConfig {

@@ -116,6 +116,26 @@ pub struct RawCache {
     pub audio: Option<RawAudio>,
 }
 
+/// One `[[accounts.<name>.passthrough]]` entry.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPassthrough {
+    /// Under `/mot/{account}/`, with `{name:int|guid|token}` placeholders.
+    pub path: Option<String>,
+    /// Allowed query parameters: name -> `"int"`, `"guid"`, `"token"` or a list of values.
+    pub query: Option<std::collections::BTreeMap<String, RawCheck>>,
+    /// How long a `200` is stored; `"0s"`: passed through uncached.
+    pub ttl: Option<String>,
+}
+
+/// A query parameter's check: a kind, or the values allowed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawCheck {
+    Kind(String),
+    Values(Vec<String>),
+}
+
 /// `[cache.audio]`.
 #[derive(Debug, Default, Deserialize)]
 pub struct RawAudio {
@@ -198,6 +218,8 @@ pub struct RawAccount {
     /// The `state` values the agent directory passes on; default `any`, `loggedIn`,
     /// `loggedOut`.
     pub directory_states: Option<Vec<String>>,
+    /// More read-only routes passed on to the box.
+    pub passthrough: Option<Vec<RawPassthrough>>,
     // Overrides of [upstream]; the same keys as `RawUpstream`.
     pub timeout: Option<String>,
     pub connect_timeout: Option<String>,

@@ -23,8 +23,9 @@ use crate::upstream::{Forwarded, ListFetch, UpstreamClient, UpstreamError, Upstr
 pub(super) struct RefreshPlan {
     pub(super) full_refresh_interval: Duration,
     pub(super) now: Instant,
-    /// How long the directory is fresh (`cache.directory_ttl`).
-    pub(super) directory_ttl: Duration,
+    /// How long a `200` is fresh when not `cache.ttl`: the directory's `cache.directory_ttl`,
+    /// a passthrough route's `ttl`.
+    pub(super) ttl: Option<Duration>,
 }
 
 impl RefreshPlan {
@@ -32,7 +33,7 @@ impl RefreshPlan {
         Self {
             full_refresh_interval: cache.full_refresh_interval,
             now,
-            directory_ttl: cache.directory_ttl,
+            ttl: None,
         }
     }
 }
@@ -43,7 +44,8 @@ impl RefreshPlan {
 /// A full list whose stored copy was fetched whole less than `full_refresh_interval` ago is
 /// refreshed by delta: `fromQueueCallId=<highest stored id>`, the answer appended. A delta
 /// the box cannot answer with a list falls back to a full fetch; a `404` means the agent is
-/// gone and replaces the list. The directory is opaque JSON: always fetched whole.
+/// gone and replaces the list. The directory and passthrough reads are opaque JSON: always
+/// fetched whole.
 pub(super) fn fetch_list(
     account: &Account,
     query: ListQuery,
@@ -106,9 +108,8 @@ pub(super) fn fetch_list(
             };
             let reply = box_.send(&query, what, kind, &waiters).await?;
             if !query.subject.is_recordings() {
-                let ttl = Some(plan.directory_ttl);
                 return Ok(Fetched {
-                    ttl,
+                    ttl: plan.ttl,
                     ..Fetched::opaque(reply)
                 });
             }

@@ -2,6 +2,7 @@
 //! cache lookup, `fromQueueCallId` selection from the stored full list, and `If-None-Match`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
@@ -22,7 +23,7 @@ use crate::upstream::UpstreamError;
 /// parameter, or the box's list cannot be read as recordings.
 pub(super) async fn list_response<B>(
     state: &AppState,
-    cache: &CacheConfig,
+    (cache, ttl): (&CacheConfig, Option<Duration>),
     account: &Account,
     query: ListQuery,
     request: &Request<B>,
@@ -38,7 +39,7 @@ pub(super) async fn list_response<B>(
         ..query.clone()
     };
     let gzip = encoding::accepts_gzip(request.headers().get_all(ACCEPT_ENCODING).iter());
-    let (mut outcome, mut entry) = lookup(state, cache, account, full, access).await?;
+    let (mut outcome, mut entry) = lookup(state, (cache, ttl), account, full, access).await?;
     if let Some(from) = from {
         match &entry.list {
             Some(list) => {
@@ -50,7 +51,7 @@ pub(super) async fn list_response<B>(
             None if api.has_from_queue_call_id() => {
                 // The box's list has no numeric QueueCallIds: let the box do the filtering,
                 // and cache its answer as it is.
-                (outcome, entry) = lookup(state, cache, account, query, access).await?;
+                (outcome, entry) = lookup(state, (cache, ttl), account, query, access).await?;
             }
             None => return Err(ProxyError::CannotEmulate),
         }
@@ -86,11 +87,11 @@ pub(super) struct Lookup {
     tier: Option<&'static str>,
 }
 
-/// Look `query` up in the cache (fetching it if need be), counting the outcome and noting it
-/// for the access log.
+/// Look `query` up in the cache (fetching it if need be; a `200` is fresh for `ttl` when
+/// given, else `cache.ttl`), counting the outcome and noting it for the access log.
 pub(super) async fn lookup(
     state: &AppState,
-    cache: &CacheConfig,
+    (cache, ttl): (&CacheConfig, Option<Duration>),
     account: &Account,
     query: ListQuery,
     access: &mut AccessEntry,
@@ -99,7 +100,10 @@ pub(super) async fn lookup(
         account: account.name.clone(),
         query,
     };
-    let refresh = RefreshPlan::of(cache, state.cache.now());
+    let refresh = RefreshPlan {
+        ttl,
+        ..RefreshPlan::of(cache, state.cache.now())
+    };
     // Clones for the fetch task are made only when this request starts a fetch.
     let trace = &access.trace;
     let outcome = state

@@ -43,7 +43,7 @@ use http_body_util::{Either, Full};
 use crate::auth::{self, AuthError, Client, ClientCert};
 use crate::cache::CacheStatus;
 use crate::error::ProxyError;
-use crate::route::{self, ListQuery, Route, Subject};
+use crate::route::{self, ListQuery, ListRequest, Route, RouteError, Subject};
 use crate::telemetry::{ACCESS_LOG, AUDIT_LOG};
 
 /// The body of every answer: whole bytes, or audio streamed from the box.
@@ -169,7 +169,11 @@ async fn handle_inner<B: http_body::Body>(
     let generation = state.generation.load();
     admit::rate_limit(state, &generation, peer)?;
     admit::request_form(request)?;
-    let route = route::parse(request.uri().path(), request.uri().query())?;
+    let (path, query) = (request.uri().path(), request.uri().query());
+    let route = match route::parse(path, query) {
+        Err(RouteError::NotFound) => passthrough_route(&generation, path, query)?,
+        parsed => parsed?,
+    };
     admit::method_and_body(request)?;
     let account = account_for(&generation, &route)?;
     access.account = Some(account.name.clone());
@@ -181,7 +185,16 @@ async fn handle_inner<B: http_body::Body>(
             let query = allowed_state(account, list.query)?;
             access.resource = audited(|| list_resource(&query));
             let cache = &generation.config.cache;
-            let response = list_response(state, cache, account, query, request, access).await?;
+            let ttl = (!query.subject.is_recordings()).then_some(cache.directory_ttl);
+            let response =
+                list_response(state, (cache, ttl), account, query, request, access).await?;
+            Ok(response.map(Either::Left))
+        }
+        Route::Passthrough(read, ttl) => {
+            access.resource = audited(|| list_resource(&read.query));
+            let cache = (&generation.config.cache, Some(ttl));
+            let response =
+                list_response(state, cache, account, read.query, request, access).await?;
             Ok(response.map(Either::Left))
         }
         Route::Audio { queue_call_id, .. } => {
@@ -197,7 +210,7 @@ fn account_for<'a>(
     route: &Route<'_>,
 ) -> Result<&'a Account, ProxyError> {
     let name = match route {
-        Route::List(list) => &list.account,
+        Route::List(list) | Route::Passthrough(list, _) => &list.account,
         Route::Audio { account, .. } => account,
     };
     generation
@@ -234,6 +247,35 @@ fn audited(name: impl FnOnce() -> String) -> Option<String> {
     tracing::enabled!(target: AUDIT_LOG, tracing::Level::INFO).then(name)
 }
 
+/// A path the gateway does not serve itself, if the account it names allows it
+/// (`[[accounts.<name>.passthrough]]`); otherwise still not found, and never forwarded.
+fn passthrough_route<'a>(
+    generation: &Generation,
+    path: &'a str,
+    query: Option<&str>,
+) -> Result<Route<'a>, ProxyError> {
+    let not_found = || ProxyError::Route(RouteError::NotFound);
+    let (name, rest) = path
+        .strip_prefix("/mot/")
+        .and_then(|rest| rest.split_once('/'))
+        .ok_or_else(not_found)?;
+    let name = percent_encoding::percent_decode_str(name)
+        .decode_utf8()
+        .map_err(|_| not_found())?;
+    let account = generation.accounts.get(&*name).ok_or_else(not_found)?;
+    let matched = route::passthrough::find(&account.settings.passthrough, rest, query)
+        .map_err(ProxyError::Passthrough)?
+        .ok_or_else(not_found)?;
+    let read = ListRequest {
+        account: name,
+        query: ListQuery {
+            subject: Subject::Passthrough(matched.target.into_boxed_str()),
+            from_queue_call_id: None,
+        },
+    };
+    Ok(Route::Passthrough(read, matched.ttl))
+}
+
 /// The directory's `state` as the account's allowlist spells it; a value not on the list is
 /// refused before it reaches the cache or the box.
 fn allowed_state(account: &Account, mut query: ListQuery) -> Result<ListQuery, ProxyError> {
@@ -261,6 +303,7 @@ fn list_resource(query: &ListQuery) -> String {
         Subject::Queue(id) => format!("queues/{id}/calls/recordings"),
         Subject::Directory(None) => "agents".to_owned(),
         Subject::Directory(Some(state)) => format!("agents?state={state}"),
+        Subject::Passthrough(target) => target.to_string(),
     };
     if let Some(from) = query.from_queue_call_id {
         resource.push_str(&format!("?{}={from}", route::FROM_QUEUE_CALL_ID));

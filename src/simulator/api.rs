@@ -35,6 +35,8 @@ pub(super) fn route(
             "recordings",
         ] => queue_recordings(state, request, account, queue_id, api_6_5),
         ["", "mot", account, "agents"] => directory(state, request, account),
+        ["", "mot", account, "queues"] => queues(state, request, account, None),
+        ["", "mot", account, "queues", queue_id] => queues(state, request, account, Some(queue_id)),
         _ => recordings(state, request, &segments, api_6_5),
     };
     if response.status() == StatusCode::OK {
@@ -155,6 +157,27 @@ fn queue_recordings(
     match account.queue_recordings(queue_id, from) {
         Some(list) => json(StatusCode::OK, list),
         None => message(StatusCode::NOT_FOUND, "Queue not found."),
+    }
+}
+
+/// `GET /mot/{account}/queues` (every queue) or `/queues/{queueId}` (one): `QueueId`,
+/// `QueueName`, `Culture`. Not served by the gateway itself: what a passthrough route reads.
+fn queues(
+    state: &SimState,
+    request: &Request<Incoming>,
+    account: &str,
+    queue_id: Option<&str>,
+) -> Response<Full<Bytes>> {
+    let dataset = read(&state.dataset);
+    if let Err((status, text)) = get_of(&dataset, request, account) {
+        return message(status, text);
+    }
+    match queue_id {
+        None => json(StatusCode::OK, dataset::queues(None).unwrap_or_default()),
+        Some(id) => match id.parse().ok().and_then(|id| dataset::queues(Some(id))) {
+            Some(queue) => json(StatusCode::OK, queue),
+            None => message(StatusCode::NOT_FOUND, "Queue not found."),
+        },
     }
 }
 

@@ -132,6 +132,19 @@ impl SimAccount {
     }
 }
 
+/// Every queue as a JSON array, or the one with `id` as an object (`None` if there is none).
+pub fn queues(id: Option<u64>) -> Option<String> {
+    let json =
+        |q: &Queue| serde_json::json!({"QueueId": q.id, "QueueName": q.name, "Culture": q.culture});
+    match id {
+        None => Some(serde_json::Value::Array(QUEUES.iter().map(json).collect()).to_string()),
+        Some(id) => QUEUES
+            .iter()
+            .find(|q| q.id == id)
+            .map(|q| json(q).to_string()),
+    }
+}
+
 const QUEUES: [Queue; 3] = [
     Queue {
         id: 1,

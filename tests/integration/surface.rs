@@ -319,3 +319,203 @@ async fn every_route_needs_the_accounts_key_before_anything_is_looked_up() {
         assert_eq!(reply.status, 200, "{target}: {}", reply.text());
     }
 }
+
+/// Two allowlisted reads: one queue (cached 30 s) and the queue list (passed through).
+const PASSTHROUGH: &str = r#"
+[[accounts.greenbox.passthrough]]
+path = "/queues/{id:int}"
+ttl = "30s"
+
+[[accounts.greenbox.passthrough]]
+path = "/mot/{account}/queues"
+query = { culture = ["da-DK", "en-GB"], page = "int" }
+ttl = "0s"
+"#;
+
+#[tokio::test]
+async fn allowlisted_reads_reach_the_box_with_the_secret_and_are_cached_by_their_ttl() {
+    let gw = plain_gateway("ttl = \"30s\"", PASSTHROUGH).await;
+    let queue = gw.get(&format!("/mot/{ACCOUNT}/queues/0002")).await;
+    assert_eq!(queue.status, 200, "{}", queue.text());
+    assert_eq!(queue.json()["QueueName"], "Sales");
+    assert_eq!(queue.header("x-cache"), Some("MISS"));
+    assert_eq!(
+        gw.simulator.received().last().unwrap().target,
+        format!("/mot/{ACCOUNT}/queues/2"),
+        "the box is asked for the canonical path"
+    );
+    assert_eq!(
+        gw.get(&format!("/mot/{ACCOUNT}/queues/2"))
+            .await
+            .header("x-cache"),
+        Some("HIT")
+    );
+    assert_eq!(
+        gw.get(&format!("/mot/{ACCOUNT}/queues/55")).await.status,
+        404
+    );
+    assert_eq!(gw.simulator.request_count(), 2);
+
+    // ttl = "0s": every request is passed on, with its parameters in canonical form.
+    for _ in 0..2 {
+        let list = gw
+            .get(&format!("/mot/{ACCOUNT}/queues?PAGE=01&culture=da-DK"))
+            .await;
+        assert_eq!(list.status, 200);
+        assert_eq!(list.json().as_array().unwrap().len(), 3);
+    }
+    assert_eq!(gw.simulator.request_count(), 4);
+    assert_eq!(
+        gw.simulator.received().last().unwrap().target,
+        format!("/mot/{ACCOUNT}/queues?culture=da-DK&page=1")
+    );
+    // Past the TTL the stored read is fetched again.
+    gw.clock.advance(Duration::from_secs(31));
+    let again = gw.get(&format!("/mot/{ACCOUNT}/queues/2")).await;
+    assert_ne!(again.header("x-cache"), Some("HIT"));
+}
+
+#[tokio::test]
+async fn nothing_outside_the_allowlist_reaches_the_box() {
+    let gw = plain_gateway("ttl = \"30s\"", PASSTHROUGH).await;
+    let long = format!("/mot/{ACCOUNT}/queues/{}", "1".repeat(3000));
+    let hostile: Vec<(String, u16)> = [
+        ("/mot/greenbox/queues/2/", 404),
+        ("/mot/greenbox/queues/2/members", 404),
+        ("/mot/greenbox/queues/x", 404),
+        ("/mot/greenbox/queues/-1", 404),
+        ("/mot/greenbox/queues/1.5", 404),
+        ("/mot/greenbox/queues/99999999999999999999", 404),
+        ("/mot/greenbox/queues/%2E%2E", 404),
+        ("/mot/greenbox/queues/..", 404),
+        ("/mot/greenbox/queues/../agents", 404),
+        ("/mot/greenbox/queues/1%2F..%2F..%2Fadmin", 404),
+        ("/mot/greenbox/queues/1%00", 404),
+        ("/mot/greenbox/queues/%FF", 404),
+        ("/mot/greenbox/queues//2", 404),
+        ("/mot/greenbox//queues/2", 404),
+        ("/mot/greenbox/QUEUES/2", 404),
+        ("/mot/greenbox/Queues", 404),
+        ("/mot/greenbox/queues/", 404),
+        ("/mot/greenbox/./queues/2", 404),
+        ("/mot/greenbox/queues/%32%2F", 404),
+        ("/mot/greenbox/queues/2%3Fx=1", 404),
+        ("/mot/greenbox/settings", 404),
+        ("/mot/greenbox/agents/id/103", 404),
+        ("/mot/greenbox/agents/id/103/recordings/x", 404),
+        ("/mot/greenbox/queues/calls/1", 404),
+        ("/mot/greenbox/call/answer", 404),
+        ("/mot/otherbox/queues/2", 404),
+        ("/mot/GREENBOX/queues/2", 404),
+        ("/mot/green%62ox/queues/2x", 404),
+        ("/mot/../mot/greenbox/queues/2", 404),
+        ("/mot", 404),
+        ("/mot/", 404),
+        ("/mot/greenbox", 404),
+        ("/queues/2", 404),
+        ("/mot/greenbox/queues?page=x", 400),
+        ("/mot/greenbox/queues?culture=fr-FR", 400),
+        ("/mot/greenbox/queues?page=1&page=2", 400),
+        ("/mot/greenbox/queues?admin=1", 400),
+        ("/mot/greenbox/queues/2?x=1", 400),
+    ]
+    .into_iter()
+    .map(|(path, status)| (path.to_owned(), status))
+    .chain([(long, 414)])
+    .collect();
+    assert!(hostile.len() >= 30);
+    for (target, status) in &hostile {
+        let reply = gw.get(target).await;
+        assert_eq!(reply.status, *status, "{target}: {}", reply.text());
+        assert!(reply.json()["error"].is_string(), "{target}");
+    }
+    // Only GET and HEAD, and no body.
+    for method in ["POST", "PUT", "DELETE", "PATCH"] {
+        let reply = request(
+            gw.addr,
+            method,
+            &format!("/mot/{ACCOUNT}/queues/2"),
+            &[("Content-Length", "0")],
+        )
+        .await;
+        assert_eq!(reply.status, 405, "{method}");
+    }
+    let refused = gw.get("/mot/greenbox/queues?culture=fr-FR").await.text();
+    assert!(refused.contains("one of da-DK, en-GB"), "{refused}");
+    let unknown = gw.get("/mot/greenbox/queues?admin=1").await.text();
+    assert!(unknown.contains("allowed: culture, page"), "{unknown}");
+    assert_eq!(gw.simulator.request_count(), 0, "nothing reached the box");
+    // HEAD of an allowed read: its headers, no body.
+    let head = request(gw.addr, "HEAD", &format!("/mot/{ACCOUNT}/queues/2"), &[]).await;
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+}
+
+#[tokio::test]
+async fn a_passthrough_table_that_would_leave_the_account_is_refused() {
+    let config = |entry: &str| {
+        format!(
+            "[accounts.greenbox]\nbase_url = \"http://127.0.0.1:1\"\nshared_secret = \"{SECRET}\"\n[[accounts.greenbox.passthrough]]\n{entry}\n"
+        )
+    };
+    for (entry, expected) in [
+        (
+            "path = \"/mot/other/queues\"\nttl = \"1s\"",
+            "outside this account",
+        ),
+        (
+            "path = \"/queues/../agents\"\nttl = \"1s\"",
+            "\"..\" segment",
+        ),
+        ("path = \"/queues//x\"\nttl = \"1s\"", "empty segment"),
+        ("path = \"/queues/\"\nttl = \"1s\"", "empty segment"),
+        ("path = \"queues\"\nttl = \"1s\"", "must start with '/'"),
+        (
+            "path = \"/queues/%2e%2e\"\nttl = \"1s\"",
+            "may only contain",
+        ),
+        (
+            "path = \"/queues/{id:float}\"\nttl = \"1s\"",
+            "unknown kind",
+        ),
+        ("path = \"/queues/{id:int}\"", "ttl: missing"),
+        ("path = \"/agents\"\nttl = \"1s\"", "serves itself"),
+        (
+            "path = \"/queues/{id:int}/calls/recordings\"\nttl = \"1s\"",
+            "serves itself",
+        ),
+        (
+            "path = \"/queues/calls/recordings/{id:token}\"\nttl = \"1s\"",
+            "serves itself",
+        ),
+        (
+            "path = \"/queues\"\nttl = \"1s\"\nquery = { page = \"float\" }",
+            "unknown kind",
+        ),
+        (
+            "path = \"/queues\"\nttl = \"1s\"\nmethod = \"POST\"",
+            "method",
+        ),
+    ] {
+        let text = config(entry);
+        let error = miralix_gateway::config::from_toml_str(&text, "test.toml")
+            .expect_err(entry)
+            .to_string();
+        assert!(error.contains(expected), "{entry}: {error}");
+        assert!(error.contains("passthrough"), "{entry}: {error}");
+    }
+}
+
+#[tokio::test]
+async fn allowlisted_reads_need_the_accounts_key() {
+    let gw = plain_gateway(
+        "ttl = \"30s\"",
+        &format!("api_keys = [\"{API_KEY}\"]\n{PASSTHROUGH}"),
+    )
+    .await;
+    let target = format!("/mot/{ACCOUNT}/queues/2");
+    assert_eq!(gw.get(&target).await.status, 401);
+    assert_eq!(gw.simulator.request_count(), 0);
+    let allowed = request(gw.addr, "GET", &target, &[("X-Api-Key", API_KEY)]).await;
+    assert_eq!(allowed.status, 200);
+}
