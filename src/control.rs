@@ -19,15 +19,32 @@ pub enum Action {
         account: Option<String>,
         limit: Option<u64>,
     },
+    /// `subject`: `(kind, name)`: an agent (`id 103`), a queue (`queue 4`) or the directory
+    /// (`directory`, no name).
     Purge {
         account: Option<String>,
-        agent: Option<(String, String)>,
+        subject: Option<(String, Option<String>)>,
     },
     Refresh {
         account: String,
-        id_type: String,
-        identification: String,
+        kind: String,
+        name: String,
     },
+}
+
+/// The admin path of one subject under `/cache/{account}/`.
+fn subject_path(kind: &str, name: Option<&str>) -> Result<String, ControlError> {
+    match (kind, name) {
+        ("queue", Some(id)) => Ok(format!("queues/{}", segment(id))),
+        ("directory", None) => Ok("agents".to_owned()),
+        ("queue" | "directory", _) => Err(ControlError::Subject(kind.to_owned())),
+        (id_type, Some(identification)) => Ok(format!(
+            "agents/{}/{}",
+            segment(id_type),
+            segment(identification)
+        )),
+        (other, None) => Err(ControlError::Subject(other.to_owned())),
+    }
 }
 
 /// Why a cache command failed; `Display` is what the operator reads.
@@ -45,6 +62,10 @@ pub enum ControlError {
     Unreachable(String, String),
     #[error("the gateway answered {0}: {1}")]
     Refused(u16, String),
+    #[error(
+        "\"{0}\" does not name what to act on: give an agent as TYPE IDENTIFICATION (sipUri, id, email or syncId), a queue as `queue QUEUE_ID`, or `directory`"
+    )]
+    Subject(String),
 }
 
 /// The token from `file`, or the environment; one trailing newline ignored.
@@ -87,13 +108,12 @@ pub async fn run(
             }
             (reqwest::Method::GET, path)
         }
-        Action::Purge { account, agent } => {
-            let path = match (account, agent) {
-                (Some(account), Some((id_type, id))) => format!(
-                    "/cache/{}/agents/{}/{}",
+        Action::Purge { account, subject } => {
+            let path = match (account, subject) {
+                (Some(account), Some((kind, name))) => format!(
+                    "/cache/{}/{}",
                     segment(account),
-                    segment(id_type),
-                    segment(id)
+                    subject_path(kind, name.as_deref())?
                 ),
                 (Some(account), None) => format!("/cache/{}", segment(account)),
                 _ => "/cache".to_owned(),
@@ -102,15 +122,14 @@ pub async fn run(
         }
         Action::Refresh {
             account,
-            id_type,
-            identification,
+            kind,
+            name,
         } => (
             reqwest::Method::POST,
             format!(
-                "/cache/{}/agents/{}/{}/refresh",
+                "/cache/{}/{}/refresh",
                 segment(account),
-                segment(id_type),
-                segment(identification)
+                subject_path(kind, Some(name))?
             ),
         ),
     };

@@ -41,23 +41,27 @@ enum CacheAction {
         #[arg(long)]
         limit: Option<u64>,
     },
-    /// Drop entries: everything, one account's, or one agent's (on every instance of a fleet).
+    /// Drop entries (on every instance of a fleet): everything, one account's, one agent's
+    /// (`ACCOUNT id 103`), one queue's (`ACCOUNT queue 4`) or the directory's (`ACCOUNT
+    /// directory`).
     Purge {
         /// The account (default: every account).
         account: Option<String>,
-        /// The agent's identification type (sipUri, id, email, syncId), with IDENTIFICATION.
-        id_type: Option<String>,
-        /// The agent's identification.
-        identification: Option<String>,
+        /// What to purge: an identification type (sipUri, id, email, syncId), `queue` or
+        /// `directory`.
+        kind: Option<String>,
+        /// The agent's identification, or the queue's id.
+        name: Option<String>,
     },
-    /// Fetch one agent's whole list from the box now.
+    /// Fetch one agent's (`ACCOUNT id 103`) or queue's (`ACCOUNT queue 4`) whole list from
+    /// the box now.
     Refresh {
         /// The account.
         account: String,
-        /// The identification type: sipUri, id, email or syncId.
-        id_type: String,
-        /// The agent's identification.
-        identification: String,
+        /// An identification type (sipUri, id, email, syncId) or `queue`.
+        kind: String,
+        /// The agent's identification, or the queue's id.
+        name: String,
     },
 }
 
@@ -233,32 +237,20 @@ fn cache_command(
         CacheAction::List { account, limit } => control::Action::List { account, limit },
         CacheAction::Purge {
             account,
-            id_type,
-            identification,
-        } => match (id_type, identification) {
-            (Some(id_type), Some(id)) => control::Action::Purge {
-                account,
-                agent: Some((id_type, id)),
-            },
-            (None, None) => control::Action::Purge {
-                account,
-                agent: None,
-            },
-            _ => {
-                eprintln!(
-                    "miralix-gateway: cache purge takes ACCOUNT, or ACCOUNT TYPE IDENTIFICATION"
-                );
-                return ExitCode::FAILURE;
-            }
+            kind,
+            name,
+        } => control::Action::Purge {
+            account,
+            subject: kind.map(|kind| (kind, name)),
         },
         CacheAction::Refresh {
             account,
-            id_type,
-            identification,
+            kind,
+            name,
         } => control::Action::Refresh {
             account,
-            id_type,
-            identification,
+            kind,
+            name,
         },
     };
     let result = control::token(token_file).and_then(|token| {

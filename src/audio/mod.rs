@@ -439,6 +439,13 @@ impl AudioStore {
         tracing::info!(dir = %self.inner.dir.display(), recordings = count, "audio store indexed");
     }
 
+    /// The stored recordings, their bytes and the bound, for the status page.
+    pub fn usage(&self) -> (u64, u64, u64) {
+        let index = &self.inner.index;
+        let max = self.inner.metrics.max_bytes.get() as u64;
+        (index.entry_count(), index.weighted_size() * 1024, max)
+    }
+
     /// Wait until the index has settled (evictions done): for tests.
     pub async fn sync(&self) {
         self.inner.index.run_pending_tasks().await;

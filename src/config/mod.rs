@@ -19,6 +19,7 @@ mod suggest;
 mod validate;
 
 pub use self::model::*;
+pub use self::passthrough::{Check, PassthroughRoute, Segment, parse_pattern};
 pub use self::raw::*;
 use self::sources::*;
 pub use self::sources::{MIN_KEY_LENGTH, key_digest, parse_digest};

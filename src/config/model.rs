@@ -235,7 +235,7 @@ pub struct AccountConfig {
     /// to case and sent as spelled here.
     pub directory_states: Vec<Box<str>>,
     /// More read-only routes passed on to the box (`[[accounts.<name>.passthrough]]`).
-    pub passthrough: Vec<crate::route::passthrough::PassthroughRoute>,
+    pub passthrough: Vec<super::PassthroughRoute>,
 }
 
 impl AccountConfig {

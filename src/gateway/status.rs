@@ -192,14 +192,22 @@ pub(super) fn status_page(state: &AppState) -> Response<Full<Bytes>> {
         ),
         None => "none (memory only)".to_owned(),
     };
+    let audio = match state.audio.get().map(|store| store.usage()) {
+        Some((files, used, max)) => format!(
+            "<span id=\"audio\">{files} recordings, {} (max {})</span>",
+            bytes(used),
+            bytes(max)
+        ),
+        None => "<span id=\"audio\">none (streamed from the box)</span>".to_owned(),
+    };
     let mut body = format!(
         "<h1>miralix-gateway</h1><p>version {} &middot; up {} &middot; cache {} in {} entries \
-(max {}) &middot; second tier {tier}</p>\
+(max {}) &middot; second tier {tier} &middot; audio store {audio}</p>\
 <p><a href=\"/metrics\">/metrics</a> &middot; <a href=\"/readyz\">/readyz</a> &middot; \
 cache listings (admin token) per account below</p>\
 <h2>Accounts</h2><div class=\"wrap\"><table id=\"accounts\"><thead><tr><th>account</th>\
 <th>box</th><th>breaker</th><th>in flight</th><th>hits</th><th>misses</th><th>stale</th>\
-<th>cached agents</th><th>cached bytes</th></tr></thead><tbody>",
+<th>cached entries</th><th>cached bytes</th></tr></thead><tbody>",
         env!("CARGO_PKG_VERSION"),
         human(now.duration_since(state.started_at)),
         bytes(state.cache.weighted_size()),

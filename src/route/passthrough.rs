@@ -1,8 +1,8 @@
 //! Allowlisted reads: the routes an account's `[[accounts.<name>.passthrough]]` table names
-//! beyond the ones the gateway serves itself, matched segment by segment.
+//! beyond the ones the gateway serves itself (see [`crate::config::PassthroughRoute`]),
+//! matched segment by segment.
 //!
-//! A pattern is a path under `/mot/{account}/` whose segments are literals or typed
-//! placeholders (`{id:int}`, `{id:guid}`, `{name:token}`); a request's path is split on `/`
+//! A request's path is split on `/`
 //! first and each segment is percent-decoded once, then checked against its placeholder's
 //! kind, so nothing a pattern does not describe (an encoded slash, a dot segment, a control
 //! character) can match. Query parameters are allowed by name, each with its own check; a
@@ -15,32 +15,10 @@ use std::time::Duration;
 
 use percent_encoding::percent_decode_str;
 
+use crate::config::{Check, PassthroughRoute, Segment};
 use crate::identity::truncate_for_message;
 
-/// What a placeholder segment or a query parameter accepts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Check {
-    /// A decimal integer, 1 to 19 digits (passed on without leading zeros).
-    Int,
-    /// A GUID, `8-4-4-4-12` hex digits (matched in any case, passed on in lowercase).
-    Guid,
-    /// `[A-Za-z0-9._-]{1,64}`, but not `.` or `..`.
-    Token,
-    /// One of these values exactly (for query parameters).
-    OneOf(Vec<String>),
-}
-
 impl Check {
-    /// The kind named in a pattern (`int`, `guid`, `token`).
-    pub fn named(kind: &str) -> Option<Self> {
-        Some(match kind {
-            "int" => Check::Int,
-            "guid" => Check::Guid,
-            "token" => Check::Token,
-            _ => return None,
-        })
-    }
-
     /// The value as passed on, if it passes.
     pub fn accept<'a>(&self, value: &'a str) -> Option<Cow<'a, str>> {
         let token = |s: &str| {
@@ -85,25 +63,6 @@ impl Check {
     }
 }
 
-/// One segment of a pattern.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Segment {
-    Literal(String),
-    Placeholder { name: String, check: Check },
-}
-
-/// One allowlisted read of an account.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PassthroughRoute {
-    /// The pattern as configured, for messages.
-    pub text: String,
-    pub segments: Vec<Segment>,
-    /// Allowed query parameters in canonical order, each with its check.
-    pub query: Vec<(String, Check)>,
-    /// How long a `200` is stored; zero: passed through, not stored.
-    pub ttl: Duration,
-}
-
 /// A request that matched a route: the canonical target under `/mot/{account}/` (encoded,
 /// with its query) and the route's TTL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,66 +96,6 @@ const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
     .remove(b'.')
     .remove(b'_')
     .remove(b'~');
-
-/// Parse a configured pattern into segments. Refused: anything but a path of plain
-/// segments under `/mot/{account}/` (a path naming another account, `..`, `.`, an empty
-/// segment, `%`, `\`, a query or fragment) and unknown placeholder kinds.
-pub fn parse_pattern(text: &str) -> Result<Vec<Segment>, String> {
-    let relative = match text.strip_prefix("/mot/{account}/") {
-        Some(rest) => rest,
-        None if text.starts_with("/mot/") || text == "/mot" => {
-            return Err(
-                "names a path outside this account: write it relative to /mot/{account}/ (e.g. \"/queues/{id:int}\")"
-                    .to_owned(),
-            );
-        }
-        None => text.strip_prefix('/').ok_or_else(|| {
-            "must start with '/' and be a path under /mot/{account}/, e.g. \"/queues/{id:int}\""
-                .to_owned()
-        })?,
-    };
-    if relative.is_empty() {
-        return Err("names no path under /mot/{account}/".to_owned());
-    }
-    relative
-        .split('/')
-        .map(|segment| {
-            if segment.is_empty() {
-                return Err("has an empty segment (\"//\" or a trailing '/')".to_owned());
-            }
-            if segment == "." || segment == ".." {
-                return Err(format!(
-                    "has a \"{segment}\" segment, which would leave the path it names"
-                ));
-            }
-            if let Some(inner) = segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-                let (name, kind) = inner.split_once(':').ok_or_else(|| {
-                    format!("placeholder {segment} needs a kind: {{name:int}}, {{name:guid}} or {{name:token}}")
-                })?;
-                let check = Check::named(kind).ok_or_else(|| {
-                    format!("placeholder {segment}: unknown kind \"{kind}\"; use int, guid or token")
-                })?;
-                if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-                    return Err(format!("placeholder {segment} needs a name of letters, digits and '_'"));
-                }
-                return Ok(Segment::Placeholder {
-                    name: name.to_owned(),
-                    check,
-                });
-            }
-            if !segment
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-~".contains(&b))
-            {
-                return Err(format!(
-                    "segment \"{}\" may only contain letters, digits, '.', '_', '-' and '~' (or be a placeholder such as {{id:int}})",
-                    segment.escape_debug()
-                ));
-            }
-            Ok(Segment::Literal(segment.to_owned()))
-        })
-        .collect()
-}
 
 /// The first of `routes` that `rest` (the raw path after `/mot/{account}/`) and `query`
 /// match; `Ok(None)` when none matches the path.
@@ -301,50 +200,12 @@ mod tests {
     fn route(pattern: &str, query: &[(&str, Check)], ttl: u64) -> PassthroughRoute {
         PassthroughRoute {
             text: pattern.to_owned(),
-            segments: parse_pattern(pattern).unwrap(),
+            segments: crate::config::parse_pattern(pattern).unwrap(),
             query: query
                 .iter()
                 .map(|(n, c)| ((*n).to_owned(), c.clone()))
                 .collect(),
             ttl: Duration::from_secs(ttl),
-        }
-    }
-
-    #[test]
-    fn patterns_are_plain_paths_under_the_account() {
-        assert_eq!(
-            parse_pattern("/queues/{id:int}").unwrap(),
-            vec![
-                Segment::Literal("queues".into()),
-                Segment::Placeholder {
-                    name: "id".into(),
-                    check: Check::Int
-                }
-            ]
-        );
-        assert_eq!(
-            parse_pattern("/mot/{account}/queues").unwrap(),
-            parse_pattern("/queues").unwrap()
-        );
-        for bad in [
-            "queues",
-            "/",
-            "/mot/other/queues",
-            "/mot",
-            "/queues/../agents",
-            "/queues/./x",
-            "/queues//x",
-            "/queues/",
-            "/queues/%2e%2e",
-            "/queues/a\\b",
-            "/queues?x=1",
-            "/queues#x",
-            "/queues/{id}",
-            "/queues/{id:float}",
-            "/queues/{:int}",
-            "http://elsewhere/queues",
-        ] {
-            assert!(parse_pattern(bad).is_err(), "{bad}");
         }
     }
 

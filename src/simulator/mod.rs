@@ -63,8 +63,9 @@ pub const CALLS_PATH: &str = "/_simulator/calls";
 /// and rising across agents, as on a real box.
 const FIRST_ADDED_CALL: u64 = 10_000_000;
 
-/// Audio bytes per recording unless [`Simulator::set_audio_bytes`] says otherwise.
-const DEFAULT_AUDIO_BYTES: u64 = 64 * 1024;
+/// Audio bytes per recording unless [`Simulator::set_audio_bytes`] says otherwise: about three
+/// minutes of a call at 128 kbit/s.
+const DEFAULT_AUDIO_BYTES: u64 = 3 * 1024 * 1024;
 
 /// Audio is produced in chunks of this size, as the connection takes them.
 const AUDIO_CHUNK: u64 = 64 * 1024;

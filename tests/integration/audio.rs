@@ -299,9 +299,10 @@ async fn the_store_stays_within_its_bound_and_evicts_the_least_recently_used() {
     // a is used again: b is now the least recently used.
     assert_eq!(gw.get(&audio_path(a)).await.header("x-cache"), Some("HIT"));
     assert_eq!(gw.get(&audio_path(d)).await.status, 200);
-    wait_until("the eviction", || async {
+    wait_until("the fourth download to be stored and the eviction", || async {
         gw.state.sync_audio().await;
-        stored_files(dir.path()).len() == 3
+        let stored = sample(&gw.metrics().await, "miralix_gateway_audio_store_downloads_total");
+        stored == 4.0 && stored_files(dir.path()).len() == 3
     })
     .await;
     let total: u64 = stored_files(dir.path()).iter().map(|(_, len)| len).sum();
@@ -392,4 +393,33 @@ async fn stored_audio_is_served_only_to_clients_that_may_read_the_account() {
     let again = request(gw.addr, "GET", &target, &[("X-Api-Key", API_KEY)]).await;
     assert_eq!(again.header("x-cache"), Some("HIT"));
     assert_eq!(gw.simulator.request_count(), 1);
+}
+
+#[tokio::test]
+async fn the_status_page_shows_the_audio_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(dir.path(), "max_bytes = \"64MiB\"", "").await;
+    assert_eq!(gw.get(&audio_path(RECORDING)).await.status, 200);
+    wait_stored(&gw, dir.path(), 1).await;
+    let page = request(gw.admin, "GET", "/", &[]).await.text();
+    assert!(
+        page.contains("<span id=\"audio\">1 recordings, 3.0 MiB (max 64.0 MiB)</span>"),
+        "{page}"
+    );
+}
+
+#[tokio::test]
+async fn a_store_that_cannot_be_used_leaves_audio_passed_through() {
+    let dir = tempfile::tempdir().unwrap();
+    // A file where the directory should be.
+    let blocked = dir.path().join("not-a-directory");
+    std::fs::write(&blocked, b"x").unwrap();
+    let gw = gateway(&blocked, "", "").await;
+    let reply = gw.get(&audio_path(RECORDING)).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.header("cache-status"),
+        Some("miralix-gateway; fwd=bypass")
+    );
+    assert_eq!(reply.body.len() as u64, gw.simulator.audio_bytes_sent());
 }

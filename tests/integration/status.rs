@@ -217,6 +217,10 @@ async fn the_status_page_renders_in_a_real_browser() {
         "the cache's own count is current"
     );
     assert!(dom.contains(&format!("href=\"/cache/{ACCOUNT}?format=html\"")));
+    assert!(
+        dom.contains("<span id=\"audio\">none (streamed from the box)</span>"),
+        "no [cache.audio] in this configuration"
+    );
 
     for (name, size) in [
         ("status-laptop.png", "1280,800"),
@@ -333,5 +337,32 @@ async fn the_cache_command_lists_purges_and_refreshes_through_the_admin_api() {
         "{err}"
     );
     let (ok, _, err) = cache_cli(&gateway, Some(&token), &["purge", ACCOUNT, "id"]).await;
-    assert!(!ok && err.contains("ACCOUNT TYPE IDENTIFICATION"), "{err}");
+    assert!(!ok && err.contains("does not name what to act on"), "{err}");
+    let (ok, _, err) = cache_cli(&gateway, Some(&token), &["purge", ACCOUNT, "queue"]).await;
+    assert!(!ok && err.contains("`queue QUEUE_ID`"), "{err}");
+
+    // Queues and the directory, by the same commands.
+    let (ok, refreshed, err) =
+        cache_cli(&gateway, Some(&token), &["refresh", ACCOUNT, "queue", "2"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        refreshed.starts_with("refreshed: the box answered 200"),
+        "{refreshed}"
+    );
+    let (ok, table, _) = cache_cli(&gateway, Some(&token), &["list"]).await;
+    assert!(ok && table.contains("queue"), "{table}");
+    let (ok, purged, _) =
+        cache_cli(&gateway, Some(&token), &["purge", ACCOUNT, "queue", "2"]).await;
+    assert!(ok);
+    assert_eq!(
+        purged.trim(),
+        "purged 1 entries from this instance's memory"
+    );
+    let (ok, purged, err) =
+        cache_cli(&gateway, Some(&token), &["purge", ACCOUNT, "directory"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(
+        purged.trim(),
+        "purged 0 entries from this instance's memory"
+    );
 }
