@@ -10,6 +10,10 @@
 //!   cache).
 //! - `probe soak BASE TEMPLATE FROM KEYS SECONDS`: the KEYS keys from FROM, round and round on
 //!   one keep-alive connection for SECONDS (reads during an outage).
+//! - `probe replay BASE TEMPLATE CLIENTS SECONDS --id N...`: CLIENTS keep-alive connections,
+//!   each asking for the given ids round and round (each client from its own starting point)
+//!   for SECONDS, as fast as answers come (recordings replayed; `--header "Range: ..."` for
+//!   ranges).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,6 +60,15 @@ enum Command {
         from: u64,
         keys: u64,
         seconds: u64,
+    },
+    Replay {
+        base: Url,
+        template: String,
+        clients: u64,
+        seconds: f64,
+        /// The keys replayed (`{n}` in TEMPLATE).
+        #[arg(long = "id", required = true)]
+        ids: Vec<u64>,
     },
 }
 
@@ -228,6 +241,36 @@ async fn main() {
             keys,
             seconds,
         } => soak(&client, &base, &template, from, keys, seconds).await,
+        Command::Replay {
+            base,
+            template,
+            clients,
+            seconds,
+            ids,
+        } => {
+            let until = Instant::now() + Duration::from_secs_f64(seconds);
+            let ids = Arc::new(ids);
+            let mut tasks = Vec::new();
+            for worker in 0..clients {
+                let (client, base, template, ids) =
+                    (client.clone(), base.clone(), template.clone(), ids.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut stream = client.connect(&base).await;
+                    let (mut buffer, mut samples) = (Vec::new(), Vec::new());
+                    let mut n = worker as usize;
+                    while Instant::now() < until {
+                        let key = ids[n % ids.len()];
+                        samples.push(
+                            timed_get(&client, &mut stream, &base, &template, key, &mut buffer)
+                                .await,
+                        );
+                        n += 1;
+                    }
+                    samples
+                }));
+            }
+            gather(tasks).await
+        }
     };
     println!("{}", report(samples));
 }

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The benchmark: miralix-gateway against nginx proxy_cache and a static-file reference, on this
 # machine, in one run. Installs what it needs on Debian/Ubuntu, builds the release binary and the
-# load probe, then runs bench/bench.py and bench/fleet.py. Results: bench/results/latest.{md,json},
-# fleet.json, ratios.png and the results sections of bench/README.md.
+# load probe, then runs bench/bench.py, bench/fleet.py and bench/replay.py. Results:
+# bench/results/latest.{md,json}, fleet.json, replay.json, ratios.png and the results sections of
+# bench/README.md.
 #
 # Knobs: BENCH_ROUNDS (default 3), BENCH_DURATION (wrk duration per run, default 10s).
 set -euo pipefail
@@ -33,4 +34,6 @@ cargo build --release --locked --bin miralix-gateway --example probe
 
 python3 bench/bench.py
 # The second tier's rows (a fleet on one Redis, a restart on the disk tier).
-exec python3 bench/fleet.py
+python3 bench/fleet.py
+# The audio store's rows (recordings replayed, with and without [cache.audio]).
+exec python3 bench/replay.py

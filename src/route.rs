@@ -126,6 +126,11 @@ pub enum CacheTarget<'a> {
     Subject(ListRequest<'a>),
     /// An agent's or a queue's path plus `/refresh`.
     Refresh(ListRequest<'a>),
+    /// `/cache/{account}/recordings/{queueCallId}`: one recording in the audio store.
+    Recording {
+        account: Cow<'a, str>,
+        queue_call_id: u64,
+    },
 }
 
 /// Why a request target was refused. `Display` is the message sent to the client.
@@ -289,6 +294,10 @@ pub fn parse_cache_target(path: &str) -> Result<CacheTarget<'_>, RouteError> {
         )?)),
         [account, "queues", id] => Ok(CacheTarget::Subject(queue(account, id)?)),
         [account, "queues", id, "refresh"] => Ok(CacheTarget::Refresh(queue(account, id)?)),
+        [account, "recordings", id] => Ok(CacheTarget::Recording {
+            account: account_name(account)?,
+            queue_call_id: number(id, "queueCallId", RouteError::QueueCallId)?,
+        }),
         _ => Err(RouteError::NotFound),
     }
 }
@@ -599,6 +608,17 @@ mod tests {
         assert!(matches!(
             parse_cache_target("/cache/g/queues/x"),
             Err(RouteError::QueueId(_))
+        ));
+        assert_eq!(
+            parse_cache_target("/cache/g/recordings/047610"),
+            Ok(CacheTarget::Recording {
+                account: "g".into(),
+                queue_call_id: 47610
+            })
+        );
+        assert!(matches!(
+            parse_cache_target("/cache/g/recordings/%2E%2E"),
+            Err(RouteError::QueueCallId(_))
         ));
         for path in [
             "/cachex",

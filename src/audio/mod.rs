@@ -397,16 +397,26 @@ impl AudioStore {
         metrics.files.set(index.entry_count() as i64);
     }
 
-    /// Forget (and delete) every stored recording of `account`: after a reload that points it
-    /// at another box, the same id may be another recording.
-    pub async fn invalidate_account(&self, account: &str) {
-        let account: Arc<str> = account.into();
-        let _ = self
-            .inner
-            .index
-            .invalidate_entries_if(move |key, _| key.account == account);
+    /// Forget (and delete) every stored recording of `account`, or of every account: after a
+    /// reload that points it at another box (the same id may be another recording there), or
+    /// an operator's purge. How many there were.
+    pub async fn invalidate_account(&self, account: Option<&str>) -> usize {
+        let account: Option<Arc<str>> = account.map(Into::into);
+        let matches = move |key: &AudioKey| account.as_ref().is_none_or(|a| key.account == *a);
+        let index = &self.inner.index;
+        let count = index.iter().filter(|(key, _)| matches(key)).count();
+        let _ = index.invalidate_entries_if(move |key, _| matches(key));
+        index.run_pending_tasks().await;
+        self.publish();
+        count
+    }
+
+    /// Forget (and delete) one stored recording; whether it was stored.
+    pub async fn remove(&self, key: &AudioKey) -> bool {
+        let removed = self.inner.index.remove(key).await.is_some();
         self.inner.index.run_pending_tasks().await;
         self.publish();
+        removed
     }
 
     /// Index the whole files already in the directory, oldest first (so they are evicted

@@ -92,7 +92,9 @@ pub(super) async fn cache_admin<B>(
     let method = request.method();
     let (allow, allowed) = match target {
         CacheTarget::Refresh(_) => ("POST", method == Method::POST),
-        CacheTarget::Subject(_) => ("DELETE", method == Method::DELETE),
+        CacheTarget::Subject(_) | CacheTarget::Recording { .. } => {
+            ("DELETE", method == Method::DELETE)
+        }
         CacheTarget::All | CacheTarget::Account(_) => (
             "GET, HEAD, DELETE",
             matches!(*method, Method::GET | Method::HEAD | Method::DELETE),
@@ -131,17 +133,37 @@ pub(super) async fn cache_admin<B>(
                 let name = account(&name)?.name.clone();
                 list(state, request, Some(&name))?
             }
-            CacheTarget::All => purged(state.cache.purge(&Scope::All).await, "every account"),
+            CacheTarget::All => {
+                let audio = purge_audio(state, None).await;
+                purged(state.cache.purge(&Scope::All).await, audio, "every account")
+            }
             CacheTarget::Account(name) => {
                 let name = account(&name)?.name.clone();
                 let count = state.cache.purge(&Scope::Account(name.to_string())).await;
-                purged(count, &name)
+                let audio = purge_audio(state, Some(&name)).await;
+                purged(count, audio, &name)
+            }
+            CacheTarget::Recording {
+                account: name,
+                queue_call_id,
+            } => {
+                let name = account(&name)?.name.clone();
+                let key = crate::audio::AudioKey {
+                    account: name.clone(),
+                    queue_call_id,
+                };
+                let removed = match state.audio.get() {
+                    Some(store) => usize::from(store.remove(&key).await),
+                    None => 0,
+                };
+                tracing::info!(target: AUDIT_LOG, account = %name, queue_call_id, removed, "stored recording purged");
+                json_ok(serde_json::json!({ "purged_audio": removed }))
             }
             CacheTarget::Subject(subject) => {
                 let name = account(&subject.account)?.name.clone();
                 let prefix = CacheKey::subject_prefix(&name, &subject.query.subject);
                 let count = state.cache.purge(&Scope::Subject(prefix)).await;
-                purged(count, &format!("{name} {}", subject.query.subject))
+                purged(count, None, &format!("{name} {}", subject.query.subject))
             }
             CacheTarget::Refresh(subject) => {
                 let account = account(&subject.account)?;
@@ -210,13 +232,23 @@ fn list<B>(
     })))
 }
 
-/// The answer to a purge: the entries that went from this instance's memory, and from the
-/// shared tier when there is one (the fleet's other instances drop theirs on its notice).
+/// Delete the stored recordings of one account (or all) from the audio store, if there is one.
+async fn purge_audio(state: &AppState, account: Option<&str>) -> Option<usize> {
+    Some(state.audio.get()?.invalidate_account(account).await)
+}
+
+/// The answer to a purge: the entries that went from this instance's memory, from the shared
+/// tier when there is one (the fleet's other instances drop theirs on its notice), and the
+/// recordings deleted from the audio store when it was purged too.
 pub(super) fn purged(
     (count, shared): (usize, Option<Result<usize, String>>),
+    audio: Option<usize>,
     scope: &str,
 ) -> Response<Full<Bytes>> {
     let mut body = serde_json::json!({ "purged": count });
+    if let Some(audio) = audio {
+        body["purged_audio"] = audio.into();
+    }
     match &shared {
         Some(Ok(shared)) => {
             tracing::info!(target: AUDIT_LOG, scope, entries = count, shared, "cache purged");

@@ -195,7 +195,7 @@ impl AppState {
         for account in report.changed.iter().chain(&report.removed) {
             self.cache.invalidate_account(account);
             if let Some(store) = self.audio.get() {
-                store.invalidate_account(account).await;
+                store.invalidate_account(Some(account)).await;
             }
         }
         Ok(report)

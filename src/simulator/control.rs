@@ -103,6 +103,7 @@ pub(super) fn control(
             "max_concurrency": state.max_in_flight.load(Ordering::SeqCst),
             "list_bytes": state.list_bytes.load(Ordering::SeqCst),
             "audio_bytes": state.audio_bytes.load(Ordering::SeqCst),
+            "audio_length": lock(&state.knobs).audio_bytes,
         });
         return Some(json(StatusCode::OK, stats.to_string()));
     }

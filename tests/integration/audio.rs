@@ -299,11 +299,17 @@ async fn the_store_stays_within_its_bound_and_evicts_the_least_recently_used() {
     // a is used again: b is now the least recently used.
     assert_eq!(gw.get(&audio_path(a)).await.header("x-cache"), Some("HIT"));
     assert_eq!(gw.get(&audio_path(d)).await.status, 200);
-    wait_until("the fourth download to be stored and the eviction", || async {
-        gw.state.sync_audio().await;
-        let stored = sample(&gw.metrics().await, "miralix_gateway_audio_store_downloads_total");
-        stored == 4.0 && stored_files(dir.path()).len() == 3
-    })
+    wait_until(
+        "the fourth download to be stored and the eviction",
+        || async {
+            gw.state.sync_audio().await;
+            let stored = sample(
+                &gw.metrics().await,
+                "miralix_gateway_audio_store_downloads_total",
+            );
+            stored == 4.0 && stored_files(dir.path()).len() == 3
+        },
+    )
     .await;
     let total: u64 = stored_files(dir.path()).iter().map(|(_, len)| len).sum();
     assert!(total <= 1024 * 1024, "{total} bytes on disk");
@@ -422,4 +428,39 @@ async fn a_store_that_cannot_be_used_leaves_audio_passed_through() {
         Some("miralix-gateway; fwd=bypass")
     );
     assert_eq!(reply.body.len() as u64, gw.simulator.audio_bytes_sent());
+}
+
+#[tokio::test]
+async fn an_operator_can_delete_stored_recordings() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(dir.path(), "", "").await;
+    gw.simulator.set_audio_bytes(64 * 1024);
+    let ids = recordings(&gw).await;
+    for id in &ids[..3] {
+        assert_eq!(gw.get(&audio_path(*id)).await.status, 200);
+    }
+    wait_stored(&gw, dir.path(), 3).await;
+    let admin = |method: &'static str, target: String| {
+        let bearer = format!("Bearer {}", crate::support::ADMIN_TOKEN);
+        async move { request(gw.admin, method, &target, &[("Authorization", &bearer)]).await }
+    };
+    let one = admin("DELETE", format!("/cache/{ACCOUNT}/recordings/{}", ids[0])).await;
+    assert_eq!(one.status, 200, "{}", one.text());
+    assert_eq!(one.json()["purged_audio"], 1);
+    assert_eq!(stored_files(dir.path()).len(), 2, "its file is deleted");
+    let again = admin("DELETE", format!("/cache/{ACCOUNT}/recordings/{}", ids[0])).await;
+    assert_eq!(again.json()["purged_audio"], 0);
+    assert_eq!(
+        admin("GET", format!("/cache/{ACCOUNT}/recordings/{}", ids[0]))
+            .await
+            .status,
+        405
+    );
+    let account = admin("DELETE", format!("/cache/{ACCOUNT}")).await;
+    assert_eq!(account.json()["purged_audio"], 2);
+    assert!(stored_files(dir.path()).is_empty());
+    assert_eq!(
+        gw.get(&audio_path(ids[1])).await.header("x-cache"),
+        Some("MISS")
+    );
 }
