@@ -264,18 +264,26 @@ def block(r):
     return "\n".join(rows) + "\n\n" + prose + "\n"
 
 
-def write(r):
+def write_results(name, results, text, heading=None):
+    """Keep `results` in bench/results/<name>.json and put `text` between the README's
+    <!-- name:start --> and <!-- name:end --> marks (added under `heading` if missing)."""
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "fleet.json"), "w") as f:
-        json.dump(r, f, indent=2)
+    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+        json.dump(results, f, indent=2)
     readme = os.path.join(ROOT, "bench", "README.md")
     with open(readme) as f:
-        text = f.read()
-    start, end = "<!-- fleet:start -->", "<!-- fleet:end -->"
-    before, rest = text.split(start, 1)
+        content = f.read()
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start not in content and heading:
+        content += f"\n{heading}\n\n{start}\n{end}\n"
+    before, rest = content.split(start, 1)
     _, after = rest.split(end, 1)
     with open(readme, "w") as f:
-        f.write(before + start + "\n" + block(r) + end + after)
+        f.write(before + start + "\n" + text + end + after)
+
+
+def write(r):
+    write_results("fleet", r, block(r))
 
 
 def main():

@@ -29,7 +29,8 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fleet import BIN, PROBE, ROOT, RESULTS, free_port, get, probe, wait_up  # noqa: E402
+from fleet import (BIN, PROBE, ROOT, RESULTS, free_port, get, probe, wait_up,  # noqa: E402
+                   write_results)
 
 ACCOUNT = "greenbox"
 SECRET = "replay-secret-5c1e"
@@ -206,19 +207,8 @@ def block(r):
 
 
 def write(r):
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "replay.json"), "w") as f:
-        json.dump(r, f, indent=2)
-    readme = os.path.join(ROOT, "bench", "README.md")
-    with open(readme) as f:
-        text = f.read()
-    start, end = "<!-- replay:start -->", "<!-- replay:end -->"
-    if start not in text:
-        text += f"\n## Replaying recordings: the audio store\n\n`python3 bench/replay.py`\n\n{start}\n{end}\n"
-    before, rest = text.split(start, 1)
-    _, after = rest.split(end, 1)
-    with open(readme, "w") as f:
-        f.write(before + start + "\n" + block(r) + end + after)
+    heading = "## Replaying recordings: the audio store\n\n`python3 bench/replay.py`"
+    write_results("replay", r, block(r), heading)
 
 
 def main():

@@ -500,6 +500,17 @@ mod tests {
         assert_eq!(parse(&long, None), Err(RouteError::PathTooLong));
     }
 
+    /// Ids that are not decimal integers within 64 bits.
+    const BAD_IDS: [&str; 7] = [
+        "abc",
+        "-1",
+        "1.5",
+        "%2E%2E",
+        "99999999999999999999",
+        "",
+        "1%2F2",
+    ];
+
     #[test]
     fn queue_lists_take_a_numeric_id_and_fromqueuecallid() {
         let r = recordings(
@@ -508,15 +519,7 @@ mod tests {
         );
         assert_eq!(r.query.subject, Subject::Queue(7));
         assert_eq!(r.query.from_queue_call_id, Some(12));
-        for bad in [
-            "abc",
-            "-1",
-            "1.5",
-            "%2E%2E",
-            "99999999999999999999",
-            "",
-            "1%2F2",
-        ] {
+        for bad in BAD_IDS {
             let path = format!("/mot/greenbox/queues/{bad}/calls/recordings");
             assert!(
                 matches!(parse(&path, None), Err(RouteError::QueueId(_))),
@@ -561,15 +564,7 @@ mod tests {
                 queue_call_id: 47610
             })
         );
-        for bad in [
-            "abc",
-            "-1",
-            "1.5",
-            "%2E%2E",
-            "99999999999999999999",
-            "",
-            "1%2F2",
-        ] {
+        for bad in BAD_IDS {
             let path = format!("/mot/greenbox/queues/calls/recordings/{bad}");
             assert!(
                 matches!(parse(&path, None), Err(RouteError::QueueCallId(_))),

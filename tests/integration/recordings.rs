@@ -4,45 +4,14 @@
 use std::io::Read as _;
 use std::time::Duration;
 
-use miralix_gateway::simulator::{Failure, SimulatorTls, audio_byte};
+use miralix_gateway::simulator::{Failure, audio_byte};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::{
-    ACCOUNT, ADMIN_TOKEN, EMAIL, Gateway, Options, SECRET, path, request, sample,
+    ACCOUNT, ADMIN_TOKEN, EMAIL, Gateway, Options, SECRET, ids, path, request, sample,
 };
-
-/// A gateway in front of a plain-HTTP box, so a test can also ask the box directly.
-async fn plain_gateway(cache: &'static str, account: &str) -> Gateway {
-    Gateway::start(Options {
-        tls: SimulatorTls::Plain,
-        cache,
-        account: account.to_owned(),
-        ..Options::default()
-    })
-    .await
-}
-
-/// What the box itself answers for `target` (counted by the box like any request).
-async fn from_box(gw: &Gateway, target: &str) -> Vec<u8> {
-    let reply = request(
-        gw.simulator.addr(),
-        "GET",
-        target,
-        &[("X-Miralix-Shared-Secret", SECRET)],
-    )
-    .await;
-    assert_eq!(reply.status, 200, "{target}: {}", reply.text());
-    reply.body
-}
-
-fn ids(body: &[u8]) -> Vec<u64> {
-    let list: Vec<Value> = serde_json::from_slice(body).unwrap();
-    list.iter()
-        .map(|r| r["QueueCallId"].as_u64().unwrap())
-        .collect()
-}
 
 fn series(kind: &str) -> String {
     format!("miralix_gateway_upstream_list_fetches_total{{account=\"{ACCOUNT}\",kind=\"{kind}\"}}")
@@ -63,7 +32,7 @@ const FOREGROUND: &str =
 
 #[tokio::test]
 async fn from_queue_call_id_is_selected_from_the_stored_list_without_asking_the_box() {
-    let gw = plain_gateway("ttl = \"30s\"", "").await;
+    let gw = Gateway::plain("ttl = \"30s\"", "").await;
     let list = path("id", "103");
     let full = gw.get(&list).await;
     assert_eq!(full.header("x-cache"), Some("MISS"));
@@ -81,7 +50,7 @@ async fn from_queue_call_id_is_selected_from_the_stored_list_without_asking_the_
     ];
     let mut expected = Vec::new();
     for n in points {
-        expected.push(from_box(&gw, &format!("{list}?fromQueueCallId={n}")).await);
+        expected.push(gw.box_answer(&format!("{list}?fromQueueCallId={n}")).await);
     }
     let asked = gw.simulator.request_count();
 
@@ -112,7 +81,7 @@ async fn from_queue_call_id_is_selected_from_the_stored_list_without_asking_the_
 
 #[tokio::test]
 async fn a_stale_list_is_refreshed_by_delta_and_equals_a_full_fetch() {
-    let gw = plain_gateway(FOREGROUND, "").await;
+    let gw = Gateway::plain(FOREGROUND, "").await;
     let list = path("id", "103");
     let before = gw.get(&list).await;
     let max = *ids(&before.body).iter().max().unwrap();
@@ -130,7 +99,7 @@ async fn a_stale_list_is_refreshed_by_delta_and_equals_a_full_fetch() {
         format!("/mot/{ACCOUNT}/agents/id/103/recordings?fromQueueCallId={max}"),
         "the refresh asked only for what is new"
     );
-    let whole = from_box(&gw, &list).await;
+    let whole = gw.box_answer(&list).await;
     let merged: Value = serde_json::from_slice(&after.body).unwrap();
     assert_eq!(merged, serde_json::from_slice::<Value>(&whole).unwrap());
     assert_ne!(before.header("etag"), after.header("etag"));
@@ -164,7 +133,7 @@ async fn a_stale_list_is_refreshed_by_delta_and_equals_a_full_fetch() {
 
 #[tokio::test]
 async fn a_deletion_on_the_box_shows_up_after_the_full_refresh_interval() {
-    let gw = plain_gateway(FOREGROUND, "").await;
+    let gw = Gateway::plain(FOREGROUND, "").await;
     let list = path("id", "103");
     let first = ids(&gw.get(&list).await.body);
     let gone = first[5];
@@ -197,7 +166,7 @@ async fn a_deletion_on_the_box_shows_up_after_the_full_refresh_interval() {
 async fn an_expired_list_is_still_the_base_of_a_delta() {
     // No stale windows at all: the entry can no longer be served after the TTL, but it is
     // kept (within the full-refresh interval) to refresh from.
-    let gw = plain_gateway(
+    let gw = Gateway::plain(
         "ttl = \"30s\"\nstale_while_revalidate = \"0s\"\nstale_if_error = \"0s\"",
         "",
     )
@@ -215,10 +184,10 @@ async fn an_expired_list_is_still_the_base_of_a_delta() {
 
 #[tokio::test]
 async fn a_6_5_box_gets_no_parameter_and_the_gateway_filters() {
-    let gw = plain_gateway(FOREGROUND, "api_version = \"6.5\"").await;
+    let gw = Gateway::plain(FOREGROUND, "api_version = \"6.5\"").await;
     gw.simulator.set_api_6_5(true);
     let list = path("sipUri", "sip:lp1@company.local");
-    let whole = from_box(&gw, &list).await;
+    let whole = gw.box_answer(&list).await;
     let all = ids(&whole);
     let from = all[30];
     let reply = gw.get(&format!("{list}?fromQueueCallId={from}")).await;
@@ -251,7 +220,7 @@ async fn a_6_5_box_gets_no_parameter_and_the_gateway_filters() {
 
 #[tokio::test]
 async fn a_list_without_numeric_ids_is_cached_as_plain_bytes() {
-    let gw = plain_gateway(FOREGROUND, "").await;
+    let gw = Gateway::plain(FOREGROUND, "").await;
     gw.simulator.set_failure(Failure::TextIds);
     let list = path("id", "104");
     let full = gw.get(&list).await;
@@ -363,11 +332,6 @@ async fn gzip_can_be_turned_off() {
     assert!(reply.json().is_array());
 }
 
-async fn admin(gw: &Gateway, method: &str, target: &str) -> crate::support::Reply {
-    let bearer = format!("Bearer {ADMIN_TOKEN}");
-    request(gw.admin, method, target, &[("Authorization", &bearer)]).await
-}
-
 #[tokio::test]
 async fn cache_control_needs_the_admin_token() {
     let gw = Gateway::start(Options::default()).await;
@@ -401,7 +365,7 @@ async fn cache_control_needs_the_admin_token() {
         ..Options::default()
     })
     .await;
-    let reply = admin(&closed, "DELETE", "/cache").await;
+    let reply = closed.admin("DELETE", "/cache").await;
     assert_eq!(reply.status, 403);
     assert!(
         reply.text().contains("admin.token_file"),
@@ -420,7 +384,7 @@ async fn purge_removes_one_agent_an_account_or_everything_and_says_how_many() {
     gw.get(&format!("{}?fromQueueCallId=5", path("id", "103")))
         .await;
 
-    let one = admin(&gw, "DELETE", "/cache/greenbox/agents/ID/0103").await;
+    let one = gw.admin("DELETE", "/cache/greenbox/agents/ID/0103").await;
     assert_eq!(one.status, 200, "{}", one.text());
     assert_eq!(
         one.json()["purged"],
@@ -431,39 +395,41 @@ async fn purge_removes_one_agent_an_account_or_everything_and_says_how_many() {
         gw.get(&path("id", "103")).await.header("x-cache"),
         Some("MISS")
     );
-    let by_email = admin(
-        &gw,
-        "DELETE",
-        "/cache/greenbox/agents/email/DEREK.A%40Company.Local",
-    )
-    .await;
+    let by_email = gw
+        .admin(
+            "DELETE",
+            "/cache/greenbox/agents/email/DEREK.A%40Company.Local",
+        )
+        .await;
     assert_eq!(by_email.json()["purged"], 1);
 
-    let account = admin(&gw, "DELETE", "/cache/greenbox").await;
+    let account = gw.admin("DELETE", "/cache/greenbox").await;
     assert_eq!(account.json()["purged"], 3);
     assert_eq!(
-        admin(&gw, "DELETE", "/cache/greenbox").await.json()["purged"],
+        gw.admin("DELETE", "/cache/greenbox").await.json()["purged"],
         0
     );
     gw.get(&path("id", "1")).await;
-    assert_eq!(admin(&gw, "DELETE", "/cache").await.json()["purged"], 1);
+    assert_eq!(gw.admin("DELETE", "/cache").await.json()["purged"], 1);
     assert_eq!(
         gw.get(&path("id", "1")).await.header("x-cache"),
         Some("MISS")
     );
 
-    let unknown = admin(&gw, "DELETE", "/cache/otherbox").await;
+    let unknown = gw.admin("DELETE", "/cache/otherbox").await;
     assert_eq!(unknown.status, 404);
     assert!(unknown.text().contains("otherbox"));
-    let bad = admin(&gw, "DELETE", "/cache/greenbox/agents/id/abc").await;
+    let bad = gw.admin("DELETE", "/cache/greenbox/agents/id/abc").await;
     assert_eq!(bad.status, 400, "{}", bad.text());
     // GET lists (see status.rs); other methods are refused.
-    let wrong = admin(&gw, "POST", "/cache/greenbox").await;
+    let wrong = gw.admin("POST", "/cache/greenbox").await;
     assert_eq!(wrong.status, 405);
     assert_eq!(wrong.header("allow"), Some("GET, HEAD, DELETE"));
-    let wrong = admin(&gw, "GET", "/cache/greenbox/agents/id/1").await;
+    let wrong = gw.admin("GET", "/cache/greenbox/agents/id/1").await;
     assert_eq!(wrong.header("allow"), Some("DELETE"));
-    let wrong = admin(&gw, "DELETE", "/cache/greenbox/agents/id/1/refresh").await;
+    let wrong = gw
+        .admin("DELETE", "/cache/greenbox/agents/id/1/refresh")
+        .await;
     assert_eq!(wrong.header("allow"), Some("POST"));
     // The public listener has no such endpoints.
     assert_eq!(request(gw.addr, "DELETE", "/cache", &[]).await.status, 404);
@@ -476,7 +442,9 @@ async fn refresh_fetches_the_whole_list_now() {
     assert_eq!(ids(&gw.get(&list).await.body).len(), 40);
     let added = gw.simulator.add_calls(ACCOUNT, 103, 2);
 
-    let reply = admin(&gw, "POST", "/cache/greenbox/agents/id/103/refresh").await;
+    let reply = gw
+        .admin("POST", "/cache/greenbox/agents/id/103/refresh")
+        .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     let json = reply.json();
     assert_eq!(json["status"], 200);
@@ -491,7 +459,9 @@ async fn refresh_fetches_the_whole_list_now() {
     assert!(ids(&now.body).ends_with(&added));
 
     gw.simulator.set_failure(Failure::Status(500));
-    let failed = admin(&gw, "POST", "/cache/greenbox/agents/id/103/refresh").await;
+    let failed = gw
+        .admin("POST", "/cache/greenbox/agents/id/103/refresh")
+        .await;
     assert_eq!(failed.status, 502);
     assert_eq!(gw.get(&list).await.status, 200, "the stored list stays");
 }

@@ -4,44 +4,9 @@
 
 use std::time::Duration;
 
-use miralix_gateway::simulator::SimulatorTls;
 use serde_json::Value;
 
-use crate::support::{ACCOUNT, ADMIN_TOKEN, API_KEY, Gateway, Options, SECRET, request, sample};
-
-async fn plain_gateway(cache: &'static str, account: &str) -> Gateway {
-    Gateway::start(Options {
-        tls: SimulatorTls::Plain,
-        cache,
-        account: account.to_owned(),
-        ..Options::default()
-    })
-    .await
-}
-
-fn ids(body: &[u8]) -> Vec<u64> {
-    let list: Vec<Value> = serde_json::from_slice(body).unwrap();
-    list.iter()
-        .map(|r| r["QueueCallId"].as_u64().unwrap())
-        .collect()
-}
-
-async fn from_box(gw: &Gateway, target: &str) -> Vec<u8> {
-    let reply = request(
-        gw.simulator.addr(),
-        "GET",
-        target,
-        &[("X-Miralix-Shared-Secret", SECRET)],
-    )
-    .await;
-    assert_eq!(reply.status, 200, "{target}: {}", reply.text());
-    reply.body
-}
-
-async fn admin(gw: &Gateway, method: &str, target: &str) -> crate::support::Reply {
-    let bearer = format!("Bearer {ADMIN_TOKEN}");
-    request(gw.admin, method, target, &[("Authorization", &bearer)]).await
-}
+use crate::support::{ACCOUNT, API_KEY, Gateway, SECRET, ids, request, sample};
 
 fn queue(id: &str) -> String {
     format!("/mot/{ACCOUNT}/queues/{id}/calls/recordings")
@@ -52,12 +17,12 @@ const FOREGROUND: &str =
 
 #[tokio::test]
 async fn a_queue_list_is_cached_selected_from_and_refreshed_by_delta() {
-    let gw = plain_gateway(FOREGROUND, "").await;
+    let gw = Gateway::plain(FOREGROUND, "").await;
     let list = queue("2");
     let first = gw.get(&list).await;
     assert_eq!(first.status, 200, "{}", first.text());
     assert_eq!(first.header("x-cache"), Some("MISS"));
-    assert_eq!(first.body, from_box(&gw, &list).await, "byte for byte");
+    assert_eq!(first.body, gw.box_answer(&list).await, "byte for byte");
     let all = ids(&first.body);
     assert!(all.len() > 10, "queue 2 has {} recordings", all.len());
     let asked = gw.simulator.request_count();
@@ -84,7 +49,7 @@ async fn a_queue_list_is_cached_selected_from_and_refreshed_by_delta() {
         format!("{list}?fromQueueCallId={}", all.last().unwrap()),
         "the refresh asked only for what is new"
     );
-    let whole = from_box(&gw, &list).await;
+    let whole = gw.box_answer(&list).await;
     assert_eq!(
         serde_json::from_slice::<Value>(&refreshed.body).unwrap(),
         serde_json::from_slice::<Value>(&whole).unwrap()
@@ -108,7 +73,7 @@ async fn a_queue_list_is_cached_selected_from_and_refreshed_by_delta() {
 
 #[tokio::test]
 async fn queue_ids_are_checked_and_an_unknown_queue_is_a_remembered_404() {
-    let gw = plain_gateway("ttl = \"30s\"\nnegative_ttl = \"5s\"", "").await;
+    let gw = Gateway::plain("ttl = \"30s\"\nnegative_ttl = \"5s\"", "").await;
     for bad in ["abc", "-1", "1.5", "99999999999999999999", "%2E%2E"] {
         let reply = gw.get(&queue(bad)).await;
         assert_eq!(reply.status, 400, "{bad}");
@@ -125,7 +90,7 @@ async fn queue_ids_are_checked_and_an_unknown_queue_is_a_remembered_404() {
 
 #[tokio::test]
 async fn the_directory_has_its_own_ttl_and_takes_only_allowed_states() {
-    let gw = plain_gateway(
+    let gw = Gateway::plain(
         "ttl = \"30s\"\ndirectory_ttl = \"60s\"\nstale_while_revalidate = \"0s\"",
         "",
     )
@@ -142,7 +107,7 @@ async fn the_directory_has_its_own_ttl_and_takes_only_allowed_states() {
     );
     assert_eq!(
         any.body,
-        from_box(&gw, &format!("{directory}?state=any")).await
+        gw.box_answer(&format!("{directory}?state=any")).await
     );
     // A bare /agents is the box's logged-in list: another entry, fewer agents.
     let bare = gw.get(&directory).await;
@@ -204,7 +169,7 @@ async fn the_directory_has_its_own_ttl_and_takes_only_allowed_states() {
 
 #[tokio::test]
 async fn directory_states_are_configurable() {
-    let gw = plain_gateway("ttl = \"30s\"", "directory_states = [\"loggedOut\"]").await;
+    let gw = Gateway::plain("ttl = \"30s\"", "directory_states = [\"loggedOut\"]").await;
     let directory = format!("/mot/{ACCOUNT}/agents");
     assert_eq!(
         gw.get(&format!("{directory}?state=loggedout")).await.status,
@@ -222,7 +187,7 @@ async fn directory_states_are_configurable() {
 
 #[tokio::test]
 async fn queues_and_the_directory_are_purged_refreshed_and_listed() {
-    let gw = plain_gateway("ttl = \"30s\"", "").await;
+    let gw = Gateway::plain("ttl = \"30s\"", "").await;
     let directory = format!("/mot/{ACCOUNT}/agents");
     for target in [
         queue("1"),
@@ -234,7 +199,7 @@ async fn queues_and_the_directory_are_purged_refreshed_and_listed() {
     ] {
         assert_eq!(gw.get(&target).await.status, 200, "{target}");
     }
-    let listing = admin(&gw, "GET", &format!("/cache/{ACCOUNT}")).await.json();
+    let listing = gw.admin("GET", &format!("/cache/{ACCOUNT}")).await.json();
     let kinds: Vec<(String, String)> = listing["entries"]
         .as_array()
         .unwrap()
@@ -258,14 +223,18 @@ async fn queues_and_the_directory_are_purged_refreshed_and_listed() {
         );
     }
 
-    let purged = admin(&gw, "DELETE", &format!("/cache/{ACCOUNT}/queues/7")).await;
+    let purged = gw
+        .admin("DELETE", &format!("/cache/{ACCOUNT}/queues/7"))
+        .await;
     assert_eq!(purged.status, 200, "{}", purged.text());
     assert_eq!(
         purged.json()["purged"],
         1,
         "queue 7's full list; fromQueueCallId was selected"
     );
-    let purged = admin(&gw, "DELETE", &format!("/cache/{ACCOUNT}/agents")).await;
+    let purged = gw
+        .admin("DELETE", &format!("/cache/{ACCOUNT}/agents"))
+        .await;
     assert_eq!(purged.json()["purged"], 2, "both directory entries");
     let asked = gw.simulator.request_count();
     assert_eq!(
@@ -277,7 +246,9 @@ async fn queues_and_the_directory_are_purged_refreshed_and_listed() {
     assert_eq!(gw.simulator.request_count(), asked + 1);
 
     gw.simulator.add_calls(ACCOUNT, 103, 3);
-    let refreshed = admin(&gw, "POST", &format!("/cache/{ACCOUNT}/queues/1/refresh")).await;
+    let refreshed = gw
+        .admin("POST", &format!("/cache/{ACCOUNT}/queues/1/refresh"))
+        .await;
     assert_eq!(refreshed.status, 200, "{}", refreshed.text());
     assert_eq!(refreshed.json()["status"], 200);
     assert_eq!(
@@ -287,12 +258,12 @@ async fn queues_and_the_directory_are_purged_refreshed_and_listed() {
     );
     let now = gw.get(&queue("1")).await;
     assert_eq!(now.header("x-cache"), Some("HIT"));
-    assert_eq!(now.body, from_box(&gw, &queue("1")).await);
+    assert_eq!(now.body, gw.box_answer(&queue("1")).await);
 }
 
 #[tokio::test]
 async fn every_route_needs_the_accounts_key_before_anything_is_looked_up() {
-    let gw = plain_gateway("ttl = \"30s\"", &format!("api_keys = [\"{API_KEY}\"]")).await;
+    let gw = Gateway::plain("ttl = \"30s\"", &format!("api_keys = [\"{API_KEY}\"]")).await;
     let routes = [
         queue("1"),
         format!("/mot/{ACCOUNT}/agents"),
@@ -343,7 +314,7 @@ ttl = "0s"
 
 #[tokio::test]
 async fn allowlisted_reads_reach_the_box_with_the_secret_and_are_cached_by_their_ttl() {
-    let gw = plain_gateway("ttl = \"30s\"", PASSTHROUGH).await;
+    let gw = Gateway::plain("ttl = \"30s\"", PASSTHROUGH).await;
     let queue = gw.get(&format!("/mot/{ACCOUNT}/queues/0002")).await;
     assert_eq!(queue.status, 200, "{}", queue.text());
     assert_eq!(queue.json()["QueueName"], "Sales");
@@ -386,7 +357,7 @@ async fn allowlisted_reads_reach_the_box_with_the_secret_and_are_cached_by_their
 
 #[tokio::test]
 async fn nothing_outside_the_allowlist_reaches_the_box() {
-    let gw = plain_gateway("ttl = \"30s\"", PASSTHROUGH).await;
+    let gw = Gateway::plain("ttl = \"30s\"", PASSTHROUGH).await;
     let long = format!("/mot/{ACCOUNT}/queues/{}", "1".repeat(3000));
     let hostile: Vec<(String, u16)> = [
         ("/mot/greenbox/queues/2/", 404),
@@ -517,7 +488,7 @@ async fn a_passthrough_table_that_would_leave_the_account_is_refused() {
 
 #[tokio::test]
 async fn allowlisted_reads_need_the_accounts_key() {
-    let gw = plain_gateway(
+    let gw = Gateway::plain(
         "ttl = \"30s\"",
         &format!("api_keys = [\"{API_KEY}\"]\n{PASSTHROUGH}"),
     )

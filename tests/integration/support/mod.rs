@@ -294,8 +294,39 @@ shared_secret = "{SECRET}"
         }
     }
 
+    /// A gateway in front of a plain-HTTP box (so a test can also ask the box directly), with
+    /// extra `[cache]` and account lines.
+    pub async fn plain(cache: &'static str, account: &str) -> Self {
+        Self::start(Options {
+            tls: SimulatorTls::Plain,
+            cache,
+            account: account.to_owned(),
+            ..Options::default()
+        })
+        .await
+    }
+
     pub async fn get(&self, target: &str) -> Reply {
         request(self.addr, "GET", target, &[]).await
+    }
+
+    /// What the box itself answers `200` for `target` (counted by the box like any request).
+    pub async fn box_answer(&self, target: &str) -> Vec<u8> {
+        let reply = request(
+            self.simulator.addr(),
+            "GET",
+            target,
+            &[("X-Miralix-Shared-Secret", SECRET)],
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{target}: {}", reply.text());
+        reply.body
+    }
+
+    /// A request on the admin listener with [`ADMIN_TOKEN`].
+    pub async fn admin(&self, method: &str, target: &str) -> Reply {
+        let bearer = format!("Bearer {ADMIN_TOKEN}");
+        request(self.admin, method, target, &[("Authorization", &bearer)]).await
     }
 
     pub async fn metrics(&self) -> String {
@@ -573,6 +604,14 @@ where
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// The `QueueCallId`s of a recordings list, in its order.
+pub fn ids(body: &[u8]) -> Vec<u64> {
+    let list: Vec<serde_json::Value> = serde_json::from_slice(body).unwrap();
+    list.iter()
+        .map(|r| r["QueueCallId"].as_u64().unwrap())
+        .collect()
 }
 
 /// The value of one sample line in a Prometheus exposition, e.g.
