@@ -205,21 +205,36 @@ impl AudioStore {
     /// The stored file for `key`, or the download to follow (started by the caller when it is
     /// handed the [`Leader`]).
     pub async fn find(&self, key: &AudioKey) -> Found {
-        if let Some(stored) = self.inner.index.get(key).await {
-            let path = stored.path.clone();
-            match tokio::task::spawn_blocking(move || File::open(path)).await {
-                Ok(Ok(file)) => return Found::Stored(stored, Arc::new(file)),
-                // Removed behind the store's back: fetched again.
-                _ => self.inner.index.invalidate(key).await,
+        loop {
+            if let Some(stored) = self.inner.index.get(key).await {
+                let path = stored.path.clone();
+                match tokio::task::spawn_blocking(move || File::open(path)).await {
+                    Ok(Ok(file)) => return Found::Stored(stored, Arc::new(file)),
+                    // Removed behind the store's back: fetched again.
+                    _ => self.inner.index.invalidate(key).await,
+                }
+            }
+            if let Some(found) = self.join_or_lead(key) {
+                return found;
             }
         }
+    }
+
+    /// The download under way for `key`, or a new one led by the caller; `None` when a
+    /// download was stored since the index was read (the caller reads the index again).
+    fn join_or_lead(&self, key: &AudioKey) -> Option<Found> {
         let mut downloads = self
             .inner
             .downloads
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         if let Some(progress) = downloads.get(key) {
-            return Found::Download(progress.clone(), None);
+            return Some(Found::Download(progress.clone(), None));
+        }
+        // A download is indexed before it leaves the map: checked under the map's lock, so a
+        // key is never downloaded twice because of that moment.
+        if self.inner.index.contains_key(key) {
+            return None;
         }
         let (progress, watching) = watch::channel(Progress::Asking);
         downloads.insert(key.clone(), watching.clone());
@@ -229,7 +244,7 @@ impl AudioStore {
             store: self.clone(),
             started: false,
         };
-        Found::Download(watching, Some(leader))
+        Some(Found::Download(watching, Some(leader)))
     }
 
     /// Run the download `leader` was handed as a task of its own: `answer` asks the box for

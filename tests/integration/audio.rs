@@ -296,8 +296,9 @@ async fn the_store_stays_within_its_bound_and_evicts_the_least_recently_used() {
         assert_eq!(gw.get(&audio_path(id)).await.status, 200);
     }
     wait_stored(&gw, dir.path(), 3).await;
-    // a is used again: b is now the least recently used.
+    // a is used again: b is now the least recently used (once the index has taken the read in).
     assert_eq!(gw.get(&audio_path(a)).await.header("x-cache"), Some("HIT"));
+    gw.state.sync_audio().await;
     assert_eq!(gw.get(&audio_path(d)).await.status, 200);
     wait_until(
         "the fourth download to be stored and the eviction",
