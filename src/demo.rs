@@ -103,6 +103,8 @@ Try it. Each command prints headers or a one-line summary, never a body:
   curl -s -X DELETE -H 'Authorization: Bearer {ADMIN_TOKEN}' http://{admin}/cache/{ACCOUNT}; echo  # one line of JSON: how many entries went
   curl -s -o /dev/null -w '%{{http_code}}\\n' {base}/id/999/recordings  # unknown agent: 404
   curl -s {base}/phone/123/recordings; echo  # bad type: 400, one line of JSON saying what is accepted
+  curl -s -o /dev/null -D - http://{public}/mot/{ACCOUNT}/queues/2/calls/recordings | grep -i '^x-cache'  # a queue's recordings, cached like an agent's: MISS
+  curl -s -o /dev/null -w '%{{http_code}} %{{size_download}} bytes\\n' 'http://{public}/mot/{ACCOUNT}/agents?state=any'  # one line: the agent directory
   curl -s http://{admin}/metrics | grep -e '^miralix_gateway_cache_hits_total' -e '^miralix_gateway_upstream_requests_total'  # counter lines
 
 Or open http://{admin}/ in a browser: the status page.

@@ -306,7 +306,7 @@ fn the_demo_prints_curl_commands_that_work_as_printed() {
                 .map(|c| format!("curl {c}"))
         })
         .collect();
-    assert_eq!(commands.len(), 11, "{:#?}", demo.seen);
+    assert_eq!(commands.len(), 13, "{:#?}", demo.seen);
     let run = |command: &str| {
         let command = command.split("  #").next().unwrap();
         let output = Command::new("sh").args(["-c", command]).output().unwrap();
@@ -366,10 +366,12 @@ fn the_demo_prints_curl_commands_that_work_as_printed() {
     assert!(outputs[7].contains("\"purged\":1"), "{}", outputs[7]);
     assert_eq!(outputs[8], "404\n");
     assert!(outputs[9].starts_with("{\"status\":400"), "{}", outputs[9]);
+    assert!(lower(10).contains("x-cache: miss"), "{}", outputs[10]);
+    assert!(outputs[11].starts_with("200 "), "{}", outputs[11]);
     assert!(
-        outputs[10].contains("miralix_gateway_cache_hits_total{account=\"greenbox\"} 4"),
+        outputs[12].contains("miralix_gateway_cache_hits_total{account=\"greenbox\"} 4"),
         "{}",
-        outputs[10]
+        outputs[12]
     );
     let printed = demo.seen.join("\n");
     assert!(
