@@ -115,7 +115,7 @@ impl CacheKey {
 }
 
 /// An upstream answer as it is served to clients, whether or not it was stored.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct CachedResponse {
     pub status: StatusCode,
     pub content_type: Option<HeaderValue>,
@@ -138,6 +138,9 @@ pub struct CachedResponse {
     pub too_large: bool,
     /// The second tier it was read back from (`shared`, `disk`), or `None` from the box.
     pub from_tier: Option<&'static str>,
+    /// Handed to the waiting clients as soon as the box's bytes were checked, before its
+    /// compressed copy and parsed list were made; never stored (the finished entry is).
+    pub provisional: bool,
 }
 
 impl CachedResponse {
@@ -171,6 +174,7 @@ impl CachedResponse {
             retain_for: entry.retain_for,
             too_large: entry.too_large,
             from_tier: entry.from_tier,
+            provisional: entry.provisional,
         })
     }
 }
@@ -199,6 +203,9 @@ pub struct Fetched {
     /// How long a `200` is fresh when not `cache.ttl` (the agent directory's
     /// `cache.directory_ttl`, a passthrough route's `ttl`).
     pub ttl: Option<Duration>,
+    /// A full recordings list the box sent whole at this instant, still to be parsed into its
+    /// elements: done after the waiting clients were answered, before it is stored.
+    pub unparsed: Option<Instant>,
 }
 
 impl Fetched {
@@ -208,6 +215,7 @@ impl Fetched {
             reply,
             list: None,
             ttl: None,
+            unparsed: None,
         }
     }
 }
@@ -319,9 +327,18 @@ pub struct ResponseCache {
     loads: Flights,
 }
 
-/// The result a flight ends with; `Aborted` if it ended without one.
-async fn completion(receiver: &mut watch::Receiver<Option<FetchResult>>) -> FetchResult {
-    match receiver.wait_for(Option::is_some).await {
+/// The result a flight ends with; `Aborted` if it ended without one. With `elements`, a
+/// provisional answer is not enough: the caller selects from the parsed list.
+async fn completion(
+    receiver: &mut watch::Receiver<Option<FetchResult>>,
+    elements: bool,
+) -> FetchResult {
+    let ready = |result: &Option<FetchResult>| match result {
+        Some(Ok(entry)) => !(elements && entry.provisional),
+        Some(Err(_)) => true,
+        None => false,
+    };
+    match receiver.wait_for(ready).await {
         Ok(done) => done.clone().unwrap_or(Err(UpstreamError::Aborted)),
         Err(_) => Err(UpstreamError::Aborted),
     }
@@ -452,6 +469,10 @@ impl ResponseCache {
             && let Some(lifetime) = entry.lifetime
         {
             match policy::freshness(&lifetime, self.clock.now()) {
+                // A selection needs the parsed list, which the flight is making.
+                Freshness::Fresh { .. } if entry.provisional && terms.elements => {
+                    return self.settled(key, entry.clone()).await;
+                }
                 Freshness::Fresh { .. } => {
                     return Outcome::new(CacheStatus::Hit, Ok(entry.clone()));
                 }
@@ -471,6 +492,21 @@ impl ResponseCache {
         match self.recent_failure(&key).await {
             Some(error) => Outcome::new(CacheStatus::Backoff, Err(error)),
             None => self.join_or_lead(key, terms, fetch, stored).await,
+        }
+    }
+
+    /// The finished entry behind a stored provisional one: from its flight, or, when that has
+    /// landed already, from the store (`provisional` if neither has it yet).
+    async fn settled(&self, key: CacheKey, provisional: Arc<CachedResponse>) -> Outcome {
+        match self.in_flight.join_or_lead(&key) {
+            Joined::Follower(mut receiver) => {
+                Outcome::new(CacheStatus::Collapsed, completion(&mut receiver, true).await)
+            }
+            Joined::Leader(flight, _) => {
+                let entry = self.fresh(&key).await.unwrap_or(provisional);
+                flight.land(Ok(entry.clone()));
+                Outcome::new(CacheStatus::Hit, Ok(entry))
+            }
         }
     }
 
@@ -505,7 +541,7 @@ impl ResponseCache {
                 (CacheStatus::Miss, receiver)
             }
         };
-        Outcome::new(status, completion(&mut receiver).await)
+        Outcome::new(status, completion(&mut receiver, terms.elements).await)
     }
 
     /// Start a background refresh of `key` unless one is running or the key is backing off.
@@ -553,7 +589,8 @@ impl ResponseCache {
                 receiver
             }
         };
-        Outcome::new(CacheStatus::Miss, completion(&mut receiver).await)
+        // An operator's refresh answers with what was stored.
+        Outcome::new(CacheStatus::Miss, completion(&mut receiver, true).await)
     }
 
     /// Remove every stored entry (and remembered failure) in `scope`, here, in the second
@@ -653,6 +690,7 @@ pub(crate) mod tests {
             },
             list: None,
             ttl: None,
+            unparsed: None,
         })
     }
 

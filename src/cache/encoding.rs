@@ -21,8 +21,13 @@ const INLINE_LIMIT: usize = 64 * 1024;
 
 /// The gzip copy of a body about to be stored, when compression is on, the body is at least
 /// `cache.gzip_min_bytes`, and compressing actually makes it smaller.
+/// Whether a stored body gets a compressed copy at all (gzip on, and not too small).
+pub fn worth_compressing(body: &[u8], config: &CacheConfig) -> bool {
+    config.gzip && body.len() as u64 >= config.gzip_min_bytes
+}
+
 pub async fn gzip_for_storage(body: &Bytes, config: &CacheConfig) -> Option<Encoded> {
-    if !config.gzip || (body.len() as u64) < config.gzip_min_bytes {
+    if !worth_compressing(body, config) {
         return None;
     }
     let level = config.gzip_level;

@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Instant;
 
 use http::StatusCode;
 
@@ -11,9 +12,10 @@ use super::flight::Flight;
 use super::policy::{self, Lifetime};
 use super::tier::{FetchTerms, Filled};
 use super::{
-    CacheKey, CachedResponse, Failure, FetchKind, Fetched, Previous, ResponseCache, conditional,
-    encoding, weight,
+    CacheKey, CachedResponse, Failure, FetchKind, Fetched, Previous, ResponseCache, StoredList,
+    conditional, encoding, weight,
 };
+use crate::recordings::RecordingList;
 use crate::upstream::UpstreamError;
 
 impl ResponseCache {
@@ -44,7 +46,9 @@ impl ResponseCache {
             let (result, generation, from_box) = match filled {
                 Ok(Filled::Box(Ok(fetched), generation)) => {
                     let status = fetched.reply.status.as_u16();
-                    let entry = cache.entry_for(&key, fetched, previous.as_deref()).await;
+                    let entry = cache
+                        .answer_first(&key, fetched, previous.as_deref(), &flight)
+                        .await;
                     (Ok(entry), generation, Some(status))
                 }
                 Ok(Filled::Box(Err(error), generation)) => {
@@ -63,6 +67,8 @@ impl ResponseCache {
                     None
                 }
                 Ok(entry) if entry.too_large => {
+                    // The first answer may have been stored before its weight was known.
+                    cache.store.remove(&key).await;
                     // Those who waited get the answer; the box is not asked for it again until
                     // the backoff has passed, so one oversized agent cannot hammer it.
                     cache.warn_too_large(&key, entry).await;
@@ -93,6 +99,35 @@ impl ResponseCache {
         });
     }
 
+    /// The finished entry for what the box sent. When a compressed copy or a parsed list is
+    /// still to be made, the checked bytes are stored and handed to the waiting clients first
+    /// (a provisional entry, which later requests hit too), and the finished entry replaces
+    /// it; a request that selects from the list waits for that (see `FetchTerms::elements`).
+    async fn answer_first(
+        &self,
+        key: &CacheKey,
+        fetched: Fetched,
+        previous: Option<&CachedResponse>,
+        flight: &Flight,
+    ) -> Arc<CachedResponse> {
+        let unparsed = fetched.unparsed;
+        let first = self.first_answer(key, fetched, previous);
+        if !first.provisional {
+            return self.finish(key, first, unparsed).await;
+        }
+        let first = Arc::new(first);
+        if first.lifetime.is_some() {
+            self.failures.invalidate(key).await;
+            self.store.insert(key.clone(), first.clone()).await;
+        }
+        flight.answer(Ok(first.clone()));
+        // The woken clients run (and write their answers) before the compression does, on
+        // this worker too.
+        tokio::task::yield_now().await;
+        self.finish(key, Arc::unwrap_or_clone(first), unparsed)
+            .await
+    }
+
     /// Log, once per key, that an answer was too large to store.
     async fn warn_too_large(&self, key: &CacheKey, entry: &CachedResponse) {
         if self.warned_too_large.contains_key(key) {
@@ -108,19 +143,23 @@ impl ResponseCache {
         );
     }
 
-    /// The entry for a fetched answer: its lifetime, and for a `200` that is stored, its entity
-    /// tag and compressed copy, made here once so that hits cost neither. When the body is the
-    /// same bytes as the previous entry's (a refresh that brought nothing new), that entry's
-    /// tag and compressed copy are reused. An entry weighing more than `max_entry_bytes` is
-    /// marked `too_large` and given no lifetime: it is served, not stored.
-    pub(super) async fn entry_for(
+    /// The entry for a fetched answer as the waiting clients get it at once: its lifetime
+    /// and entity tag, and the previous entry's compressed copy when the body is the same
+    /// bytes (a refresh that brought nothing new). `provisional` when a compressed copy or a
+    /// parsed list is still to be made (by [`ResponseCache::finish`]).
+    pub(super) fn first_answer(
         &self,
         key: &CacheKey,
         fetched: Fetched,
         previous: Option<&CachedResponse>,
-    ) -> Arc<CachedResponse> {
-        let Fetched { reply, list, ttl } = fetched;
-        let config = self.config.load_full();
+    ) -> CachedResponse {
+        let Fetched {
+            reply,
+            list,
+            ttl,
+            unparsed,
+        } = fetched;
+        let config = self.config.load();
         let now = self.clock.now();
         let ok_ttl = ttl.unwrap_or(config.ttl);
         let lifetime = policy::ttl_for(reply.status, ok_ttl, &config).map(|ttl| Lifetime {
@@ -135,14 +174,15 @@ impl ResponseCache {
             Some(previous) => previous.etag.clone(),
             None => Some(conditional::entity_tag(&reply.body)),
         });
-        let gzip = match same_bytes.and_then(|p| p.gzip.clone()) {
-            Some(gzip) if config.gzip => Some(gzip),
-            _ if stored_list => encoding::gzip_for_storage(&reply.body, &config).await,
-            _ => None,
-        };
-        let retain_for = lifetime.map(|l| match &list {
-            Some(_) => l.servable_for().max(config.full_refresh_interval),
-            None => l.servable_for(),
+        let gzip = same_bytes
+            .and_then(|p| p.gzip.clone())
+            .filter(|_| config.gzip);
+        let compress =
+            stored_list && gzip.is_none() && encoding::worth_compressing(&reply.body, &config);
+        let will_list = list.is_some() || (unparsed.is_some() && reply.status == StatusCode::OK);
+        let retain_for = lifetime.map(|l| match will_list {
+            true => l.servable_for().max(config.full_refresh_interval),
+            false => l.servable_for(),
         });
         let mut entry = CachedResponse {
             lifetime,
@@ -157,15 +197,50 @@ impl ResponseCache {
             fetched_at: now,
             too_large: false,
             from_tier: None,
+            provisional: compress || (unparsed.is_some() && reply.status == StatusCode::OK),
         };
-        if entry.lifetime.is_some()
-            && u64::from(weight::entry(key, &entry)) > config.max_entry_bytes
-        {
-            entry.too_large = true;
-            entry.lifetime = None;
-            entry.retain_for = None;
-            entry.etag = None;
+        mark_too_large(key, &mut entry, config.max_entry_bytes);
+        entry
+    }
+
+    /// The entry to store and land: the first answer with its compressed copy and, for a full
+    /// list the box sent whole (`unparsed`), its parsed elements. An entry weighing more than
+    /// `max_entry_bytes` is marked `too_large` and given no lifetime: it is served, not stored.
+    pub(super) async fn finish(
+        &self,
+        key: &CacheKey,
+        mut entry: CachedResponse,
+        unparsed: Option<Instant>,
+    ) -> Arc<CachedResponse> {
+        let config = self.config.load_full();
+        if let Some(fetched_whole_at) = unparsed.filter(|_| entry.status == StatusCode::OK) {
+            entry.list = RecordingList::parse(&entry.body).map(|recordings| StoredList {
+                recordings: Arc::new(recordings),
+                fetched_whole_at,
+            });
+            if entry.list.is_none()
+                && let (Some(lifetime), Some(retain_for)) = (entry.lifetime, &mut entry.retain_for)
+            {
+                // Not a list of recordings after all: kept no longer than it can be served.
+                *retain_for = lifetime.servable_for();
+            }
         }
+        let stored_list = entry.lifetime.is_some() && entry.status == StatusCode::OK;
+        if stored_list && entry.gzip.is_none() {
+            entry.gzip = encoding::gzip_for_storage(&entry.body, &config).await;
+        }
+        entry.provisional = false;
+        mark_too_large(key, &mut entry, config.max_entry_bytes);
         Arc::new(entry)
+    }
+}
+
+/// An entry weighing more than `max_entry_bytes` is served, not stored: no lifetime, no tag.
+fn mark_too_large(key: &CacheKey, entry: &mut CachedResponse, max_entry_bytes: u64) {
+    if entry.lifetime.is_some() && u64::from(weight::entry(key, entry)) > max_entry_bytes {
+        entry.too_large = true;
+        entry.lifetime = None;
+        entry.retain_for = None;
+        entry.etag = None;
     }
 }

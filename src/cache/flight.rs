@@ -109,6 +109,13 @@ impl Flight {
         }))
     }
 
+    /// Wake every waiter with `answer` now, staying in the map: requests that arrive before
+    /// [`Flight::land`] join and get it at once. For the box's checked bytes, handed out
+    /// before the compressed copy and the parsed list are made.
+    pub(super) fn answer(&self, answer: FetchResult) {
+        self.sender.send_replace(Some(answer));
+    }
+
     /// Leave the map, then wake every waiter with `result`. The caller stores the result
     /// first, so a request arriving in between joins this flight and one arriving after
     /// finds what was stored.

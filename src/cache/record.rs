@@ -184,6 +184,7 @@ pub async fn decode(
         retain_for: Some(retain_for),
         too_large: false,
         from_tier: None,
+        provisional: false,
     }))
 }
 
@@ -229,6 +230,7 @@ mod tests {
             retain_for: Some(Duration::from_secs(900)),
             too_large: false,
             from_tier: None,
+            provisional: false,
         }
     }
 

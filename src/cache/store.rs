@@ -78,6 +78,10 @@ impl MemoryStore {
         self.entries.insert(key, entry).await;
     }
 
+    pub async fn remove(&self, key: &CacheKey) {
+        self.entries.invalidate(key).await;
+    }
+
     /// Remove every entry whose key matches; how many went.
     pub async fn remove_matching(&self, matches: impl Fn(&CacheKey) -> bool) -> usize {
         let keys: Vec<CacheKey> = self

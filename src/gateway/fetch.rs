@@ -113,17 +113,11 @@ pub(super) fn fetch_list(
                     ..Fetched::opaque(reply)
                 });
             }
-            let list = (what == ListFetch::Full && reply.status == StatusCode::OK)
-                .then(|| RecordingList::parse(&reply.body))
-                .flatten()
-                .map(|recordings| StoredList {
-                    recordings: Arc::new(recordings),
-                    fetched_whole_at: plan.now,
-                });
+            // A whole list is parsed into its elements after the waiting clients have it.
+            let whole = what == ListFetch::Full && reply.status == StatusCode::OK;
             Ok(Fetched {
-                reply,
-                list,
-                ttl: None,
+                unparsed: whole.then_some(plan.now),
+                ..Fetched::opaque(reply)
             })
         }
         .await;
@@ -151,6 +145,7 @@ pub(super) fn merged(
             },
             list: Some(list),
             ttl: None,
+            unparsed: None,
         },
         Some((recordings, body)) => Fetched {
             reply: UpstreamReply { body, ..reply },
@@ -159,6 +154,7 @@ pub(super) fn merged(
                 fetched_whole_at: list.fetched_whole_at,
             }),
             ttl: None,
+            unparsed: None,
         },
     }
 }

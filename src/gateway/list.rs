@@ -12,7 +12,9 @@ use http_body_util::Full;
 use super::fetch::{RefreshPlan, fetch_list};
 use super::respond::cached_response;
 use super::{AccessEntry, Account, AppState};
-use crate::cache::{CacheKey, CacheStatus, CachedResponse, StaleReason, conditional, encoding};
+use crate::cache::{
+    CacheKey, CacheStatus, CachedResponse, FetchTerms, StaleReason, conditional, encoding,
+};
 use crate::config::CacheConfig;
 use crate::error::ProxyError;
 use crate::route::ListQuery;
@@ -39,7 +41,9 @@ pub(super) async fn list_response<B>(
         ..query.clone()
     };
     let gzip = encoding::accepts_gzip(request.headers().get_all(ACCEPT_ENCODING).iter());
-    let (mut outcome, mut entry) = lookup(state, (cache, ttl), account, full, access).await?;
+    // Selecting needs the parsed list: such a request waits for the finished entry.
+    let (mut outcome, mut entry) =
+        lookup(state, (cache, ttl), account, (full, from.is_some()), access).await?;
     if let Some(from) = from {
         match &entry.list {
             Some(list) => {
@@ -51,7 +55,8 @@ pub(super) async fn list_response<B>(
             None if api.has_from_queue_call_id() => {
                 // The box's list has no numeric QueueCallIds: let the box do the filtering,
                 // and cache its answer as it is.
-                (outcome, entry) = lookup(state, (cache, ttl), account, query, access).await?;
+                (outcome, entry) =
+                    lookup(state, (cache, ttl), account, (query, false), access).await?;
             }
             None => return Err(ProxyError::CannotEmulate),
         }
@@ -88,12 +93,13 @@ pub(super) struct Lookup {
 }
 
 /// Look `query` up in the cache (fetching it if need be; a `200` is fresh for `ttl` when
-/// given, else `cache.ttl`), counting the outcome and noting it for the access log.
+/// given, else `cache.ttl`), counting the outcome and noting it for the access log. With
+/// `elements`, a miss waits for the finished entry and its parsed list.
 pub(super) async fn lookup(
     state: &AppState,
     (cache, ttl): (&CacheConfig, Option<Duration>),
     account: &Account,
-    query: ListQuery,
+    (query, elements): (ListQuery, bool),
     access: &mut AccessEntry,
 ) -> Result<(Lookup, Arc<CachedResponse>), ProxyError> {
     let key = CacheKey {
@@ -110,7 +116,10 @@ pub(super) async fn lookup(
         .cache
         .get_or_fetch(
             key,
-            account.fetch_terms(),
+            FetchTerms {
+                elements,
+                ..account.fetch_terms()
+            },
             |key, kind, previous, waiters| {
                 fetch_list(
                     account,

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::{
-    ACCOUNT, ADMIN_TOKEN, EMAIL, Gateway, Options, SECRET, ids, path, request, sample,
+    ACCOUNT, ADMIN_TOKEN, EMAIL, Gateway, Options, SECRET, ids, path, request, sample, wait_until,
 };
 
 fn series(kind: &str) -> String {
@@ -594,4 +594,48 @@ async fn audio_ranges_are_forwarded_and_errors_are_clear() {
     gw.simulator.release();
     assert_eq!(first.await.unwrap().status, 200);
     assert_eq!(gw.get(&target).await.status, 200, "the slot is free again");
+}
+
+#[tokio::test]
+async fn a_miss_is_answered_before_its_compressed_copy_is_made_and_a_selection_waits_for_the_list()
+{
+    let gw = Gateway::plain("ttl = \"30s\"", "").await;
+    let list = path("id", "103");
+    let all = ids(&gw.box_answer(&list).await);
+    let after = all[all.len() / 2];
+    gw.simulator.hold();
+    let gzip = [("Accept-Encoding", "gzip")];
+    let (addr, full_target) = (gw.addr, list.clone());
+    let full = tokio::spawn(async move { request(addr, "GET", &full_target, &gzip).await });
+    let selected_target = format!("{list}?fromQueueCallId={after}");
+    let selected = tokio::spawn(async move { request(addr, "GET", &selected_target, &[]).await });
+    wait_until("both requests to wait for the one fetch", || async {
+        gw.state.waiting() == 2
+    })
+    .await;
+    gw.simulator.release();
+    let (full, selected) = (full.await.unwrap(), selected.await.unwrap());
+    // The first answer is the box's bytes as checked: not compressed, though gzip was
+    // accepted, because its compressed copy was made after the waiting clients had it.
+    assert_eq!(full.header("x-cache"), Some("MISS"));
+    assert_eq!(full.header("content-encoding"), None);
+    assert_eq!(ids(&full.body), all);
+    assert!(
+        full.header("etag").is_some(),
+        "the tag is there from the first answer"
+    );
+    // The request that selects waited for the parsed list, and did not ask the box itself.
+    assert_eq!(selected.status, 200);
+    let expected: Vec<u64> = all.iter().copied().filter(|id| *id > after).collect();
+    assert_eq!(ids(&selected.body), expected);
+    assert_eq!(
+        gw.simulator.request_count(),
+        2,
+        "the direct read and one fetch"
+    );
+    // What was stored has its compressed copy, with the same tag for the same bytes.
+    let hit = request(gw.addr, "GET", &list, &[("Accept-Encoding", "gzip")]).await;
+    assert_eq!(hit.header("x-cache"), Some("HIT"));
+    assert_eq!(hit.header("content-encoding"), Some("gzip"));
+    assert_eq!(gunzip(&hit.body), full.body);
 }
