@@ -499,9 +499,10 @@ impl ResponseCache {
     /// landed already, from the store (`provisional` if neither has it yet).
     async fn settled(&self, key: CacheKey, provisional: Arc<CachedResponse>) -> Outcome {
         match self.in_flight.join_or_lead(&key) {
-            Joined::Follower(mut receiver) => {
-                Outcome::new(CacheStatus::Collapsed, completion(&mut receiver, true).await)
-            }
+            Joined::Follower(mut receiver) => Outcome::new(
+                CacheStatus::Collapsed,
+                completion(&mut receiver, true).await,
+            ),
             Joined::Leader(flight, _) => {
                 let entry = self.fresh(&key).await.unwrap_or(provisional);
                 flight.land(Ok(entry.clone()));

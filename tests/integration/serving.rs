@@ -463,3 +463,42 @@ async fn on_shutdown_requests_already_sent_are_answered_with_close_and_idle_conn
     }
     gw.stop().await;
 }
+
+/// What TLS termination does with a client's server name (SNI): a bare IP address is ignored,
+/// as if none was sent (some clients send one, against RFC 6066); a name that is not a host
+/// name at all, such as `127.0.0.1:8490` with its port, is refused with `illegal_parameter`
+/// by rustls, which has no setting to accept it (see docs/troubleshooting.md).
+#[tokio::test]
+async fn a_client_that_sends_an_ip_address_as_its_server_name_is_served_one_with_a_port_is_not() {
+    let gw = Gateway::start(Options {
+        terminate_tls: true,
+        ..Options::default()
+    })
+    .await;
+    let ca = gw.dir().join("front-ca.pem");
+    std::fs::write(&ca, &gw.tls.as_ref().unwrap().ca_pem).unwrap();
+    let handshake = |server_name: &'static str| {
+        let (addr, ca) = (gw.addr, ca.clone());
+        tokio::task::spawn_blocking(move || {
+            let output = std::process::Command::new("openssl")
+                .args([
+                    "s_client",
+                    "-connect",
+                    &addr.to_string(),
+                    "-servername",
+                    server_name,
+                ])
+                .arg("-CAfile")
+                .arg(&ca)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("openssl is installed (.ci/run installs it)");
+            String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr)
+        })
+    };
+    let bare = handshake("127.0.0.1").await.unwrap();
+    assert!(bare.contains("Verify return code: 0 (ok)"), "{bare}");
+    let with_port = handshake("127.0.0.1:8490").await.unwrap();
+    assert!(with_port.contains("illegal parameter"), "{with_port}");
+}
