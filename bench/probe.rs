@@ -10,6 +10,12 @@
 //!   cache).
 //! - `probe soak BASE TEMPLATE FROM KEYS SECONDS`: the KEYS keys from FROM, round and round on
 //!   one keep-alive connection for SECONDS (reads during an outage).
+//! - `probe rate URL RATE SECONDS [--connections C]`: open loop at a fixed offered load: RATE
+//!   requests per second on C keep-alive connections (default 64) for SECONDS, request `i`
+//!   due at `i / RATE`; a request sent late because its connection was still busy counts
+//!   from when it was due (a server that falls behind is charged for the queue, not excused
+//!   by it), others from when they were sent. Reports p50, p99 and p99.9,
+//!   the rate achieved, and how busy the probe's own CPU was (`probe_cpu`, 1.0 = one core).
 //! - `probe replay BASE TEMPLATE CLIENTS SECONDS --id N...`: CLIENTS keep-alive connections,
 //!   each asking for the given ids round and round (each client from its own starting point)
 //!   for SECONDS, as fast as answers come (recordings replayed; `--header "Range: ..."` for
@@ -60,6 +66,13 @@ enum Command {
         from: u64,
         keys: u64,
         seconds: u64,
+    },
+    Rate {
+        url: Url,
+        rate: f64,
+        seconds: f64,
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
     },
     Replay {
         base: Url,
@@ -176,6 +189,7 @@ fn report(mut samples: Vec<(u16, Duration)>) -> serde_json::Value {
         "statuses": statuses,
         "p50_ms": at(0.50),
         "p99_ms": at(0.99),
+        "p999_ms": at(0.999),
         "max_ms": ms(samples.last().map_or(Duration::ZERO, |s| s.1)),
     })
 }
@@ -241,6 +255,20 @@ async fn main() {
             keys,
             seconds,
         } => soak(&client, &base, &template, from, keys, seconds).await,
+        Command::Rate {
+            url,
+            rate,
+            seconds,
+            connections,
+        } => {
+            let (samples, extra) = open_loop(client, url, rate, seconds, connections).await;
+            let mut report = report(samples);
+            for (key, value) in extra {
+                report[key] = value;
+            }
+            println!("{report}");
+            return;
+        }
         Command::Replay {
             base,
             template,
@@ -273,6 +301,76 @@ async fn main() {
         }
     };
     println!("{}", report(samples));
+}
+
+/// This process's CPU time so far (user and system), from `/proc/self/stat`.
+fn own_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |n: usize| fields.get(n).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime, in clock ticks (100 per second on Linux).
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// `rate` requests per second for `seconds`, request `i` due at `i / rate`, on `connections`
+/// keep-alive connections opened first; the latencies count from when each was due.
+async fn open_loop(
+    client: Arc<Client>,
+    url: Url,
+    rate: f64,
+    seconds: f64,
+    connections: usize,
+) -> (Vec<(u16, Duration)>, Vec<(&'static str, serde_json::Value)>) {
+    let total = (rate * seconds) as u64;
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut streams = Vec::new();
+    for _ in 0..connections {
+        streams.push(client.connect(&url).await);
+    }
+    let cpu_before = own_cpu_seconds();
+    let start = tokio::time::Instant::now() + Duration::from_millis(20);
+    let mut tasks = Vec::new();
+    for mut stream in streams {
+        let (client, url, next) = (client.clone(), url.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut buffer, mut samples) = (Vec::new(), Vec::new());
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total {
+                    return samples;
+                }
+                let due = start + Duration::from_secs_f64(i as f64 / rate);
+                // Behind schedule (the server kept this connection past `due`): the wait
+                // counts. Otherwise from when it is sent: the timer wakes within a
+                // millisecond, and that lateness is the probe's, not the server's.
+                let began = match tokio::time::Instant::now() > due {
+                    true => due,
+                    false => {
+                        tokio::time::sleep_until(due).await;
+                        tokio::time::Instant::now()
+                    }
+                };
+                let status = get(&client, &mut stream, &url, &mut buffer).await;
+                samples.push((status, began.elapsed()));
+            }
+        }));
+    }
+    let samples = gather(tasks).await;
+    let wall = start.elapsed().as_secs_f64();
+    let extra = vec![
+        ("offered_rps", serde_json::json!(rate)),
+        ("achieved_rps", serde_json::json!((samples.len() as f64 / wall).round())),
+        ("seconds", serde_json::json!(wall)),
+        (
+            "probe_cpu",
+            serde_json::json!(((own_cpu_seconds() - cpu_before) / wall * 100.0).round() / 100.0),
+        ),
+    ];
+    (samples, extra)
 }
 
 /// Every sample of every task, once all have finished.
