@@ -893,13 +893,14 @@ def prose(s):
     if eq_plain:
         worst = max(eq_plain["rates"], key=lambda rate: eq_plain["rows"][rate]["gateway"]["p99"]["median"]
                     - eq_plain["rows"][rate]["nginx"]["p99"]["median"])
-        p99_text = (f"at equal offered load a p99 "
+        p99_text = (f"at equal offered load (plain HTTP) nginx spent "
+                    f"{min(eq_plain['cpu_ratio'].values()):.2f}x to "
+                    f"{max(eq_plain['cpu_ratio'].values()):.2f}x the gateway's CPU per request, "
+                    f"and the gateway's p99 was "
                     f"{'at or below' if eq_plain['p99_ok'] else 'above'} nginx's at "
                     f"{'every rate' if eq_plain['p99_ok'] else f'{worst:,}/s'} "
                     f"({eq_plain['rows'][worst]['gateway']['p99']['median']:.2f} against "
-                    f"{eq_plain['rows'][worst]['nginx']['p99']['median']:.2f} ms) and nginx spending "
-                    f"{min(eq_plain['cpu_ratio'].values()):.2f}x to "
-                    f"{max(eq_plain['cpu_ratio'].values()):.2f}x the gateway's CPU per request")
+                    f"{eq_plain['rows'][worst]['nginx']['p99']['median']:.2f} ms)")
     else:
         p99_text = f"a saturated p99 of {g['p99_ms']:.2f} against {n['p99_ms']:.2f} ms"
     requests = storm["gateway"]["upstream_requests"]
@@ -908,7 +909,7 @@ def prose(s):
     text = (
         f"In the latest run: hits at {ratios['hit_rps_plain']}x nginx's throughput on plain HTTP "
         f"({ratios['hit_rps_tls']}x with TLS) and {ratios['hit_rps_vs_static']}x the static-file "
-        f"reference, with {p99_text}; a "
+        f"reference (saturated, medians of the rounds); {p99_text}; a "
         f"{STORM}-client cold-miss storm sends the box {requests} "
         f"request{'s' if requests != 1 else ''} and answers every client within "
         f"{storm['gateway']['p99_ms']:.0f} ms (nginx: {storm['nginx']['p99_ms']:.0f} ms, its lock "
@@ -929,6 +930,71 @@ def prose(s):
     else:
         text += "Every goal in [`bench/README.md`](bench/README.md) was met."
     return text
+
+
+def reading(s):
+    """bench/README's reading of the latest run, every figure from the results."""
+    missed = [goal for goal, ok, _ in s["goals"] if not ok]
+    held = [goal for goal, ok, _ in s["goals"] if ok]
+    pd, pf = s["poller"]["delta"], s["poller"]["full"]
+    parts = [
+        f"**Goals.** {len(held)} of {len(s['goals'])} hold in the latest run. "
+        + (f"Missed: {'; '.join(missed)}." if missed else "None is missed."),
+    ]
+    for mode, eq in s["equal"].items():
+        label = "plain HTTP" if mode == "plain" else "TLS"
+        ratios = [eq["cpu_ratio"][rate] for rate in eq["rates"]]
+        lowest = eq["rates"][ratios.index(min(ratios))]
+        gw, ng = eq["rows"][lowest]["gateway"]["cpu"], eq["rows"][lowest]["nginx"]["cpu"]
+        parts.append(
+            f"**Equal load, {label}.** At {', '.join(f'{rate:,}' for rate in eq['rates'])} "
+            f"requests/s nginx spent {', '.join(f'{v:.2f}x' for v in ratios)} the gateway's CPU "
+            f"per request (medians of the rounds). The lowest ratio, at {lowest:,}/s, came from "
+            f"{gw['median']:.1f} us per request for the gateway (rounds {gw['min']:.1f} to "
+            f"{gw['max']:.1f}) against {ng['median']:.1f} us for nginx ({ng['min']:.1f} to "
+            f"{ng['max']:.1f}). Saturated, each server batches more requests per wake-up, which "
+            f"is why CPU per request falls as the rate rises and why saturated requests/s alone "
+            f"cannot judge the two.")
+    sat = s["ratio_rounds"]
+    parts.append(
+        f"**Saturated throughput** (wrk, closed loop): {s['ratios']['hit_rps_plain']}x nginx on "
+        f"plain HTTP (rounds {min(sat['hit_rps_plain']):.2f} to {max(sat['hit_rps_plain']):.2f}) "
+        f"and {s['ratios']['hit_rps_tls']}x with TLS (rounds {min(sat['hit_rps_tls']):.2f} to "
+        f"{max(sat['hit_rps_tls']):.2f}); wrk's own core was at least {LOADGEN_BUSY} busy in "
+        f"{s['loadgen_busy_rounds']['plain']} plain and {s['loadgen_busy_rounds']['tls']} TLS "
+        f"runs, which may then measure wrk rather than the server.")
+    parts.append(
+        f"**A miss** added {s['miss_overhead_ms']['gateway']:.3f} ms at the median over a direct "
+        f"request to the box (nginx: {s['miss_overhead_ms']['nginx']:.3f} ms). The waiting clients "
+        f"are answered as soon as the box's bytes are checked; the gzip copy and the parse into "
+        f"elements follow. What is left is the second hop itself: the request parsed, the "
+        f"upstream request built and sent through the connection pool, the fetch task woken and "
+        f"the answer written.")
+    parts.append(
+        f"**The poller scenario** shows what no URL-keyed cache can do: "
+        f"{pd['client_polls_per_min']:,} client polls a minute became "
+        f"{pd['upstream_calls_per_min']:,} upstream requests with delta refresh and "
+        f"{pf['upstream_calls_per_min']:,} with full refreshes, and the box sent "
+        f"{pf['upstream_bytes_per_min'] / max(pd['upstream_bytes_per_min'], 1):.0f}x fewer bytes "
+        f"with delta refresh ({pd['upstream_bytes_per_min']:,} against "
+        f"{pf['upstream_bytes_per_min']:,} bytes a minute). A full refresh costs the length of the "
+        f"history, a delta the new calls only. {pd['missed_by_clients'] + pf['missed_by_clients']} "
+        f"new calls were missed by a client.")
+    return "\n\n".join(parts)
+
+
+def history_table():
+    """What earlier changes measured, from bench/results/history.json."""
+    with open(os.path.join(RESULTS, "history.json")) as f:
+        changes = json.load(f)["changes"]
+    lines = ["| change | effect (same machine, A/B in alternation, at the time) | kept |",
+             "|---|---|---|"]
+    for change in changes:
+        kept = {True: "kept", False: "reverted", None: "nothing to change"}[change["kept"]]
+        if change.get("why"):
+            kept += f": {change['why']}"
+        lines.append(f"| {change['change']} | {change['measured']} | {kept} |")
+    return "\n".join(lines)
 
 
 def replace_block(path, name, block):
@@ -953,6 +1019,8 @@ def write_results(r):
     chart(s, os.path.join(RESULTS, "ratios.png"), r["machine"])
     replace_block(os.path.join(BENCH, "README.md"), "results",
                   f"{table}\n![gateway relative to nginx](results/ratios.png)")
+    replace_block(os.path.join(BENCH, "README.md"), "reading", reading(s))
+    replace_block(os.path.join(BENCH, "README.md"), "history", history_table())
     replace_block(os.path.join(ROOT, "README.md"), "summary", prose(s))
     print(table)
     missed = [goal for goal, ok, _ in s["goals"] if not ok]
