@@ -952,9 +952,11 @@ def reading(s):
             f"per request (medians of the rounds). The lowest ratio, at {lowest:,}/s, came from "
             f"{gw['median']:.1f} us per request for the gateway (rounds {gw['min']:.1f} to "
             f"{gw['max']:.1f}) against {ng['median']:.1f} us for nginx ({ng['min']:.1f} to "
-            f"{ng['max']:.1f}). Saturated, each server batches more requests per wake-up, which "
-            f"is why CPU per request falls as the rate rises and why saturated requests/s alone "
-            f"cannot judge the two.")
+            f"{ng['max']:.1f}).")
+    parts.append(
+        "The busier a server, the more requests it handles per wake-up, which is why CPU per "
+        "request falls as the offered rate rises, and why saturated requests/s alone cannot "
+        "compare the two servers.")
     sat = s["ratio_rounds"]
     parts.append(
         f"**Saturated throughput** (wrk, closed loop): {s['ratios']['hit_rps_plain']}x nginx on "

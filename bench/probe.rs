@@ -311,7 +311,12 @@ fn own_cpu_seconds() -> f64 {
         .map_or("", |(_, rest)| rest)
         .split_whitespace()
         .collect();
-    let ticks = |n: usize| fields.get(n).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |n: usize| {
+        fields
+            .get(n)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // utime and stime, in clock ticks (100 per second on Linux).
     (ticks(11) + ticks(12)) / 100.0
 }
@@ -363,7 +368,10 @@ async fn open_loop(
     let wall = start.elapsed().as_secs_f64();
     let extra = vec![
         ("offered_rps", serde_json::json!(rate)),
-        ("achieved_rps", serde_json::json!((samples.len() as f64 / wall).round())),
+        (
+            "achieved_rps",
+            serde_json::json!((samples.len() as f64 / wall).round()),
+        ),
         ("seconds", serde_json::json!(wall)),
         (
             "probe_cpu",
