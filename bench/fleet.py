@@ -76,6 +76,28 @@ def wait_up(url, seconds=30):
     raise SystemExit(f"{url} did not come up")
 
 
+def gateway_config(work, name, sim, secret_file, cache, account):
+    """Write a gateway's configuration in front of the simulated box at `sim` (loopback, free
+    ports, `ttl` 10 minutes, `cache` and `account` lines added); its path and ports."""
+    public, admin = free_port(), free_port()
+    path = os.path.join(work, f"{name}.toml")
+    with open(path, "w") as f:
+        f.write(f"""
+[server]
+listen = "127.0.0.1:{public}"
+[admin]
+listen = "127.0.0.1:{admin}"
+[cache]
+ttl = "10m"
+{cache}
+[accounts.{ACCOUNT}]
+base_url = "{sim}"
+shared_secret_file = "{secret_file}"
+{account}
+""")
+    return path, public, admin
+
+
 def probe(*args):
     out = subprocess.run([PROBE, *args], check=True, capture_output=True, text=True).stdout
     return json.loads(out)
@@ -120,23 +142,9 @@ class Fixture:
         raise SystemExit("redis-server did not start")
 
     def gateway(self, name, tier):
-        public, admin = free_port(), free_port()
-        path = os.path.join(self.work, f"{name}.toml")
-        with open(path, "w") as f:
-            f.write(f"""
-[server]
-listen = "127.0.0.1:{public}"
-[admin]
-listen = "127.0.0.1:{admin}"
-[cache]
-ttl = "10m"
-max_bytes = "1GiB"
-{tier}
-[accounts.{ACCOUNT}]
-base_url = "{self.sim}"
-shared_secret_file = "{self.secret_file}"
-max_concurrent_requests = 64
-""")
+        path, public, admin = gateway_config(self.work, name, self.sim, self.secret_file,
+                                             f'max_bytes = "1GiB"\n{tier}',
+                                             "max_concurrent_requests = 64")
         env = dict(os.environ, RUST_LOG="warn")
         process = self.spawn([BIN, "serve", "--config", path], env=env)
         return process, f"http://127.0.0.1:{public}", f"http://127.0.0.1:{admin}"

@@ -29,8 +29,8 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fleet import (BIN, PROBE, ROOT, RESULTS, free_port, get, probe, wait_up,  # noqa: E402
-                   write_results)
+from fleet import (BIN, PROBE, ROOT, RESULTS, free_port, gateway_config, get,  # noqa: E402
+                   probe, wait_up, write_results)
 
 ACCOUNT = "greenbox"
 SECRET = "replay-secret-5c1e"
@@ -80,22 +80,8 @@ class Fixture:
         return [r["QueueCallId"] for r in listed][:RECORDINGS]
 
     def gateway(self, name, extra):
-        public, admin = free_port(), free_port()
-        path = os.path.join(self.work, f"{name}.toml")
-        with open(path, "w") as f:
-            f.write(f"""
-[server]
-listen = "127.0.0.1:{public}"
-[admin]
-listen = "127.0.0.1:{admin}"
-[cache]
-ttl = "10m"
-{extra}
-[accounts.{ACCOUNT}]
-base_url = "{self.sim}"
-shared_secret_file = "{self.secret_file}"
-max_audio_streams = 64
-""")
+        path, public, admin = gateway_config(self.work, name, self.sim, self.secret_file, extra,
+                                             "max_audio_streams = 64")
         self.spawn([BIN, "serve", "--config", path])
         wait_up(f"http://127.0.0.1:{admin}/readyz")
         return f"http://127.0.0.1:{public}"
