@@ -992,7 +992,7 @@ def history_table():
     lines = ["| change | effect (same machine, A/B in alternation, at the time) | kept |",
              "|---|---|---|"]
     for change in changes:
-        kept = {True: "kept", False: "reverted", None: "nothing to change"}[change["kept"]]
+        kept = {True: "kept", False: "reverted", None: "no change made"}[change["kept"]]
         if change.get("why"):
             kept += f": {change['why']}"
         lines.append(f"| {change['change']} | {change['measured']} | {kept} |")
