@@ -1,22 +1,27 @@
 //! miralix-gateway: a caching reverse proxy for the Miralix OfficeTeam recordings API.
 //!
-//! Internal apps call the gateway with the box's own route,
-//! `GET /mot/{account}/agents/{identificationType}/{identification}/recordings`, and get the
-//! box's answer from a cache. The gateway normalizes the agent identifier so every spelling of
-//! one agent shares one cache entry, coalesces concurrent misses into one upstream request, and
-//! adds the account's shared secret and the box's TLS trust on the way upstream.
+//! Internal apps call the gateway with the box's own routes (an agent's recordings,
+//! `GET /mot/{account}/agents/{identificationType}/{identification}/recordings`, a queue's, the
+//! agent directory, a recording's audio, and the reads an account's passthrough table allows)
+//! and get the box's answer from a cache. The gateway normalizes the agent identifier so every
+//! spelling of one agent shares one cache entry, coalesces concurrent misses into one upstream
+//! request, and adds the account's shared secret and the box's TLS trust on the way upstream.
 //!
 //! # Layout
 //!
 //! - [`config`]: raw TOML + environment, validated once into typed [`config::Config`].
 //! - [`auth`] and [`limit`]: API keys, client certificates and the admin token per account; the
 //!   per-client-address rate limit.
-//! - [`route`] and [`identity`]: parse the request target and normalize the identification.
+//! - [`route`] and [`identity`]: parse the request target (an agent, a queue, the directory,
+//!   audio; [`route::passthrough`] for the allowlisted reads) and normalize the identification.
 //! - [`cache`] (+ [`cache::policy`], [`cache::conditional`], [`cache::encoding`]): stored
 //!   answers, coalescing, stale serving, error backoff; pure freshness rules; entity tags;
 //!   gzip made once at store time. [`cache::tier`]: the second tier behind memory, shared
 //!   ([`cache::shared`], Redis or Valkey: one box request per key for a fleet) or on disk
 //!   (redb: restarts start warm).
+//! - [`audio`]: recordings' audio on local disk (`[cache.audio]`): one download per recording
+//!   shared by its waiting clients, whole files only, `Range` and conditionals from the file
+//!   ([`audio::range`]), LRU eviction by bytes.
 //! - [`recordings`]: a list parsed into its elements (id + exact bytes) for `fromQueueCallId`
 //!   selection and delta merges.
 //! - [`clock`]: the injectable time source every freshness decision reads.
@@ -62,9 +67,12 @@
 //!                                   │        └─ miss: one spawned fetch per key (a delta when a
 //!                                   │           stored list can be extended), shared by every
 //!                                   │           concurrent waiter (and, through a lease in
-//!                                   │           Redis, by the fleet), stored by policy, gzipped
-//!                                   │           once, written through to the second tier
-//!                                   ├─► audio: UpstreamClient::audio, streamed, never stored
+//!                                   │           Redis, by the fleet); its waiters answered with
+//!                                   │           the checked bytes first, then gzipped and
+//!                                   │           parsed once, stored by policy, written through
+//!                                   │           to the second tier
+//!                                   ├─► audio: audio::AudioStore (one download, served from
+//!                                   │   disk), or UpstreamClient::audio streamed, never stored
 //!                                   └─► response headers (X-Cache, Cache-Status, Age,
 //!                                       Cache-Control) + one access-log event + metrics
 //! ```
