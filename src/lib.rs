@@ -106,3 +106,11 @@ pub(crate) mod upstream;
 
 pub use gateway::AppState;
 pub use server::run;
+
+/// The parsers `fuzz/` drives, reachable from outside the crate without making their modules
+/// public: not an interface for anything else.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::identity::{IdType, MAX_IDENTIFICATION_BYTES, forbidden};
+    pub use crate::route::{MAX_PATH_BYTES, Route, Subject, parse, parse_cache_target};
+}

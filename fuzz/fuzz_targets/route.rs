@@ -10,8 +10,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use miralix_gateway::identity::{IdType, MAX_IDENTIFICATION_BYTES, forbidden};
-use miralix_gateway::route::{self, Route};
+use miralix_gateway::fuzzing::{
+    self as route, IdType, MAX_IDENTIFICATION_BYTES, Route, Subject, forbidden,
+};
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 
 fuzz_target!(|data: &[u8]| {
@@ -22,24 +23,28 @@ fuzz_target!(|data: &[u8]| {
         Some((path, query)) => (path, Some(query)),
         None => (text, None),
     };
-    // A recordings request names its agent canonically: sent again, it names the same one.
-    if let Ok(Route::Recordings(request)) = route::parse(path, query) {
-        let agent = &request.query;
+    // An agent's recordings request names its agent canonically: sent again, it names the
+    // same one.
+    if let Ok(Route::List(request)) = route::parse(path, query)
+        && let Subject::Agent {
+            id_type,
+            identification,
+        } = &request.query.subject
+    {
         let again = format!(
             "/mot/{}/agents/{}/{}/recordings",
             utf8_percent_encode(&request.account, NON_ALPHANUMERIC),
-            agent.id_type.as_str(),
-            utf8_percent_encode(&agent.identification, NON_ALPHANUMERIC),
+            id_type.as_str(),
+            utf8_percent_encode(identification, NON_ALPHANUMERIC),
         );
         // Encoding every byte may take the path over the cap a client's spelling fit in.
         if again.len() > route::MAX_PATH_BYTES {
             return;
         }
         match route::parse(&again, None) {
-            Ok(Route::Recordings(reparsed)) => {
+            Ok(Route::List(reparsed)) => {
                 assert_eq!(reparsed.account, request.account);
-                assert_eq!(reparsed.query.id_type, agent.id_type);
-                assert_eq!(reparsed.query.identification, agent.identification);
+                assert_eq!(reparsed.query.subject, request.query.subject);
             }
             other => panic!("{again} from {text:?} parsed as {other:?}"),
         }
