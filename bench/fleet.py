@@ -30,6 +30,9 @@ import tempfile
 import time
 import urllib.request
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import free_port  # noqa: E402  (one free-port helper for every bench script)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
 BIN = os.path.join(ROOT, "target/release/miralix-gateway")
@@ -47,12 +50,6 @@ RESTART_KEYS = 10_000
 
 def log(message):
     print(f"[fleet] {message}", flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url, method="GET"):

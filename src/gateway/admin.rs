@@ -8,7 +8,7 @@ use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 
-use super::fetch::{RefreshPlan, fetch_list};
+use super::fetch::list_fetcher;
 use super::respond::{NOSNIFF, X_CONTENT_TYPE_OPTIONS, strip_body};
 use super::{Account, AppState, Body, status};
 use crate::auth::{self};
@@ -276,7 +276,6 @@ pub(super) async fn refresh_now(
 ) -> Result<Response<Full<Bytes>>, ProxyError> {
     let list_key = CacheKey::subject_prefix(&account.name, &query.subject);
     let (dropped, _) = state.cache.purge(&Scope::Filtered(list_key.clone())).await;
-    let plan = RefreshPlan::of(cache, state.cache.now());
     let key = CacheKey {
         account: account.name.clone(),
         query,
@@ -287,17 +286,7 @@ pub(super) async fn refresh_now(
         .fetch_now(
             key,
             account.fetch_terms(),
-            |key, kind, previous, waiters| {
-                fetch_list(
-                    account,
-                    key.query.clone(),
-                    kind,
-                    previous,
-                    waiters,
-                    plan,
-                    Default::default(),
-                )
-            },
+            list_fetcher(account, (&state.cache, cache, None), Default::default),
         )
         .await;
     let entry = outcome.result?;

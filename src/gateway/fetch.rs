@@ -11,7 +11,10 @@ use super::Account;
 use super::respond::upstream_outcome;
 use super::status::RecentErrors;
 use crate::cache::policy::{self, FetchFacts, ListPlan, StoredFacts};
-use crate::cache::{CachedResponse, FetchKind, Fetched, Previous, StoredList, Waiters};
+use crate::cache::{
+    CacheKey, CachedResponse, FetchKind, Fetched, Previous, ResponseCache, StoredList, Waiters,
+};
+use crate::config::CacheConfig;
 use crate::metrics::AccountMetrics;
 use crate::recordings::RecordingList;
 use crate::route::ListQuery;
@@ -29,7 +32,7 @@ pub(super) struct RefreshPlan {
 }
 
 impl RefreshPlan {
-    pub(super) fn of(cache: &crate::config::CacheConfig, now: Instant) -> Self {
+    pub(super) fn of(cache: &CacheConfig, now: Instant) -> Self {
         Self {
             full_refresh_interval: cache.full_refresh_interval,
             now,
@@ -37,6 +40,36 @@ impl RefreshPlan {
         }
     }
 }
+
+/// What the cache calls when a request for `account` starts a fetch: [`fetch_list`], with the
+/// refresh plan of `config` (a `200` fresh for `ttl` when given) read at that moment, so a hit
+/// reads no clock for it, and the trace context `forwarded` gives.
+pub(super) fn list_fetcher<'a>(
+    account: &'a Account,
+    (cache, config, ttl): (&'a ResponseCache, &'a CacheConfig, Option<Duration>),
+    forwarded: impl FnOnce() -> Forwarded + 'a,
+) -> impl FnOnce(&CacheKey, FetchKind, Previous, Waiters) -> ListFetchTask + 'a {
+    move |key, kind, previous, waiters| {
+        let plan = RefreshPlan {
+            ttl,
+            ..RefreshPlan::of(config, cache.now())
+        };
+        let query = key.query.clone();
+        Box::pin(fetch_list(
+            account,
+            query,
+            kind,
+            previous,
+            waiters,
+            plan,
+            forwarded(),
+        ))
+    }
+}
+
+/// A fetch as the cache spawns it (boxed once per fetch, so [`list_fetcher`] can name it).
+pub(super) type ListFetchTask =
+    std::pin::Pin<Box<dyn Future<Output = Result<Fetched, UpstreamError>> + Send + 'static>>;
 
 /// The fetch behind a cache key, run as a task of its own (so it owns clones of what it
 /// needs).

@@ -9,7 +9,7 @@ use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE, ETAG, IF_NON
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 
-use super::fetch::{RefreshPlan, fetch_list};
+use super::fetch::list_fetcher;
 use super::respond::cached_response;
 use super::{AccessEntry, Account, AppState};
 use crate::cache::{
@@ -106,33 +106,14 @@ pub(super) async fn lookup(
         account: account.name.clone(),
         query,
     };
-    let refresh = RefreshPlan {
-        ttl,
-        ..RefreshPlan::of(cache, state.cache.now())
-    };
     // Clones for the fetch task are made only when this request starts a fetch.
     let trace = &access.trace;
-    let outcome = state
-        .cache
-        .get_or_fetch(
-            key,
-            FetchTerms {
-                elements,
-                ..account.fetch_terms()
-            },
-            |key, kind, previous, waiters| {
-                fetch_list(
-                    account,
-                    key.query.clone(),
-                    kind,
-                    previous,
-                    waiters,
-                    refresh,
-                    trace.forwarded(),
-                )
-            },
-        )
-        .await;
+    let terms = FetchTerms {
+        elements,
+        ..account.fetch_terms()
+    };
+    let fetch = list_fetcher(account, (&state.cache, cache, ttl), || trace.forwarded());
+    let outcome = state.cache.get_or_fetch(key, terms, fetch).await;
     access.cache = outcome.status;
     let metrics = &account.metrics;
     match outcome.status {
