@@ -423,6 +423,7 @@ async fn run_gateway(
     audit: Option<telemetry::AuditFile>,
     on_bound: impl FnOnce(&Listeners),
 ) -> Result<()> {
+    server::huge_pages(config.server.transparent_huge_pages);
     let listeners = Listeners::bind(&config).await?;
     let state = Arc::new(AppState::new(config, Arc::new(SystemClock))?);
     on_bound(&listeners);

@@ -590,6 +590,27 @@ impl Activity {
     }
 }
 
+/// Opt the process out of transparent huge pages unless `keep` (`server.transparent_huge_pages`).
+///
+/// Where the host has them "always", the allocator's heap, which grows as the cache fills, is
+/// faulted in and zeroed 2 MiB at a time: in the benchmark's layout that put a p99 of about 5 ms
+/// on sequential misses against about 1 ms without (bench/README.md, "History"), and a 2 MiB
+/// page the heap only partly uses still counts in full against the memory bound. The setting
+/// covers every thread, from the next page fault on. A kernel or filter that refuses the call
+/// leaves the host's setting, with a warning.
+pub fn huge_pages(keep: bool) {
+    if keep {
+        return;
+    }
+    match rustix::thread::disable_transparent_huge_pages(true) {
+        Ok(()) => tracing::debug!("transparent huge pages are off for this process"),
+        Err(error) => tracing::warn!(
+            %error,
+            "cannot opt out of transparent huge pages; the host's setting applies (server.transparent_huge_pages)"
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

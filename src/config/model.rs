@@ -48,6 +48,9 @@ pub struct ServerConfig {
     /// A connection on which clients cancelled this many requests before their answer (HTTP/2
     /// stream resets, most of them), more than half of its requests, is sent GOAWAY and closed.
     pub max_cancelled_requests: usize,
+    /// Whether the process keeps the host's transparent huge pages (off by default: see
+    /// [`crate::server::huge_pages`]).
+    pub transparent_huge_pages: bool,
     /// Requests per client address on the public listeners (`[server.rate_limit]`).
     pub rate_limit: Option<RateLimit>,
 }

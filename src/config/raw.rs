@@ -43,6 +43,8 @@ pub struct RawServer {
     pub max_request_head_bytes: Option<RawSize>,
     /// Default 100.
     pub max_cancelled_requests: Option<u64>,
+    /// Default false: the process opts out of transparent huge pages.
+    pub transparent_huge_pages: Option<bool>,
     pub tls: Option<RawTls>,
     /// Off unless present.
     pub rate_limit: Option<RawRateLimit>,

@@ -414,6 +414,7 @@ pub(super) fn validate_server(
         max_connections: max_connections?,
         max_request_head_bytes: max_request_head_bytes?,
         max_cancelled_requests: max_cancelled_requests?,
+        transparent_huge_pages: raw.transparent_huge_pages.unwrap_or(false),
         rate_limit: rate_limit?,
     })
 }

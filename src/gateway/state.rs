@@ -314,6 +314,10 @@ impl ReloadReport {
                 "server.max_connections",
                 a.server.max_connections != b.server.max_connections,
             ),
+            (
+                "server.transparent_huge_pages",
+                a.server.transparent_huge_pages != b.server.transparent_huge_pages,
+            ),
             ("admin.listen", a.admin.listen != b.admin.listen),
             ("cache.max_bytes", a.cache.max_bytes != b.cache.max_bytes),
             ("cache.shared / cache.disk", a.cache.tier != b.cache.tier),

@@ -663,3 +663,51 @@ fn an_unknown_key_gets_its_line_and_the_key_it_meant() {
         "{stderr}"
     );
 }
+
+/// `THP_enabled` from a process's `/proc/PID/status` (Linux 5.0 and later), if shown.
+fn thp_enabled(pid: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("THP_enabled:"))
+        .map(|value| value.trim().to_string())
+}
+
+#[tokio::test]
+async fn the_process_opts_out_of_transparent_huge_pages_unless_told_to_keep_them() {
+    let Some(inherited) = thp_enabled("self") else {
+        eprintln!("skipped: this kernel's /proc/PID/status has no THP_enabled line");
+        return;
+    };
+    let simulator = start_box(SimulatorTls::SelfSigned).await;
+    let dir = tempfile::tempdir().unwrap();
+    for (setting, expected) in [(None, "0"), (Some(false), "0"), (Some(true), &*inherited)] {
+        let line = setting.map_or(String::new(), |keep| {
+            format!("transparent_huge_pages = {keep}\n")
+        });
+        let config = dir.path().join("gateway.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n{line}[admin]\nlisten = \"127.0.0.1:0\"\n\
+                 [accounts.{ACCOUNT}]\nbase_url = \"{}\"\nshared_secret = \"{SECRET}\"\n\
+                 pin_sha256 = \"{}\"\n",
+                simulator.base_url(),
+                pin_of(&simulator)
+            ),
+        )
+        .unwrap();
+        let mut gateway = Running::spawn(
+            Command::new(BIN).args(["serve", "--config"]).arg(&config),
+            false,
+        );
+        gateway.wait_for("miralix-gateway serving");
+        let pid = gateway.child.id().to_string();
+        assert_eq!(
+            thp_enabled(&pid).as_deref(),
+            Some(expected),
+            "server.transparent_huge_pages = {setting:?}"
+        );
+        gateway.finish();
+    }
+}
