@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::filter::{FilterExt, Targets, filter_fn};
+use tracing_subscriber::filter::{FilterExt, Targets};
 use tracing_subscriber::fmt::MakeWriter;
 
 pub use crate::config::LogFormat;
@@ -103,9 +103,13 @@ pub fn init(
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // With an audit file, audit events go there and not to stderr.
     let separate = audit.is_some();
-    let stderr_filter = filter.and(filter_fn(move |meta| {
-        !(separate && meta.target() == AUDIT_LOG)
-    }));
+    // Targets, not a closure: its interest is decided once per callsite, so a disabled
+    // `enabled!` or event costs a cached lookup on the hit path, not a filter call.
+    let everything = Targets::new().with_default(tracing::level_filters::LevelFilter::TRACE);
+    let stderr_filter = filter.and(match separate {
+        true => everything.with_target(AUDIT_LOG, tracing::level_filters::LevelFilter::OFF),
+        false => everything,
+    });
     let stderr = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)

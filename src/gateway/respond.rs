@@ -58,7 +58,7 @@ pub(super) fn cached_response(
         _ => 0,
     });
     let mut cache_status = match (status, remaining) {
-        (CacheStatus::Hit, Some(ttl)) => format!("{CACHE_NAME}; hit; ttl={ttl}"),
+        (CacheStatus::Hit, Some(ttl)) => with_number(&[CACHE_NAME, "; hit; ttl="], ttl),
         (CacheStatus::Stale(StaleReason::Revalidating), _) => {
             format!("{CACHE_NAME}; hit; stale; fwd=stale")
         }
@@ -84,7 +84,8 @@ pub(super) fn cached_response(
         ),
     };
     if let Some(tier) = tier {
-        cache_status.push_str(&format!("; detail={tier}"));
+        cache_status.push_str("; detail=");
+        cache_status.push_str(tier);
     }
     let headers = response.headers_mut();
     if let Some(content_type) = &entry.content_type {
@@ -107,7 +108,7 @@ pub(super) fn cached_response(
     headers.insert(CACHE_STATUS, header_value(cache_status));
     headers.insert(AGE, HeaderValue::from(age));
     let cache_control = match remaining {
-        Some(remaining) => header_value(format!("private, max-age={remaining}")),
+        Some(remaining) => header_value(with_number(&["private, max-age="], remaining)),
         None => HeaderValue::from_static("no-store"),
     };
     headers.insert(CACHE_CONTROL, cache_control);
@@ -156,6 +157,17 @@ pub(super) fn strip_body(response: &mut Response<Body>) {
             .insert(CONTENT_LENGTH, HeaderValue::from(length));
     }
     *response.body_mut() = Either::Left(Full::new(Bytes::new()));
+}
+
+/// `parts` then `n`, without `format!`'s machinery: the hit path builds two of these.
+fn with_number(parts: &[&str], n: u64) -> String {
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(n);
+    let mut text =
+        String::with_capacity(parts.iter().map(|p| p.len()).sum::<usize>() + digits.len());
+    parts.iter().for_each(|part| text.push_str(part));
+    text.push_str(digits);
+    text
 }
 
 pub(super) fn header_value(text: String) -> HeaderValue {
