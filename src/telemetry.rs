@@ -24,6 +24,9 @@ pub use crate::config::LogFormat;
 
 /// The tracing target of the one event per request.
 pub const ACCESS_LOG: &str = "miralix_gateway::access";
+/// The one rustls message left out of the log by default (see [`init`]).
+const QUIET_SNI: &str = "rustls::msgs::handshake=error";
+
 /// The tracing target of the audit log: who read which agent's list or which recording.
 pub const AUDIT_LOG: &str = "miralix_gateway::audit";
 
@@ -100,7 +103,14 @@ pub fn init(
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
 
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // rustls warns on every handshake whose client sends an IP address as SNI (RFC 6066 allows
+    // host names only; it is ignored and the one certificate is served). Internal apps that
+    // connect by address do that on every connection: not the operator's to act on, so kept
+    // out of the log unless RUST_LOG names rustls itself.
+    if !std::env::var("RUST_LOG").is_ok_and(|value| value.contains("rustls")) {
+        filter = filter.add_directive(QUIET_SNI.parse().expect("a valid directive"));
+    }
     // With an audit file, audit events go there and not to stderr.
     let separate = audit.is_some();
     // Targets, not a closure: its interest is decided once per callsite, so a disabled

@@ -711,3 +711,53 @@ async fn the_process_opts_out_of_transparent_huge_pages_unless_told_to_keep_them
         gateway.finish();
     }
 }
+
+#[tokio::test]
+async fn a_client_sending_an_ip_address_as_sni_leaves_no_warning_unless_rustls_is_asked_for() {
+    let simulator = start_box(SimulatorTls::SelfSigned).await;
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n[accounts.{ACCOUNT}]\nbase_url = \"{}\"\n\
+             shared_secret = \"{SECRET}\"\npin_sha256 = \"{}\"\n",
+            cert.display(),
+            key.display(),
+            simulator.base_url(),
+            pin_of(&simulator)
+        ),
+    )
+    .unwrap();
+    for rust_log in [None, Some("info,rustls=warn")] {
+        let mut command = Command::new(BIN);
+        command.args(["serve", "--config"]).arg(&config);
+        match rust_log {
+            Some(value) => command.env("RUST_LOG", value),
+            None => command.env_remove("RUST_LOG"),
+        };
+        let mut gateway = Running::spawn(&mut command, false);
+        let serving = gateway.wait_for("miralix-gateway serving");
+        let public = addr_after(&serving, "public=");
+        let handshake = Command::new("openssl")
+            .args(["s_client", "-connect", &public.to_string()])
+            .args(["-servername", "127.0.0.1", "-CAfile"])
+            .arg(&cert)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl is installed (.ci/run installs it)");
+        let said = String::from_utf8_lossy(&handshake.stdout);
+        assert!(said.contains("Verify return code: 0 (ok)"), "{said}");
+        let logs = gateway.finish();
+        assert_eq!(
+            logs.contains("Illegal SNI"),
+            rust_log.is_some(),
+            "RUST_LOG={rust_log:?}:\n{logs}"
+        );
+    }
+}
