@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use miralix_gateway::simulator::{Failure, SimulatorTls};
+use miralix_gateway::simulator::{Failure, Simulator, SimulatorTls};
 
 use crate::support::*;
 
@@ -428,6 +428,28 @@ fn send_signal(child: &Child, signal: &str) {
     assert!(status.success(), "kill {signal}");
 }
 
+/// A configuration for the binary: public and admin listeners on port 0, `server` lines
+/// added to `[server]`, `tables` before the account, and the account on `simulator`.
+fn serve_config(simulator: &Simulator, server: &str, tables: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{server}[admin]\nlisten = \"127.0.0.1:0\"\n{tables}\
+         [accounts.{ACCOUNT}]\nbase_url = \"{}\"\nshared_secret = \"{SECRET}\"\n\
+         pin_sha256 = \"{}\"\n",
+        simulator.base_url(),
+        pin_of(simulator)
+    )
+}
+
+/// `serve --config config` (with `env` applied), once it says it is serving.
+fn serve(config: &std::path::Path, env: impl FnOnce(&mut Command)) -> (Running, String) {
+    let mut command = Command::new(BIN);
+    command.args(["serve", "--config"]).arg(config);
+    env(&mut command);
+    let mut gateway = Running::spawn(&mut command, false);
+    let serving = gateway.wait_for("miralix-gateway serving");
+    (gateway, serving)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_systemd_it_notifies_reloads_on_sighup_and_stops_cleanly() {
     let simulator = start_box(SimulatorTls::SelfSigned).await;
@@ -500,19 +522,10 @@ async fn json_logs_are_one_object_per_line() {
     let config = dir.path().join("gateway.toml");
     std::fs::write(
         &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n\
-             [accounts.{ACCOUNT}]\nbase_url = \"{}\"\nshared_secret = \"{SECRET}\"\npin_sha256 = \"{}\"\n",
-            simulator.base_url(),
-            pin_of(&simulator)
-        ),
+        serve_config(&simulator, "", "[log]\nformat = \"json\"\n"),
     )
     .unwrap();
-    let mut gateway = Running::spawn(
-        Command::new(BIN).args(["serve", "--config"]).arg(&config),
-        false,
-    );
-    let serving = gateway.wait_for("miralix-gateway serving");
+    let (mut gateway, serving) = serve(&config, |_| {});
     let line: serde_json::Value = serde_json::from_str(&serving).expect("a JSON log line");
     let public: SocketAddr = line["fields"]["public"].as_str().unwrap().parse().unwrap();
     assert_eq!(
@@ -686,22 +699,8 @@ async fn the_process_opts_out_of_transparent_huge_pages_unless_told_to_keep_them
             format!("transparent_huge_pages = {keep}\n")
         });
         let config = dir.path().join("gateway.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\n{line}[admin]\nlisten = \"127.0.0.1:0\"\n\
-                 [accounts.{ACCOUNT}]\nbase_url = \"{}\"\nshared_secret = \"{SECRET}\"\n\
-                 pin_sha256 = \"{}\"\n",
-                simulator.base_url(),
-                pin_of(&simulator)
-            ),
-        )
-        .unwrap();
-        let mut gateway = Running::spawn(
-            Command::new(BIN).args(["serve", "--config"]).arg(&config),
-            false,
-        );
-        gateway.wait_for("miralix-gateway serving");
+        std::fs::write(&config, serve_config(&simulator, &line, "")).unwrap();
+        let (gateway, _) = serve(&config, |_| {});
         let pid = gateway.child.id().to_string();
         assert_eq!(
             thp_enabled(&pid).as_deref(),
@@ -721,28 +720,19 @@ async fn a_client_sending_an_ip_address_as_sni_leaves_no_warning_unless_rustls_i
     std::fs::write(&cert, certified.cert.pem()).unwrap();
     std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
     let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n[accounts.{ACCOUNT}]\nbase_url = \"{}\"\n\
-             shared_secret = \"{SECRET}\"\npin_sha256 = \"{}\"\n",
-            cert.display(),
-            key.display(),
-            simulator.base_url(),
-            pin_of(&simulator)
-        ),
-    )
-    .unwrap();
+    let tls = format!(
+        "[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    std::fs::write(&config, serve_config(&simulator, "", &tls)).unwrap();
     for rust_log in [None, Some("info,rustls=warn")] {
-        let mut command = Command::new(BIN);
-        command.args(["serve", "--config"]).arg(&config);
-        match rust_log {
-            Some(value) => command.env("RUST_LOG", value),
-            None => command.env_remove("RUST_LOG"),
-        };
-        let mut gateway = Running::spawn(&mut command, false);
-        let serving = gateway.wait_for("miralix-gateway serving");
+        let (gateway, serving) = serve(&config, |command| {
+            match rust_log {
+                Some(value) => command.env("RUST_LOG", value),
+                None => command.env_remove("RUST_LOG"),
+            };
+        });
         let public = addr_after(&serving, "public=");
         let handshake = Command::new("openssl")
             .args(["s_client", "-connect", &public.to_string()])
