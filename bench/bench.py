@@ -960,6 +960,19 @@ def prose(s):
     return text
 
 
+def split(row):
+    """Where a rate's CPU per request went, kernel and user space, gateway against nginx."""
+    if "kernel" not in row["gateway"]:
+        return ""
+    gk, nk = row["gateway"]["kernel"]["median"], row["nginx"]["kernel"]["median"]
+    gu, nu = row["gateway"]["cpu"]["median"] - gk, row["nginx"]["cpu"]["median"] - nk
+    text = (f": {gk:.1f} against {nk:.1f} us in the kernel ({gk / nk:.2f}x nginx's) and "
+            f"{gu:.1f} against {nu:.1f} us in user space ({gu / nu:.2f}x)")
+    if gk < nk and gu > nu:
+        text += ", so the kernel work is where the gateway saves, and user space where it spends more"
+    return text
+
+
 def reading(s):
     """bench/README's reading of the latest run, every figure from the results."""
     missed = [goal for goal, ok, _ in s["goals"] if not ok]
@@ -980,7 +993,7 @@ def reading(s):
             f"per request (medians of the rounds). The lowest ratio, at {lowest:,}/s, came from "
             f"{gw['median']:.1f} us per request for the gateway (rounds {gw['min']:.1f} to "
             f"{gw['max']:.1f}) against {ng['median']:.1f} us for nginx ({ng['min']:.1f} to "
-            f"{ng['max']:.1f}).")
+            f"{ng['max']:.1f})" + split(eq["rows"][lowest]) + ".")
     parts.append(
         "The busier a server, the more requests it handles per wake-up, which is why CPU per "
         "request falls as the offered rate rises, and why saturated requests/s alone cannot "
