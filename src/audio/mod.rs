@@ -139,6 +139,8 @@ pub struct AudioStore {
 
 struct Inner {
     dir: PathBuf,
+    /// Held for as long as the store is open: see [`claim`].
+    _lock: File,
     max_file_bytes: u64,
     index: moka::future::Cache<AudioKey, Arc<Stored>>,
     downloads: Mutex<HashMap<AudioKey, watch::Receiver<Progress>>>,
@@ -158,6 +160,17 @@ impl AudioStore {
     /// `None`, with a warning, when the directory cannot be used.
     pub fn open(config: &AudioStoreConfig, metrics: AudioStoreMetrics) -> Option<Self> {
         let tmp = file::tmp_dir(&config.path);
+        let lock = match claim(&config.path) {
+            Ok(lock) => lock,
+            Err(why) => {
+                tracing::warn!(
+                    path = %config.path.display(),
+                    reason = %why,
+                    "the audio store's directory cannot be used; audio is passed through from the box, not stored"
+                );
+                return None;
+            }
+        };
         let made = std::fs::create_dir_all(&tmp)
             .and_then(|()| clear(&tmp))
             .and_then(|()| {
@@ -191,6 +204,7 @@ impl AudioStore {
         let store = Self {
             inner: Arc::new(Inner {
                 dir: config.path.clone(),
+                _lock: lock,
                 max_file_bytes: config.max_file_bytes,
                 index,
                 downloads: Mutex::new(HashMap::new()),
@@ -565,6 +579,32 @@ fn read_dir(dir: &Path) -> Vec<(PathBuf, Meta)> {
     found.sort_by_key(|(modified, _, _)| *modified);
     found.into_iter().map(|(_, p, m)| (p, m)).collect()
 }
+
+/// The directory for this process alone: an exclusive lock on `dir/lock`, held while the store
+/// is open. A second gateway pointed at the same directory would clear the first one's
+/// downloads under way at start-up and evict files the first still indexes, so it is refused
+/// (and passes audio through) instead; the kernel drops the lock when a process exits, however
+/// it ends.
+fn claim(dir: &Path) -> Result<File, String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK))
+        .map_err(|e| e.to_string())?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "another process holds {} (each gateway needs a directory of its own)",
+            dir.join(LOCK).display()
+        )),
+        Err(std::fs::TryLockError::Error(error)) => Err(error.to_string()),
+    }
+}
+
+/// The lock file in a store's directory; not a recording, so never indexed or deleted.
+const LOCK: &str = "lock";
 
 /// Delete what an earlier run left in the temporary directory.
 fn clear(tmp: &Path) -> std::io::Result<()> {

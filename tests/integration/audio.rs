@@ -432,6 +432,47 @@ async fn a_store_that_cannot_be_used_leaves_audio_passed_through() {
 }
 
 #[tokio::test]
+async fn a_second_gateway_on_the_same_directory_passes_audio_through_and_leaves_it_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = gateway(dir.path(), "", "").await;
+    assert_eq!(first.get(&audio_path(RECORDING)).await.status, 200);
+    wait_stored(&first, dir.path(), 1).await;
+    let stored = stored_files(dir.path());
+    // A download the first one has under way.
+    std::fs::write(dir.path().join("tmp").join("under-way"), b"partial").unwrap();
+
+    let second = gateway(dir.path(), "", "").await;
+    let reply = second.get(&audio_path(RECORDING)).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.header("cache-status"),
+        Some("miralix-gateway; fwd=bypass")
+    );
+    assert_eq!(reply.body, expected(RECORDING, 0..reply.body.len() as u64));
+    assert_eq!(
+        tmp_files(dir.path()),
+        1,
+        "the first one's download is left alone"
+    );
+    assert_eq!(stored_files(dir.path()), stored);
+    assert_eq!(
+        first.get(&audio_path(RECORDING)).await.header("x-cache"),
+        Some("HIT")
+    );
+
+    // Once the first has stopped, the directory is free for the next one.
+    first.stop().await;
+    drop(second);
+    let next = gateway(dir.path(), "", "").await;
+    let reply = next.get(&audio_path(RECORDING)).await;
+    assert_eq!(reply.status, 200);
+    assert_ne!(
+        reply.header("cache-status"),
+        Some("miralix-gateway; fwd=bypass")
+    );
+}
+
+#[tokio::test]
 async fn an_operator_can_delete_stored_recordings() {
     let dir = tempfile::tempdir().unwrap();
     let gw = gateway(dir.path(), "", "").await;
