@@ -342,12 +342,12 @@ impl Metrics {
         );
         registry.register(
             "upstream_list_fetches",
-            "Recordings lists received from the Miralix box, by kind: full, delta (fromQueueCallId=<highest stored id>) or filtered (a client's fromQueueCallId passed on)",
+            "Lists received from the Miralix box, by kind: full, delta (fromQueueCallId=<highest stored id>), filtered (a client's fromQueueCallId passed on) or other (the agent directory and allowlisted reads)",
             metrics.list_fetches.clone(),
         );
         registry.register_with_unit(
             "upstream_list",
-            "Body bytes of the recordings lists received from the Miralix box, by kind",
+            "Body bytes of the lists received from the Miralix box, by kind",
             Unit::Bytes,
             metrics.list_fetch_bytes.clone(),
         );
@@ -477,7 +477,12 @@ impl Metrics {
             account: account.to_owned(),
             kind: kind.as_str(),
         };
-        let kinds = [ListFetch::Full, ListFetch::Delta, ListFetch::Filtered];
+        let kinds = [
+            ListFetch::Full,
+            ListFetch::Delta,
+            ListFetch::Filtered,
+            ListFetch::Other,
+        ];
         let list_fetches = kinds.map(|kind| self.list_fetches.get_or_create(&fetch(kind)).clone());
         let list_fetch_bytes =
             kinds.map(|kind| self.list_fetch_bytes.get_or_create(&fetch(kind)).clone());
@@ -587,8 +592,8 @@ pub struct AccountMetrics {
     upstream_duration: Histogram,
     upstream_requests: Family<UpstreamLabels, Counter>,
     /// By [`ListFetch`] in declaration order: full, delta, filtered.
-    list_fetches: [Counter; 3],
-    list_fetch_bytes: [Counter; 3],
+    list_fetches: [Counter; 4],
+    list_fetch_bytes: [Counter; 4],
     pub selections: Counter,
     pub audio_bytes: Counter,
     pub audio: AccountAudio,

@@ -111,6 +111,8 @@ pub enum ListFetch {
     Delta,
     /// A client's `fromQueueCallId`, passed on as it is.
     Filtered,
+    /// Not a recordings list: the agent directory, or an allowlisted read.
+    Other,
 }
 
 impl ListFetch {
@@ -119,6 +121,7 @@ impl ListFetch {
             ListFetch::Full => "full",
             ListFetch::Delta => "delta",
             ListFetch::Filtered => "filtered",
+            ListFetch::Other => "other",
         }
     }
 }

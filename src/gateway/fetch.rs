@@ -135,9 +135,10 @@ pub(super) fn fetch_list(
                     "the box did not answer a delta with a list; fetching the whole list"
                 );
             }
-            let what = match query.from_queue_call_id {
-                Some(_) => ListFetch::Filtered,
-                None => ListFetch::Full,
+            let what = match (query.subject.is_recordings(), query.from_queue_call_id) {
+                (false, _) => ListFetch::Other,
+                (true, Some(_)) => ListFetch::Filtered,
+                (true, None) => ListFetch::Full,
             };
             let reply = box_.send(&query, what, kind, &waiters).await?;
             if !query.subject.is_recordings() {

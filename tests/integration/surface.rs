@@ -165,6 +165,18 @@ async fn the_directory_has_its_own_ttl_and_takes_only_allowed_states() {
         received.last().unwrap().target,
         format!("{directory}?state=any")
     );
+    // The directory is not a recordings list: counted apart from the full list fetches.
+    let metrics = gw.metrics().await;
+    let fetches = |kind: &str| {
+        sample(
+            &metrics,
+            &format!(
+                "miralix_gateway_upstream_list_fetches_total{{account=\"{ACCOUNT}\",kind=\"{kind}\"}}"
+            ),
+        )
+    };
+    // `state=any`, the bare list, and `state=any` again past directory_ttl.
+    assert_eq!((fetches("full"), fetches("other")), (0.0, 3.0));
 }
 
 #[tokio::test]
