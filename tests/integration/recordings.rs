@@ -10,12 +10,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::{
-    ACCOUNT, ADMIN_TOKEN, EMAIL, Gateway, Options, SECRET, ids, path, request, sample, wait_until,
+    ACCOUNT, ADMIN_TOKEN, EMAIL, Gateway, Options, SECRET, ids, list_fetches, path, request,
+    sample, wait_until,
 };
-
-fn series(kind: &str) -> String {
-    format!("miralix_gateway_upstream_list_fetches_total{{account=\"{ACCOUNT}\",kind=\"{kind}\"}}")
-}
 
 fn gunzip(body: &[u8]) -> Vec<u8> {
     let mut plain = Vec::new();
@@ -75,8 +72,8 @@ async fn from_queue_call_id_is_selected_from_the_stored_list_without_asking_the_
         ),
         points.len() as f64
     );
-    assert_eq!(sample(&metrics, &series("full")), 1.0);
-    assert_eq!(sample(&metrics, &series("filtered")), 0.0);
+    assert_eq!(sample(&metrics, &list_fetches("full")), 1.0);
+    assert_eq!(sample(&metrics, &list_fetches("filtered")), 0.0);
 }
 
 #[tokio::test]
@@ -116,8 +113,8 @@ async fn a_stale_list_is_refreshed_by_delta_and_equals_a_full_fetch() {
     assert_eq!(same.header("etag"), after.header("etag"));
     assert_eq!(same.body, after.body);
     let metrics = gw.metrics().await;
-    assert_eq!(sample(&metrics, &series("full")), 1.0);
-    assert_eq!(sample(&metrics, &series("delta")), 2.0);
+    assert_eq!(sample(&metrics, &list_fetches("full")), 1.0);
+    assert_eq!(sample(&metrics, &list_fetches("delta")), 2.0);
     let delta_bytes = sample(
         &metrics,
         &format!(

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{ACCOUNT, API_KEY, Gateway, SECRET, ids, request, sample};
+use crate::support::{ACCOUNT, API_KEY, Gateway, SECRET, ids, list_fetches, request, sample};
 
 fn queue(id: &str) -> String {
     format!("/mot/{ACCOUNT}/queues/{id}/calls/recordings")
@@ -60,14 +60,7 @@ async fn a_queue_list_is_cached_selected_from_and_refreshed_by_delta() {
         .collect();
     assert!(!new.is_empty(), "some of {added:?} were taken in queue 2");
     let metrics = gw.metrics().await;
-    let fetches = |kind: &str| {
-        sample(
-            &metrics,
-            &format!(
-                "miralix_gateway_upstream_list_fetches_total{{account=\"{ACCOUNT}\",kind=\"{kind}\"}}"
-            ),
-        )
-    };
+    let fetches = |kind: &str| sample(&metrics, &list_fetches(kind));
     assert_eq!((fetches("full"), fetches("delta")), (1.0, 1.0));
 }
 
@@ -167,14 +160,7 @@ async fn the_directory_has_its_own_ttl_and_takes_only_allowed_states() {
     );
     // The directory is not a recordings list: counted apart from the full list fetches.
     let metrics = gw.metrics().await;
-    let fetches = |kind: &str| {
-        sample(
-            &metrics,
-            &format!(
-                "miralix_gateway_upstream_list_fetches_total{{account=\"{ACCOUNT}\",kind=\"{kind}\"}}"
-            ),
-        )
-    };
+    let fetches = |kind: &str| sample(&metrics, &list_fetches(kind));
     // `state=any`, the bare list, and `state=any` again past directory_ttl.
     assert_eq!((fetches("full"), fetches("other")), (0.0, 3.0));
 }

@@ -606,6 +606,11 @@ where
     }
 }
 
+/// The `upstream_list_fetches_total` series of the test account for one `kind`.
+pub fn list_fetches(kind: &str) -> String {
+    format!("miralix_gateway_upstream_list_fetches_total{{account=\"{ACCOUNT}\",kind=\"{kind}\"}}")
+}
+
 /// The `QueueCallId`s of a recordings list, in its order.
 pub fn ids(body: &[u8]) -> Vec<u64> {
     let list: Vec<serde_json::Value> = serde_json::from_slice(body).unwrap();
