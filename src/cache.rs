@@ -138,12 +138,29 @@ pub struct CachedResponse {
     pub too_large: bool,
     /// The second tier it was read back from (`shared`, `disk`), or `None` from the box.
     pub from_tier: Option<&'static str>,
-    /// Handed to the waiting clients as soon as the box's bytes were checked, before its
-    /// compressed copy and parsed list were made; never stored (the finished entry is).
+    /// Handed to the waiting clients (and stored) as soon as the box's bytes were checked,
+    /// before its compressed copy and parsed list were made; the finished entry replaces it.
     pub provisional: bool,
 }
 
 impl CachedResponse {
+    /// The parsed elements of a full `200` list: those stored with it, or for a provisional
+    /// entry (whose list is still being made) parsed from its body now. `None` when it is
+    /// not a list of recordings.
+    pub fn elements(&self) -> Option<StoredList> {
+        match &self.list {
+            Some(list) => Some(list.clone()),
+            None if self.provisional && self.status == StatusCode::OK => {
+                let recordings = RecordingList::parse(&self.body)?;
+                Some(StoredList {
+                    recordings: Arc::new(recordings),
+                    fetched_whole_at: self.fetched_at,
+                })
+            }
+            None => None,
+        }
+    }
+
     /// The answer to `fromQueueCallId=from` selected from this stored full list (`list`, its
     /// parsed elements): the elements after `from`, with a tag of their own, compressed now
     /// only if the client takes gzip. A selection that keeps every element is the stored entry
@@ -327,18 +344,9 @@ pub struct ResponseCache {
     loads: Flights,
 }
 
-/// The result a flight ends with; `Aborted` if it ended without one. With `elements`, a
-/// provisional answer is not enough: the caller selects from the parsed list.
-async fn completion(
-    receiver: &mut watch::Receiver<Option<FetchResult>>,
-    elements: bool,
-) -> FetchResult {
-    let ready = |result: &Option<FetchResult>| match result {
-        Some(Ok(entry)) => !(elements && entry.provisional),
-        Some(Err(_)) => true,
-        None => false,
-    };
-    match receiver.wait_for(ready).await {
+/// The result a flight ends with; `Aborted` if it ended without one.
+async fn completion(receiver: &mut watch::Receiver<Option<FetchResult>>) -> FetchResult {
+    match receiver.wait_for(Option::is_some).await {
         Ok(done) => done.clone().unwrap_or(Err(UpstreamError::Aborted)),
         Err(_) => Err(UpstreamError::Aborted),
     }
@@ -469,10 +477,6 @@ impl ResponseCache {
             && let Some(lifetime) = entry.lifetime
         {
             match policy::freshness(&lifetime, self.clock.now()) {
-                // A selection needs the parsed list, which the flight is making.
-                Freshness::Fresh { .. } if entry.provisional && terms.elements => {
-                    return self.settled(key, entry.clone()).await;
-                }
                 Freshness::Fresh { .. } => {
                     return Outcome::new(CacheStatus::Hit, Ok(entry.clone()));
                 }
@@ -492,22 +496,6 @@ impl ResponseCache {
         match self.recent_failure(&key).await {
             Some(error) => Outcome::new(CacheStatus::Backoff, Err(error)),
             None => self.join_or_lead(key, terms, fetch, stored).await,
-        }
-    }
-
-    /// The finished entry behind a stored provisional one: from its flight, or, when that has
-    /// landed already, from the store (`provisional` if neither has it yet).
-    async fn settled(&self, key: CacheKey, provisional: Arc<CachedResponse>) -> Outcome {
-        match self.in_flight.join_or_lead(&key) {
-            Joined::Follower(mut receiver) => Outcome::new(
-                CacheStatus::Collapsed,
-                completion(&mut receiver, true).await,
-            ),
-            Joined::Leader(flight, _) => {
-                let entry = self.fresh(&key).await.unwrap_or(provisional);
-                flight.land(Ok(entry.clone()));
-                Outcome::new(CacheStatus::Hit, Ok(entry))
-            }
         }
     }
 
@@ -542,7 +530,7 @@ impl ResponseCache {
                 (CacheStatus::Miss, receiver)
             }
         };
-        Outcome::new(status, completion(&mut receiver, terms.elements).await)
+        Outcome::new(status, completion(&mut receiver).await)
     }
 
     /// Start a background refresh of `key` unless one is running or the key is backing off.
@@ -590,8 +578,7 @@ impl ResponseCache {
                 receiver
             }
         };
-        // An operator's refresh answers with what was stored.
-        Outcome::new(CacheStatus::Miss, completion(&mut receiver, true).await)
+        Outcome::new(CacheStatus::Miss, completion(&mut receiver).await)
     }
 
     /// Remove every stored entry (and remembered failure) in `scope`, here, in the second
@@ -633,7 +620,8 @@ impl ResponseCache {
         self.in_flight.waiting()
     }
 
-    /// Fetches in flight, including background refreshes.
+    /// Fetches in flight, including background refreshes and fills still finishing the entry
+    /// they answered with first.
     pub fn fetches_in_flight(&self) -> usize {
         self.in_flight.len()
     }
@@ -770,6 +758,60 @@ pub(crate) mod tests {
             .await;
         assert_eq!(next.status, CacheStatus::Miss);
         assert!(next.result.is_ok());
+    }
+
+    /// A `200` recordings list of `n` elements, as the box sends it whole.
+    fn whole_list(n: u64) -> Result<Fetched, UpstreamError> {
+        let elements: Vec<String> = (1..=n)
+            .map(|id| format!(r#"{{"QueueCallId":{id},"Caller":"+4512345678"}}"#))
+            .collect();
+        Ok(Fetched {
+            reply: UpstreamReply {
+                status: StatusCode::OK,
+                content_type: None,
+                body: Bytes::from(format!("[{}]", elements.join(","))),
+            },
+            list: None,
+            ttl: None,
+            unparsed: Some(Instant::now()),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_miss_is_answered_first_and_a_purge_while_it_finishes_is_not_undone() {
+        let cache = cache();
+        let first = cache
+            .get_or_fetch(key("1"), FetchTerms::default(), |_, _, _, _| async {
+                whole_list(400)
+            })
+            .await;
+        assert_eq!(first.status, CacheStatus::Miss);
+        let entry = first.result.unwrap();
+        assert!(entry.provisional, "answered before it was finished");
+        assert!(entry.gzip.is_none() && entry.list.is_none());
+        assert_eq!(entry.elements().unwrap().recordings.len(), 400);
+        // Its flight has landed: the key can be fetched again at once.
+        assert!(cache.in_flight.lead_unwatched(&key("1")).is_some());
+        assert_eq!(cache.fetches_in_flight(), 1, "still finishing the entry");
+        assert_eq!(cache.purge(&Scope::All).await.0, 1);
+        settle(&cache, |n| n == 0).await;
+        assert!(
+            cache.store.get(&key("1")).await.is_none(),
+            "the finished entry did not bring the purged key back"
+        );
+
+        // Left alone, the finished entry replaces the first answer.
+        let again = cache
+            .get_or_fetch(key("1"), FetchTerms::default(), |_, _, _, _| async {
+                whole_list(400)
+            })
+            .await;
+        assert!(again.result.unwrap().provisional);
+        settle(&cache, |n| n == 0).await;
+        let stored = cache.store.get(&key("1")).await.unwrap();
+        assert!(!stored.provisional);
+        assert!(stored.gzip.is_some());
+        assert_eq!(stored.list.as_ref().unwrap().recordings.len(), 400);
     }
 
     #[tokio::test]

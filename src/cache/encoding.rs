@@ -33,7 +33,7 @@ pub async fn gzip_for_storage(body: &Bytes, config: &CacheConfig) -> Option<Enco
     }
     let level = config.gzip_level;
     let compressed = if body.len() <= INLINE_LIMIT {
-        gzip(body, level)
+        gzip_in_steps(body, level).await
     } else {
         let body = body.clone();
         tokio::task::spawn_blocking(move || gzip(&body, level))
@@ -46,15 +46,42 @@ pub async fn gzip_for_storage(body: &Bytes, config: &CacheConfig) -> Option<Enco
     })
 }
 
-/// `body` gzip-compressed at `level` (1 to 9).
-pub fn gzip(body: &[u8], level: u32) -> Bytes {
-    let mut encoder = GzEncoder::new(
+/// How much of a body is deflated between two yields to the worker's other tasks.
+const STEP: usize = 4 * 1024;
+
+/// [`gzip`] in steps of [`STEP`] of input, yielding to the worker's other tasks between them:
+/// a request arriving meanwhile (on a one-CPU host the worker may be the only thread) waits
+/// for one step, some tens of microseconds, not for the whole body, and the rest is
+/// compressed while that request waits for the box.
+async fn gzip_in_steps(body: &[u8], level: u32) -> Bytes {
+    let mut encoder = encoder(body, level);
+    let mut steps = body.chunks(STEP).peekable();
+    while let Some(step) = steps.next() {
+        // Writing into a Vec cannot fail.
+        let _ = encoder.write_all(step);
+        if steps.peek().is_some() {
+            tokio::task::yield_now().await;
+        }
+    }
+    exact(encoder.finish().unwrap_or_default())
+}
+
+fn encoder(body: &[u8], level: u32) -> GzEncoder<Vec<u8>> {
+    GzEncoder::new(
         Vec::with_capacity(body.len() / 4 + 64),
         Compression::new(level),
-    );
+    )
+}
+
+/// `body` gzip-compressed at `level` (1 to 9).
+pub fn gzip(body: &[u8], level: u32) -> Bytes {
+    let mut encoder = encoder(body, level);
     // Writing into a Vec cannot fail.
     let _ = encoder.write_all(body);
-    let compressed = encoder.finish().unwrap_or_default();
+    exact(encoder.finish().unwrap_or_default())
+}
+
+fn exact(compressed: Vec<u8>) -> Bytes {
     // The Vec grew by doubling: keep an allocation of the exact size, not up to twice it, as
     // the cache's weigher counts the length.
     match compressed.len() == compressed.capacity() {
@@ -128,15 +155,30 @@ mod tests {
         assert!(!accepts(&["gzipped"]));
     }
 
+    fn gunzip(compressed: &[u8]) -> Vec<u8> {
+        let mut plain = Vec::new();
+        flate2::read::GzDecoder::new(compressed)
+            .read_to_end(&mut plain)
+            .unwrap();
+        plain
+    }
+
     #[test]
     fn gzip_round_trips() {
         let body = b"[{\"QueueCallId\":1}]".repeat(100);
         let compressed = gzip(&body, 6);
         assert!(compressed.len() < body.len() / 4);
-        let mut plain = Vec::new();
-        flate2::read::GzDecoder::new(&compressed[..])
-            .read_to_end(&mut plain)
-            .unwrap();
-        assert_eq!(plain, body);
+        assert_eq!(gunzip(&compressed), body);
+    }
+
+    #[tokio::test]
+    async fn gzip_in_steps_round_trips_across_step_boundaries() {
+        for len in [STEP - 1, STEP, STEP + 1, 3 * STEP + 17] {
+            let body: Vec<u8> = (0..len)
+                .map(|i| b"[{\"QueueCallId\":12}]"[i % 20])
+                .collect();
+            let compressed = gzip_in_steps(&body, 6).await;
+            assert_eq!(gunzip(&compressed), body, "{len} bytes");
+        }
     }
 }

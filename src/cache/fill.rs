@@ -1,6 +1,8 @@
 //! What a fetch's task does with what it brings: the entry it makes (lifetime, entity tag,
 //! gzip copy, the too-large rule), stored in memory and written through to the second tier,
-//! a failure remembered for the backoff, and then the flight landed.
+//! a failure remembered for the backoff, and the flight landed: with the box's checked bytes
+//! as soon as they are stored, when a compressed copy or a parsed list is still to be made,
+//! or else with the finished entry.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -8,12 +10,12 @@ use std::time::Instant;
 
 use http::StatusCode;
 
-use super::flight::Flight;
+use super::flight::{Finishing, Flight};
 use super::policy::{self, Lifetime};
 use super::tier::{FetchTerms, Filled};
 use super::{
-    CacheKey, CachedResponse, Failure, FetchKind, Fetched, Previous, ResponseCache, StoredList,
-    conditional, encoding, weight,
+    CacheKey, CachedResponse, Failure, FetchKind, FetchResult, Fetched, Previous, ResponseCache,
+    StoredList, conditional, encoding, weight,
 };
 use crate::recordings::RecordingList;
 use crate::upstream::UpstreamError;
@@ -43,11 +45,17 @@ impl ResponseCache {
             let filled = cache
                 .fill_from_box(&key, kind == FetchKind::Forced, terms, fetch)
                 .await;
+            let mut flight = Some(flight);
+            // The provisional entry the flight landed with, if it did (and is finishing).
+            let mut first = None;
             let (result, generation, from_box) = match filled {
                 Ok(Filled::Box(Ok(fetched), generation)) => {
                     let status = fetched.reply.status.as_u16();
-                    let entry = cache
-                        .answer_first(&key, fetched, previous.as_deref(), &flight)
+                    // An operator's refresh answers with the finished entry.
+                    let early = kind != FetchKind::Forced;
+                    let entry;
+                    (entry, first) = cache
+                        .answer_first(&key, fetched, &previous, early.then_some(&mut flight))
                         .await;
                     (Ok(entry), generation, Some(status))
                 }
@@ -58,74 +66,111 @@ impl ResponseCache {
                 Ok(Filled::Tier(entry)) => (Ok(entry), None, None),
                 Err(error) => (Err(error), None, None),
             };
-            let config = cache.config.load_full();
-            // What later requests for the key meet during the backoff, if anything.
-            let backoff = match &result {
-                Ok(entry) if entry.lifetime.is_some() => {
-                    cache.failures.invalidate(&key).await;
-                    cache.store.insert(key.clone(), entry.clone()).await;
-                    None
-                }
-                Ok(entry) if entry.too_large => {
-                    // The first answer may have been stored before its weight was known.
-                    cache.store.remove(&key).await;
-                    // Those who waited get the answer; the box is not asked for it again until
-                    // the backoff has passed, so one oversized agent cannot hammer it.
-                    cache.warn_too_large(&key, entry).await;
-                    Some(UpstreamError::TooLargeToCache {
-                        weight: u64::from(weight::entry(&key, entry)),
-                        limit: config.max_entry_bytes,
-                        retry_after: config.error_backoff,
-                    })
-                }
-                Ok(_) => None,
-                // Nobody asked for it any more: not a failure of the key.
-                Err(UpstreamError::Abandoned) => None,
-                Err(error) => Some(error.clone()),
-            };
-            if let Some(error) = backoff.filter(|_| !config.error_backoff.is_zero()) {
-                let failure = Failure {
-                    error,
-                    at: cache.clock.now(),
-                };
-                cache.failures.insert(key.clone(), Arc::new(failure)).await;
-            }
+            let provisional = first.as_ref().map(|(entry, _)| entry);
+            let kept = cache.keep(&key, &result, provisional).await;
             if let Some(status) = from_box {
-                cache.write_through(&key, generation, &result, status);
+                // Superseded while finishing: the fleet's lease is freed, nothing is written.
+                let written = match kept {
+                    true => &result,
+                    false => &Err(UpstreamError::Abandoned),
+                };
+                cache.write_through(&key, generation, written, status);
             }
             // Stored first, then landed: a request arriving in between joins this flight, one
             // arriving after finds the stored entry (or the failure).
-            flight.land(result);
+            if let Some(flight) = flight {
+                flight.land(result);
+            }
         });
     }
 
+    /// Store a fill's `result` by the policy, or remember its failure for the backoff. An entry
+    /// that replaces the `provisional` one its flight landed with is stored only if memory
+    /// still holds that one; false when it did not (the key was purged, or a newer answer
+    /// stored, while the entry was finishing): then nothing is stored.
+    async fn keep(
+        &self,
+        key: &CacheKey,
+        result: &FetchResult,
+        provisional: Option<&Arc<CachedResponse>>,
+    ) -> bool {
+        let config = self.config.load_full();
+        // The first answer was stored (and the failure forgotten) when it was handed out.
+        let stored_first = provisional.filter(|first| first.lifetime.is_some());
+        // What later requests for the key meet during the backoff, if anything.
+        let backoff = match result {
+            Ok(entry) if entry.lifetime.is_some() => {
+                if let Some(first) = stored_first {
+                    return self.store.replace(key, first, Some(entry.clone())).await;
+                }
+                self.failures.invalidate(key).await;
+                self.store.insert(key.clone(), entry.clone()).await;
+                None
+            }
+            Ok(entry) if entry.too_large => {
+                // The first answer may have been stored before its weight was known.
+                match stored_first {
+                    Some(first) if !self.store.replace(key, first, None).await => return false,
+                    Some(_) => {}
+                    None => self.store.remove(key).await,
+                }
+                // Those who waited get the answer; the box is not asked for it again until
+                // the backoff has passed, so one oversized agent cannot hammer it.
+                self.warn_too_large(key, entry).await;
+                Some(UpstreamError::TooLargeToCache {
+                    weight: u64::from(weight::entry(key, entry)),
+                    limit: config.max_entry_bytes,
+                    retry_after: config.error_backoff,
+                })
+            }
+            Ok(_) => None,
+            // Nobody asked for it any more: not a failure of the key.
+            Err(UpstreamError::Abandoned) => None,
+            Err(error) => Some(error.clone()),
+        };
+        if let Some(error) = backoff.filter(|_| !config.error_backoff.is_zero()) {
+            let failure = Failure {
+                error,
+                at: self.clock.now(),
+            };
+            self.failures.insert(key.clone(), Arc::new(failure)).await;
+        }
+        true
+    }
+
     /// The finished entry for what the box sent. When a compressed copy or a parsed list is
-    /// still to be made, the checked bytes are stored and handed to the waiting clients first
-    /// (a provisional entry, which later requests hit too), and the finished entry replaces
-    /// it; a request that selects from the list waits for that (see `FetchTerms::elements`).
+    /// still to be made, the checked bytes are stored as a provisional entry (which later
+    /// requests hit), the flight lands with them, so the waiting clients are answered at once,
+    /// and the entry is finished afterwards; that provisional entry is returned beside it,
+    /// with the guard that counts the fill as in flight until it is dropped.
     async fn answer_first(
         &self,
         key: &CacheKey,
         fetched: Fetched,
-        previous: Option<&CachedResponse>,
-        flight: &Flight,
-    ) -> Arc<CachedResponse> {
+        previous: &Previous,
+        flight: Option<&mut Option<Flight>>,
+    ) -> (
+        Arc<CachedResponse>,
+        Option<(Arc<CachedResponse>, Finishing)>,
+    ) {
         let unparsed = fetched.unparsed;
-        let first = self.first_answer(key, fetched, previous);
-        if !first.provisional {
-            return self.finish(key, first, unparsed).await;
-        }
+        let first = self.first_answer(key, fetched, previous.as_deref());
+        let Some(leader) = flight.filter(|_| first.provisional).and_then(Option::take) else {
+            return (self.finish(key, first, unparsed).await, None);
+        };
         let first = Arc::new(first);
         if first.lifetime.is_some() {
             self.failures.invalidate(key).await;
             self.store.insert(key.clone(), first.clone()).await;
         }
-        flight.answer(Ok(first.clone()));
+        let finishing = leader.land_first(Ok(first.clone()));
         // The woken clients run (and write their answers) before the compression does, on
         // this worker too.
         tokio::task::yield_now().await;
-        self.finish(key, Arc::unwrap_or_clone(first), unparsed)
-            .await
+        let entry = self
+            .finish(key, CachedResponse::clone(&first), unparsed)
+            .await;
+        (entry, Some((first, finishing)))
     }
 
     /// Log, once per key, that an answer was too large to store.

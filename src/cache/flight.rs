@@ -3,11 +3,13 @@
 //! A request that finds no flight for its key leads one; later requests join it and are woken
 //! with its result. The map sits behind a plain mutex that is never held across an `.await`:
 //! every operation here is a short critical section. A flight leaves the map when its fetch
-//! has stored its result, or when everyone waiting for it has gone ([`Waiters::gone`]); a
-//! fetch task that ends without either (it was cancelled) removes its flight in `Drop` and
-//! releases its waiters with [`UpstreamError::Aborted`].
+//! has stored its result (or its first answer, [`Flight::land_first`]), or when everyone
+//! waiting for it has gone ([`Waiters::gone`]); a fetch task that ends without either (it was
+//! cancelled) removes its flight in `Drop` and releases its waiters with
+//! [`UpstreamError::Aborted`].
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
@@ -22,6 +24,8 @@ pub(super) type Receiver = watch::Receiver<Option<FetchResult>>;
 #[derive(Clone, Default)]
 pub(super) struct Flights {
     map: Arc<Mutex<HashMap<CacheKey, Sender>>>,
+    /// Flights landed with a first answer whose fill is still finishing its entry.
+    finishing: Arc<AtomicUsize>,
 }
 
 /// What a request finds for its key.
@@ -84,9 +88,10 @@ impl Flights {
             .sum()
     }
 
-    /// Flights in progress, background refreshes included.
+    /// Flights in progress, background refreshes and fills still finishing the entry they
+    /// answered with first included.
     pub(super) fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().len() + self.finishing.load(Ordering::Acquire)
     }
 }
 
@@ -109,11 +114,17 @@ impl Flight {
         }))
     }
 
-    /// Wake every waiter with `answer` now, staying in the map: requests that arrive before
-    /// [`Flight::land`] join and get it at once. For the box's checked bytes, handed out
-    /// before the compressed copy and the parsed list are made.
-    pub(super) fn answer(&self, answer: FetchResult) {
-        self.sender.send_replace(Some(answer));
+    /// [`Flight::land`] with the box's checked bytes, stored already, before their compressed
+    /// copy and parsed list are made: a request arriving afterwards finds that provisional
+    /// entry, or, once it is purged or stale, starts a fetch of its own. The flight still
+    /// counts in [`Flights::len`] until the returned guard, held while the entry is finished,
+    /// is dropped.
+    pub(super) fn land_first(self, answer: FetchResult) -> Finishing {
+        let finishing = self.flights.finishing.clone();
+        // Counted before the flight leaves the map, so the count never reads zero between.
+        finishing.fetch_add(1, Ordering::AcqRel);
+        self.land(answer);
+        Finishing(finishing)
     }
 
     /// Leave the map, then wake every waiter with `result`. The caller stores the result
@@ -123,6 +134,15 @@ impl Flight {
         self.flights.remove(&self.key, &self.sender);
         self.sender.send_replace(Some(result));
         self.landed = true;
+    }
+}
+
+/// A fill finishing the entry its flight answered with first (see [`Flight::land_first`]).
+pub(super) struct Finishing(Arc<AtomicUsize>);
+
+impl Drop for Finishing {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -233,6 +253,26 @@ mod tests {
             *follower.borrow(),
             Some(Err(UpstreamError::Aborted))
         ));
+        assert_eq!(flights.len(), 0);
+    }
+
+    #[test]
+    fn a_flight_landed_first_counts_until_its_entry_is_finished() {
+        let flights = Flights::default();
+        let Joined::Leader(flight, receiver) = flights.join_or_lead(&key("1")) else {
+            panic!("leads");
+        };
+        let finishing = flight.land_first(Err(UpstreamError::RejectedSecret));
+        assert!(matches!(
+            *receiver.borrow(),
+            Some(Err(UpstreamError::RejectedSecret))
+        ));
+        assert_eq!(flights.len(), 1, "still finishing");
+        assert!(
+            matches!(flights.join_or_lead(&key("1")), Joined::Leader(..)),
+            "a new request no longer joins it"
+        );
+        drop(finishing);
         assert_eq!(flights.len(), 0);
     }
 

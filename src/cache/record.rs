@@ -189,7 +189,7 @@ pub async fn decode(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::cache::policy::tests::cache;
     use crate::identity::IdType;
@@ -208,7 +208,7 @@ mod tests {
         }
     }
 
-    fn entry(now: Instant, body: &str) -> CachedResponse {
+    pub(crate) fn entry(now: Instant, body: &str) -> CachedResponse {
         let body = Bytes::from(body.to_owned());
         CachedResponse {
             status: StatusCode::OK,

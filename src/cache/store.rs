@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moka::notification::RemovalCause;
+use moka::ops::compute::Op;
 
 use super::{CacheKey, CachedResponse, weight};
 use crate::metrics::EvictionCounters;
@@ -74,12 +75,52 @@ impl MemoryStore {
         self.entries.get(key).await
     }
 
+    /// Store `entry` for `key`. Under the key's lock, like [`MemoryStore::replace`], so that
+    /// a replacement decided on what was stored cannot cross it.
     pub async fn insert(&self, key: CacheKey, entry: Arc<CachedResponse>) {
-        self.entries.insert(key, entry).await;
+        self.entries
+            .entry(key)
+            .and_compute_with(|_| std::future::ready(Op::Put(entry)))
+            .await;
+    }
+
+    /// Put `entry` (or, with `None`, nothing) in place of `expected` if that very entry is
+    /// still what `key` holds; whether it was. A fill that answered with a provisional entry
+    /// finishes it this way, and so never brings back a key purged, or stores over a newer
+    /// answer fetched, while it was finishing.
+    pub async fn replace(
+        &self,
+        key: &CacheKey,
+        expected: &Arc<CachedResponse>,
+        entry: Option<Arc<CachedResponse>>,
+    ) -> bool {
+        let mut held = false;
+        self.entries
+            .entry_by_ref(key)
+            .and_compute_with(|stored| {
+                held = stored.is_some_and(|stored| Arc::ptr_eq(stored.value(), expected));
+                std::future::ready(match (held, entry) {
+                    (true, Some(entry)) => Op::Put(entry),
+                    (true, None) => Op::Remove,
+                    (false, _) => Op::Nop,
+                })
+            })
+            .await;
+        held
     }
 
     pub async fn remove(&self, key: &CacheKey) {
-        self.entries.invalidate(key).await;
+        self.remove_key(key).await;
+    }
+
+    /// Remove `key` under its lock (see [`MemoryStore::insert`]); whether it was stored.
+    async fn remove_key(&self, key: &CacheKey) -> bool {
+        let result = self
+            .entries
+            .entry_by_ref(key)
+            .and_compute_with(|_| std::future::ready(Op::Remove))
+            .await;
+        matches!(result, moka::ops::compute::CompResult::Removed(_))
     }
 
     /// Remove every entry whose key matches; how many went.
@@ -92,7 +133,7 @@ impl MemoryStore {
             .collect();
         let mut removed = 0;
         for key in keys {
-            if self.entries.remove(&key).await.is_some() {
+            if self.remove_key(&key).await {
                 removed += 1;
             }
         }
@@ -126,5 +167,51 @@ impl MemoryStore {
     /// Apply moka's pending bookkeeping, so counts are current.
     pub async fn sync(&self) {
         self.entries.run_pending_tasks().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::cache::record::tests::entry;
+    use crate::cache::tests::key;
+    use crate::metrics::Metrics;
+
+    #[tokio::test]
+    async fn a_replacement_lands_only_on_the_entry_it_was_made_for() {
+        let store = MemoryStore::new(1 << 20, Metrics::new().evictions());
+        let list = r#"[{"QueueCallId":1}]"#;
+        let one = || Arc::new(entry(Instant::now(), list));
+        let (first, finished, newer) = (one(), one(), one());
+        store.insert(key("1"), first.clone()).await;
+        assert!(
+            store
+                .replace(&key("1"), &first, Some(finished.clone()))
+                .await
+        );
+        let held = store.get(&key("1")).await.unwrap();
+        assert!(Arc::ptr_eq(&held, &finished));
+
+        // A newer answer was stored meanwhile: it stays.
+        store.insert(key("1"), newer.clone()).await;
+        assert!(
+            !store
+                .replace(&key("1"), &finished, Some(first.clone()))
+                .await
+        );
+        assert!(Arc::ptr_eq(&store.get(&key("1")).await.unwrap(), &newer));
+        assert!(!store.replace(&key("1"), &finished, None).await);
+        assert!(store.get(&key("1")).await.is_some(), "not removed either");
+
+        // Purged meanwhile: nothing comes back.
+        assert_eq!(store.remove_matching(|_| true).await, 1);
+        assert!(!store.replace(&key("1"), &newer, Some(finished)).await);
+        assert!(store.get(&key("1")).await.is_none());
+
+        store.insert(key("2"), first.clone()).await;
+        assert!(store.replace(&key("2"), &first, None).await);
+        assert!(store.get(&key("2")).await.is_none());
     }
 }

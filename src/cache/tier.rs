@@ -41,9 +41,6 @@ pub struct FetchTerms {
     pub lease: Duration,
     pub box_slots: usize,
     pub queue_timeout: Duration,
-    /// The request selects from the list's parsed elements (`fromQueueCallId`): it waits for
-    /// the finished entry, not the answer handed out first.
-    pub elements: bool,
 }
 
 impl Default for FetchTerms {
@@ -52,7 +49,6 @@ impl Default for FetchTerms {
             lease: Duration::from_secs(65),
             box_slots: 8,
             queue_timeout: Duration::from_secs(5),
-            elements: false,
         }
     }
 }
@@ -230,7 +226,7 @@ impl ResponseCache {
     pub(super) async fn promote(&self, key: &CacheKey) -> Option<Arc<CachedResponse>> {
         let tier = self.tier.get()?;
         match self.loads.join_or_lead(key) {
-            Joined::Follower(mut receiver) => completion(&mut receiver, false).await.ok(),
+            Joined::Follower(mut receiver) => completion(&mut receiver).await.ok(),
             Joined::Leader(flight, _receiver) => {
                 let entry = match tier.read(key).await {
                     Some(found) => self.decode(tier, key, found).await,

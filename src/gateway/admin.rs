@@ -302,7 +302,7 @@ pub(super) async fn refresh_now(
     Ok(json_ok(serde_json::json!({
         "refreshed": entry.lifetime.is_some(),
         "status": entry.status.as_u16(),
-        "recordings": entry.list.as_ref().map(|l| l.recordings.len()),
+        "recordings": entry.elements().map(|l| l.recordings.len()),
         "bytes": entry.body.len(),
         "purged": dropped,
     })))

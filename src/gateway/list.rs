@@ -12,9 +12,7 @@ use http_body_util::Full;
 use super::fetch::list_fetcher;
 use super::respond::cached_response;
 use super::{AccessEntry, Account, AppState};
-use crate::cache::{
-    CacheKey, CacheStatus, CachedResponse, FetchTerms, StaleReason, conditional, encoding,
-};
+use crate::cache::{CacheKey, CacheStatus, CachedResponse, StaleReason, conditional, encoding};
 use crate::config::CacheConfig;
 use crate::error::ProxyError;
 use crate::route::ListQuery;
@@ -41,22 +39,19 @@ pub(super) async fn list_response<B>(
         ..query.clone()
     };
     let gzip = encoding::accepts_gzip(request.headers().get_all(ACCEPT_ENCODING).iter());
-    // Selecting needs the parsed list: such a request waits for the finished entry.
-    let (mut outcome, mut entry) =
-        lookup(state, (cache, ttl), account, (full, from.is_some()), access).await?;
+    let (mut outcome, mut entry) = lookup(state, (cache, ttl), account, full, access).await?;
     if let Some(from) = from {
-        match &entry.list {
+        match entry.elements() {
             Some(list) => {
                 account.metrics.selections.inc();
-                entry = CachedResponse::select(&entry, list, from, gzip, cache).await;
+                entry = CachedResponse::select(&entry, &list, from, gzip, cache).await;
             }
             // An unknown agent (or another stored error) is the answer for every id.
             None if entry.status != StatusCode::OK => {}
             None if api.has_from_queue_call_id() => {
                 // The box's list has no numeric QueueCallIds: let the box do the filtering,
                 // and cache its answer as it is.
-                (outcome, entry) =
-                    lookup(state, (cache, ttl), account, (query, false), access).await?;
+                (outcome, entry) = lookup(state, (cache, ttl), account, query, access).await?;
             }
             None => return Err(ProxyError::CannotEmulate),
         }
@@ -93,13 +88,12 @@ pub(super) struct Lookup {
 }
 
 /// Look `query` up in the cache (fetching it if need be; a `200` is fresh for `ttl` when
-/// given, else `cache.ttl`), counting the outcome and noting it for the access log. With
-/// `elements`, a miss waits for the finished entry and its parsed list.
+/// given, else `cache.ttl`), counting the outcome and noting it for the access log.
 pub(super) async fn lookup(
     state: &AppState,
     (cache, ttl): (&CacheConfig, Option<Duration>),
     account: &Account,
-    (query, elements): (ListQuery, bool),
+    query: ListQuery,
     access: &mut AccessEntry,
 ) -> Result<(Lookup, Arc<CachedResponse>), ProxyError> {
     let key = CacheKey {
@@ -108,10 +102,7 @@ pub(super) async fn lookup(
     };
     // Clones for the fetch task are made only when this request starts a fetch.
     let trace = &access.trace;
-    let terms = FetchTerms {
-        elements,
-        ..account.fetch_terms()
-    };
+    let terms = account.fetch_terms();
     let fetch = list_fetcher(account, (&state.cache, cache, ttl), || trace.forwarded());
     let outcome = state.cache.get_or_fetch(key, terms, fetch).await;
     access.cache = outcome.status;

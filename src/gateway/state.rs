@@ -47,7 +47,6 @@ impl Account {
             lease: upstream.timeout * 2 + upstream.queue_timeout + Duration::from_secs(2),
             box_slots: upstream.max_concurrent_requests,
             queue_timeout: upstream.queue_timeout,
-            elements: false,
         }
     }
 }

@@ -26,13 +26,10 @@ async fn a_stale_entry_is_served_at_once_while_exactly_one_refresh_runs() {
     .await;
     let first = gw.get(&path("id", "103")).await;
     assert_eq!(first.header("x-cache"), Some("MISS"));
-    // The clients are answered before the fetch's entry is finished (compressed, parsed) and
-    // its flight lands; on this runtime that may still be under way on the other worker, and a
-    // stale request would join it instead of starting the refresh.
-    wait_until("the first fetch to land", || async {
-        gw.state.fetches_in_flight() == 0
-    })
-    .await;
+    // The clients are answered before the fetch's entry is finished (compressed, parsed); on
+    // this runtime that may still be under way on the other worker, and the refresh would
+    // start from the provisional entry.
+    gw.settled().await;
     gw.clock.advance(Duration::from_secs(31));
 
     // The box holds every answer: stale answers must not wait for it.

@@ -310,6 +310,17 @@ shared_secret = "{SECRET}"
         request(self.addr, "GET", target, &[]).await
     }
 
+    /// Wait until no fetch is in flight and every fill has finished its entry (compressed,
+    /// parsed). Clients are answered before that; a test that moves the clock or looks for
+    /// the compressed copy right after a miss waits for it first.
+    pub async fn settled(&self) {
+        wait_until(
+            "the fetches to land and their entries to be finished",
+            || async { self.state.fetches_in_flight() == 0 },
+        )
+        .await;
+    }
+
     /// What the box itself answers `200` for `target` (counted by the box like any request).
     pub async fn box_answer(&self, target: &str) -> Vec<u8> {
         let reply = request(
