@@ -76,8 +76,9 @@ impl ResponseCache {
                 };
                 cache.write_through(&key, generation, written, status);
             }
-            // Stored first, then landed: a request arriving in between joins this flight, one
-            // arriving after finds the stored entry (or the failure).
+            // Stored first, then landed (unless it landed with the first answer): a request
+            // arriving in between joins this flight, one arriving after finds the stored entry
+            // (or the failure).
             if let Some(flight) = flight {
                 flight.land(result);
             }
@@ -85,9 +86,10 @@ impl ResponseCache {
     }
 
     /// Store a fill's `result` by the policy, or remember its failure for the backoff. An entry
-    /// that replaces the `provisional` one its flight landed with is stored only if memory
-    /// still holds that one; false when it did not (the key was purged, or a newer answer
-    /// stored, while the entry was finishing): then nothing is stored.
+    /// that replaces the `provisional` one its flight landed with (stored, and the key's
+    /// failure forgotten, when it was handed out) is stored only if memory still holds that
+    /// one; false when it did not (the key was purged, or a newer answer stored, while the
+    /// entry was finishing): then nothing is stored.
     async fn keep(
         &self,
         key: &CacheKey,
@@ -95,12 +97,10 @@ impl ResponseCache {
         provisional: Option<&Arc<CachedResponse>>,
     ) -> bool {
         let config = self.config.load_full();
-        // The first answer was stored (and the failure forgotten) when it was handed out.
-        let stored_first = provisional.filter(|first| first.lifetime.is_some());
         // What later requests for the key meet during the backoff, if anything.
         let backoff = match result {
             Ok(entry) if entry.lifetime.is_some() => {
-                if let Some(first) = stored_first {
+                if let Some(first) = provisional {
                     return self.store.replace(key, first, Some(entry.clone())).await;
                 }
                 self.failures.invalidate(key).await;
@@ -109,7 +109,7 @@ impl ResponseCache {
             }
             Ok(entry) if entry.too_large => {
                 // The first answer may have been stored before its weight was known.
-                match stored_first {
+                match provisional {
                     Some(first) if !self.store.replace(key, first, None).await => return false,
                     Some(_) => {}
                     None => self.store.remove(key).await,
@@ -139,10 +139,11 @@ impl ResponseCache {
     }
 
     /// The finished entry for what the box sent. When a compressed copy or a parsed list is
-    /// still to be made, the checked bytes are stored as a provisional entry (which later
-    /// requests hit), the flight lands with them, so the waiting clients are answered at once,
-    /// and the entry is finished afterwards; that provisional entry is returned beside it,
-    /// with the guard that counts the fill as in flight until it is dropped.
+    /// still to be made for an answer that is stored, the checked bytes are stored as a
+    /// provisional entry (which later requests hit), the flight lands with them, so the waiting
+    /// clients are answered at once, and the entry is finished afterwards; that provisional
+    /// entry is returned beside it, with the guard that counts the fill as in flight until it
+    /// is dropped. An answer that is not stored is finished before anyone gets it.
     async fn answer_first(
         &self,
         key: &CacheKey,
@@ -155,14 +156,13 @@ impl ResponseCache {
     ) {
         let unparsed = fetched.unparsed;
         let first = self.first_answer(key, fetched, previous.as_deref());
-        let Some(leader) = flight.filter(|_| first.provisional).and_then(Option::take) else {
+        let early = first.provisional && first.lifetime.is_some();
+        let Some(leader) = flight.filter(|_| early).and_then(Option::take) else {
             return (self.finish(key, first, unparsed).await, None);
         };
         let first = Arc::new(first);
-        if first.lifetime.is_some() {
-            self.failures.invalidate(key).await;
-            self.store.insert(key.clone(), first.clone()).await;
-        }
+        self.failures.invalidate(key).await;
+        self.store.insert(key.clone(), first.clone()).await;
         let finishing = leader.land_first(Ok(first.clone()));
         // The woken clients run (and write their answers) before the compression does, on
         // this worker too.
