@@ -25,10 +25,11 @@ pub enum Action {
         account: Option<String>,
         subject: Option<(String, Option<String>)>,
     },
+    /// `kind` and `name` as for a purge; the directory has no name.
     Refresh {
         account: String,
         kind: String,
-        name: String,
+        name: Option<String>,
     },
 }
 
@@ -129,7 +130,7 @@ pub async fn run(
             format!(
                 "/cache/{}/{}/refresh",
                 segment(account),
-                subject_path(kind, Some(name))?
+                subject_path(kind, name.as_deref())?
             ),
         ),
     };
@@ -169,10 +170,15 @@ pub async fn run(
                 value["purged"]
             )
         }
-        Action::Refresh { .. } => format!(
-            "refreshed: the box answered {}, {} recordings, {} bytes ({} filtered entries dropped)",
-            value["status"], value["recordings"], value["bytes"], value["purged"]
-        ),
+        Action::Refresh { .. } => {
+            let recordings = value["recordings"]
+                .as_u64()
+                .map_or_else(String::new, |n| format!("{n} recordings, "));
+            format!(
+                "refreshed: the box answered {}, {recordings}{} bytes ({} filtered entries dropped)",
+                value["status"], value["bytes"], value["purged"]
+            )
+        }
     })
 }
 

@@ -53,15 +53,15 @@ enum CacheAction {
         /// The agent's identification, or the queue's id.
         name: Option<String>,
     },
-    /// Fetch one agent's (`ACCOUNT id 103`) or queue's (`ACCOUNT queue 4`) whole list from
-    /// the box now.
+    /// Fetch one agent's (`ACCOUNT id 103`) or queue's (`ACCOUNT queue 4`) whole list, or
+    /// the agent directory (`ACCOUNT directory`), from the box now.
     Refresh {
         /// The account.
         account: String,
-        /// An identification type (sipUri, id, email, syncId) or `queue`.
+        /// An identification type (sipUri, id, email, syncId), `queue` or `directory`.
         kind: String,
-        /// The agent's identification, or the queue's id.
-        name: String,
+        /// The agent's identification, or the queue's id (none for the directory).
+        name: Option<String>,
     },
 }
 

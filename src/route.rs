@@ -124,7 +124,8 @@ pub enum CacheTarget<'a> {
     /// `/cache/{account}/queues/{queueId}` (one queue's) or `/cache/{account}/agents` (the
     /// directory's, every `state`).
     Subject(ListRequest<'a>),
-    /// An agent's or a queue's path plus `/refresh`.
+    /// An agent's, a queue's or the directory's (`/cache/{account}/agents`) path plus
+    /// `/refresh`.
     Refresh(ListRequest<'a>),
     /// `/cache/{account}/recordings/{queueCallId}`: one recording in the audio store.
     Recording {
@@ -273,15 +274,19 @@ pub fn parse_cache_target(path: &str) -> Result<CacheTarget<'_>, RouteError> {
             },
         })
     };
-    match segments[..] {
-        [account] => Ok(CacheTarget::Account(account_name(account)?)),
-        [account, "agents"] => Ok(CacheTarget::Subject(ListRequest {
+    let directory = |account| -> Result<ListRequest<'_>, RouteError> {
+        Ok(ListRequest {
             account: account_name(account)?,
             query: ListQuery {
                 subject: Subject::Directory(None),
                 from_queue_call_id: None,
             },
-        })),
+        })
+    };
+    match segments[..] {
+        [account] => Ok(CacheTarget::Account(account_name(account)?)),
+        [account, "agents"] => Ok(CacheTarget::Subject(directory(account)?)),
+        [account, "agents", "refresh"] => Ok(CacheTarget::Refresh(directory(account)?)),
         [account, "agents", id_type, identification] => Ok(CacheTarget::Subject(agent(
             account,
             id_type,
@@ -600,6 +605,11 @@ mod tests {
             panic!("the directory")
         };
         assert_eq!(directory.query.subject, Subject::Directory(None));
+        let Ok(CacheTarget::Refresh(directory)) = parse_cache_target("/cache/g/agents/refresh")
+        else {
+            panic!("the directory's refresh")
+        };
+        assert_eq!(directory.query.subject, Subject::Directory(None));
         assert!(matches!(
             parse_cache_target("/cache/g/queues/x"),
             Err(RouteError::QueueId(_))
@@ -618,7 +628,7 @@ mod tests {
         for path in [
             "/cachex",
             "/cache//",
-            "/cache/g/agents/refresh",
+            "/cache/g/queues/1/refresh/x",
             "/cache/g/queues",
             "/cache/g/agents/id/1/x",
             "/metrics",

@@ -79,8 +79,8 @@ pub async fn handle_admin<B>(state: Arc<AppState>, request: Request<B>) -> Respo
 
 /// `DELETE /cache[/{account}[/agents/{type}/{identification}|/queues/{queueId}|/agents]]`
 /// purges and answers how many entries went; `POST .../agents/{type}/{identification}/refresh`
-/// (or `.../queues/{queueId}/refresh`) fetches the whole list now and answers what the box
-/// said.
+/// (or `.../queues/{queueId}/refresh`, or `.../agents/refresh` for the directory) fetches the
+/// whole list now and answers what the box said.
 pub(super) async fn cache_admin<B>(
     state: &AppState,
     request: &Request<B>,
@@ -266,8 +266,9 @@ pub(super) fn purged(
     json_ok(body)
 }
 
-/// Fetch one agent's or queue's whole list now, replacing what is stored; its entries for a
-/// forwarded `fromQueueCallId` go too, as they may be older than the new list.
+/// Fetch one agent's or queue's whole list (or the directory) now, replacing what is stored;
+/// its entries for a forwarded `fromQueueCallId` go too, as they may be older than the new
+/// list. The directory is stored for `cache.directory_ttl`, as when a client fetched it.
 pub(super) async fn refresh_now(
     state: &AppState,
     cache: &CacheConfig,
@@ -275,6 +276,7 @@ pub(super) async fn refresh_now(
     query: ListQuery,
 ) -> Result<Response<Full<Bytes>>, ProxyError> {
     let list_key = CacheKey::subject_prefix(&account.name, &query.subject);
+    let ttl = (!query.subject.is_recordings()).then_some(cache.directory_ttl);
     let (dropped, _) = state.cache.purge(&Scope::Filtered(list_key.clone())).await;
     let key = CacheKey {
         account: account.name.clone(),
@@ -286,7 +288,7 @@ pub(super) async fn refresh_now(
         .fetch_now(
             key,
             account.fetch_terms(),
-            list_fetcher(account, (&state.cache, cache, None), Default::default),
+            list_fetcher(account, (&state.cache, cache, ttl), Default::default),
         )
         .await;
     let entry = outcome.result?;

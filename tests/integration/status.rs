@@ -358,11 +358,19 @@ async fn the_cache_command_lists_purges_and_refreshes_through_the_admin_api() {
         purged.trim(),
         "purged 1 entries from this instance's memory"
     );
+    let (ok, refreshed, err) =
+        cache_cli(&gateway, Some(&token), &["refresh", ACCOUNT, "directory"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        refreshed.starts_with("refreshed: the box answered 200, ") && refreshed.contains(" bytes"),
+        "{refreshed}"
+    );
+    assert!(!refreshed.contains("recordings"), "{refreshed}");
     let (ok, purged, err) =
         cache_cli(&gateway, Some(&token), &["purge", ACCOUNT, "directory"]).await;
     assert!(ok, "{err}");
     assert_eq!(
         purged.trim(),
-        "purged 0 entries from this instance's memory"
+        "purged 1 entries from this instance's memory"
     );
 }

@@ -166,6 +166,46 @@ async fn the_directory_has_its_own_ttl_and_takes_only_allowed_states() {
 }
 
 #[tokio::test]
+async fn an_operator_refreshes_the_directory_and_it_is_stored_for_the_directory_ttl() {
+    let gw = Gateway::plain(
+        "ttl = \"30s\"\ndirectory_ttl = \"60s\"\nstale_while_revalidate = \"0s\"",
+        "",
+    )
+    .await;
+    let directory = format!("/mot/{ACCOUNT}/agents");
+    assert_eq!(gw.get(&directory).await.header("x-cache"), Some("MISS"));
+    gw.settled().await;
+    gw.clock.advance(Duration::from_secs(50));
+    let asked = gw.simulator.request_count();
+    let refreshed = gw
+        .admin("POST", &format!("/cache/{ACCOUNT}/agents/refresh"))
+        .await;
+    assert_eq!(refreshed.status, 200, "{}", refreshed.text());
+    let answer = refreshed.json();
+    assert_eq!(answer["status"], 200);
+    assert_eq!(answer["refreshed"], true);
+    assert!(answer["recordings"].is_null(), "not a recordings list");
+    assert_eq!(gw.simulator.request_count(), asked + 1);
+    assert_eq!(gw.simulator.received().last().unwrap().target, directory);
+    // Stored anew for directory_ttl: 50 s on, past the list TTL, it is still a hit.
+    gw.clock.advance(Duration::from_secs(50));
+    let hit = gw.get(&directory).await;
+    assert_eq!(hit.header("x-cache"), Some("HIT"));
+    assert_eq!(answer["bytes"], hit.body.len());
+    assert_eq!(hit.body, gw.box_answer(&directory).await);
+    assert_eq!(
+        gw.simulator.request_count(),
+        asked + 2,
+        "and the direct read"
+    );
+    let wrong = gw
+        .admin("GET", &format!("/cache/{ACCOUNT}/agents/refresh"))
+        .await;
+    assert_eq!(wrong.status, 405);
+    assert_eq!(wrong.header("allow"), Some("POST"));
+}
+
+#[tokio::test]
 async fn directory_states_are_configurable() {
     let gw = Gateway::plain("ttl = \"30s\"", "directory_states = [\"loggedOut\"]").await;
     let directory = format!("/mot/{ACCOUNT}/agents");
