@@ -36,6 +36,9 @@ EQ_SECONDS = float(os.environ.get("BENCH_EQ_SECONDS", "5"))
 # A round whose load generator used this much of its core or more is marked: it may have
 # been the generator, not the server, that set the pace.
 LOADGEN_BUSY = 0.95
+# A run in which the host (the hypervisor) took this share of either benchmark core or more is
+# marked as contended: steal time in /proc/stat, time the core ran someone else's work.
+STOLEN = 0.05
 DURATION = os.environ.get("BENCH_DURATION", "10s")
 CONNECTIONS = 64
 STORM = 500
@@ -153,9 +156,31 @@ def children_cpu_seconds():
     return usage.ru_utime + usage.ru_stime
 
 
+def stolen_seconds():
+    """Per benchmark core, the time the host ran something else on it (steal, /proc/stat)."""
+    cores = {f"cpu{SERVER_CPU}", f"cpu{LOAD_CPU}"}
+    tick = os.sysconf("SC_CLK_TCK")
+    stolen = {}
+    with open("/proc/stat") as stat:
+        for line in stat:
+            fields = line.split()
+            if fields and fields[0] in cores:
+                stolen[fields[0]] = int(fields[8]) / tick if len(fields) > 8 else 0.0
+    return stolen
+
+
+def stolen_share(before, wall):
+    """The largest share of either benchmark core the host took since `before`."""
+    after = stolen_seconds()
+    return round(max((after[core] - before.get(core, 0.0) for core in after), default=0.0)
+                 / max(wall, 1e-9), 3)
+
+
 def wrk(url, server):
     """One wrk run from the load CPU: requests/s, p50 and p99 in ms, how busy the server was
-    and how busy wrk was (1.0 = one core saturated), and the server's CPU per request."""
+    and how busy wrk was (1.0 = one core saturated), the server's CPU per request, and the
+    share of a benchmark core the host took meanwhile."""
+    stolen_before = stolen_seconds()
     cpu_before, wall_before = server.cpu_seconds(), time.monotonic()
     loadgen_before = children_cpu_seconds()
     out = subprocess.run(["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{CONNECTIONS}",
@@ -174,6 +199,7 @@ def wrk(url, server):
         "server_cpu": round(cpu / wall, 2),
         "server_us_per_request": round(cpu / (rps * wall) * 1e6, 2),
         "loadgen_cpu": round((children_cpu_seconds() - loadgen_before) / wall, 2),
+        "stolen": stolen_share(stolen_before, wall),
     }
 
 
@@ -182,8 +208,10 @@ def equal_load(url, server, rate, ca=None):
     server's CPU time per request (from /proc/PID/stat)."""
     user_before, kernel_before = server.cpu_split()
     extra = ["--ca", ca] if ca else []
+    stolen_before, wall_before = stolen_seconds(), time.monotonic()
     out = probe(*extra, "rate", url, str(rate), str(EQ_SECONDS), "--connections",
                 str(CONNECTIONS))
+    out["stolen"] = stolen_share(stolen_before, time.monotonic() - wall_before)
     if out["statuses"] != {"200": out["n"]}:
         sys.exit(f"errors at {rate} requests/s against {url}: {out['statuses']}")
     user, kernel = server.cpu_split()
@@ -451,8 +479,10 @@ ca_file = "{sim_ca}"
     misses = {name: [] for name, *_ in sources}
     for round_ in range(ROUNDS):
         for name, base, extra, cpu in sources[round_ % 4:] + sources[:round_ % 4]:
+            stolen_before, wall_before = stolen_seconds(), time.monotonic()
             outcome = probe(*extra, "sequence", base, ID_TEMPLATE, str(next_id), str(MISSES),
                             cpu=cpu)
+            outcome["stolen"] = stolen_share(stolen_before, time.monotonic() - wall_before)
             # Every miss must be a list the box had to build (not a 404 for an unknown agent).
             if outcome["statuses"] != {"200": MISSES}:
                 sys.exit(f"misses against {base} were not all 200s: {outcome['statuses']}")
@@ -673,6 +703,18 @@ def summarize(r):
         mode: sum(1 for runs in saturated.values() for x in runs
                   if x.get("loadgen_cpu", 0) >= LOADGEN_BUSY)
         for mode, saturated in (("plain", hp), ("tls", ht))}
+    # Runs in which the host took a benchmark core's time: per kind, (contended, all, largest).
+    def contended(runs):
+        shares = [x["stolen"] for x in runs if "stolen" in x]
+        return [sum(1 for v in shares if v >= STOLEN), len(shares), max(shares, default=0)]
+
+    s["stolen"] = {
+        "saturated": contended(x for kind in (hp, ht) for runs in kind.values() for x in runs),
+        "equal": contended(x for eq in r.get("equal_load", {}).values()
+                           for per in eq["runs"].values() for runs in per.values()
+                           for x in runs),
+        "miss": contended(x for runs in miss.values() for x in runs),
+    }
     s["equal"] = {}
     for mode, eq in r.get("equal_load", {}).items():
         rows, ratios, p99_ok = {}, {}, True
@@ -686,6 +728,7 @@ def summarize(r):
                 "p999": spread_of([x["p999_ms"] for x in runs]),
                 "achieved": statistics.median(x["achieved_rps"] for x in runs),
                 "busy_rounds": sum(1 for x in runs if x["probe_cpu"] >= LOADGEN_BUSY),
+                "stolen_rounds": sum(1 for x in runs if x.get("stolen", 0) >= STOLEN),
             } for name, runs in per.items()}
             gateway, nginx = rows[rate]["gateway"], rows[rate]["nginx"]
             ratios[rate] = nginx["cpu"]["median"] / gateway["cpu"]["median"]
@@ -799,6 +842,8 @@ def markdown(r, s):
         f"{s['loadgen_busy_rounds']['plain']} of the plain and {s['loadgen_busy_rounds']['tls']} "
         f"of the TLS saturated runs: those rates may be the load generator's, not the server's.",
         "",
+        stolen_sentence(s),
+        "",
     ]
     lines += equal_tables(s, m)
     lines += [
@@ -839,6 +884,21 @@ def us_range(r, scenario, name):
     return f"{statistics.median(values):.1f} ({min(values):.1f} to {max(values):.1f})"
 
 
+def stolen_sentence(s):
+    """How often the host took a benchmark core's time during the runs."""
+    kinds = (("saturated", "saturated runs"), ("equal", "equal-load runs"),
+             ("miss", "miss rounds"))
+    counts = {kind: s.get("stolen", {}).get(kind, [0, 0, 0]) for kind, _ in kinds}
+    if not any(c[1] for c in counts.values()):
+        return "Steal time (the host taking a benchmark core) was not recorded in this run."
+    largest = max(c[2] for c in counts.values())
+    listed = ", ".join(f"{counts[kind][0]} of the {counts[kind][1]} {label}"
+                       for kind, label in kinds)
+    return (f"The host took at least {STOLEN:.0%} of a benchmark core (steal time in /proc/stat) "
+            f"in {listed}, at most {largest:.0%} of one run; a contended run measures the "
+            f"host's other tenants as much as the servers.")
+
+
 def equal_tables(s, m):
     """The equal-load tables: per offered rate and server, CPU per request and latencies."""
     lines = []
@@ -861,6 +921,8 @@ def equal_tables(s, m):
                     return (f"{value['median']:.{digits}f} ({value['min']:.{digits}f} to "
                             f"{value['max']:.{digits}f})")
                 busy = f" ({row['busy_rounds']} rounds generator-bound)" if row["busy_rounds"] else ""
+                if row.get("stolen_rounds"):
+                    busy += f" ({row['stolen_rounds']} rounds contended)"
                 ratio = f"{eq['cpu_ratio'][rate]:.2f}x" if name == "gateway" else ""
                 lines.append(
                     f"| {rate:,} | {name}{busy} | {cell(row['cpu'], 1)} | "
@@ -980,7 +1042,8 @@ def reading(s):
     pd, pf = s["poller"]["delta"], s["poller"]["full"]
     parts = [
         f"**Goals.** {len(held)} of {len(s['goals'])} hold in the latest run. "
-        + (f"Missed: {'; '.join(missed)}." if missed else "None is missed."),
+        + (f"Missed: {'; '.join(missed)}." if missed else "None is missed.") + " "
+        + stolen_sentence(s),
     ]
     for mode, eq in s["equal"].items():
         label = "plain HTTP" if mode == "plain" else "TLS"
