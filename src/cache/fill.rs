@@ -112,7 +112,9 @@ impl ResponseCache {
                 match provisional {
                     Some(first) if !self.store.replace(key, first, None).await => return false,
                     Some(_) => {}
-                    None => self.store.remove(key).await,
+                    None => {
+                        self.store.remove(key).await;
+                    }
                 }
                 // Those who waited get the answer; the box is not asked for it again until
                 // the backoff has passed, so one oversized agent cannot hammer it.

@@ -109,12 +109,8 @@ impl MemoryStore {
         held
     }
 
-    pub async fn remove(&self, key: &CacheKey) {
-        self.remove_key(key).await;
-    }
-
     /// Remove `key` under its lock (see [`MemoryStore::insert`]); whether it was stored.
-    async fn remove_key(&self, key: &CacheKey) -> bool {
+    pub async fn remove(&self, key: &CacheKey) -> bool {
         let result = self
             .entries
             .entry_by_ref(key)
@@ -133,7 +129,7 @@ impl MemoryStore {
             .collect();
         let mut removed = 0;
         for key in keys {
-            if self.remove_key(&key).await {
+            if self.remove(&key).await {
                 removed += 1;
             }
         }

@@ -276,7 +276,7 @@ pub(super) async fn refresh_now(
     query: ListQuery,
 ) -> Result<Response<Full<Bytes>>, ProxyError> {
     let list_key = CacheKey::subject_prefix(&account.name, &query.subject);
-    let ttl = (!query.subject.is_recordings()).then_some(cache.directory_ttl);
+    let ttl = super::list::directory_ttl(cache, &query);
     let (dropped, _) = state.cache.purge(&Scope::Filtered(list_key.clone())).await;
     let key = CacheKey {
         account: account.name.clone(),

@@ -79,6 +79,12 @@ pub(super) async fn list_response<B>(
     Ok(response)
 }
 
+/// How long a `200` for `query` is fresh when not `cache.ttl`: the agent directory's
+/// `cache.directory_ttl` (recordings lists have none of their own).
+pub(super) fn directory_ttl(cache: &CacheConfig, query: &ListQuery) -> Option<Duration> {
+    (!query.subject.is_recordings()).then_some(cache.directory_ttl)
+}
+
 /// How one cache lookup went, without its result (which is returned beside it).
 pub(super) struct Lookup {
     status: CacheStatus,

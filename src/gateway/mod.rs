@@ -185,7 +185,7 @@ async fn handle_inner<B: http_body::Body>(
             let query = allowed_state(account, list.query)?;
             access.resource = audited(|| list_resource(&query));
             let cache = &generation.config.cache;
-            let ttl = (!query.subject.is_recordings()).then_some(cache.directory_ttl);
+            let ttl = list::directory_ttl(cache, &query);
             let response =
                 list_response(state, (cache, ttl), account, query, request, access).await?;
             Ok(response.map(Either::Left))
