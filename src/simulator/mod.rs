@@ -7,14 +7,15 @@
 //! a 6.5 box (no `fromQueueCallId`), and its history changes at run time: calls are added and
 //! recordings deleted through methods or control endpoints.
 //! Identifications are matched exactly in their canonical form, so a test sees whether the
-//! gateway normalized them. Knobs make it slow or failing, and it records every request it
-//! received so tests can check what reached the box.
+//! gateway normalized them. Knobs make it slow or failing, and it records the requests it
+//! received (the latest [`RECEIVED_KEPT`]) so tests can check what reached the box.
 
 mod api;
 mod control;
 pub mod dataset;
 mod faults;
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -95,6 +96,11 @@ pub struct SimCertificate {
     pub ca_pem: String,
 }
 
+/// How many received requests are kept for [`Simulator::received`]: enough for any test, and
+/// a bound on the memory of a simulator left running under load (`demo`, the benchmark), whose
+/// request counters stay exact.
+pub const RECEIVED_KEPT: usize = 10_000;
+
 /// A request as the box received it.
 #[derive(Debug, Clone)]
 pub struct ReceivedRequest {
@@ -124,7 +130,7 @@ struct SimState {
     /// Audio bytes produced so far (as the connections took them).
     audio_bytes: Arc<AtomicU64>,
     knobs: Mutex<Knobs>,
-    received: Mutex<Vec<ReceivedRequest>>,
+    received: Mutex<VecDeque<ReceivedRequest>>,
     count: AtomicUsize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
@@ -307,9 +313,10 @@ impl Simulator {
         self.state.max_in_flight.load(Ordering::SeqCst)
     }
 
-    /// Every request received so far, oldest first.
+    /// The requests received so far, oldest first: all of them, or the latest
+    /// [`RECEIVED_KEPT`] once more have arrived.
     pub fn received(&self) -> Vec<ReceivedRequest> {
-        lock(&self.state.received).clone()
+        lock(&self.state.received).iter().cloned().collect()
     }
 
     /// Wait until at least `n` requests have arrived, for at most `timeout`.
@@ -467,6 +474,26 @@ fn whole(response: Response<Full<Bytes>>) -> Response<SimBody> {
     response.map(|body| body.map_err(|never| match never {}).boxed())
 }
 
+/// A copy of `headers` whose values own their bytes: hyper's are views into the connection's
+/// read buffer, and a kept one would keep that whole buffer (8 KiB or more) alive.
+fn owned(headers: &HeaderMap) -> HeaderMap {
+    let mut copy = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let mut owned = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+        owned.set_sensitive(value.is_sensitive());
+        copy.append(name.clone(), owned);
+    }
+    copy
+}
+
+/// Append `item`, dropping the oldest once `log` holds `kept`.
+fn keep_latest<T>(log: &mut VecDeque<T>, item: T, kept: usize) {
+    if log.len() >= kept {
+        log.pop_front();
+    }
+    log.push_back(item);
+}
+
 /// A request for the Miralix API: recorded, counted, delayed and failed as the knobs say.
 async fn serve(
     state: &SimState,
@@ -477,11 +504,12 @@ async fn serve(
         || request.uri().path().to_owned(),
         |pq| pq.as_str().to_owned(),
     );
-    lock(&state.received).push(ReceivedRequest {
+    let seen = ReceivedRequest {
         method: request.method().clone(),
         target,
-        headers: request.headers().clone(),
-    });
+        headers: owned(request.headers()),
+    };
+    keep_latest(&mut lock(&state.received), seen, RECEIVED_KEPT);
     state.count.fetch_add(1, Ordering::SeqCst);
     // Nudge anyone in `wait_for_requests` without changing the gate.
     state.gate.send_modify(|_| {});
@@ -556,5 +584,14 @@ mod tests {
         assert_eq!(byte_range("bytes=5-1", 1000), Whole);
         assert_eq!(byte_range("bytes=0-1,5-9", 1000), Whole);
         assert_eq!(byte_range("items=0-1", 1000), Whole);
+    }
+
+    #[test]
+    fn the_request_log_keeps_the_latest() {
+        let mut log = VecDeque::new();
+        for n in 1..=5 {
+            keep_latest(&mut log, n, 3);
+        }
+        assert_eq!(log, [3, 4, 5]);
     }
 }
