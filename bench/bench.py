@@ -169,18 +169,24 @@ def stolen_seconds():
     return stolen
 
 
-def stolen_share(before, wall):
-    """The largest share of either benchmark core the host took since `before`."""
-    after = stolen_seconds()
-    return round(max((after[core] - before.get(core, 0.0) for core in after), default=0.0)
-                 / max(wall, 1e-9), 3)
+class StealWatch:
+    """Started before a run: `share()` after it is the largest share of either benchmark core
+    the host took meanwhile."""
+
+    def __init__(self):
+        self.before, self.started = stolen_seconds(), time.monotonic()
+
+    def share(self):
+        after, wall = stolen_seconds(), time.monotonic() - self.started
+        stolen = max((after[core] - self.before.get(core, 0.0) for core in after), default=0.0)
+        return round(stolen / max(wall, 1e-9), 3)
 
 
 def wrk(url, server):
     """One wrk run from the load CPU: requests/s, p50 and p99 in ms, how busy the server was
     and how busy wrk was (1.0 = one core saturated), the server's CPU per request, and the
     share of a benchmark core the host took meanwhile."""
-    stolen_before = stolen_seconds()
+    steal = StealWatch()
     cpu_before, wall_before = server.cpu_seconds(), time.monotonic()
     loadgen_before = children_cpu_seconds()
     out = subprocess.run(["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{CONNECTIONS}",
@@ -199,7 +205,7 @@ def wrk(url, server):
         "server_cpu": round(cpu / wall, 2),
         "server_us_per_request": round(cpu / (rps * wall) * 1e6, 2),
         "loadgen_cpu": round((children_cpu_seconds() - loadgen_before) / wall, 2),
-        "stolen": stolen_share(stolen_before, wall),
+        "stolen": steal.share(),
     }
 
 
@@ -208,10 +214,10 @@ def equal_load(url, server, rate, ca=None):
     server's CPU time per request (from /proc/PID/stat)."""
     user_before, kernel_before = server.cpu_split()
     extra = ["--ca", ca] if ca else []
-    stolen_before, wall_before = stolen_seconds(), time.monotonic()
+    steal = StealWatch()
     out = probe(*extra, "rate", url, str(rate), str(EQ_SECONDS), "--connections",
                 str(CONNECTIONS))
-    out["stolen"] = stolen_share(stolen_before, time.monotonic() - wall_before)
+    out["stolen"] = steal.share()
     if out["statuses"] != {"200": out["n"]}:
         sys.exit(f"errors at {rate} requests/s against {url}: {out['statuses']}")
     user, kernel = server.cpu_split()
@@ -479,10 +485,10 @@ ca_file = "{sim_ca}"
     misses = {name: [] for name, *_ in sources}
     for round_ in range(ROUNDS):
         for name, base, extra, cpu in sources[round_ % 4:] + sources[:round_ % 4]:
-            stolen_before, wall_before = stolen_seconds(), time.monotonic()
+            steal = StealWatch()
             outcome = probe(*extra, "sequence", base, ID_TEMPLATE, str(next_id), str(MISSES),
                             cpu=cpu)
-            outcome["stolen"] = stolen_share(stolen_before, time.monotonic() - wall_before)
+            outcome["stolen"] = steal.share()
             # Every miss must be a list the box had to build (not a 404 for an unknown agent).
             if outcome["statuses"] != {"200": MISSES}:
                 sys.exit(f"misses against {base} were not all 200s: {outcome['statuses']}")
