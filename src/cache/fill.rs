@@ -20,6 +20,18 @@ use super::{
 use crate::recordings::RecordingList;
 use crate::upstream::UpstreamError;
 
+/// Where a fill's flight stands once the box's answer is in.
+enum Landing {
+    /// Still waiting: landed once the entry is stored (or the failure remembered).
+    Waiting(Flight),
+    /// Landed early with this provisional entry; the guard counts the fill as in flight until
+    /// the finished entry has replaced it.
+    Landed {
+        first: Arc<CachedResponse>,
+        _finishing: Finishing,
+    },
+}
+
 impl ResponseCache {
     /// Run `fetch` for `flight` as a task of its own (through the fleet's lease when the tier
     /// is shared), store what it brings by the policy, and land the flight with it.
@@ -45,28 +57,32 @@ impl ResponseCache {
             let filled = cache
                 .fill_from_box(&key, kind == FetchKind::Forced, terms, fetch)
                 .await;
-            let mut flight = Some(flight);
-            // The provisional entry the flight landed with, if it did (and is finishing).
-            let mut first = None;
-            let (result, generation, from_box) = match filled {
+            let (result, generation, from_box, flight) = match filled {
                 Ok(Filled::Box(Ok(fetched), generation)) => {
                     let status = fetched.reply.status.as_u16();
                     // An operator's refresh answers with the finished entry.
                     let early = kind != FetchKind::Forced;
-                    let entry;
-                    (entry, first) = cache
-                        .answer_first(&key, fetched, &previous, early.then_some(&mut flight))
+                    let (entry, flight) = cache
+                        .answer_first(&key, fetched, &previous, flight, early)
                         .await;
-                    (Ok(entry), generation, Some(status))
+                    (Ok(entry), generation, Some(status), flight)
                 }
                 Ok(Filled::Box(Err(error), generation)) => {
                     let status = error.status().as_u16();
-                    (Err(error), generation, Some(status))
+                    (
+                        Err(error),
+                        generation,
+                        Some(status),
+                        Landing::Waiting(flight),
+                    )
                 }
-                Ok(Filled::Tier(entry)) => (Ok(entry), None, None),
-                Err(error) => (Err(error), None, None),
+                Ok(Filled::Tier(entry)) => (Ok(entry), None, None, Landing::Waiting(flight)),
+                Err(error) => (Err(error), None, None, Landing::Waiting(flight)),
             };
-            let provisional = first.as_ref().map(|(entry, _)| entry);
+            let provisional = match &flight {
+                Landing::Landed { first, .. } => Some(first),
+                Landing::Waiting(_) => None,
+            };
             let kept = cache.keep(&key, &result, provisional).await;
             if let Some(status) = from_box {
                 // Superseded while finishing: the fleet's lease is freed, nothing is written.
@@ -79,7 +95,7 @@ impl ResponseCache {
             // Stored first, then landed (unless it landed with the first answer): a request
             // arriving in between joins this flight, one arriving after finds the stored entry
             // (or the failure).
-            if let Some(flight) = flight {
+            if let Landing::Waiting(flight) = flight {
                 flight.land(result);
             }
         });
@@ -140,39 +156,44 @@ impl ResponseCache {
         true
     }
 
-    /// The finished entry for what the box sent. When a compressed copy or a parsed list is
-    /// still to be made for an answer that is stored, the checked bytes are stored as a
-    /// provisional entry (which later requests hit), the flight lands with them, so the waiting
-    /// clients are answered at once, and the entry is finished afterwards; that provisional
-    /// entry is returned beside it, with the guard that counts the fill as in flight until it
-    /// is dropped. An answer that is not stored is finished before anyone gets it.
+    /// The finished entry for what the box sent, and where its flight stands. When a
+    /// compressed copy or a parsed list is still to be made for an answer that is stored (and
+    /// `early` allows it), the checked bytes are stored as a provisional entry (which later
+    /// requests hit), the flight lands with them, so the waiting clients are answered at once,
+    /// and the entry is finished afterwards. Otherwise the entry is finished first and the
+    /// flight is handed back still waiting: an answer that is not stored is finished before
+    /// anyone gets it.
     async fn answer_first(
         &self,
         key: &CacheKey,
         fetched: Fetched,
         previous: &Previous,
-        flight: Option<&mut Option<Flight>>,
-    ) -> (
-        Arc<CachedResponse>,
-        Option<(Arc<CachedResponse>, Finishing)>,
-    ) {
+        flight: Flight,
+        early: bool,
+    ) -> (Arc<CachedResponse>, Landing) {
         let unparsed = fetched.unparsed;
         let first = self.first_answer(key, fetched, previous.as_deref());
-        let early = first.provisional && first.lifetime.is_some();
-        let Some(leader) = flight.filter(|_| early).and_then(Option::take) else {
-            return (self.finish(key, first, unparsed).await, None);
-        };
+        if !(early && first.provisional && first.lifetime.is_some()) {
+            let entry = self.finish(key, first, unparsed).await;
+            return (entry, Landing::Waiting(flight));
+        }
         let first = Arc::new(first);
         self.failures.invalidate(key).await;
         self.store.insert(key.clone(), first.clone()).await;
-        let finishing = leader.land_first(Ok(first.clone()));
+        let finishing = flight.land_first(Ok(first.clone()));
         // The woken clients run (and write their answers) before the compression does, on
         // this worker too.
         tokio::task::yield_now().await;
         let entry = self
             .finish(key, CachedResponse::clone(&first), unparsed)
             .await;
-        (entry, Some((first, finishing)))
+        (
+            entry,
+            Landing::Landed {
+                first,
+                _finishing: finishing,
+            },
+        )
     }
 
     /// Log, once per key, that an answer was too large to store.
