@@ -8,10 +8,11 @@
 //! file holds at most `max_bytes` of records: past that, the least recently stored go first.
 //! Ages are judged by this host's wall clock, the only clock a single instance has.
 //!
-//! A file that cannot be opened as this tier's store (corrupt, truncated, another program's)
-//! is moved aside with a warning that names both paths, and the gateway starts cold with a
-//! new one. It never refuses to start because of its disk tier: when even a new file cannot
-//! be made, it runs without one.
+//! A file that cannot be opened as this tier's store (corrupt, truncated, another program's,
+//! or another user's, as when the gateway was once run as root) is moved aside with a warning
+//! that says which and names both paths, and the gateway starts cold with a new one. It never
+//! refuses to start because of its disk tier: when even a new file cannot be made, it runs
+//! without one.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -95,18 +96,57 @@ impl Index {
     }
 }
 
+/// Why the store's file could not be opened.
+#[derive(Debug)]
+enum OpenError {
+    /// Another process holds it (a gateway still closing it, or a second one).
+    InUse,
+    /// This user may not read or write it: made by another user (a gateway run as root once).
+    Denied(std::io::Error),
+    /// Not a store redb can use: corrupt, truncated, another program's.
+    Unusable(String),
+}
+
+impl From<redb::DatabaseError> for OpenError {
+    fn from(error: redb::DatabaseError) -> Self {
+        match error {
+            redb::DatabaseError::DatabaseAlreadyOpen => OpenError::InUse,
+            redb::DatabaseError::Storage(redb::StorageError::Io(io))
+                if io.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                OpenError::Denied(io)
+            }
+            other => OpenError::Unusable(other.to_string()),
+        }
+    }
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::InUse => f.write_str("in use by another process"),
+            OpenError::Denied(error) => error.fmt(f),
+            OpenError::Unusable(error) => f.write_str(error),
+        }
+    }
+}
+
+fn unusable(error: impl std::fmt::Display) -> OpenError {
+    OpenError::Unusable(error.to_string())
+}
+
 /// Open the file at `path`, or say why it cannot be this tier's store.
-fn open_store(path: &Path) -> Result<(Database, Index), String> {
-    let db = Database::create(path).map_err(|e| e.to_string())?;
+fn open_store(path: &Path) -> Result<(Database, Index), OpenError> {
+    let db = Database::create(path)?;
     let mut index = Index::default();
     let now = unix_ms(SystemTime::now());
     let mut spent = Vec::new();
     {
-        let txn = db.begin_write().map_err(|e| e.to_string())?;
+        let txn = db.begin_write().map_err(unusable)?;
         {
-            let table = txn.open_table(ENTRIES).map_err(|e| e.to_string())?;
-            for item in table.iter().map_err(|e| e.to_string())? {
-                let (key, value) = item.map_err(|e| e.to_string())?;
+            let table = txn.open_table(ENTRIES).map_err(unusable)?;
+            for item in table.iter().map_err(unusable)? {
+                let (key, value) = item.map_err(unusable)?;
                 let value = value.value();
                 let (Some(stored), Some(until)) = (field(value, 0), field(value, 8)) else {
                     spent.push(key.value().to_owned());
@@ -124,12 +164,12 @@ fn open_store(path: &Path) -> Result<(Database, Index), String> {
             }
         }
         {
-            let mut table = txn.open_table(ENTRIES).map_err(|e| e.to_string())?;
+            let mut table = txn.open_table(ENTRIES).map_err(unusable)?;
             for key in &spent {
-                table.remove(key.as_str()).map_err(|e| e.to_string())?;
+                table.remove(key.as_str()).map_err(unusable)?;
             }
         }
-        txn.commit().map_err(|e| e.to_string())?;
+        txn.commit().map_err(unusable)?;
     }
     Ok((db, index))
 }
@@ -154,30 +194,46 @@ impl DiskTier {
         let mut opened = open_store(path);
         for _ in 0..20 {
             match &opened {
-                Err(error) if error.contains("already open") => {
+                Err(OpenError::InUse) => {
                     std::thread::sleep(Duration::from_millis(50));
                     opened = open_store(path);
                 }
                 _ => break,
             }
         }
-        let (db, index) = match opened {
-            Ok(opened) => opened,
-            Err(error) if error.contains("already open") => {
+        // What is wrong with the file, and the word its name gets when it is moved aside.
+        let (problem, label) = match &opened {
+            Ok(_) => ("", ""),
+            Err(OpenError::InUse) => {
                 tracing::warn!(path = %path.display(), "the disk tier's file is in use by another gateway process: running without a disk tier");
                 return None;
             }
+            Err(OpenError::Denied(error)) if !path.exists() => {
+                tracing::warn!(path = %path.display(), error = %error, "cannot create the disk tier's file: its directory is not writable by this user: running without a disk tier");
+                return None;
+            }
+            Err(OpenError::Denied(_)) => (
+                "the disk tier's file belongs to another user (was the gateway run as root once?)",
+                "other-user",
+            ),
+            Err(OpenError::Unusable(_)) => (
+                "the disk tier's file is not a usable store (corrupt, truncated or another program's)",
+                "corrupt",
+            ),
+        };
+        let (db, index) = match opened {
+            Ok(opened) => opened,
             Err(error) => {
-                let aside = aside_path(path);
+                let aside = aside_path(path, label);
                 if let Err(rename) = std::fs::rename(path, &aside) {
-                    tracing::warn!(path = %path.display(), error = %error, rename = %rename, "the disk tier's file cannot be opened or moved aside: running without a disk tier");
+                    tracing::warn!(path = %path.display(), error = %error, rename = %rename, "{problem}, and it cannot be moved aside: running without a disk tier");
                     return None;
                 }
                 tracing::warn!(
                     path = %path.display(),
                     moved_to = %aside.display(),
                     error = %error,
-                    "the disk tier's file is not a usable store (corrupt, truncated or another program's): moved aside, starting cold with a new one"
+                    "{problem}: moved aside, starting cold with a new one"
                 );
                 match open_store(path) {
                     Ok(opened) => opened,
@@ -276,11 +332,11 @@ impl DiskTier {
     }
 }
 
-/// `cache.redb` -> `cache.redb.corrupt-<unix seconds>`.
-fn aside_path(path: &Path) -> PathBuf {
+/// `cache.redb` -> `cache.redb.<label>-<unix seconds>` (`corrupt`, `other-user`).
+fn aside_path(path: &Path, label: &str) -> PathBuf {
     let seconds = unix_ms(SystemTime::now()) / 1000;
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".corrupt-{seconds}"));
+    name.push(format!(".{label}-{seconds}"));
     path.with_file_name(name)
 }
 
@@ -370,4 +426,33 @@ fn commit(
         let _ = done.send(());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `open` does with a file it cannot open depends on why: wait for a gateway still
+    /// closing it, name the owner problem, or move a broken file aside.
+    #[test]
+    fn open_errors_are_told_apart() {
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let storage = |io| redb::DatabaseError::Storage(redb::StorageError::Io(io));
+        assert!(matches!(
+            OpenError::from(redb::DatabaseError::DatabaseAlreadyOpen),
+            OpenError::InUse
+        ));
+        assert!(matches!(
+            OpenError::from(storage(denied)),
+            OpenError::Denied(_)
+        ));
+        let truncated = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+        assert!(matches!(
+            OpenError::from(storage(truncated)),
+            OpenError::Unusable(_)
+        ));
+        let corrupt = redb::StorageError::Corrupted("bad magic".into());
+        let error = OpenError::from(redb::DatabaseError::Storage(corrupt));
+        assert!(matches!(&error, OpenError::Unusable(text) if text.contains("bad magic")));
+    }
 }
