@@ -213,7 +213,7 @@ impl DiskTier {
                 return None;
             }
             Err(OpenError::Denied(_)) => (
-                "the disk tier's file belongs to another user (was the gateway run as root once?)",
+                "this user may not open the disk tier's file (was the gateway run as root once?)",
                 "other-user",
             ),
             Err(OpenError::Unusable(_)) => (
