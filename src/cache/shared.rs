@@ -31,7 +31,7 @@ use super::record::Record;
 use super::tier::Found;
 use crate::config::SharedTierConfig;
 use crate::metrics::TierMetrics;
-use crate::upstream::protect::{Admission, Breaker};
+use crate::upstream::protect::{Admission, Breaker, BreakerState};
 
 /// Consecutive failed commands that make the tier skip Redis.
 const FAILURES_TO_OPEN: u32 = 3;
@@ -279,10 +279,18 @@ impl SharedTier {
         &self.inner.metrics
     }
 
-    /// Whether Redis is being used now (its breaker is not open).
+    /// Whether Redis answers: its breaker is closed. Reported as the tier's state.
     pub fn is_up(&self) -> bool {
-        let breaker = self.inner.breaker.lock().unwrap_or_else(|e| e.into_inner());
-        breaker.state(Instant::now()) != crate::upstream::protect::BreakerState::Open
+        self.breaker_state() == BreakerState::Closed
+    }
+
+    /// Whether Redis is skipped now: its breaker is open (half-open lets one probe through).
+    pub fn is_skipped(&self) -> bool {
+        self.breaker_state() == BreakerState::Open
+    }
+
+    fn breaker_state(&self) -> BreakerState {
+        self.lock_breaker().state(Instant::now())
     }
 
     /// One command, bounded by the timeout, through the breaker, timed and counted.
@@ -291,40 +299,38 @@ impl SharedTier {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let admission = self.lock_breaker().admit(Instant::now());
-        if let Admission::Rejected { .. } = admission {
+        let result = self
+            .admitted(what, async {
+                let started = Instant::now();
+                let command = command(self.inner.manager.clone());
+                let result = match tokio::time::timeout(self.inner.timeout, command).await {
+                    Ok(Ok(value)) => Ok(value),
+                    Ok(Err(error)) => Err(TierError::Redis(describe(&error))),
+                    Err(_) => Err(TierError::Timeout(self.inner.timeout)),
+                };
+                self.inner
+                    .metrics
+                    .command_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                result
+            })
+            .await;
+        if let Err(TierError::Skipped) = result {
             self.inner.metrics.errors.inc();
-            return Err(TierError::Skipped);
         }
-        // A probe dropped half-way decides nothing: the next command probes again.
-        let mut probe = ProbeGuard {
-            tier: self,
-            admission: Some(admission),
-        };
-        let started = Instant::now();
-        let result =
-            match tokio::time::timeout(self.inner.timeout, command(self.inner.manager.clone()))
-                .await
-            {
-                Ok(Ok(value)) => Ok(value),
-                Ok(Err(error)) => Err(TierError::Redis(format!(
-                    "{} ({})",
-                    error.category(),
-                    error.detail().unwrap_or("no detail")
-                ))),
-                Err(_) => Err(TierError::Timeout(self.inner.timeout)),
-            };
-        self.inner
-            .metrics
-            .command_seconds
-            .observe(started.elapsed().as_secs_f64());
-        let admission = probe.admission.take().unwrap_or(Admission::Allowed);
+        result
+    }
+
+    /// Record what a command admitted with `admission` gave: in the breaker, the `up` gauge,
+    /// the error count and, when the tier goes down or comes back, the log (once each way: a
+    /// failed probe keeps it down without another warning).
+    fn settle<T>(&self, what: &'static str, admission: Admission, result: &Result<T, TierError>) {
         let was_up = self.is_up();
         self.lock_breaker()
             .record(admission, result.is_ok(), Instant::now());
         let up = self.is_up();
         self.inner.metrics.up.set(i64::from(up));
-        if let Err(error) = &result {
+        if let Err(error) = result {
             self.inner.metrics.errors.inc();
             tracing::debug!(command = what, error = %error, "shared tier command failed");
         }
@@ -337,7 +343,6 @@ impl SharedTier {
             (false, true) => tracing::info!("shared tier (Redis) answers again: sharing resumed"),
             _ => {}
         }
-        result
     }
 
     fn lock_breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
@@ -567,25 +572,38 @@ impl SharedTier {
 
     /// Follow the events channel for as long as the tier lives: a fill notice wakes this
     /// instance's waiters, any other notice (a purge) goes to `notices`.
+    ///
+    /// The subscription is also the tier's health check when no request uses Redis: each
+    /// attempt to subscribe, and the subscription's end, is settled through the breaker like a
+    /// command (as its probe when it is half-open). So Redis going away is reported (the `up`
+    /// gauge, `/readyz`, a warning) within a few seconds, and its return too, traffic or not.
     fn listen(&self, client: redis::Client, notices: UnboundedSender<String>) {
         let weak = Arc::downgrade(&self.inner);
         let channel = self.channel();
         tokio::spawn(async move {
             let mut followed = false;
             loop {
-                let Some(timeout) = weak
-                    .upgrade()
-                    .map(|i| i.timeout.max(Duration::from_secs(1)))
-                else {
-                    return;
-                };
-                let subscribed = tokio::time::timeout(timeout, async {
-                    let mut pubsub = client.get_async_pubsub().await?;
-                    pubsub.subscribe(&channel).await?;
-                    redis::RedisResult::Ok(pubsub)
-                })
-                .await;
-                if let Ok(Ok(pubsub)) = subscribed {
+                let Some(inner) = weak.upgrade() else { return };
+                let tier = SharedTier { inner };
+                let timeout = tier.inner.timeout.max(Duration::from_secs(1));
+                let subscribed = tier
+                    .admitted("subscribe", async {
+                        let subscribed = tokio::time::timeout(timeout, async {
+                            let mut pubsub = client.get_async_pubsub().await?;
+                            pubsub.subscribe(&channel).await?;
+                            redis::RedisResult::Ok(pubsub)
+                        })
+                        .await;
+                        match subscribed {
+                            Ok(Ok(pubsub)) => Ok(pubsub),
+                            Ok(Err(error)) => Err(TierError::Redis(describe(&error))),
+                            Err(_) => Err(TierError::Timeout(timeout)),
+                        }
+                    })
+                    .await;
+                // Only the weak reference is held while following: the tier may go away.
+                drop(tier);
+                if let Ok(pubsub) = subscribed {
                     if followed {
                         tracing::info!("shared tier: following fill and purge notices again");
                     }
@@ -603,12 +621,52 @@ impl SharedTier {
                             return;
                         }
                     }
+                    // Redis closed the connection (a restart, a shutdown, the network).
+                    let Some(inner) = weak.upgrade() else { return };
+                    let lost: Result<(), TierError> = Err(TierError::Redis(
+                        "the connection for fill and purge notices closed".to_owned(),
+                    ));
+                    SharedTier { inner }
+                        .admitted("subscribe", async { lost })
+                        .await
+                        .ok();
                 }
-                // Redis is down or went away: subscribe again in a second (once per process,
-                // never per request).
+                // Subscribe again in a second (once per process, never per request).
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });
+    }
+
+    /// `attempt`, made and settled through the breaker like a command if the breaker admits
+    /// one now (as its probe when half-open); not made while Redis is skipped.
+    async fn admitted<T>(
+        &self,
+        what: &'static str,
+        attempt: impl Future<Output = Result<T, TierError>>,
+    ) -> Result<T, TierError> {
+        let admission = self.lock_breaker().admit(Instant::now());
+        if let Admission::Rejected { .. } = admission {
+            return Err(TierError::Skipped);
+        }
+        // A probe dropped half-way decides nothing: the next attempt probes again.
+        let mut probe = ProbeGuard {
+            tier: self,
+            admission: Some(admission),
+        };
+        let result = attempt.await;
+        let admission = probe.admission.take().unwrap_or(Admission::Allowed);
+        self.settle(what, admission, &result);
+        result
+    }
+}
+
+/// A Redis error for the log, without anything of the URL: its category and detail, or for
+/// an I/O error the system's own words ("Connection refused (os error 111)").
+fn describe(error: &redis::RedisError) -> String {
+    match error.detail() {
+        Some(detail) => format!("{} ({detail})", error.category()),
+        None if error.is_io_error() => format!("{} ({error})", error.category()),
+        None => error.category().to_owned(),
     }
 }
 

@@ -293,7 +293,7 @@ impl ResponseCache {
         Fut: std::future::Future<Output = Result<Fetched, UpstreamError>>,
     {
         let shared = match self.tier.get() {
-            Some(Tier::Shared(shared)) if shared.is_up() => shared,
+            Some(Tier::Shared(shared)) if !shared.is_skipped() => shared,
             _ => return Ok(Filled::Box(fetch.await, None)),
         };
         // Past the lease (plus a margin), whoever held it is gone: stop waiting.

@@ -254,6 +254,44 @@ async fn redis_frozen_costs_no_request_and_sharing_resumes_when_it_thaws() {
     sharing_resumes(&gateways, 300).await;
 }
 
+const TIER_ERRORS: &str = "miralix_gateway_cache_tier_errors_total{tier=\"shared\"}";
+
+#[tokio::test]
+async fn redis_going_away_and_coming_back_is_reported_without_any_request() {
+    let mut redis = Redis::start();
+    let boxsim = plain_box().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = format!("[cache.shared]\nurl = \"{}\"", redis.url());
+    let config = write_config(dir.path(), "idle.toml", &cache, &boxsim.base_url(), "");
+    let (mut gateway, _, admin) = spawn_binary(&config);
+    let readyz = async || request(admin, "GET", "/readyz", &[]).await.text();
+    assert!(readyz().await.contains("cache tier shared: up"));
+    redis.kill();
+    // Not one request: following the events channel is what notices, with the system's words.
+    let warned = gateway.wait_for("shared tier (Redis) is failing");
+    assert!(warned.contains("Connection refused"), "{warned}");
+    assert!(readyz().await.contains("cache tier shared: down"));
+    assert_eq!(sample(&metrics_of(admin).await, TIER_UP), 0.0);
+    // Past the cool-down the channel's next attempt is the probe, and it keeps the tier down.
+    let errors = sample(&metrics_of(admin).await, TIER_ERRORS);
+    wait_until("a probe after the cool-down", || async {
+        sample(&metrics_of(admin).await, TIER_ERRORS) > errors
+    })
+    .await;
+    assert!(readyz().await.contains("cache tier shared: down"));
+    redis.restart();
+    gateway.wait_for("shared tier (Redis) answers again");
+    // One warning for the whole outage, however many probes failed.
+    let warnings = gateway
+        .seen
+        .iter()
+        .filter(|l| l.contains("is failing"))
+        .count();
+    assert_eq!(warnings, 1, "{}", gateway.seen.join("\n"));
+    assert!(readyz().await.contains("cache tier shared: up"));
+    assert_eq!(sample(&metrics_of(admin).await, TIER_UP), 1.0);
+}
+
 #[tokio::test]
 async fn the_box_cap_holds_for_the_whole_fleet() {
     let redis = Redis::start();
