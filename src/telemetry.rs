@@ -8,10 +8,16 @@
 //! is the target `miralix_gateway::audit`. With `log.audit_file` it goes to that file instead of
 //! stderr, as JSON lines, whatever `RUST_LOG` says; the file is opened for appending and opened
 //! again on every reload (SIGHUP), so log rotation only needs to move it and send SIGHUP.
+//!
+//! When stderr is the journal (systemd's `JOURNAL_STREAM` names it), each line starts with its
+//! syslog priority (`<4>` for a warning), which journald takes as the entry's priority and
+//! strips: `journalctl -p warning` finds the warnings, and journald's rate limit, kept per
+//! priority, cannot let a flood of access lines crowd them out.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, IsTerminal, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{self, IsTerminal, StderrLock, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -94,6 +100,90 @@ impl<'a> MakeWriter<'a> for AuditFile {
     }
 }
 
+/// stderr, for the log: each line in one write, prefixed with its syslog priority when stderr
+/// is the journal.
+#[derive(Debug, Clone, Copy)]
+struct Stderr {
+    journal: bool,
+}
+
+impl Stderr {
+    fn new() -> Self {
+        Self {
+            journal: std::env::var("JOURNAL_STREAM").is_ok_and(|named| is_stderr(&named)),
+        }
+    }
+}
+
+/// Whether `named` (`JOURNAL_STREAM`: device and inode, in decimal, with a colon between) is
+/// this process's stderr, rather than a stream a parent was given and stderr later redirected.
+fn is_stderr(named: &str) -> bool {
+    let Some((dev, ino)) = named.split_once(':') else {
+        return false;
+    };
+    let Ok(meta) = io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .and_then(|fd| File::from(fd).metadata())
+    else {
+        return false;
+    };
+    dev.parse() == Ok(meta.dev()) && ino.parse() == Ok(meta.ino())
+}
+
+/// The syslog priority prefix journald reads for an event of `level` (`<3>` error to `<7>`
+/// debug); none for info, the stream's own default.
+fn priority(level: tracing::Level) -> Option<&'static [u8]> {
+    match level {
+        tracing::Level::ERROR => Some(b"<3>"),
+        tracing::Level::WARN => Some(b"<4>"),
+        tracing::Level::INFO => None,
+        tracing::Level::DEBUG | tracing::Level::TRACE => Some(b"<7>"),
+    }
+}
+
+/// One event's line on stderr, under stderr's lock.
+struct StderrLine {
+    lock: StderrLock<'static>,
+    prefix: Option<&'static [u8]>,
+}
+
+impl Write for StderrLine {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let Some(prefix) = self.prefix.take() else {
+            return self.lock.write(buf);
+        };
+        // Prefix and line in one write: a journal entry is the stream up to a newline.
+        let mut line = Vec::with_capacity(prefix.len() + buf.len());
+        line.extend_from_slice(prefix);
+        line.extend_from_slice(buf);
+        self.lock.write_all(&line)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.lock.flush()
+    }
+}
+
+impl<'a> MakeWriter<'a> for Stderr {
+    type Writer = StderrLine;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        StderrLine {
+            lock: io::stderr().lock(),
+            prefix: None,
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        StderrLine {
+            lock: io::stderr().lock(),
+            prefix: self.journal.then(|| priority(*meta.level())).flatten(),
+        }
+    }
+}
+
 /// Install the global subscriber. Fails only if one is already installed.
 pub fn init(
     format: LogFormat,
@@ -120,9 +210,10 @@ pub fn init(
         true => everything.with_target(AUDIT_LOG, tracing::level_filters::LevelFilter::OFF),
         false => everything,
     });
+    let writer = Stderr::new();
     let stderr = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .with_ansi(std::io::stderr().is_terminal())
             .with_filter(stderr_filter)
             .boxed(),
@@ -131,7 +222,7 @@ pub fn init(
             // The span list alone: `span` would repeat its last element on every line.
             .with_current_span(false)
             .with_span_list(true)
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .with_filter(stderr_filter)
             .boxed(),
     };

@@ -427,3 +427,59 @@ async fn the_access_event_carries_the_ids_the_query_and_a_numeric_duration() {
     assert_eq!(refused["fields"]["account"], ACCOUNT);
     assert_eq!(refused["fields"]["status"], 400);
 }
+
+/// A gateway whose box is down, started through `sh` so that `JOURNAL_STREAM` can name the
+/// stderr it is given (as systemd does) or, with `named` false, another stream.
+fn journal_gateway(dir: &Path, named: bool) -> (Running, std::net::SocketAddr) {
+    let config = dir.join(format!("journal-{named}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[accounts.{ACCOUNT}]\nbase_url = \"http://127.0.0.1:{}\"\nshared_secret = \"{SECRET}\"\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let stream = match named {
+        true => "$(stat -L -c %d:%i /proc/self/fd/2)",
+        false => "1:1",
+    };
+    let mut gateway = Running::spawn(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("JOURNAL_STREAM={stream} exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_miralix-gateway"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info"),
+        false,
+    );
+    let serving = gateway.wait_for("miralix-gateway serving");
+    assert!(
+        serving.starts_with("20"),
+        "info goes without a prefix: {serving}"
+    );
+    let addr = serving
+        .split("public=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    (gateway, addr)
+}
+
+#[tokio::test]
+async fn on_the_journal_a_warning_carries_its_syslog_priority() {
+    let dir = tempfile::tempdir().unwrap();
+    for named in [true, false] {
+        let (mut gateway, addr) = journal_gateway(dir.path(), named);
+        assert_eq!(
+            request(addr, "GET", &path("id", "103"), &[]).await.status,
+            502
+        );
+        let warned = gateway.wait_for("upstream fetch failed");
+        // journald takes `<4>` as the entry's priority (warning) and strips it.
+        assert_eq!(warned.starts_with("<4>"), named, "{warned}");
+    }
+}
