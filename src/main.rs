@@ -171,10 +171,13 @@ fn main() -> ExitCode {
         },
         None => None,
     };
-    if let Err(error) = telemetry::init(format, audit.clone()) {
-        eprintln!("miralix-gateway: cannot set up logging: {error}");
-        return ExitCode::FAILURE;
-    }
+    let _log = match telemetry::init(format, audit.clone()) {
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!("miralix-gateway: cannot set up logging: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match build_runtime() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -428,6 +431,7 @@ async fn run_gateway(
     let state = Arc::new(AppState::new(config, Arc::new(SystemClock))?);
     on_bound(&listeners);
     tokio::spawn(reload_on_hangup(state.clone(), source, audit));
+    tokio::spawn(telemetry::report_dropped_access_lines());
     systemd::spawn_watchdog();
     let stop = async {
         stop_signal().await;

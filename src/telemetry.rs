@@ -13,18 +13,28 @@
 //! syslog priority (`<4>` for a warning), which journald takes as the entry's priority and
 //! strips: `journalctl -p warning` finds the warnings, and journald's rate limit, kept per
 //! priority, cannot let a flood of access lines crowd them out.
+//!
+//! The access log never holds up a request: its lines go through a bounded queue to a thread
+//! of their own, which writes them out in batches. Should the reader (journald, a pipe) fall
+//! behind by [`ACCESS_QUEUE_LINES`], further lines are dropped and counted
+//! (`miralix_gateway_access_log_dropped_lines_total`, and a warning every
+//! [`DROP_REPORT_EVERY`] while it lasts). Every other line, warnings and the audit log
+//! among them, is written at once and never dropped.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IsTerminal, StderrLock, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::{FilterExt, Targets};
 use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::fmt::writer::MakeWriterExt;
 
 pub use crate::config::LogFormat;
 
@@ -32,6 +42,48 @@ pub use crate::config::LogFormat;
 pub const ACCESS_LOG: &str = "miralix_gateway::access";
 /// The one rustls message left out of the log by default (see [`init`]).
 const QUIET_SNI: &str = "rustls::msgs::handshake=error";
+
+/// Access-log lines waiting for their writer at most (a few hundred bytes each).
+pub const ACCESS_QUEUE_LINES: usize = 8192;
+/// How the access log's writer batches lines: one write of up to this many bytes.
+const ACCESS_BATCH_BYTES: usize = 64 * 1024;
+/// How often dropped access lines are reported while lines are being dropped.
+pub const DROP_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// The access log's count of dropped lines, once [`init`] has set its writer up.
+static ACCESS_DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// Access-log lines dropped so far because their reader fell behind; `None` without [`init`].
+pub fn access_lines_dropped() -> Option<u64> {
+    ACCESS_DROPPED
+        .get()
+        .map(|count| count.dropped_lines() as u64)
+}
+
+/// Warn every [`DROP_REPORT_EVERY`] in which access lines were dropped. Runs until dropped.
+pub async fn report_dropped_access_lines() {
+    let mut reported = access_lines_dropped().unwrap_or_default();
+    let mut every = tokio::time::interval(DROP_REPORT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let dropped = access_lines_dropped().unwrap_or_default();
+        if dropped > reported {
+            tracing::warn!(
+                dropped = dropped - reported,
+                "access log lines dropped in the last {}: their reader (journald, a pipe) took them more slowly than requests came, and lines are dropped rather than requests held up (RUST_LOG=info,miralix_gateway::access=warn turns the access log off)",
+                humantime::format_duration(DROP_REPORT_EVERY)
+            );
+            reported = dropped;
+        }
+    }
+}
+
+/// Keeps the access log's writer thread until dropped; dropping it writes out what is queued.
+#[must_use = "dropping it stops the access log's writer"]
+pub struct LogGuard {
+    _access: WorkerGuard,
+}
 
 /// The tracing target of the audit log: who read which agent's list or which recording.
 pub const AUDIT_LOG: &str = "miralix_gateway::audit";
@@ -184,11 +236,12 @@ impl<'a> MakeWriter<'a> for Stderr {
     }
 }
 
-/// Install the global subscriber. Fails only if one is already installed.
+/// Install the global subscriber. Fails only if one is already installed. Keep the guard for
+/// as long as the process logs.
 pub fn init(
     format: LogFormat,
     audit: Option<AuditFile>,
-) -> Result<(), tracing_subscriber::util::TryInitError> {
+) -> Result<LogGuard, tracing_subscriber::util::TryInitError> {
     use tracing_subscriber::Layer;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -210,7 +263,19 @@ pub fn init(
         true => everything.with_target(AUDIT_LOG, tracing::level_filters::LevelFilter::OFF),
         false => everything,
     });
-    let writer = Stderr::new();
+    let (access, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(ACCESS_QUEUE_LINES)
+        .thread_name("access-log")
+        .finish(io::BufWriter::with_capacity(
+            ACCESS_BATCH_BYTES,
+            io::stderr(),
+        ));
+    let _ = ACCESS_DROPPED.set(access.error_counter());
+    // Access lines are info, which goes to the journal without a prefix.
+    let writer = access
+        .with_filter(|meta: &tracing::Metadata<'_>| meta.target() == ACCESS_LOG)
+        .or_else(Stderr::new());
     let stderr = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(writer)
@@ -238,5 +303,6 @@ pub fn init(
     tracing_subscriber::registry()
         .with(stderr)
         .with(audit)
-        .try_init()
+        .try_init()?;
+    Ok(LogGuard { _access: guard })
 }

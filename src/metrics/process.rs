@@ -1,6 +1,8 @@
 //! The standard process metrics (`process_cpu_seconds_total`, `process_resident_memory_bytes`,
 //! `process_open_fds`, `process_max_fds`, `process_start_time_seconds`), read from `/proc` at
-//! each scrape, under the names every Prometheus dashboard already knows.
+//! each scrape, under the names every Prometheus dashboard already knows; and the access log's
+//! dropped lines (`miralix_gateway_access_log_dropped_lines_total`), a count of the process's
+//! logging kept outside the registry.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -94,6 +96,15 @@ impl Collector for ProcessCollector {
                     gauge.metric_type(),
                 )?)?;
             }
+        }
+        if let Some(dropped) = crate::telemetry::access_lines_dropped() {
+            let counter = ConstCounter::new(dropped);
+            counter.encode(encoder.encode_descriptor(
+                "miralix_gateway_access_log_dropped_lines",
+                "Access-log lines dropped because the log's reader (journald, a pipe) fell behind",
+                None,
+                counter.metric_type(),
+            )?)?;
         }
         let start = ConstGauge::new(self.start_time);
         start.encode(encoder.encode_descriptor(

@@ -483,3 +483,78 @@ async fn on_the_journal_a_warning_carries_its_syslog_priority() {
         assert_eq!(warned.starts_with("<4>"), named, "{warned}");
     }
 }
+
+const ACCESS_DROPPED: &str = "miralix_gateway_access_log_dropped_lines_total";
+const ACCESS_QUEUE: usize = miralix_gateway::telemetry::ACCESS_QUEUE_LINES;
+
+#[tokio::test]
+async fn a_log_reader_that_stops_reading_holds_up_no_request_and_every_line_is_accounted_for() {
+    use std::io::BufRead;
+    let boxsim = start_box(miralix_gateway::simulator::SimulatorTls::Plain).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("g.toml");
+    // The audit log in a file of its own: on stderr it would wait for the reader, since no
+    // audit record is ever dropped.
+    let audit = dir.path().join("audit.log");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\naudit_file = \"{}\"\n[accounts.{ACCOUNT}]\nbase_url = \"{}\"\nshared_secret = \"{SECRET}\"\n",
+            audit.display(),
+            boxsim.base_url()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_miralix-gateway"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("miralix-gateway serving") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "exited early");
+    }
+    let (public, admin) = (addr_after(&line, "public="), addr_after(&line, "admin="));
+    // From here on nobody reads the gateway's stderr: the pipe fills after a few hundred
+    // access lines, then the queue; more requests than both hold.
+    let requests = ACCESS_QUEUE + 2_000;
+    let stream = tokio::net::TcpStream::connect(public).await.unwrap();
+    let mut client = KeepAlive::new(stream);
+    let target = path("id", "103");
+    for _ in 0..requests {
+        let reply = client.get(&target).await.expect("an answer");
+        assert_eq!(reply.status, 200);
+    }
+    let dropped = sample(
+        &request(admin, "GET", "/metrics", &[]).await.text(),
+        ACCESS_DROPPED,
+    );
+    assert!(dropped > 0.0, "the queue holds {ACCESS_QUEUE} lines");
+    // Reading again: every access line either arrives or was counted as dropped, and the
+    // drops are reported.
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let (mut arrived, mut warned) = (0, false);
+    while !(warned && arrived + dropped as usize == requests) {
+        let line = received
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("{arrived} access lines arrived, {dropped} dropped, of {requests}; warned: {warned}"));
+        arrived += usize::from(line.contains("miralix_gateway::access: request"));
+        warned |= line.contains("access log lines dropped");
+    }
+    // The audit record is whole.
+    let audited = std::fs::read_to_string(&audit).unwrap().lines().count();
+    assert_eq!(audited, requests);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
