@@ -63,6 +63,9 @@ pub enum TierError {
     Timeout(Duration),
     #[error("Redis: {0}")]
     Redis(String),
+    /// Redis answered, and refused (an ACL that does not grant the events channel): it is up.
+    #[error("Redis refused: {0}")]
+    Refused(String),
 }
 
 /// One slot of the fleet-wide box cap, held while a box request runs; freed on drop.
@@ -326,8 +329,9 @@ impl SharedTier {
     /// failed probe keeps it down without another warning).
     fn settle<T>(&self, what: &'static str, admission: Admission, result: &Result<T, TierError>) {
         let was_up = self.is_up();
+        let answered = matches!(result, Ok(_) | Err(TierError::Refused(_)));
         self.lock_breaker()
-            .record(admission, result.is_ok(), Instant::now());
+            .record(admission, answered, Instant::now());
         let up = self.is_up();
         self.inner.metrics.up.set(i64::from(up));
         if let Err(error) = result {
@@ -581,7 +585,7 @@ impl SharedTier {
         let weak = Arc::downgrade(&self.inner);
         let channel = self.channel();
         tokio::spawn(async move {
-            let mut followed = false;
+            let (mut followed, mut refused) = (false, false);
             loop {
                 let Some(inner) = weak.upgrade() else { return };
                 let tier = SharedTier { inner };
@@ -596,18 +600,30 @@ impl SharedTier {
                         .await;
                         match subscribed {
                             Ok(Ok(pubsub)) => Ok(pubsub),
+                            Ok(Err(error)) if error.code() == Some("NOPERM") => {
+                                Err(TierError::Refused(describe(&error)))
+                            }
                             Ok(Err(error)) => Err(TierError::Redis(describe(&error))),
                             Err(_) => Err(TierError::Timeout(timeout)),
                         }
                     })
                     .await;
+                if let (Err(TierError::Refused(reason)), false) = (&subscribed, refused) {
+                    // Commands work, so the tier stays in use; what does not reach this
+                    // instance is said once.
+                    tracing::warn!(
+                        error = %reason,
+                        "shared tier: Redis refuses the subscription to {channel}: purges and fills on other instances do not reach this one until the Redis user may use the channel (ACL &{channel}); trying again every second"
+                    );
+                    refused = true;
+                }
                 // Only the weak reference is held while following: the tier may go away.
                 drop(tier);
                 if let Ok(pubsub) = subscribed {
-                    if followed {
+                    if followed || refused {
                         tracing::info!("shared tier: following fill and purge notices again");
                     }
-                    followed = true;
+                    (followed, refused) = (true, false);
                     let mut stream = pubsub.into_on_message();
                     while let Some(message) = stream.next().await {
                         let Some(inner) = weak.upgrade() else { return };
@@ -663,10 +679,15 @@ impl SharedTier {
 /// A Redis error for the log, without anything of the URL: its category and detail, or for
 /// an I/O error the system's own words ("Connection refused (os error 111)").
 fn describe(error: &redis::RedisError) -> String {
+    // A server error redis-rs has no category for goes by its code (NOPERM).
+    let category = match error.category() {
+        "" => error.code().unwrap_or("error"),
+        category => category,
+    };
     match error.detail() {
-        Some(detail) => format!("{} ({detail})", error.category()),
-        None if error.is_io_error() => format!("{} ({error})", error.category()),
-        None => error.category().to_owned(),
+        Some(detail) => format!("{category} ({detail})"),
+        None if error.is_io_error() => format!("{category} ({error})"),
+        None => category.to_owned(),
     }
 }
 

@@ -293,6 +293,55 @@ async fn redis_going_away_and_coming_back_is_reported_without_any_request() {
 }
 
 #[tokio::test]
+async fn an_acl_without_the_events_channel_is_said_once_and_entries_are_still_shared() {
+    let acl = ["--user", "default", "off", "--user", "gw", "on", ">gw-pw-4"];
+    let redis = Redis::start_with(
+        acl.iter()
+            .chain(&["~*", "resetchannels", "+@all"])
+            .map(|s| s.to_string())
+            .collect(),
+    );
+    let boxsim = plain_box().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = format!(
+        "[cache.shared]\nurl = \"redis://gw:gw-pw-4@127.0.0.1:{}/0\"",
+        redis.port
+    );
+    let (mut first, first_public, first_admin) = spawn_binary(&write_config(
+        dir.path(),
+        "a.toml",
+        &cache,
+        &boxsim.base_url(),
+        "",
+    ));
+    let (_second, second_public, _) = spawn_binary(&write_config(
+        dir.path(),
+        "b.toml",
+        &cache,
+        &boxsim.base_url(),
+        "",
+    ));
+    let warned = first.wait_for("refuses the subscription");
+    assert!(warned.contains("NOPERM"), "{warned}");
+    // Commands work: the tier stays up, and what one instance stored the other serves.
+    let target = path("id", "103");
+    assert_eq!(request(first_public, "GET", &target, &[]).await.status, 200);
+    assert!(from_shared(
+        &request(second_public, "GET", &target, &[]).await
+    ));
+    let ready = request(first_admin, "GET", "/readyz", &[]).await.text();
+    assert!(ready.contains("cache tier shared: up"), "{ready}");
+    // Several refusals later, still the one warning.
+    let errors = sample(&metrics_of(first_admin).await, TIER_ERRORS);
+    wait_until("three more refusals", || async {
+        sample(&metrics_of(first_admin).await, TIER_ERRORS) >= errors + 3.0
+    })
+    .await;
+    let log = first.finish();
+    assert_eq!(log.matches("refuses the subscription").count(), 1, "{log}");
+}
+
+#[tokio::test]
 async fn the_box_cap_holds_for_the_whole_fleet() {
     let redis = Redis::start();
     let boxsim = plain_box().await;
