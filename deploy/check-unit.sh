@@ -6,8 +6,9 @@
 # as credentials, HTTPS on port 443. Then checks what only systemd can show: Type=notify and the
 # watchdog, DynamicUser with its state and log directories, LoadCredential=, the port below 1024
 # through the ambient capability, the sandbox and system-call filter (any denied call the
-# gateway needs fails a request or the start), reload, a restart that starts warm, journal
-# priorities, no secret in the journal, the exposure score, and a clean stop.
+# gateway needs fails a request or the start), reload, a restart that starts warm, the audit
+# log's rotation by deploy/logrotate, journal priorities, no secret in the journal, the
+# exposure score, and a clean stop.
 #
 #   bash deploy/check-unit.sh [BINARY]     # default target/debug/miralix-gateway; as root
 #
@@ -57,15 +58,17 @@ trap cleanup EXIT
 
 # 1. A minimal Debian of the host's release, made once and kept.
 suite=$(. /etc/os-release && echo "$VERSION_CODENAME")
-if [ ! -e "$root/.complete" ]; then
-  echo "check-unit: debootstrap $suite into $root"
+packages=systemd,systemd-sysv,dbus,logrotate
+if [ "$(cat "$root/.complete" 2>/dev/null)" != "$suite $packages" ]; then
+  echo "check-unit: debootstrap $suite ($packages) into $root"
   rm -rf "$root"
-  debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus "$suite" "$root" "$mirror" \
+  debootstrap --variant=minbase --include="$packages" "$suite" "$root" "$mirror" \
     > "$work/debootstrap.log" 2>&1 || { tail -20 "$work/debootstrap.log"; exit 1; }
-  touch "$root/.complete"
+  echo "$suite $packages" > "$root/.complete"
 fi
 # Nothing from an earlier run: no configuration, no state, no journal.
 rm -rf "$root/etc/miralix-gateway" "$root/etc/systemd/system/miralix-gateway.service"* \
+  "$root/etc/logrotate.d/miralix-gateway" \
   "$root/etc/systemd/system/multi-user.target.wants/miralix-gateway.service" \
   "$root/var/lib/private/miralix-gateway" "$root/var/lib/miralix-gateway" \
   "$root/var/log/private/miralix-gateway" "$root/var/log/miralix-gateway" "$root/var/log/journal"/*
@@ -83,6 +86,7 @@ for _ in $(seq 100); do [ -s "$work/box-ca.pem" ] && break; sleep 0.1; done
 # 3. Install by hand (deploy/README step 1) and configure (steps 2 to 4).
 install -m 0755 "$binary" "$root/usr/bin/miralix-gateway"
 install -m 0644 deploy/miralix-gateway.service "$root/etc/systemd/system/"
+install -m 0644 deploy/logrotate "$root/etc/logrotate.d/miralix-gateway"
 etc=$root/etc/miralix-gateway
 install -d -m 0755 "$etc" "$etc/tls"
 install -d -m 0700 "$etc/credentials"
@@ -166,7 +170,17 @@ in_box systemctl restart miralix-gateway 2>/dev/null || fail "systemctl restart 
 warm=$(cache_status "$list")
 case $warm in *detail=disk*) ok "after a restart, served from the disk tier: $warm" ;; *) fail "after a restart: '$warm'" ;; esac
 check "StateDirectory: cache.redb, private to the service" sh -c "stat -c '%a' '$root/var/lib/private/miralix-gateway/cache.redb' | grep -qx 600"
-check "LogsDirectory: the audit log has the reads" sh -c "grep -c '\"resource\"' '$root/var/log/private/miralix-gateway/audit.log' | grep -qx 3"
+logs=$root/var/log/private/miralix-gateway
+reads() { grep -c '"resource"' "$1" 2>/dev/null || true; }
+check "LogsDirectory: the audit log has the 3 reads" test "$(reads "$logs/audit.log")" = 3
+# Rotation as logrotate's timer would run it: the file moves, the reload opens a new one.
+reloads() { journal | grep -c 'configuration reloaded' || true; }
+before=$(reloads)
+in_box logrotate -f /etc/logrotate.d/miralix-gateway || fail "logrotate -f /etc/logrotate.d/miralix-gateway"
+for _ in $(seq 50); do [ "$(reloads)" -gt "$before" ] && break; sleep 0.1; done
+cache_status "$list" >/dev/null
+check "logrotate: audit.log.1 keeps the 3 reads, the next read is in a new audit.log" \
+  test "$(reads "$logs/audit.log.1")/$(reads "$logs/audit.log")" = 3/1
 # A warning reaches the journal as one: the box goes away, a new agent is asked for.
 kill "$box_pid"; wait "$box_pid" 2>/dev/null || true; box_pid=
 code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$work/gw.crt" -H "X-Api-Key: $api_key" "https://localhost/mot/greenbox/agents/id/104/recordings")
