@@ -987,16 +987,25 @@ def prose(s):
     pd, pf = s["poller"]["delta"], s["poller"]["full"]
     eq_plain = s["equal"].get("plain")
     if eq_plain:
-        worst = max(eq_plain["rates"], key=lambda rate: eq_plain["rows"][rate]["gateway"]["p99"]["median"]
-                    - eq_plain["rows"][rate]["nginx"]["p99"]["median"])
+        rows = eq_plain["rows"]
+
+        def p99s(rate):
+            return (f"{rate:,}/s ({rows[rate]['gateway']['p99']['median']:.2f} against "
+                    f"{rows[rate]['nginx']['p99']['median']:.2f} ms)")
+
+        above = [rate for rate in eq_plain["rates"]
+                 if rows[rate]["gateway"]["p99"]["median"] > rows[rate]["nginx"]["p99"]["median"]]
+        below = [rate for rate in eq_plain["rates"] if rate not in above]
         p99_text = (f"at equal offered load (plain HTTP) nginx spent "
                     f"{min(eq_plain['cpu_ratio'].values()):.2f}x to "
                     f"{max(eq_plain['cpu_ratio'].values()):.2f}x the gateway's CPU per request, "
-                    f"and the gateway's p99 was "
-                    f"{'at or below' if eq_plain['p99_ok'] else 'above'} nginx's at "
-                    f"{'every rate' if eq_plain['p99_ok'] else f'{worst:,}/s'} "
-                    f"({eq_plain['rows'][worst]['gateway']['p99']['median']:.2f} against "
-                    f"{eq_plain['rows'][worst]['nginx']['p99']['median']:.2f} ms)")
+                    f"and the gateway's p99 was ")
+        if above:
+            p99_text += "above nginx's at " + " and ".join(map(p99s, above))
+            if below:
+                p99_text += ", at or below it at " + " and ".join(map(p99s, below))
+        else:
+            p99_text += "at or below nginx's at every rate"
     else:
         p99_text = f"a saturated p99 of {g['p99_ms']:.2f} against {n['p99_ms']:.2f} ms"
     requests = storm["gateway"]["upstream_requests"]
