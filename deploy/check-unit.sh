@@ -7,8 +7,8 @@
 # watchdog, DynamicUser with its state and log directories, LoadCredential=, the port below 1024
 # through the ambient capability, the sandbox and system-call filter (any denied call the
 # gateway needs fails a request or the start), reload, a restart that starts warm, the audit
-# log's rotation by deploy/logrotate, journal priorities, no secret in the journal, the
-# exposure score, and a clean stop.
+# log's rotation by deploy/logrotate, journal priorities, no secret in the journal, /metrics's
+# process figures under ProcSubset=pid, the status page, the exposure score, and a clean stop.
 #
 #   bash deploy/check-unit.sh [BINARY]     # default target/debug/miralix-gateway; as root
 #
@@ -188,6 +188,10 @@ check "the box down: a new agent gets $code, a cached one is still a hit" sh -c 
 check "journalctl -p warning lists the failed fetch" sh -c "nsenter -t $leader -a journalctl -u miralix-gateway -p warning -o cat | grep -q 'upstream fetch failed'"
 check "no secret in the journal (shared secret, API key, TLS key)" sh -c "! nsenter -t $leader -a journalctl -o cat | grep -qF -e '$secret' -e '$api_key' -e \"\$(sed -n 2p '$work/gw.key')\""
 score=$(in_box systemd-analyze security miralix-gateway --no-pager 2>/dev/null | sed -n 's/.*exposure level for miralix-gateway.service: \([0-9.]*\).*/\1/p')
+curl -s "http://127.0.0.1:$admin_port/metrics" > "$work/metrics" || true
+check "/metrics under ProtectProc=invisible and ProcSubset=pid: the process's own figures" \
+  sh -c "grep -q '^process_resident_memory_bytes [1-9]' '$work/metrics' && grep -q '^process_max_fds [1-9]' '$work/metrics' && grep -q '^process_open_fds [1-9]' '$work/metrics'"
+check "the status page answers on the admin listener" test "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$admin_port/")" = 200
 check "systemd-analyze security on the running unit: $score (at most 2.0)" python3 -c "import sys; sys.exit(not float('${score:-99}') <= 2.0)"
 in_box systemctl stop miralix-gateway 2>/dev/null || fail "systemctl stop miralix-gateway"
 check "systemctl stop: inactive, exit status 0" sh -c "test \"\$(nsenter -t $leader -a systemctl show -p ActiveState --value miralix-gateway)\" = inactive && test \"\$(nsenter -t $leader -a systemctl show -p ExecMainStatus --value miralix-gateway)\" = 0"
