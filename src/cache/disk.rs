@@ -13,12 +13,20 @@
 //! that says which and names both paths, and the gateway starts cold with a new one. It never
 //! refuses to start because of its disk tier: when even a new file cannot be made, it runs
 //! without one.
+//!
+//! A write that fails (a full disk, an I/O error) keeps the entries in memory and marks the
+//! tier down, with one warning. redb refuses every later transaction of a handle that met an
+//! I/O error, so the file is closed and opened again [`REOPEN_EVERY`] until that works (what
+//! was committed is read back, as at a start), and the tier is up again with the next write
+//! that succeeds.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwapOption;
 use redb::{Database, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
@@ -33,6 +41,8 @@ const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries-v1")
 pub const BATCH_WINDOW: Duration = Duration::from_millis(200);
 /// Bytes each stored record costs beyond its own (its key and the table's bookkeeping).
 const OVERHEAD: u64 = 128;
+/// After a failed write, how often the file is closed and opened again until that works.
+pub const REOPEN_EVERY: Duration = Duration::from_secs(5);
 
 fn unix_ms(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH)
@@ -52,7 +62,10 @@ pub struct DiskTier {
 }
 
 struct Inner {
-    db: Arc<Database>,
+    /// The open file; none between a failed write and the file's reopening.
+    db: ArcSwapOption<Database>,
+    /// Whether the last write succeeded.
+    up: AtomicBool,
     writes: mpsc::UnboundedSender<Write>,
     metrics: TierMetrics,
     path: PathBuf,
@@ -251,23 +264,26 @@ impl DiskTier {
             "disk tier opened"
         );
         metrics.up.set(1);
-        let db = Arc::new(db);
         let (writes, queue) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            db: ArcSwapOption::from_pointee(db),
+            up: AtomicBool::new(true),
+            writes,
+            metrics,
+            path: path.clone(),
+        });
         tokio::spawn(write_loop(
-            Arc::downgrade(&db),
+            Arc::downgrade(&inner),
             queue,
             index,
             config.max_bytes,
-            metrics.clone(),
         ));
-        Some(Self {
-            inner: Arc::new(Inner {
-                db,
-                writes,
-                metrics,
-                path: path.clone(),
-            }),
-        })
+        Some(Self { inner })
+    }
+
+    /// Whether its writes succeed (the last one did).
+    pub fn is_up(&self) -> bool {
+        self.inner.up.load(Ordering::Relaxed)
     }
 
     pub fn metrics(&self) -> &TierMetrics {
@@ -276,7 +292,7 @@ impl DiskTier {
 
     /// The record stored under `key`, and how long ago it was stored.
     pub(super) async fn read(&self, key: String) -> Option<Found> {
-        let db = self.inner.db.clone();
+        let db = self.inner.db.load_full()?;
         let read = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, String> {
             let txn = db.begin_read().map_err(|e| e.to_string())?;
             let table = match txn.open_table(ENTRIES) {
@@ -340,16 +356,29 @@ fn aside_path(path: &Path, label: &str) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// The writer: gathers the writes of one [`BATCH_WINDOW`] into one durable commit.
+/// The writer: gathers the writes of one [`BATCH_WINDOW`] into one durable commit; after a
+/// failed one, opens the file again every [`REOPEN_EVERY`] until that works.
 async fn write_loop(
-    db: std::sync::Weak<Database>,
+    tier: Weak<Inner>,
     mut queue: mpsc::UnboundedReceiver<Write>,
     index: Index,
     max_bytes: u64,
-    metrics: TierMetrics,
 ) {
     let index = Arc::new(Mutex::new(index));
-    while let Some(first) = queue.recv().await {
+    let mut reopen_at: Option<tokio::time::Instant> = None;
+    loop {
+        let first = match reopen_at {
+            Some(at) => match tokio::time::timeout_at(at, queue.recv()).await {
+                Ok(first) => first,
+                Err(_) => {
+                    let Some(inner) = tier.upgrade() else { return };
+                    reopen_at = reopen(&inner, &index);
+                    continue;
+                }
+            },
+            None => queue.recv().await,
+        };
+        let Some(first) = first else { return };
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
         // A flush ends the window at once: whoever waits for it waits for the disk only.
@@ -360,16 +389,61 @@ async fn write_loop(
             }
         }
         // Only the tier holds the file open, so that it is closed the moment the tier goes.
-        let Some(db) = db.upgrade() else { return };
-        let (index, counted) = (index.clone(), metrics.clone());
+        let Some(inner) = tier.upgrade() else { return };
+        if reopen_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
+            reopen_at = reopen(&inner, &index);
+        }
+        // No file open (it failed and could not be opened again yet): the entries stay in
+        // memory, and whoever waits for a flush is let go.
+        let Some(db) = inner.db.load_full() else {
+            continue;
+        };
+        let (held, counted) = (index.clone(), inner.metrics.clone());
         let committed = tokio::task::spawn_blocking(move || {
-            let mut index = index.lock().unwrap_or_else(|e| e.into_inner());
+            let mut index = held.lock().unwrap_or_else(|e| e.into_inner());
             commit(&db, batch, &mut index, max_bytes, &counted)
         })
         .await;
-        if let Ok(Err(error)) = committed {
-            metrics.errors.inc();
-            tracing::warn!(error = %error, "disk tier write failed; the entries stay in memory");
+        match committed {
+            Ok(Ok(())) if !inner.up.swap(true, Ordering::Relaxed) => {
+                inner.metrics.up.set(1);
+                tracing::info!(path = %inner.path.display(), "disk tier writes again");
+            }
+            Ok(Ok(())) | Err(_) => {}
+            Ok(Err(error)) => {
+                inner.metrics.errors.inc();
+                if inner.up.swap(false, Ordering::Relaxed) {
+                    inner.metrics.up.set(0);
+                    tracing::warn!(
+                        path = %inner.path.display(),
+                        error = %error,
+                        "disk tier write failed (a full disk?): the entries stay in memory; the file is opened again every {} until a write succeeds",
+                        humantime::format_duration(REOPEN_EVERY)
+                    );
+                } else {
+                    tracing::debug!(error = %error, "disk tier write failed again");
+                }
+                // redb refuses every later transaction of a handle that met an I/O error.
+                inner.db.store(None);
+                reopen_at = Some(tokio::time::Instant::now() + REOPEN_EVERY);
+            }
+        }
+    }
+}
+
+/// Open the tier's file again after a failed write, reading back what was committed; when
+/// that fails too, when to try next.
+fn reopen(inner: &Inner, index: &Mutex<Index>) -> Option<tokio::time::Instant> {
+    match open_store(&inner.path) {
+        Ok((db, reread)) => {
+            *index.lock().unwrap_or_else(|e| e.into_inner()) = reread;
+            inner.db.store(Some(Arc::new(db)));
+            tracing::debug!(path = %inner.path.display(), "disk tier file opened again");
+            None
+        }
+        Err(error) => {
+            tracing::debug!(error = %error, "the disk tier's file cannot be opened again yet");
+            Some(tokio::time::Instant::now() + REOPEN_EVERY)
         }
     }
 }

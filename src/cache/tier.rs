@@ -184,10 +184,11 @@ impl Tier {
         }
     }
 
-    /// `up`, or `down` while Redis is skipped.
+    /// `up`, or `down` while Redis is skipped or the disk tier's writes fail.
     pub fn state(&self) -> &'static str {
         match self {
             Tier::Shared(shared) if !shared.is_up() => "down",
+            Tier::Disk(disk) if !disk.is_up() => "down",
             _ => "up",
         }
     }

@@ -736,3 +736,96 @@ async fn over_rediss_with_a_password_nothing_secret_reaches_logs_metrics_or_the_
         assert!(!store.contains(secret), "{secret} is in the shared store");
     }
 }
+
+/// A tmpfs of `size` mounted on `dir` for as long as it lives; `None` (with the reason
+/// printed) where this process may not mount one, i.e. when not root.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, size: &str) -> Option<Self> {
+        let uid = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(str::to_owned))
+            .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned));
+        if uid.as_deref() != Some("0") {
+            eprintln!(
+                "skipped: a full disk is a small tmpfs, and mounting one needs root (CI runs as root)"
+            );
+            return None;
+        }
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mount -t tmpfs failed");
+        Some(Self(dir.to_owned()))
+    }
+
+    fn grow(&self, size: &str) {
+        let remounted = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(remounted.success());
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_takes_the_disk_tier_down_and_it_writes_again_once_there_is_room() {
+    use miralix_gateway::simulator::{Dataset, SyntheticAgents};
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("disk");
+    std::fs::create_dir(&mnt).unwrap();
+    let Some(disk) = SmallDisk::mount(&mnt, "1m") else {
+        return;
+    };
+    let mut dataset = Dataset::demo(ACCOUNT, SECRET);
+    let first = 5_000_000;
+    dataset.synthetic = Some(SyntheticAgents {
+        first_id: first,
+        count: 400,
+        calls: 40,
+    });
+    let boxsim = Simulator::start("127.0.0.1:0".parse().unwrap(), SimulatorTls::Plain, dataset)
+        .await
+        .unwrap();
+    let cache = format!(
+        "[cache.disk]\npath = \"{}\"",
+        mnt.join("cache.redb").display()
+    );
+    let config = write_config(dir.path(), "full.toml", &cache, &boxsim.base_url(), "");
+    let (mut gateway, public, admin) = spawn_binary(&config);
+    // About 14 KB a list: the megabyte is full long before the 150th. Every request is
+    // answered all the same.
+    for id in first..first + 150 {
+        let reply = request(public, "GET", &path("id", &id.to_string()), &[]).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let warned = gateway.wait_for("disk tier write failed");
+    assert!(warned.contains("No space left on device"), "{warned}");
+    let ready = || async { request(admin, "GET", "/readyz", &[]).await.text() };
+    assert!(ready().await.contains("cache tier disk: down"));
+    disk.grow("64m");
+    // New fills keep coming; within a reopening the file takes them again.
+    let mut id = first + 150;
+    wait_until("the disk tier is up again", || {
+        id += 1;
+        let target = path("id", &id.to_string());
+        async move {
+            request(public, "GET", &target, &[]).await;
+            ready().await.contains("cache tier disk: up")
+        }
+    })
+    .await;
+    let log = gateway.finish();
+    assert_eq!(log.matches("disk tier write failed").count(), 1, "{log}");
+    assert!(log.contains("disk tier writes again"), "{log}");
+}
