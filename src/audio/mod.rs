@@ -24,6 +24,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -145,6 +146,8 @@ struct Inner {
     index: moka::future::Cache<AudioKey, Arc<Stored>>,
     downloads: Mutex<HashMap<AudioKey, watch::Receiver<Progress>>>,
     metrics: AudioStoreMetrics,
+    /// Whether the last attempt to store a download failed (a full disk): said once.
+    failing: AtomicBool,
 }
 
 impl std::fmt::Debug for AudioStore {
@@ -209,6 +212,7 @@ impl AudioStore {
                 index,
                 downloads: Mutex::new(HashMap::new()),
                 metrics,
+                failing: AtomicBool::new(false),
             }),
         };
         let scanning = store.clone();
@@ -310,13 +314,18 @@ impl AudioStore {
             return;
         };
         let created = {
-            let tmp = tmp.clone();
+            let (tmp, length) = (tmp.clone(), meta.length);
             blocking(move || {
                 let file = std::fs::OpenOptions::new()
                     .read(true)
                     .write(true)
                     .create_new(true)
                     .open(&tmp)?;
+                // The recording's whole room, taken before its first byte: on a disk too full
+                // for it the audio passes through, instead of breaking off half-way.
+                if let Some(length) = length {
+                    reserve(&file, BODY_OFFSET + length)?;
+                }
                 file.write_all_at(&header, 0)?;
                 Ok(file)
             })
@@ -325,7 +334,8 @@ impl AudioStore {
         let file = match created {
             Ok(file) => Arc::new(file),
             Err(error) => {
-                tracing::warn!(path = %tmp.display(), error = %error, "cannot write to the audio store; passing audio through");
+                let _ = tokio::fs::remove_file(&tmp).await;
+                self.store_failed(&tmp, &error);
                 progress.send_replace(Progress::Unavailable);
                 return;
             }
@@ -403,12 +413,28 @@ impl AudioStore {
             .await
         };
         if let Err(error) = done {
-            tracing::warn!(path = %path.display(), error = %error, "cannot store a downloaded recording; it was served, not stored");
             let _ = tokio::fs::remove_file(&tmp).await;
+            self.store_failed(&path, &error);
             return false;
+        }
+        if self.inner.failing.swap(false, Ordering::Relaxed) {
+            tracing::info!(dir = %self.inner.dir.display(), "the audio store stores recordings again");
         }
         self.insert(key.clone(), Stored { path, meta }).await;
         true
+    }
+
+    /// A recording the store could not take (a full disk): said once until one is stored.
+    fn store_failed(&self, path: &Path, error: &std::io::Error) {
+        if self.inner.failing.swap(true, Ordering::Relaxed) {
+            tracing::debug!(path = %path.display(), error = %error, "cannot store a recording");
+            return;
+        }
+        tracing::warn!(
+            path = %path.display(),
+            error = %error,
+            "cannot store recordings in the audio store (a full disk?): audio passes through from the box until one can be stored again"
+        );
     }
 
     async fn insert(&self, key: AudioKey, stored: Stored) {
@@ -612,6 +638,15 @@ fn clear(tmp: &Path) -> std::io::Result<()> {
         let _ = std::fs::remove_file(entry.path());
     }
     Ok(())
+}
+
+/// Allocate `len` bytes of `file` on disk now, so that writing them cannot run out of room;
+/// a file system that cannot allocate ahead writes as it comes.
+fn reserve(file: &File, len: u64) -> std::io::Result<()> {
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len) {
+        Ok(()) | Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
+        Err(errno) => Err(errno.into()),
+    }
 }
 
 async fn blocking<T: Send + 'static>(

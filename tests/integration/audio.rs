@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use miralix_gateway::simulator::{Failure, SimulatorTls, audio_byte};
 
-use crate::support::{ACCOUNT, API_KEY, Gateway, Options, request, sample, wait_until};
+use crate::support::{ACCOUNT, API_KEY, Gateway, Options, SmallDisk, request, sample, wait_until};
 
 /// The first recording of agent 103 on the demo box.
 const RECORDING: u64 = 47_000 + 103 * 1_000;
@@ -505,4 +505,28 @@ async fn an_operator_can_delete_stored_recordings() {
         gw.get(&audio_path(ids[1])).await.header("x-cache"),
         Some("MISS")
     );
+}
+
+#[tokio::test]
+async fn on_a_disk_too_full_for_a_recording_the_audio_still_arrives_whole() {
+    const SIZE: u64 = 3 * 1024 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    // Room for one recording: the next ones cannot be stored, and must pass through whole.
+    let Some(_disk) = SmallDisk::mount(dir.path(), "5m") else {
+        return;
+    };
+    let gw = gateway(dir.path(), "", "").await;
+    gw.simulator.set_audio_bytes(SIZE);
+    let ids = recordings(&gw).await;
+    let first = gw.get(&audio_path(ids[0])).await;
+    assert_eq!(first.body, expected(ids[0], 0..SIZE));
+    wait_stored(&gw, dir.path(), 1).await;
+    for &id in &ids[1..4] {
+        let reply = gw.get(&audio_path(id)).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.body.len() as u64, SIZE, "recording {id} broke off");
+        assert_eq!(reply.body, expected(id, 0..SIZE), "recording {id}");
+    }
+    assert_eq!(stored_files(dir.path()).len(), 1);
+    assert_eq!(tmp_files(dir.path()), 0);
 }

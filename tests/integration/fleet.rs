@@ -737,47 +737,6 @@ async fn over_rediss_with_a_password_nothing_secret_reaches_logs_metrics_or_the_
     }
 }
 
-/// A tmpfs of `size` mounted on `dir` for as long as it lives; `None` (with the reason
-/// printed) where this process may not mount one, i.e. when not root.
-struct SmallDisk(std::path::PathBuf);
-
-impl SmallDisk {
-    fn mount(dir: &Path, size: &str) -> Option<Self> {
-        let uid = std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(str::to_owned))
-            .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned));
-        if uid.as_deref() != Some("0") {
-            eprintln!(
-                "skipped: a full disk is a small tmpfs, and mounting one needs root (CI runs as root)"
-            );
-            return None;
-        }
-        let mounted = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .unwrap();
-        assert!(mounted.success(), "mount -t tmpfs failed");
-        Some(Self(dir.to_owned()))
-    }
-
-    fn grow(&self, size: &str) {
-        let remounted = Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(&self.0)
-            .status()
-            .unwrap();
-        assert!(remounted.success());
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[tokio::test]
 async fn a_full_disk_takes_the_disk_tier_down_and_it_writes_again_once_there_is_room() {
     use miralix_gateway::simulator::{Dataset, SyntheticAgents};

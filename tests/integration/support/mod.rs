@@ -724,3 +724,47 @@ impl Drop for Running {
         let _ = self.child.wait();
     }
 }
+
+/// A tmpfs of `size` mounted on `dir` for as long as it lives; `None` (with the reason
+/// printed) where this process may not mount one, i.e. when not root.
+pub struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    pub fn mount(dir: &std::path::Path, size: &str) -> Option<Self> {
+        let uid = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(str::to_owned))
+            .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned));
+        if uid.as_deref() != Some("0") {
+            eprintln!(
+                "skipped: a full disk is a small tmpfs, and mounting one needs root (CI runs as root)"
+            );
+            return None;
+        }
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mount -t tmpfs failed");
+        Some(Self(dir.to_owned()))
+    }
+
+    pub fn grow(&self, size: &str) {
+        let remounted = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(remounted.success());
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
