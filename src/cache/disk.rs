@@ -372,7 +372,7 @@ async fn write_loop(
                 Ok(first) => first,
                 Err(_) => {
                     let Some(inner) = tier.upgrade() else { return };
-                    reopen_at = reopen(&inner, &index);
+                    reopen_at = reopen(inner, index.clone()).await;
                     continue;
                 }
             },
@@ -391,7 +391,7 @@ async fn write_loop(
         // Only the tier holds the file open, so that it is closed the moment the tier goes.
         let Some(inner) = tier.upgrade() else { return };
         if reopen_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
-            reopen_at = reopen(&inner, &index);
+            reopen_at = reopen(inner.clone(), index.clone()).await;
         }
         // No file open (it failed and could not be opened again yet): the entries stay in
         // memory, and whoever waits for a flush is let go.
@@ -431,20 +431,22 @@ async fn write_loop(
     }
 }
 
-/// Open the tier's file again after a failed write, reading back what was committed; when
-/// that fails too, when to try next.
-fn reopen(inner: &Inner, index: &Mutex<Index>) -> Option<tokio::time::Instant> {
-    match open_store(&inner.path) {
-        Ok((db, reread)) => {
+/// Open the tier's file again after a failed write (on the blocking pool: redb may repair
+/// it first), reading back what was committed; when that fails too, when to try next.
+async fn reopen(inner: Arc<Inner>, index: Arc<Mutex<Index>>) -> Option<tokio::time::Instant> {
+    let path = inner.path.clone();
+    match tokio::task::spawn_blocking(move || open_store(&path)).await {
+        Ok(Ok((db, reread))) => {
             *index.lock().unwrap_or_else(|e| e.into_inner()) = reread;
             inner.db.store(Some(Arc::new(db)));
             tracing::debug!(path = %inner.path.display(), "disk tier file opened again");
             None
         }
-        Err(error) => {
+        Ok(Err(error)) => {
             tracing::debug!(error = %error, "the disk tier's file cannot be opened again yet");
             Some(tokio::time::Instant::now() + REOPEN_EVERY)
         }
+        Err(_) => Some(tokio::time::Instant::now() + REOPEN_EVERY),
     }
 }
 
