@@ -306,11 +306,8 @@ impl SharedTier {
             .admitted(what, async {
                 let started = Instant::now();
                 let command = command(self.inner.manager.clone());
-                let result = match tokio::time::timeout(self.inner.timeout, command).await {
-                    Ok(Ok(value)) => Ok(value),
-                    Ok(Err(error)) => Err(TierError::Redis(describe(&error))),
-                    Err(_) => Err(TierError::Timeout(self.inner.timeout)),
-                };
+                let bounded = tokio::time::timeout(self.inner.timeout, command).await;
+                let result = outcome(bounded, self.inner.timeout);
                 self.inner
                     .metrics
                     .command_seconds
@@ -589,25 +586,7 @@ impl SharedTier {
             loop {
                 let Some(inner) = weak.upgrade() else { return };
                 let tier = SharedTier { inner };
-                let timeout = tier.inner.timeout.max(Duration::from_secs(1));
-                let subscribed = tier
-                    .admitted("subscribe", async {
-                        let subscribed = tokio::time::timeout(timeout, async {
-                            let mut pubsub = client.get_async_pubsub().await?;
-                            pubsub.subscribe(&channel).await?;
-                            redis::RedisResult::Ok(pubsub)
-                        })
-                        .await;
-                        match subscribed {
-                            Ok(Ok(pubsub)) => Ok(pubsub),
-                            Ok(Err(error)) if error.code() == Some("NOPERM") => {
-                                Err(TierError::Refused(describe(&error)))
-                            }
-                            Ok(Err(error)) => Err(TierError::Redis(describe(&error))),
-                            Err(_) => Err(TierError::Timeout(timeout)),
-                        }
-                    })
-                    .await;
+                let subscribed = tier.subscribe(&client, &channel).await;
                 if let (Err(TierError::Refused(reason)), false) = (&subscribed, refused) {
                     // Commands work, so the tier stays in use; what does not reach this
                     // instance is said once.
@@ -653,6 +632,31 @@ impl SharedTier {
         });
     }
 
+    /// Subscribe to the events channel, through the breaker like a command; a refusal
+    /// (NOPERM: the Redis user may not use the channel) is Redis answering.
+    async fn subscribe(
+        &self,
+        client: &redis::Client,
+        channel: &str,
+    ) -> Result<redis::aio::PubSub, TierError> {
+        let timeout = self.inner.timeout.max(Duration::from_secs(1));
+        self.admitted("subscribe", async {
+            let bounded = tokio::time::timeout(timeout, async {
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(channel).await?;
+                redis::RedisResult::Ok(pubsub)
+            })
+            .await;
+            match bounded {
+                Ok(Err(error)) if error.code() == Some("NOPERM") => {
+                    Err(TierError::Refused(describe(&error)))
+                }
+                bounded => outcome(bounded, timeout),
+            }
+        })
+        .await
+    }
+
     /// `attempt`, made and settled through the breaker like a command if the breaker admits
     /// one now (as its probe when half-open); not made while Redis is skipped.
     async fn admitted<T>(
@@ -673,6 +677,18 @@ impl SharedTier {
         let admission = probe.admission.take().unwrap_or(Admission::Allowed);
         self.settle(what, admission, &result);
         result
+    }
+}
+
+/// What a Redis call bounded by `timeout` gave, as the tier counts it.
+fn outcome<T>(
+    bounded: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    timeout: Duration,
+) -> Result<T, TierError> {
+    match bounded {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(TierError::Redis(describe(&error))),
+        Err(_) => Err(TierError::Timeout(timeout)),
     }
 }
 
