@@ -26,11 +26,11 @@ use std::io::{self, IsTerminal, StderrLock, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
+use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::{FilterExt, Targets};
 use tracing_subscriber::fmt::MakeWriter;
@@ -50,14 +50,50 @@ const ACCESS_BATCH_BYTES: usize = 64 * 1024;
 /// How often dropped access lines are reported while lines are being dropped.
 pub const DROP_REPORT_EVERY: Duration = Duration::from_secs(10);
 
-/// The access log's count of dropped lines, once [`init`] has set its writer up.
+/// The access log's writer, made with its first line: a process whose access log is off
+/// (as under `RUST_LOG=warn`) never starts its thread or allocates its queue.
+static ACCESS_WRITER: OnceLock<NonBlocking> = OnceLock::new();
+/// What keeps the access log's thread, until [`LogGuard`] is dropped.
+static ACCESS_THREAD: Mutex<Option<WorkerGuard>> = Mutex::new(None);
+/// The access log's count of dropped lines, once its writer is made.
 static ACCESS_DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// The access log's lines: into the bounded queue of its own thread, made on first use.
+struct AccessLog;
+
+impl<'a> MakeWriter<'a> for AccessLog {
+    type Writer = NonBlocking;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        ACCESS_WRITER
+            .get_or_init(|| {
+                let (access, thread) = NonBlockingBuilder::default()
+                    .lossy(true)
+                    .buffered_lines_limit(ACCESS_QUEUE_LINES)
+                    .thread_name("access-log")
+                    .finish(io::BufWriter::with_capacity(
+                        ACCESS_BATCH_BYTES,
+                        io::stderr(),
+                    ));
+                let _ = ACCESS_DROPPED.set(access.error_counter());
+                *ACCESS_THREAD.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread);
+                access
+            })
+            .clone()
+    }
+}
+
+/// Whether [`init`] has installed the subscriber (and with it the access log's writer).
+static INSTALLED: OnceLock<()> = OnceLock::new();
 
 /// Access-log lines dropped so far because their reader fell behind; `None` without [`init`].
 pub fn access_lines_dropped() -> Option<u64> {
-    ACCESS_DROPPED
-        .get()
-        .map(|count| count.dropped_lines() as u64)
+    INSTALLED.get()?;
+    Some(
+        ACCESS_DROPPED
+            .get()
+            .map_or(0, |count| count.dropped_lines() as u64),
+    )
 }
 
 /// Warn every [`DROP_REPORT_EVERY`] in which access lines were dropped. Runs until dropped.
@@ -81,8 +117,16 @@ pub async fn report_dropped_access_lines() {
 
 /// Keeps the access log's writer thread until dropped; dropping it writes out what is queued.
 #[must_use = "dropping it stops the access log's writer"]
-pub struct LogGuard {
-    _access: WorkerGuard,
+pub struct LogGuard;
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        let thread = ACCESS_THREAD
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        drop(thread);
+    }
 }
 
 /// The tracing target of the audit log: who read which agent's list or which recording.
@@ -263,17 +307,8 @@ pub fn init(
         true => everything.with_target(AUDIT_LOG, tracing::level_filters::LevelFilter::OFF),
         false => everything,
     });
-    let (access, guard) = NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(ACCESS_QUEUE_LINES)
-        .thread_name("access-log")
-        .finish(io::BufWriter::with_capacity(
-            ACCESS_BATCH_BYTES,
-            io::stderr(),
-        ));
-    let _ = ACCESS_DROPPED.set(access.error_counter());
     // Access lines are info, which goes to the journal without a prefix.
-    let writer = access
+    let writer = AccessLog
         .with_filter(|meta: &tracing::Metadata<'_>| meta.target() == ACCESS_LOG)
         .or_else(Stderr::new());
     let stderr = match format {
@@ -304,5 +339,6 @@ pub fn init(
         .with(stderr)
         .with(audit)
         .try_init()?;
-    Ok(LogGuard { _access: guard })
+    let _ = INSTALLED.set(());
+    Ok(LogGuard)
 }
