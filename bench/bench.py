@@ -709,6 +709,10 @@ def summarize(r):
         mode: sum(1 for runs in saturated.values() for x in runs
                   if x.get("loadgen_cpu", 0) >= LOADGEN_BUSY)
         for mode, saturated in (("plain", hp), ("tls", ht))}
+    s["loadgen_busy_by_server"] = {
+        mode: {name: sum(1 for x in runs if x.get("loadgen_cpu", 0) >= LOADGEN_BUSY)
+               for name, runs in saturated.items()}
+        for mode, saturated in (("plain", hp), ("tls", ht))}
     # Runs in which the host took a benchmark core's time: per kind, (contended, all, largest).
     def contended(runs):
         shares = [x["stolen"] for x in runs if "stolen" in x]
@@ -844,9 +848,7 @@ def markdown(r, s):
         f"requests | {s['outage']['failed']} / {s['outage']['stale_served']:,} / "
         f"{s['outage']['n']:,} | | | |",
         "",
-        f"wrk's own core was at least {LOADGEN_BUSY} busy in "
-        f"{s['loadgen_busy_rounds']['plain']} of the plain and {s['loadgen_busy_rounds']['tls']} "
-        f"of the TLS saturated runs: those rates may be the load generator's, not the server's.",
+        loadgen_sentence(s),
         "",
         stolen_sentence(s),
         "",
@@ -888,6 +890,25 @@ def us_range(r, scenario, name):
     if not values:
         return ""
     return f"{statistics.median(values):.1f} ({min(values):.1f} to {max(values):.1f})"
+
+
+def loadgen_sentence(s):
+    """How many saturated runs were held back by wrk's own core, and whose runs they were."""
+    busy = s["loadgen_busy_rounds"]
+    by_server = s.get("loadgen_busy_by_server", {})
+
+    def whose(mode):
+        named = [f"{name} {n}" for name, n in by_server.get(mode, {}).items() if n]
+        return f" ({', '.join(named)})" if named else ""
+
+    sentence = (f"wrk's own core was at least {LOADGEN_BUSY} busy in {busy['plain']} of the "
+                f"plain{whose('plain')} and {busy['tls']} of the TLS{whose('tls')} saturated "
+                f"runs: those rates may be the load generator's, not the server's")
+    others = [n for mode in by_server.values() for name, n in mode.items() if name != "gateway"]
+    if busy["plain"] + busy["tls"] and not any(others):
+        sentence += (", and since only the gateway's runs were held back, its throughput "
+                     "ratios are lower bounds")
+    return sentence + "."
 
 
 def stolen_sentence(s):
@@ -1081,9 +1102,7 @@ def reading(s):
         f"**Saturated throughput** (wrk, closed loop): {s['ratios']['hit_rps_plain']}x nginx on "
         f"plain HTTP (rounds {min(sat['hit_rps_plain']):.2f} to {max(sat['hit_rps_plain']):.2f}) "
         f"and {s['ratios']['hit_rps_tls']}x with TLS (rounds {min(sat['hit_rps_tls']):.2f} to "
-        f"{max(sat['hit_rps_tls']):.2f}); wrk's own core was at least {LOADGEN_BUSY} busy in "
-        f"{s['loadgen_busy_rounds']['plain']} plain and {s['loadgen_busy_rounds']['tls']} TLS "
-        f"runs, which may then measure wrk rather than the server.")
+        f"{max(sat['hit_rps_tls']):.2f}). " + loadgen_sentence(s))
     mp = s["miss_p50_ms"]
     floor = mp["direct_cross"]["median"] - mp["direct"]["median"]
     parts.append(
