@@ -148,7 +148,6 @@ async fn get(
     );
     stream.write_all(head.as_bytes()).await.expect("write");
     buffer.clear();
-    let mut chunk = vec![0u8; 64 * 1024];
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut response = httparse::Response::new(&mut headers);
@@ -161,16 +160,26 @@ async fn get(
                 .unwrap_or(0);
             let status = response.code.unwrap_or(0);
             while buffer.len() < head_len + length {
-                let n = stream.read(&mut chunk).await.expect("read");
-                assert!(n > 0, "connection closed mid-answer");
-                buffer.extend_from_slice(&chunk[..n]);
+                assert!(
+                    read_more(stream, buffer).await > 0,
+                    "connection closed mid-answer"
+                );
             }
             return status;
         }
-        let n = stream.read(&mut chunk).await.expect("read");
-        assert!(n > 0, "connection closed before an answer");
-        buffer.extend_from_slice(&chunk[..n]);
+        assert!(
+            read_more(stream, buffer).await > 0,
+            "connection closed before an answer"
+        );
     }
+}
+
+/// Read what has arrived into `buffer`'s spare room. The buffer is kept from one request to
+/// the next on a connection, so a request costs the probe no allocation and no zeroing: a
+/// zeroed 64 KiB buffer per request made the probe's own latency part of the servers' p99.
+async fn read_more(stream: &mut Box<dyn Stream>, buffer: &mut Vec<u8>) -> usize {
+    buffer.reserve(64 * 1024);
+    stream.read_buf(buffer).await.expect("read")
 }
 
 fn report(mut samples: Vec<(u16, Duration)>) -> serde_json::Value {
