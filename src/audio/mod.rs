@@ -18,6 +18,7 @@
 
 pub mod file;
 pub mod range;
+pub mod spill;
 mod stream;
 
 use std::collections::HashMap;
@@ -35,6 +36,7 @@ use http::header::{
 use tokio::sync::{OwnedSemaphorePermit, watch};
 
 use self::file::{BODY_OFFSET, Meta};
+use self::spill::Spill;
 pub use self::stream::FileStream;
 use crate::config::AudioStoreConfig;
 use crate::metrics::AudioStoreMetrics;
@@ -67,16 +69,20 @@ pub struct BoxAnswer {
 pub enum Progress {
     /// The box has not answered yet.
     Asking,
-    /// The body is being written; `written` bytes of it are in `file`.
+    /// The body is being written; `written` bytes of it have arrived, in `file` (or, from
+    /// where the disk refused them, in `spill`).
     Writing {
         meta: Arc<Meta>,
         file: Arc<File>,
         written: u64,
+        spill: Option<Arc<Spill>>,
     },
-    /// All of it is in `file` (stored, unless it was too large to keep).
+    /// All of it has arrived, in `file` and `spill` (stored, unless it was too large to keep
+    /// or the disk refused part of it).
     Complete {
         meta: Arc<Meta>,
         file: Arc<File>,
+        spill: Option<Arc<Spill>>,
     },
     /// The box's answer broke off; the partial file is gone.
     Broken(String),
@@ -345,15 +351,41 @@ impl AudioStore {
             meta: shared.clone(),
             file: file.clone(),
             written: 0,
+            spill: None,
         });
         let mut written = 0u64;
+        // Set once the disk refuses a write: the rest of the body is kept in memory.
+        let mut spill: Option<Arc<Spill>> = None;
         let broken = loop {
             match response.chunk().await {
                 Ok(Some(chunk)) => {
-                    let (file, offset) = (file.clone(), BODY_OFFSET + written);
                     let len = chunk.len() as u64;
-                    if let Err(error) = blocking(move || file.write_all_at(&chunk, offset)).await {
-                        break Some(format!("writing {}: {error}", tmp.display()));
+                    if spill.is_none() {
+                        let (file, offset, piece) =
+                            (file.clone(), BODY_OFFSET + written, chunk.clone());
+                        if let Err(error) =
+                            blocking(move || file.write_all_at(&piece, offset)).await
+                        {
+                            // The clients following this download get the rest from memory.
+                            self.store_failed(&tmp, &error);
+                            let spilled = Arc::new(Spill::new(written));
+                            spill = Some(spilled.clone());
+                            progress.send_modify(|p| {
+                                if let Progress::Writing { spill, .. } = p {
+                                    *spill = Some(spilled);
+                                }
+                            });
+                        }
+                    }
+                    if let Some(spill) = &spill
+                        && !spill.push(written, chunk)
+                    {
+                        break Some(format!(
+                            "the disk refused {} from byte {}, and more than {} bytes would have had to wait in memory",
+                            tmp.display(),
+                            spill.from,
+                            spill::SPILL_LIMIT
+                        ));
                     }
                     written += len;
                     box_bytes.inc_by(len);
@@ -380,7 +412,7 @@ impl AudioStore {
         }
         meta.length = Some(written);
         let complete = Arc::new(meta.clone());
-        let keep = keep && written <= self.inner.max_file_bytes;
+        let keep = keep && written <= self.inner.max_file_bytes && spill.is_none();
         let stored = match keep {
             true => self.commit(&key, meta, file.clone(), tmp).await,
             false => {
@@ -394,6 +426,7 @@ impl AudioStore {
         progress.send_replace(Progress::Complete {
             meta: complete,
             file,
+            spill,
         });
     }
 

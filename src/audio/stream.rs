@@ -1,6 +1,6 @@
 //! A stored recording's body, read from its file a chunk at a time: a whole file, or one that
 //! a download is still writing, where the reader waits for the bytes it needs and breaks off
-//! if the download does.
+//! if the download does. Bytes the disk refused come from the download's [`Spill`].
 
 use std::fs::File;
 use std::io;
@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use super::Progress;
 use super::file::BODY_OFFSET;
+use super::spill::Spill;
 
 /// Bytes read from the file per chunk.
 const CHUNK: u64 = 64 * 1024;
@@ -32,6 +33,8 @@ struct Reader {
     end: Option<u64>,
     /// The download writing the file, if it is not complete.
     progress: Option<watch::Receiver<Progress>>,
+    /// The part of the body the disk refused, once it did.
+    spill: Option<Arc<Spill>>,
     failed: bool,
 }
 
@@ -47,6 +50,7 @@ impl FileStream {
             position: start,
             end,
             progress,
+            spill: None,
             failed: false,
         };
         let inner = futures_util::stream::unfold(reader, |mut reader| async move {
@@ -81,6 +85,14 @@ impl Reader {
         if self.position >= limit {
             return Ok(None);
         }
+        if let Some(spill) = self.spill.as_ref().filter(|s| self.position >= s.from) {
+            let piece = spill
+                .read(self.position, limit)
+                .ok_or_else(|| io::Error::other("the download's spilled bytes are missing"))?;
+            self.position += piece.len() as u64;
+            return Ok(Some(piece));
+        }
+        let limit = self.spill.as_ref().map_or(limit, |s| limit.min(s.from));
         let size = CHUNK.min(limit - self.position);
         let (file, offset) = (self.file.clone(), BODY_OFFSET + self.position);
         let chunk = tokio::task::spawn_blocking(move || {
@@ -102,8 +114,12 @@ impl Reader {
         loop {
             let state = progress.borrow_and_update().clone();
             match state {
-                Progress::Writing { written, .. } if written > self.position => return Ok(written),
-                Progress::Complete { meta, .. } => {
+                Progress::Writing { written, spill, .. } if written > self.position => {
+                    self.spill = spill;
+                    return Ok(written);
+                }
+                Progress::Complete { meta, spill, .. } => {
+                    self.spill = spill;
                     let length = meta.length.unwrap_or(0);
                     self.end = Some(self.end.unwrap_or(length).min(length));
                     self.progress = None;

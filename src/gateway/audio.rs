@@ -101,9 +101,19 @@ async fn from_store<B>(
                 status,
             )
         }
-        Progress::Complete { meta, file } => {
+        Progress::Complete { meta, file, spill } => {
             access.upstream_status = Some(StatusCode::OK);
-            served(&meta, file, None, request, audio.disk_bytes.clone(), status)
+            // Part of a body the disk refused is in the download's spill, which the reader
+            // finds through the progress.
+            let progress = spill.is_some().then_some(progress);
+            served(
+                &meta,
+                file,
+                progress,
+                request,
+                audio.disk_bytes.clone(),
+                status,
+            )
         }
         Progress::Answered(answer) => {
             access.upstream_status = Some(answer.status);

@@ -266,7 +266,10 @@ pub(super) fn audio(
     let Some(id) = known else {
         return whole(message(StatusCode::NOT_FOUND, "Recording not found."));
     };
-    let length = lock(&state.knobs).audio_bytes;
+    let (length, chunked) = {
+        let knobs = lock(&state.knobs);
+        (knobs.audio_bytes, knobs.audio_chunked)
+    };
     let range = request
         .headers()
         .get(http::header::RANGE)
@@ -300,13 +303,16 @@ pub(super) fn audio(
         http::header::ACCEPT_RANGES,
         HeaderValue::from_static("bytes"),
     );
-    headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(end - start));
+    if !chunked {
+        headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(end - start));
+    }
     headers.insert("set-cookie", HeaderValue::from_static("box-session=1"));
     let body = AudioBody {
         id,
         position: start,
         end,
         produced: state.audio_bytes.clone(),
+        chunked,
     };
     let (parts, _) = response.into_parts();
     Response::from_parts(parts, body.boxed())
@@ -360,6 +366,8 @@ pub(super) struct AudioBody {
     position: u64,
     end: u64,
     produced: Arc<AtomicU64>,
+    /// No length announced: hyper sends the body chunked.
+    chunked: bool,
 }
 
 impl http_body::Body for AudioBody {
@@ -388,7 +396,10 @@ impl http_body::Body for AudioBody {
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        http_body::SizeHint::with_exact(self.end - self.position)
+        match self.chunked {
+            true => http_body::SizeHint::new(),
+            false => http_body::SizeHint::with_exact(self.end - self.position),
+        }
     }
 }
 

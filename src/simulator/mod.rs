@@ -117,6 +117,8 @@ struct Knobs {
     /// Behave as a 6.5 box: `fromQueueCallId` is ignored (the whole list comes back).
     api_6_5: bool,
     audio_bytes: u64,
+    /// Send audio without `Content-Length`, chunked (see [`Simulator::set_audio_chunked`]).
+    audio_chunked: bool,
     /// Send the head and then the body in small separate writes (see [`Simulator::set_split_writes`]).
     split_writes: bool,
 }
@@ -203,6 +205,7 @@ impl Simulator {
                 failure: Failure::None,
                 api_6_5: false,
                 audio_bytes: DEFAULT_AUDIO_BYTES,
+                audio_chunked: false,
                 split_writes: false,
             }),
             received: Mutex::default(),
@@ -263,6 +266,12 @@ impl Simulator {
     /// The size of every recording's audio.
     pub fn set_audio_bytes(&self, bytes: u64) {
         lock(&self.state.knobs).audio_bytes = bytes;
+    }
+
+    /// Send audio chunked, without `Content-Length` (the length is known only at its end), as
+    /// a box that streams a recording it is still converting might.
+    pub fn set_audio_chunked(&self, on: bool) {
+        lock(&self.state.knobs).audio_chunked = on;
     }
 
     /// Audio bytes produced so far: how far the box has got in sending, whoever reads it.

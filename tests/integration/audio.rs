@@ -530,3 +530,47 @@ async fn on_a_disk_too_full_for_a_recording_the_audio_still_arrives_whole() {
     assert_eq!(stored_files(dir.path()).len(), 1);
     assert_eq!(tmp_files(dir.path()), 0);
 }
+
+#[tokio::test]
+async fn a_chunked_recording_that_fills_the_disk_half_way_still_arrives_whole() {
+    const SIZE: u64 = 3 * 1024 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    // Room for one recording and part of a second: without a length nothing can be reserved,
+    // so the second fills the disk in the middle of its download.
+    let Some(_disk) = SmallDisk::mount(dir.path(), "5m") else {
+        return;
+    };
+    let gw = gateway(dir.path(), "", "").await;
+    gw.simulator.set_audio_bytes(SIZE);
+    gw.simulator.set_audio_chunked(true);
+    let ids = recordings(&gw).await;
+    let first = gw.get(&audio_path(ids[0])).await;
+    assert_eq!(
+        first.header("content-length"),
+        None,
+        "the box answered chunked"
+    );
+    assert_eq!(first.body, expected(ids[0], 0..SIZE));
+    wait_stored(&gw, dir.path(), 1).await;
+    for &id in &ids[1..3] {
+        let sent = gw.simulator.audio_bytes_sent();
+        // Two clients for the same recording: the second follows the first one's download.
+        let path = audio_path(id);
+        let (a, b) = tokio::join!(gw.get(&path), gw.get(&path));
+        for reply in [a, b] {
+            assert_eq!(reply.status, 200);
+            assert_eq!(reply.body.len() as u64, SIZE, "recording {id} broke off");
+            assert_eq!(reply.body, expected(id, 0..SIZE), "recording {id}");
+        }
+        assert!(
+            gw.simulator.audio_bytes_sent() - sent <= 2 * SIZE,
+            "recording {id}: the box sent more than each client's copy"
+        );
+    }
+    assert_eq!(stored_files(dir.path()).len(), 1);
+    assert_eq!(tmp_files(dir.path()), 0);
+    // The stored one is still served whole, from disk.
+    let again = gw.get(&audio_path(ids[0])).await;
+    assert_eq!(again.header("x-cache"), Some("HIT"));
+    assert_eq!(again.body, expected(ids[0], 0..SIZE));
+}
