@@ -327,19 +327,31 @@ impl AudioStore {
                     .write(true)
                     .create_new(true)
                     .open(&tmp)?;
-                // The recording's whole room, taken before its first byte: on a disk too full
-                // for it the audio passes through, instead of breaking off half-way.
-                if let Some(length) = length {
-                    reserve(&file, BODY_OFFSET + length)?;
+                // The recording's whole room, taken before its first byte, so that the disk
+                // cannot fill half-way through it.
+                if let Some(length) = length
+                    && let Err(refused) = reserve(&file, BODY_OFFSET + length)
+                {
+                    return Ok((file, Some(refused)));
                 }
                 file.write_all_at(&header, 0)?;
-                Ok(file)
+                Ok((file, None))
             })
             .await
         };
+        // Set once the disk refuses a write: the rest of the body is kept in memory.
+        let mut spill: Option<Arc<Spill>> = None;
         let file = match created {
-            Ok(file) => Arc::new(file),
-            Err(error) => {
+            Ok((file, None)) => Arc::new(file),
+            // No room for it: the recording is not stored, and the clients waiting for it
+            // share one download from memory when it fits there; otherwise each asks the box.
+            Ok((file, Some(error))) if meta.length.is_some_and(|l| l <= spill::SPILL_LIMIT) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                self.store_failed(&tmp, &error);
+                spill = Some(Arc::new(Spill::new(0)));
+                Arc::new(file)
+            }
+            Ok((_, Some(error))) | Err(error) => {
                 let _ = tokio::fs::remove_file(&tmp).await;
                 self.store_failed(&tmp, &error);
                 progress.send_replace(Progress::Unavailable);
@@ -351,11 +363,9 @@ impl AudioStore {
             meta: shared.clone(),
             file: file.clone(),
             written: 0,
-            spill: None,
+            spill: spill.clone(),
         });
         let mut written = 0u64;
-        // Set once the disk refuses a write: the rest of the body is kept in memory.
-        let mut spill: Option<Arc<Spill>> = None;
         let broken = loop {
             match response.chunk().await {
                 Ok(Some(chunk)) => {

@@ -1,11 +1,13 @@
 //! The rest of a download the disk refused: kept in memory for the clients following it.
 //!
 //! A recording whose length the box announced has its whole room taken before its first byte,
-//! so a full disk refuses it at once and it passes through. A chunked one cannot be reserved:
-//! the disk may fill in the middle of it. From the byte the disk refused, the download keeps
-//! what arrives in a [`Spill`], and every client following it reads the file up to that byte
-//! and the spill after it, so nobody's answer breaks off. Such a recording is not stored. At
-//! most [`SPILL_LIMIT`] bytes are held per download; beyond that it breaks off as before.
+//! so a full disk refuses it at once: then all of it is kept in a [`Spill`] from byte 0, and
+//! the clients waiting for it still share one download from the box. A chunked one cannot be
+//! reserved: the disk may fill in the middle of it. From the byte the disk refused, the
+//! download keeps what arrives in a spill, and every client following it reads the file up to
+//! that byte and the spill after it, so nobody's answer breaks off. Such a recording is not
+//! stored. At most [`SPILL_LIMIT`] bytes are held per download: a larger recording with a
+//! length passes through to each client, a chunked one breaks off.
 
 use std::sync::Mutex;
 
