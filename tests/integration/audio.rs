@@ -521,20 +521,39 @@ async fn two_clients_get_all_of(gw: &Gateway, id: u64, size: u64) -> u64 {
     gw.simulator.audio_bytes_sent() - sent
 }
 
-#[tokio::test]
-async fn on_a_disk_too_full_for_a_recording_the_audio_still_arrives_whole() {
-    const SIZE: u64 = 3 * 1024 * 1024;
+/// The size of each recording in the full-disk tests: one fits on their 5 MiB disk, two do not.
+const FULL_DISK_RECORDING: u64 = 3 * 1024 * 1024;
+
+/// A gateway whose audio store is on a 5 MiB tmpfs that holds one stored recording (the first
+/// of `ids`), with the box answering chunked or not; `None` where no tmpfs can be mounted.
+async fn store_on_a_full_disk(
+    chunked: bool,
+) -> Option<(tempfile::TempDir, SmallDisk, Gateway, Vec<u64>)> {
     let dir = tempfile::tempdir().unwrap();
-    // Room for one recording: the next ones cannot be stored, and must pass through whole.
-    let Some(_disk) = SmallDisk::mount(dir.path(), "5m") else {
-        return;
-    };
+    let disk = SmallDisk::mount(dir.path(), "5m")?;
     let gw = gateway(dir.path(), "", "").await;
-    gw.simulator.set_audio_bytes(SIZE);
+    gw.simulator.set_audio_bytes(FULL_DISK_RECORDING);
+    gw.simulator.set_audio_chunked(chunked);
     let ids = recordings(&gw).await;
     let first = gw.get(&audio_path(ids[0])).await;
-    assert_eq!(first.body, expected(ids[0], 0..SIZE));
+    let length = first.header("content-length").map(str::to_owned);
+    assert_eq!(
+        length.is_none(),
+        chunked,
+        "the box answered chunked: {chunked}"
+    );
+    assert_eq!(first.body, expected(ids[0], 0..FULL_DISK_RECORDING));
     wait_stored(&gw, dir.path(), 1).await;
+    Some((dir, disk, gw, ids))
+}
+
+#[tokio::test]
+async fn on_a_disk_too_full_for_a_recording_the_audio_still_arrives_whole() {
+    const SIZE: u64 = FULL_DISK_RECORDING;
+    // Room for one recording: the next ones cannot be stored, and must still arrive whole.
+    let Some((dir, _disk, gw, ids)) = store_on_a_full_disk(false).await else {
+        return;
+    };
     // The clients share one download, kept in memory and not stored: the box sends each
     // recording once, not once per client.
     for &id in &ids[1..4] {
@@ -560,25 +579,12 @@ async fn on_a_disk_too_full_for_a_recording_the_audio_still_arrives_whole() {
 
 #[tokio::test]
 async fn a_chunked_recording_that_fills_the_disk_half_way_still_arrives_whole() {
-    const SIZE: u64 = 3 * 1024 * 1024;
-    let dir = tempfile::tempdir().unwrap();
+    const SIZE: u64 = FULL_DISK_RECORDING;
     // Room for one recording and part of a second: without a length nothing can be reserved,
     // so the second fills the disk in the middle of its download.
-    let Some(_disk) = SmallDisk::mount(dir.path(), "5m") else {
+    let Some((dir, _disk, gw, ids)) = store_on_a_full_disk(true).await else {
         return;
     };
-    let gw = gateway(dir.path(), "", "").await;
-    gw.simulator.set_audio_bytes(SIZE);
-    gw.simulator.set_audio_chunked(true);
-    let ids = recordings(&gw).await;
-    let first = gw.get(&audio_path(ids[0])).await;
-    assert_eq!(
-        first.header("content-length"),
-        None,
-        "the box answered chunked"
-    );
-    assert_eq!(first.body, expected(ids[0], 0..SIZE));
-    wait_stored(&gw, dir.path(), 1).await;
     // The second client follows the first one's download, file and then memory.
     for &id in &ids[1..3] {
         assert_eq!(
