@@ -507,20 +507,6 @@ async fn an_operator_can_delete_stored_recordings() {
     );
 }
 
-/// Two clients ask for recording `id` at once; each must get all `size` bytes of it. How many
-/// audio bytes the box sent meanwhile.
-async fn two_clients_get_all_of(gw: &Gateway, id: u64, size: u64) -> u64 {
-    let sent = gw.simulator.audio_bytes_sent();
-    let path = audio_path(id);
-    let (a, b) = tokio::join!(gw.get(&path), gw.get(&path));
-    for reply in [a, b] {
-        assert_eq!(reply.status, 200);
-        assert_eq!(reply.body.len() as u64, size, "recording {id} broke off");
-        assert_eq!(reply.body, expected(id, 0..size), "recording {id}");
-    }
-    gw.simulator.audio_bytes_sent() - sent
-}
-
 /// The size of each recording in the full-disk tests: one fits on their 5 MiB disk, two do not.
 const FULL_DISK_RECORDING: u64 = 3 * 1024 * 1024;
 
@@ -547,24 +533,37 @@ async fn store_on_a_full_disk(
     Some((dir, disk, gw, ids))
 }
 
+/// Two clients ask for each of `ids` at once: each must get all of it, and the box must send
+/// it once (the two share one download). None of them is stored beside the first recording.
+async fn each_arrives_whole_and_once(gw: &Gateway, dir: &Path, ids: &[u64]) {
+    const SIZE: u64 = FULL_DISK_RECORDING;
+    for &id in ids {
+        let sent = gw.simulator.audio_bytes_sent();
+        let path = audio_path(id);
+        let (a, b) = tokio::join!(gw.get(&path), gw.get(&path));
+        for reply in [a, b] {
+            assert_eq!(reply.status, 200);
+            assert_eq!(reply.body.len() as u64, SIZE, "recording {id} broke off");
+            assert_eq!(reply.body, expected(id, 0..SIZE), "recording {id}");
+        }
+        let box_sent = gw.simulator.audio_bytes_sent() - sent;
+        assert_eq!(
+            box_sent, SIZE,
+            "recording {id}: the box sent {box_sent} bytes"
+        );
+    }
+    assert_eq!(stored_files(dir).len(), 1);
+    assert_eq!(tmp_files(dir), 0);
+}
+
 #[tokio::test]
 async fn on_a_disk_too_full_for_a_recording_the_audio_still_arrives_whole() {
-    const SIZE: u64 = FULL_DISK_RECORDING;
     // Room for one recording: the next ones cannot be stored, and must still arrive whole.
     let Some((dir, _disk, gw, ids)) = store_on_a_full_disk(false).await else {
         return;
     };
-    // The clients share one download, kept in memory and not stored: the box sends each
-    // recording once, not once per client.
-    for &id in &ids[1..4] {
-        assert_eq!(
-            two_clients_get_all_of(&gw, id, SIZE).await,
-            SIZE,
-            "recording {id}"
-        );
-    }
-    assert_eq!(stored_files(dir.path()).len(), 1);
-    assert_eq!(tmp_files(dir.path()), 0);
+    // The clients share one download, kept in memory and not stored.
+    each_arrives_whole_and_once(&gw, dir.path(), &ids[1..4]).await;
     // A range of a recording that could not be stored: from the box, whole or in part.
     let range = request(
         gw.addr,
@@ -579,24 +578,15 @@ async fn on_a_disk_too_full_for_a_recording_the_audio_still_arrives_whole() {
 
 #[tokio::test]
 async fn a_chunked_recording_that_fills_the_disk_half_way_still_arrives_whole() {
-    const SIZE: u64 = FULL_DISK_RECORDING;
     // Room for one recording and part of a second: without a length nothing can be reserved,
     // so the second fills the disk in the middle of its download.
     let Some((dir, _disk, gw, ids)) = store_on_a_full_disk(true).await else {
         return;
     };
     // The second client follows the first one's download, file and then memory.
-    for &id in &ids[1..3] {
-        assert_eq!(
-            two_clients_get_all_of(&gw, id, SIZE).await,
-            SIZE,
-            "recording {id}"
-        );
-    }
-    assert_eq!(stored_files(dir.path()).len(), 1);
-    assert_eq!(tmp_files(dir.path()), 0);
+    each_arrives_whole_and_once(&gw, dir.path(), &ids[1..3]).await;
     // The stored one is still served whole, from disk.
     let again = gw.get(&audio_path(ids[0])).await;
     assert_eq!(again.header("x-cache"), Some("HIT"));
-    assert_eq!(again.body, expected(ids[0], 0..SIZE));
+    assert_eq!(again.body, expected(ids[0], 0..FULL_DISK_RECORDING));
 }
