@@ -469,6 +469,7 @@ impl AudioStore {
 
     /// A recording the store could not take (a full disk): said once until one is stored.
     fn store_failed(&self, path: &Path, error: &std::io::Error) {
+        self.inner.metrics.store_failures.inc();
         if self.inner.failing.swap(true, Ordering::Relaxed) {
             tracing::debug!(path = %path.display(), error = %error, "cannot store a recording");
             return;

@@ -1,5 +1,5 @@
 //! The audio store's series: per account, requests answered from disk or not and the bytes
-//! sent from disk; for the store, its size, bound and stored downloads.
+//! sent from disk; for the store, its size, bound, stored downloads and failed writes.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -28,6 +28,8 @@ pub struct AudioStoreMetrics {
     pub files: Gauge,
     pub max_bytes: Gauge,
     pub downloads_stored: Counter,
+    /// Downloads the store could not write (a full disk?): passed on without being stored.
+    pub store_failures: Counter,
 }
 
 /// One account's audio store counters, resolved once.
@@ -77,6 +79,11 @@ impl AudioMetrics {
             "audio_store_downloads",
             "Recordings downloaded from the box and stored",
             self.store.downloads_stored.clone(),
+        );
+        registry.register(
+            "audio_store_write_failures",
+            "Downloads the audio store could not write to disk (a full disk?), passed on to their clients without being stored",
+            self.store.store_failures.clone(),
         );
     }
 

@@ -554,6 +554,12 @@ async fn each_arrives_whole_and_once(gw: &Gateway, dir: &Path, ids: &[u64]) {
     }
     assert_eq!(stored_files(dir).len(), 1);
     assert_eq!(tmp_files(dir), 0);
+    // Each one the store could not write is counted (what MiralixAudioStoreCannotWrite reads).
+    let failures = sample(
+        &gw.metrics().await,
+        "miralix_gateway_audio_store_write_failures_total",
+    );
+    assert_eq!(failures, ids.len() as f64);
 }
 
 #[tokio::test]

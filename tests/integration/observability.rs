@@ -216,7 +216,7 @@ fn the_alert_rules_check_and_pass_their_unit_tests() {
         );
     }
     let rules = std::fs::read_to_string(dir.join("alerts.yml")).unwrap();
-    assert_eq!(rule_expressions(&rules).len(), 7);
+    assert_eq!(rule_expressions(&rules).len(), 8);
 }
 
 #[tokio::test]
@@ -317,7 +317,7 @@ async fn a_real_prometheus_scrapes_the_gateway_and_evaluates_every_query() {
     }
     let loaded = request(api, "GET", "/api/v1/rules", &[]).await.json();
     let groups = loaded["data"]["groups"].as_array().unwrap();
-    assert_eq!(groups[0]["rules"].as_array().unwrap().len(), 7, "{loaded}");
+    assert_eq!(groups[0]["rules"].as_array().unwrap().len(), 8, "{loaded}");
 }
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
