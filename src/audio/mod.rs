@@ -154,6 +154,8 @@ struct Inner {
     metrics: AudioStoreMetrics,
     /// Whether the last attempt to store a download failed (a full disk): said once.
     failing: AtomicBool,
+    /// The memory all downloads the disk refused may hold together.
+    spill_budget: Arc<spill::Budget>,
 }
 
 impl std::fmt::Debug for AudioStore {
@@ -219,6 +221,7 @@ impl AudioStore {
                 downloads: Mutex::new(HashMap::new()),
                 metrics,
                 failing: AtomicBool::new(false),
+                spill_budget: Arc::default(),
             }),
         };
         let scanning = store.clone();
@@ -345,13 +348,20 @@ impl AudioStore {
             Ok((file, None)) => Arc::new(file),
             // No room for it: the recording is not stored, and the clients waiting for it
             // share one download from memory when it fits there; otherwise each asks the box.
-            Ok((file, Some(error))) if meta.length.is_some_and(|l| l <= spill::SPILL_LIMIT) => {
+            Ok((file, Some(error))) => {
                 let _ = tokio::fs::remove_file(&tmp).await;
                 self.store_failed(&tmp, &error);
-                spill = Some(Arc::new(Spill::new(0)));
+                let budget = self.inner.spill_budget.clone();
+                match meta.length.and_then(|length| Spill::new(0, budget, length)) {
+                    Some(all) => spill = Some(Arc::new(all)),
+                    None => {
+                        progress.send_replace(Progress::Unavailable);
+                        return;
+                    }
+                }
                 Arc::new(file)
             }
-            Ok((_, Some(error))) | Err(error) => {
+            Err(error) => {
                 let _ = tokio::fs::remove_file(&tmp).await;
                 self.store_failed(&tmp, &error);
                 progress.send_replace(Progress::Unavailable);
@@ -378,7 +388,12 @@ impl AudioStore {
                         {
                             // The clients following this download get the rest from memory.
                             self.store_failed(&tmp, &error);
-                            let spilled = Arc::new(Spill::new(written));
+                            let rest = meta.length.map_or(0, |l| l.saturating_sub(written));
+                            let budget = self.inner.spill_budget.clone();
+                            let Some(rest) = Spill::new(written, budget, rest) else {
+                                break Some(format!("writing {}: {error}", tmp.display()));
+                            };
+                            let spilled = Arc::new(rest);
                             spill = Some(spilled.clone());
                             progress.send_modify(|p| {
                                 if let Progress::Writing { spill, .. } = p {
@@ -391,10 +406,10 @@ impl AudioStore {
                         && !spill.push(written, chunk)
                     {
                         break Some(format!(
-                            "the disk refused {} from byte {}, and more than {} bytes would have had to wait in memory",
+                            "the disk refused {} from byte {}, and the memory for such downloads ({} bytes for all of them) is spent",
                             tmp.display(),
                             spill.from,
-                            spill::SPILL_LIMIT
+                            spill::SPILL_BUDGET
                         ));
                     }
                     written += len;

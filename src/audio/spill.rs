@@ -6,45 +6,96 @@
 //! reserved: the disk may fill in the middle of it. From the byte the disk refused, the
 //! download keeps what arrives in a spill, and every client following it reads the file up to
 //! that byte and the spill after it, so nobody's answer breaks off. Such a recording is not
-//! stored. At most [`SPILL_LIMIT`] bytes are held per download: a larger recording with a
-//! length passes through to each client, a chunked one breaks off.
+//! stored.
+//!
+//! All spills together hold at most [`SPILL_BUDGET`] bytes, whatever the box sends and however
+//! many downloads there are, so the process's memory bound holds. A recording with a length
+//! that does not fit in what is left passes through to each client; a chunked one that runs
+//! out of it breaks off, as it would without a spill.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-/// The most a download keeps in memory once the disk refused it.
-pub const SPILL_LIMIT: u64 = 8 * 1024 * 1024;
+/// The most all the downloads the disk refused keep in memory together.
+pub const SPILL_BUDGET: u64 = 16 * 1024 * 1024;
+
+/// The bytes all spills of one store hold, shared by them.
+#[derive(Debug, Default)]
+pub struct Budget {
+    held: AtomicU64,
+}
+
+impl Budget {
+    /// Take `bytes` of the budget, if that many are left.
+    fn take(&self, bytes: u64) -> bool {
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(bytes)
+                    .filter(|&total| total <= SPILL_BUDGET)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, bytes: u64) {
+        self.held.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    /// Bytes held by spills now.
+    #[cfg(test)]
+    fn held(&self) -> u64 {
+        self.held.load(Ordering::Acquire)
+    }
+}
 
 /// The body from byte [`Spill::from`] on, as it arrived.
 #[derive(Debug)]
 pub struct Spill {
     /// The first body byte that is not in the file.
     pub from: u64,
+    budget: Arc<Budget>,
+    pieces: Mutex<Pieces>,
+}
+
+#[derive(Debug, Default)]
+struct Pieces {
     /// Each piece with the body offset it starts at, in order and without gaps.
-    pieces: Mutex<Vec<(u64, Bytes)>>,
+    list: Vec<(u64, Bytes)>,
+    /// Bytes in `list`.
+    held: u64,
+    /// Bytes taken from the budget: at least `held`.
+    taken: u64,
 }
 
 impl Spill {
-    pub fn new(from: u64) -> Self {
-        Self {
+    /// A spill from body byte `from` on, holding `reserve` bytes of the budget from the start
+    /// (the rest of a recording whose length is known); `None` if the budget has no room.
+    pub fn new(from: u64, budget: Arc<Budget>, reserve: u64) -> Option<Self> {
+        budget.take(reserve).then(|| Self {
             from,
-            pieces: Mutex::new(Vec::new()),
-        }
+            budget,
+            pieces: Mutex::new(Pieces {
+                taken: reserve,
+                ..Pieces::default()
+            }),
+        })
     }
 
     /// Keep `piece`, which starts at body offset `at` (where the last one ended); `false` when
-    /// that would take the spill past [`SPILL_LIMIT`], and nothing is kept.
+    /// the budget has no room for it, and nothing is kept.
     pub fn push(&self, at: u64, piece: Bytes) -> bool {
-        if at + piece.len() as u64 - self.from > SPILL_LIMIT {
-            return false;
-        }
         let mut pieces = self.pieces.lock().unwrap_or_else(|e| e.into_inner());
-        debug_assert_eq!(
-            pieces.last().map_or(self.from, |(o, p)| o + p.len() as u64),
-            at
-        );
-        pieces.push((at, piece));
+        debug_assert_eq!(self.from + pieces.held, at);
+        let held = pieces.held + piece.len() as u64;
+        if held > pieces.taken {
+            if !self.budget.take(held - pieces.taken) {
+                return false;
+            }
+            pieces.taken = held;
+        }
+        pieces.held = held;
+        pieces.list.push((at, piece));
         true
     }
 
@@ -52,15 +103,26 @@ impl Spill {
     /// one piece; `None` if they have not arrived.
     pub fn read(&self, position: u64, end: u64) -> Option<Bytes> {
         let pieces = self.pieces.lock().unwrap_or_else(|e| e.into_inner());
-        let index = pieces
+        let list = &pieces.list;
+        let index = list
             .partition_point(|(at, _)| *at <= position)
             .checked_sub(1)?;
-        let (at, piece) = &pieces[index];
+        let (at, piece) = &list[index];
         let start = usize::try_from(position - at).ok()?;
         let stop = usize::try_from(end.saturating_sub(*at))
             .unwrap_or(usize::MAX)
             .min(piece.len());
         (start < stop).then(|| piece.slice(start..stop))
+    }
+}
+
+impl Drop for Spill {
+    fn drop(&mut self) {
+        let taken = self
+            .pieces
+            .get_mut()
+            .map_or_else(|e| e.into_inner().taken, |p| p.taken);
+        self.budget.give_back(taken);
     }
 }
 
@@ -70,7 +132,7 @@ mod tests {
 
     #[test]
     fn reads_come_from_the_piece_that_holds_the_position() {
-        let spill = Spill::new(100);
+        let spill = Spill::new(100, Arc::default(), 0).unwrap();
         assert!(spill.push(100, Bytes::from_static(b"abcd")));
         assert!(spill.push(104, Bytes::from_static(b"efgh")));
         assert_eq!(spill.read(100, 200).as_deref(), Some(&b"abcd"[..]));
@@ -82,13 +144,24 @@ mod tests {
     }
 
     #[test]
-    fn a_spill_past_its_limit_keeps_nothing_more() {
-        let spill = Spill::new(0);
-        let piece = Bytes::from(vec![0u8; 1024 * 1024]);
-        for n in 0..8 {
-            assert!(spill.push(n * 1024 * 1024, piece.clone()));
+    fn all_spills_together_stay_within_the_budget_and_give_it_back() {
+        let budget = Arc::new(Budget::default());
+        let mib = Bytes::from(vec![0u8; 1024 * 1024]);
+        // One recording of a known 10 MiB holds its room from the start.
+        let known = Spill::new(0, budget.clone(), 10 * 1024 * 1024).unwrap();
+        assert!(known.push(0, mib.clone()));
+        assert_eq!(budget.held(), 10 * 1024 * 1024);
+        // Another of 10 MiB does not fit beside it.
+        assert!(Spill::new(0, budget.clone(), 10 * 1024 * 1024).is_none());
+        // A chunked one grows until the budget is spent.
+        let chunked = Spill::new(0, budget.clone(), 0).unwrap();
+        for n in 0..6 {
+            assert!(chunked.push(n * 1024 * 1024, mib.clone()));
         }
-        assert!(!spill.push(SPILL_LIMIT, Bytes::from_static(b"x")));
-        assert_eq!(spill.read(SPILL_LIMIT, SPILL_LIMIT + 1), None);
+        assert!(!chunked.push(6 * 1024 * 1024, Bytes::from_static(b"x")));
+        assert_eq!(budget.held(), SPILL_BUDGET);
+        drop(known);
+        drop(chunked);
+        assert_eq!(budget.held(), 0);
     }
 }
