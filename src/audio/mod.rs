@@ -16,6 +16,7 @@
 //! interrupted downloads deleted. A store that cannot be opened is reported, and audio is
 //! passed through as without one.
 
+mod directory;
 pub mod file;
 pub mod range;
 pub mod spill;
@@ -171,7 +172,7 @@ impl AudioStore {
     /// `None`, with a warning, when the directory cannot be used.
     pub fn open(config: &AudioStoreConfig, metrics: AudioStoreMetrics) -> Option<Self> {
         let tmp = file::tmp_dir(&config.path);
-        let lock = match claim(&config.path) {
+        let lock = match directory::claim(&config.path) {
             Ok(lock) => lock,
             Err(why) => {
                 tracing::warn!(
@@ -183,7 +184,7 @@ impl AudioStore {
             }
         };
         let made = std::fs::create_dir_all(&tmp)
-            .and_then(|()| clear(&tmp))
+            .and_then(|()| directory::clear(&tmp))
             .and_then(|()| {
                 let probe = tmp.join(".probe");
                 File::create(&probe)?;
@@ -333,7 +334,7 @@ impl AudioStore {
                 // The recording's whole room, taken before its first byte, so that the disk
                 // cannot fill half-way through it.
                 if let Some(length) = length
-                    && let Err(refused) = reserve(&file, BODY_OFFSET + length)
+                    && let Err(refused) = directory::reserve(&file, BODY_OFFSET + length)
                 {
                     return Ok((file, Some(refused)));
                 }
@@ -381,25 +382,15 @@ impl AudioStore {
                 Ok(Some(chunk)) => {
                     let len = chunk.len() as u64;
                     if spill.is_none() {
-                        let (file, offset, piece) =
-                            (file.clone(), BODY_OFFSET + written, chunk.clone());
+                        let (file, piece, offset) =
+                            (file.clone(), chunk.clone(), BODY_OFFSET + written);
                         if let Err(error) =
                             blocking(move || file.write_all_at(&piece, offset)).await
                         {
-                            // The clients following this download get the rest from memory.
-                            self.store_failed(&tmp, &error);
-                            let rest = meta.length.map_or(0, |l| l.saturating_sub(written));
-                            let budget = self.inner.spill_budget.clone();
-                            let Some(rest) = Spill::new(written, budget, rest) else {
-                                break Some(format!("writing {}: {error}", tmp.display()));
-                            };
-                            let spilled = Arc::new(rest);
-                            spill = Some(spilled.clone());
-                            progress.send_modify(|p| {
-                                if let Progress::Writing { spill, .. } = p {
-                                    *spill = Some(spilled);
-                                }
-                            });
+                            match self.spill_from(&tmp, &error, written, meta.length, progress) {
+                                Ok(spilled) => spill = Some(spilled),
+                                Err(reason) => break Some(reason),
+                            }
                         }
                     }
                     if let Some(spill) = &spill
@@ -453,6 +444,30 @@ impl AudioStore {
             file,
             spill,
         });
+    }
+
+    /// The disk refused the body from byte `at` on (`error`): a spill for the rest, for the
+    /// clients following the download, when the memory for such downloads has room for it.
+    fn spill_from(
+        &self,
+        tmp: &Path,
+        error: &std::io::Error,
+        at: u64,
+        length: Option<u64>,
+        progress: &watch::Sender<Progress>,
+    ) -> Result<Arc<Spill>, String> {
+        self.store_failed(tmp, error);
+        let rest = length.map_or(0, |l| l.saturating_sub(at));
+        let Some(spill) = Spill::new(at, self.inner.spill_budget.clone(), rest) else {
+            return Err(format!("writing {}: {error}", tmp.display()));
+        };
+        let spill = Arc::new(spill);
+        progress.send_modify(|p| {
+            if let Progress::Writing { spill: s, .. } = p {
+                *s = Some(spill.clone());
+            }
+        });
+        Ok(spill)
     }
 
     /// Flush a complete download, rename it into place and index it.
@@ -537,7 +552,7 @@ impl AudioStore {
     /// first), and delete what is not whole.
     async fn scan(&self) {
         let dir = self.inner.dir.clone();
-        let found = blocking(move || Ok(read_dir(&dir)))
+        let found = blocking(move || Ok(directory::stored(&dir)))
             .await
             .unwrap_or_default();
         let count = found.len();
@@ -635,76 +650,6 @@ fn meta_of(key: &AudioKey, response: &reqwest::Response) -> Meta {
         cache_control: header(CACHE_CONTROL),
         etag,
         last_modified: seconds(last_modified),
-    }
-}
-
-/// The whole stored files in `dir`, oldest first; others (truncated, foreign) are deleted.
-fn read_dir(dir: &Path) -> Vec<(PathBuf, Meta)> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut found = Vec::new();
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.extension().is_none_or(|e| e != file::EXTENSION) {
-            continue;
-        }
-        let read = File::open(&path).and_then(|f| Ok((file::read(&f)?, f.metadata()?)));
-        match read {
-            Ok((meta, metadata)) => {
-                let modified = metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                found.push((modified, path, meta));
-            }
-            Err(error) => {
-                tracing::warn!(path = %path.display(), error = %error, "not a whole stored recording; deleted");
-                let _ = std::fs::remove_file(&path);
-            }
-        }
-    }
-    found.sort_by_key(|(modified, _, _)| *modified);
-    found.into_iter().map(|(_, p, m)| (p, m)).collect()
-}
-
-/// The directory for this process alone: an exclusive lock on `dir/lock`, held while the store
-/// is open. A second gateway pointed at the same directory would clear the first one's
-/// downloads under way at start-up and evict files the first still indexes, so it is refused
-/// (and passes audio through) instead; the kernel drops the lock when a process exits, however
-/// it ends.
-fn claim(dir: &Path) -> Result<File, String> {
-    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join(LOCK))
-        .map_err(|e| e.to_string())?;
-    match lock.try_lock() {
-        Ok(()) => Ok(lock),
-        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
-            "another process holds {} (each gateway needs a directory of its own)",
-            dir.join(LOCK).display()
-        )),
-        Err(std::fs::TryLockError::Error(error)) => Err(error.to_string()),
-    }
-}
-
-/// The lock file in a store's directory; not a recording, so never indexed or deleted.
-const LOCK: &str = "lock";
-
-/// Delete what an earlier run left in the temporary directory.
-fn clear(tmp: &Path) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(tmp)?.flatten() {
-        let _ = std::fs::remove_file(entry.path());
-    }
-    Ok(())
-}
-
-/// Allocate `len` bytes of `file` on disk now, so that writing them cannot run out of room;
-/// a file system that cannot allocate ahead writes as it comes.
-fn reserve(file: &File, len: u64) -> std::io::Result<()> {
-    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len) {
-        Ok(()) | Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
-        Err(errno) => Err(errno.into()),
     }
 }
 
