@@ -61,13 +61,12 @@ fn max_fds() -> Option<i64> {
 impl Collector for ProcessCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         if let Some(seconds) = cpu_seconds() {
-            let counter = ConstCounter::new(seconds);
-            counter.encode(encoder.encode_descriptor(
+            encode(
+                &mut encoder,
                 "process_cpu_seconds",
                 "Total user and system CPU time spent in seconds",
-                None,
-                counter.metric_type(),
-            )?)?;
+                ConstCounter::new(seconds),
+            )?;
         }
         let gauges = [
             (
@@ -88,33 +87,35 @@ impl Collector for ProcessCollector {
         ];
         for (name, help, value) in gauges {
             if let Some(value) = value {
-                let gauge = ConstGauge::new(value);
-                gauge.encode(encoder.encode_descriptor(
-                    name,
-                    help,
-                    None,
-                    gauge.metric_type(),
-                )?)?;
+                encode(&mut encoder, name, help, ConstGauge::new(value))?;
             }
         }
         if let Some(dropped) = crate::telemetry::access_lines_dropped() {
-            let counter = ConstCounter::new(dropped);
-            counter.encode(encoder.encode_descriptor(
+            encode(
+                &mut encoder,
                 "miralix_gateway_access_log_dropped_lines",
                 "Access-log lines dropped because the log's reader (journald, a pipe) fell behind",
-                None,
-                counter.metric_type(),
-            )?)?;
+                ConstCounter::new(dropped),
+            )?;
         }
-        let start = ConstGauge::new(self.start_time);
-        start.encode(encoder.encode_descriptor(
+        encode(
+            &mut encoder,
             "process_start_time_seconds",
             "Start time of the process since unix epoch in seconds",
-            None,
-            start.metric_type(),
-        )?)?;
-        Ok(())
+            ConstGauge::new(self.start_time),
+        )
     }
+}
+
+/// One series without labels, under `name` (and `_total` for a counter).
+fn encode(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric: impl EncodeMetric,
+) -> Result<(), std::fmt::Error> {
+    let descriptor = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+    metric.encode(descriptor)
 }
 
 #[cfg(test)]
