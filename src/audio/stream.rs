@@ -20,10 +20,14 @@ use super::spill::Spill;
 /// Bytes read from the file per chunk.
 const CHUNK: u64 = 64 * 1024;
 
+/// A chunk of the body, with whether it came from the download's spill (memory), not the file.
+type Chunk = io::Result<(Bytes, bool)>;
+
 /// Body bytes `start..end` of a recording's file.
 pub struct FileStream {
-    inner: Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>,
+    inner: Pin<Box<dyn Stream<Item = Chunk> + Send>>,
     remaining: Option<u64>,
+    from_memory: bool,
 }
 
 struct Reader {
@@ -69,6 +73,7 @@ impl FileStream {
         Self {
             inner: Box::pin(inner),
             remaining: end.map(|end| end - start),
+            from_memory: false,
         }
     }
 
@@ -76,10 +81,15 @@ impl FileStream {
     pub fn remaining(&self) -> Option<u64> {
         self.remaining
     }
+
+    /// Whether the chunk returned last came from memory (the part the disk refused), not the file.
+    pub fn last_from_memory(&self) -> bool {
+        self.from_memory
+    }
 }
 
 impl Reader {
-    async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+    async fn next_chunk(&mut self) -> io::Result<Option<(Bytes, bool)>> {
         let available = self.available().await?;
         let limit = self.end.unwrap_or(available).min(available);
         if self.position >= limit {
@@ -90,7 +100,7 @@ impl Reader {
                 .read(self.position, limit)
                 .ok_or_else(|| io::Error::other("the download's spilled bytes are missing"))?;
             self.position += piece.len() as u64;
-            return Ok(Some(piece));
+            return Ok(Some((piece, true)));
         }
         let limit = self.spill.as_ref().map_or(limit, |s| limit.min(s.from));
         let size = CHUNK.min(limit - self.position);
@@ -102,7 +112,7 @@ impl Reader {
         .await
         .map_err(io::Error::other)??;
         self.position += size;
-        Ok(Some(Bytes::from(chunk)))
+        Ok(Some((Bytes::from(chunk), false)))
     }
 
     /// How many body bytes the file holds that may be read now: waits while the download has
@@ -142,9 +152,12 @@ impl Stream for FileStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let polled = self.inner.as_mut().poll_next(cx);
-        if let (Poll::Ready(Some(Ok(chunk))), Some(remaining)) = (&polled, &mut self.remaining) {
-            *remaining = remaining.saturating_sub(chunk.len() as u64);
+        if let Poll::Ready(Some(Ok((chunk, from_memory)))) = &polled {
+            self.from_memory = *from_memory;
+            if let Some(remaining) = &mut self.remaining {
+                *remaining = remaining.saturating_sub(chunk.len() as u64);
+            }
         }
-        polled
+        polled.map(|item| item.map(|chunk| chunk.map(|(bytes, _)| bytes)))
     }
 }

@@ -22,6 +22,7 @@ use crate::audio::range::{self, Selection, Validators};
 use crate::audio::{AudioKey, AudioStore, FileStream, Found, Progress};
 use crate::cache::CacheStatus;
 use crate::error::ProxyError;
+use crate::metrics::AccountAudio;
 use crate::upstream::{self, Forwarded, UpstreamClient, UpstreamError};
 
 /// One recording's audio, from the store when it is configured, else from the box.
@@ -56,7 +57,7 @@ async fn from_store<B>(
             audio.hits.inc();
             access.cache = CacheStatus::Hit;
             let meta = Arc::new(stored.meta.clone());
-            return served(&meta, file, None, request, audio.disk_bytes.clone(), "hit");
+            return served(&meta, file, None, request, audio, "hit");
         }
         Found::Download(progress, leader) => (progress, leader),
     };
@@ -92,28 +93,14 @@ async fn from_store<B>(
     match state {
         Progress::Writing { meta, file, .. } => {
             access.upstream_status = Some(StatusCode::OK);
-            served(
-                &meta,
-                file,
-                Some(progress),
-                request,
-                audio.disk_bytes.clone(),
-                status,
-            )
+            served(&meta, file, Some(progress), request, audio, status)
         }
         Progress::Complete { meta, file, spill } => {
             access.upstream_status = Some(StatusCode::OK);
             // Part of a body the disk refused is in the download's spill, which the reader
             // finds through the progress.
             let progress = spill.is_some().then_some(progress);
-            served(
-                &meta,
-                file,
-                progress,
-                request,
-                audio.disk_bytes.clone(),
-                status,
-            )
+            served(&meta, file, progress, request, audio, status)
         }
         Progress::Answered(answer) => {
             access.upstream_status = Some(answer.status);
@@ -196,7 +183,7 @@ fn served<B>(
     file: Arc<std::fs::File>,
     progress: Option<watch::Receiver<Progress>>,
     request: &Request<B>,
-    disk_bytes: Counter,
+    counters: &AccountAudio,
     cache_status: &str,
 ) -> Result<Response<Body>, ProxyError> {
     let validators = Validators {
@@ -266,8 +253,11 @@ fn served<B>(
         return Ok(response.map(Either::Left));
     }
     let body = AudioBody {
-        inner: Source::Disk(FileStream::new(file, start, end, progress)),
-        bytes: disk_bytes,
+        inner: Source::Disk(
+            FileStream::new(file, start, end, progress),
+            counters.memory_bytes.clone(),
+        ),
+        bytes: counters.disk_bytes.clone(),
         _permit: None,
         hold: None,
     };
@@ -331,7 +321,7 @@ async fn from_box<B>(
 /// from the store's file; it holds whatever else must live as long as the transfer.
 pub struct AudioBody {
     inner: Source,
-    /// Bytes from the box, or bytes from disk.
+    /// Bytes from the box, or bytes from disk (those from memory are counted with the source).
     bytes: Counter,
     _permit: Option<OwnedSemaphorePermit>,
     hold: Option<Box<dyn Send + Sync>>,
@@ -339,7 +329,8 @@ pub struct AudioBody {
 
 enum Source {
     Box(reqwest::Body),
-    Disk(FileStream),
+    /// With the count of bytes sent from memory: the part of a download the disk refused.
+    Disk(FileStream, Counter),
 }
 
 type BodyError = Box<dyn std::error::Error + Send + Sync>;
@@ -375,7 +366,7 @@ impl http_body::Body for AudioBody {
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,
             },
-            Source::Disk(stream) => match std::pin::Pin::new(stream).poll_next(cx) {
+            Source::Disk(stream, _) => match std::pin::Pin::new(stream).poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
                     Poll::Ready(Some(Ok(http_body::Frame::data(chunk))))
                 }
@@ -387,7 +378,11 @@ impl http_body::Body for AudioBody {
         if let Poll::Ready(Some(Ok(frame))) = &frame
             && let Some(data) = frame.data_ref()
         {
-            this.bytes.inc_by(data.len() as u64);
+            let counter = match &this.inner {
+                Source::Disk(stream, from_memory) if stream.last_from_memory() => from_memory,
+                _ => &this.bytes,
+            };
+            counter.inc_by(data.len() as u64);
         }
         frame
     }
@@ -395,14 +390,14 @@ impl http_body::Body for AudioBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Source::Box(body) => body.is_end_stream(),
-            Source::Disk(stream) => stream.remaining() == Some(0),
+            Source::Disk(stream, _) => stream.remaining() == Some(0),
         }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
         match &self.inner {
             Source::Box(body) => body.size_hint(),
-            Source::Disk(stream) => match stream.remaining() {
+            Source::Disk(stream, _) => match stream.remaining() {
                 Some(remaining) => http_body::SizeHint::with_exact(remaining),
                 None => http_body::SizeHint::default(),
             },

@@ -1,5 +1,5 @@
 //! The audio store's series: per account, requests answered from disk or not and the bytes
-//! sent from disk; for the store, its size, bound, stored downloads and failed writes.
+//! sent from disk (or from memory, where the disk refused a download); for the store, its size, bound, stored downloads and failed writes.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -18,6 +18,7 @@ pub struct AudioMetrics {
     hits: Family<AccountLabels, Counter>,
     misses: Family<AccountLabels, Counter>,
     disk_bytes: Family<AccountLabels, Counter>,
+    memory_bytes: Family<AccountLabels, Counter>,
     store: AudioStoreMetrics,
 }
 
@@ -38,6 +39,8 @@ pub struct AccountAudio {
     pub hits: Counter,
     pub misses: Counter,
     pub disk_bytes: Counter,
+    /// Bytes of downloads the disk refused, sent from the memory that kept them instead.
+    pub memory_bytes: Counter,
 }
 
 impl AudioMetrics {
@@ -57,6 +60,12 @@ impl AudioMetrics {
             "Audio bytes sent to clients from the store's files (stored ones and downloads being written)",
             Unit::Bytes,
             self.disk_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "audio_memory",
+            "Audio bytes sent to clients from memory: the part of a download the store could not write to disk, kept for the clients following it",
+            Unit::Bytes,
+            self.memory_bytes.clone(),
         );
         registry.register_with_unit(
             "audio_store",
@@ -99,6 +108,7 @@ impl AudioMetrics {
             hits: self.hits.get_or_create(&labels).clone(),
             misses: self.misses.get_or_create(&labels).clone(),
             disk_bytes: self.disk_bytes.get_or_create(&labels).clone(),
+            memory_bytes: self.memory_bytes.get_or_create(&labels).clone(),
         }
     }
 }

@@ -535,9 +535,17 @@ async fn store_on_a_full_disk(
 
 /// Two clients ask for each of `ids` at once: each must get all of it, and the box must send
 /// it once (the two share one download). None of them is stored beside the first recording.
-async fn each_arrives_whole_and_once(gw: &Gateway, dir: &Path, ids: &[u64]) {
+/// Returns the bytes they were sent from memory (the part the disk refused), after checking
+/// that those and the ones sent from the file add up to what the clients received.
+async fn each_arrives_whole_and_once(gw: &Gateway, dir: &Path, ids: &[u64]) -> f64 {
     const SIZE: u64 = FULL_DISK_RECORDING;
+    let sources = || async {
+        let disk = metric(gw, "audio_disk_bytes_total").await;
+        (disk, metric(gw, "audio_memory_bytes_total").await)
+    };
+    let (disk_before, memory_before) = sources().await;
     for &id in ids {
+        let (_, memory) = sources().await;
         let sent = gw.simulator.audio_bytes_sent();
         let path = audio_path(id);
         let (a, b) = tokio::join!(gw.get(&path), gw.get(&path));
@@ -551,7 +559,18 @@ async fn each_arrives_whole_and_once(gw: &Gateway, dir: &Path, ids: &[u64]) {
             box_sent, SIZE,
             "recording {id}: the box sent {box_sent} bytes"
         );
+        let from_memory = sources().await.1 - memory;
+        assert!(
+            from_memory > 0.0,
+            "recording {id}: nothing was sent from memory"
+        );
     }
+    let (disk, memory) = sources().await;
+    assert_eq!(
+        (disk - disk_before) + (memory - memory_before),
+        (2 * SIZE * ids.len() as u64) as f64,
+        "every byte the clients got was counted once, from the file or from memory"
+    );
     assert_eq!(stored_files(dir).len(), 1);
     assert_eq!(tmp_files(dir), 0);
     // Each one the store could not write is counted (what MiralixAudioStoreCannotWrite reads).
@@ -560,6 +579,7 @@ async fn each_arrives_whole_and_once(gw: &Gateway, dir: &Path, ids: &[u64]) {
         "miralix_gateway_audio_store_write_failures_total",
     );
     assert_eq!(failures, ids.len() as f64);
+    memory - memory_before
 }
 
 #[tokio::test]
@@ -568,8 +588,9 @@ async fn on_a_disk_too_full_for_a_recording_the_audio_still_arrives_whole() {
     let Some((dir, _disk, gw, ids)) = store_on_a_full_disk(false).await else {
         return;
     };
-    // The clients share one download, kept in memory and not stored.
-    each_arrives_whole_and_once(&gw, dir.path(), &ids[1..4]).await;
+    // The clients share one download, kept in memory and not stored: nothing came from disk.
+    let from_memory = each_arrives_whole_and_once(&gw, dir.path(), &ids[1..4]).await;
+    assert_eq!(from_memory, (2 * 3 * FULL_DISK_RECORDING) as f64);
     // A range of a recording that could not be stored: from the box, whole or in part.
     let range = request(
         gw.addr,
@@ -590,7 +611,7 @@ async fn a_chunked_recording_that_fills_the_disk_half_way_still_arrives_whole() 
         return;
     };
     // The second client follows the first one's download, file and then memory.
-    each_arrives_whole_and_once(&gw, dir.path(), &ids[1..3]).await;
+    let _ = each_arrives_whole_and_once(&gw, dir.path(), &ids[1..3]).await;
     // The stored one is still served whole, from disk.
     let again = gw.get(&audio_path(ids[0])).await;
     assert_eq!(again.header("x-cache"), Some("HIT"));
