@@ -18,6 +18,7 @@
 
 mod directory;
 pub mod file;
+mod handoff;
 pub mod range;
 pub mod spill;
 mod stream;
@@ -37,6 +38,7 @@ use http::header::{
 use tokio::sync::{OwnedSemaphorePermit, watch};
 
 use self::file::{BODY_OFFSET, Meta};
+pub use self::handoff::Handoff;
 use self::spill::Spill;
 pub use self::stream::FileStream;
 use crate::config::AudioStoreConfig;
@@ -90,8 +92,10 @@ pub enum Progress {
     /// The box answered something else; not stored.
     Answered(Arc<BoxAnswer>),
     Failed(UpstreamError),
-    /// No temporary file could be made: each client asks the box itself, as without a store.
-    Unavailable,
+    /// The store could not keep the recording (no temporary file could be made, or no room
+    /// for it on disk or in memory): the box's unread answer goes to one client that wants all
+    /// of it, and every other client asks the box itself, as without a store.
+    Unavailable(Option<Handoff>),
     /// The account's audio streams were all busy: nobody asked the box.
     Busy,
 }
@@ -222,7 +226,7 @@ impl AudioStore {
                 downloads: Mutex::new(HashMap::new()),
                 metrics,
                 failing: AtomicBool::new(false),
-                spill_budget: Arc::default(),
+                spill_budget: Arc::new(spill::Budget::new(config.max_memory_bytes)),
             }),
         };
         let scanning = store.clone();
@@ -288,7 +292,6 @@ impl AudioStore {
         let store = self.clone();
         leader.started = true;
         tokio::spawn(async move {
-            let _permit = permit;
             let progress = &leader.progress;
             let response = match answer.await {
                 Ok(response) => response,
@@ -302,26 +305,30 @@ impl AudioStore {
                 progress.send_replace(answer);
                 return;
             }
-            store
+            let unread = store
                 .write(leader.key.clone(), response, progress, box_bytes)
                 .await;
+            if let Some(response) = unread {
+                let handoff = Handoff::new(response, permit);
+                progress.send_replace(Progress::Unavailable(Some(handoff)));
+            }
         });
     }
 
-    /// Write a `200`'s body to a temporary file as it arrives, then store it.
+    /// Write a `200`'s body to a temporary file as it arrives, then store it. Gives the
+    /// answer back unread when it can be kept neither on disk nor in memory.
     async fn write(
         &self,
         key: AudioKey,
         mut response: reqwest::Response,
         progress: &watch::Sender<Progress>,
         box_bytes: prometheus_client::metrics::counter::Counter,
-    ) {
+    ) -> Option<reqwest::Response> {
         let mut meta = meta_of(&key, &response);
         let keep = meta.length.is_none_or(|l| l <= self.inner.max_file_bytes);
         let tmp = file::tmp_dir(&self.inner.dir).join(file::unique_name(key.queue_call_id));
         let Some(header) = meta.header() else {
-            progress.send_replace(Progress::Unavailable);
-            return;
+            return Some(response);
         };
         let created = {
             let (tmp, length) = (tmp.clone(), meta.length);
@@ -348,25 +355,21 @@ impl AudioStore {
         let file = match created {
             Ok((file, None)) => Arc::new(file),
             // No room for it: the recording is not stored, and the clients waiting for it
-            // share one download from memory when it fits there; otherwise each asks the box.
+            // share one download from memory when it fits there; otherwise the answer is handed on.
             Ok((file, Some(error))) => {
                 let _ = tokio::fs::remove_file(&tmp).await;
                 self.store_failed(&tmp, &error);
                 let budget = self.inner.spill_budget.clone();
                 match meta.length.and_then(|length| Spill::new(0, budget, length)) {
                     Some(all) => spill = Some(Arc::new(all)),
-                    None => {
-                        progress.send_replace(Progress::Unavailable);
-                        return;
-                    }
+                    None => return Some(response),
                 }
                 Arc::new(file)
             }
             Err(error) => {
                 let _ = tokio::fs::remove_file(&tmp).await;
                 self.store_failed(&tmp, &error);
-                progress.send_replace(Progress::Unavailable);
-                return;
+                return Some(response);
             }
         };
         let shared = Arc::new(meta.clone());
@@ -400,7 +403,7 @@ impl AudioStore {
                             "the disk refused {} from byte {}, and the memory for such downloads ({} bytes for all of them) is spent",
                             tmp.display(),
                             spill.from,
-                            spill::SPILL_BUDGET
+                            self.inner.spill_budget.limit()
                         ));
                     }
                     written += len;
@@ -424,7 +427,7 @@ impl AudioStore {
             tracing::warn!(account = %key.account, queue_call_id = key.queue_call_id, reason, "audio download interrupted; nothing stored");
             let _ = tokio::fs::remove_file(&tmp).await;
             progress.send_replace(Progress::Broken(reason));
-            return;
+            return None;
         }
         meta.length = Some(written);
         let complete = Arc::new(meta.clone());
@@ -444,6 +447,7 @@ impl AudioStore {
             file,
             spill,
         });
+        None
     }
 
     /// The disk refused the body from byte `at` on (`error`): a spill for the rest, for the

@@ -8,32 +8,42 @@
 //! that byte and the spill after it, so nobody's answer breaks off. Such a recording is not
 //! stored.
 //!
-//! All spills together hold at most [`SPILL_BUDGET`] bytes, whatever the box sends and however
-//! many downloads there are, so the process's memory bound holds. A recording with a length
-//! that does not fit in what is left passes through to each client; a chunked one that runs
-//! out of it breaks off, as it would without a spill.
+//! All spills together hold at most `cache.audio.max_memory_bytes` (the store's [`Budget`]),
+//! whatever the box sends and however many downloads there are, so the process's memory bound
+//! holds. A recording with a length that does not fit in what is left is not kept: the box's
+//! answer goes to one client (see [`super::Handoff`]) and the others ask the box; a chunked one
+//! that runs out of it breaks off, as it would without a spill.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-/// The most all the downloads the disk refused keep in memory together.
-pub const SPILL_BUDGET: u64 = 16 * 1024 * 1024;
-
-/// The bytes all spills of one store hold, shared by them.
-#[derive(Debug, Default)]
+/// The bytes all spills of one store hold, shared by them, and the most they may.
+#[derive(Debug)]
 pub struct Budget {
     held: AtomicU64,
+    limit: u64,
 }
 
 impl Budget {
+    pub fn new(limit: u64) -> Self {
+        Self {
+            held: AtomicU64::new(0),
+            limit,
+        }
+    }
+
+    /// The most all spills may hold together.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
     /// Take `bytes` of the budget, if that many are left.
     fn take(&self, bytes: u64) -> bool {
         self.held
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                held.checked_add(bytes)
-                    .filter(|&total| total <= SPILL_BUDGET)
+                held.checked_add(bytes).filter(|&total| total <= self.limit)
             })
             .is_ok()
     }
@@ -132,7 +142,7 @@ mod tests {
 
     #[test]
     fn reads_come_from_the_piece_that_holds_the_position() {
-        let spill = Spill::new(100, Arc::default(), 0).unwrap();
+        let spill = Spill::new(100, Arc::new(Budget::new(1024)), 0).unwrap();
         assert!(spill.push(100, Bytes::from_static(b"abcd")));
         assert!(spill.push(104, Bytes::from_static(b"efgh")));
         assert_eq!(spill.read(100, 200).as_deref(), Some(&b"abcd"[..]));
@@ -145,7 +155,8 @@ mod tests {
 
     #[test]
     fn all_spills_together_stay_within_the_budget_and_give_it_back() {
-        let budget = Arc::new(Budget::default());
+        const LIMIT: u64 = 16 * 1024 * 1024;
+        let budget = Arc::new(Budget::new(LIMIT));
         let mib = Bytes::from(vec![0u8; 1024 * 1024]);
         // One recording of a known 10 MiB holds its room from the start.
         let known = Spill::new(0, budget.clone(), 10 * 1024 * 1024).unwrap();
@@ -159,7 +170,7 @@ mod tests {
             assert!(chunked.push(n * 1024 * 1024, mib.clone()));
         }
         assert!(!chunked.push(6 * 1024 * 1024, Bytes::from_static(b"x")));
-        assert_eq!(budget.held(), SPILL_BUDGET);
+        assert_eq!(budget.held(), LIMIT);
         drop(known);
         drop(chunked);
         assert_eq!(budget.held(), 0);

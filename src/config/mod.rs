@@ -267,6 +267,23 @@ mod tests {
     }
 
     #[test]
+    fn the_audio_store_may_keep_no_memory_for_downloads_its_disk_refused() {
+        let load = |extra: &str| {
+            let text = format!("[cache.audio]\npath = \"/tmp/a\"\n{extra}\n{MINIMAL}");
+            from_toml_str(&text, "test.toml").map(|c| c.cache.audio.unwrap().max_memory_bytes)
+        };
+        assert_eq!(load("").unwrap(), DEFAULT_AUDIO_MAX_MEMORY_BYTES);
+        assert_eq!(load("max_memory_bytes = 0").unwrap(), 0);
+        assert_eq!(load("max_memory_bytes = \"0B\"").unwrap(), 0);
+        assert_eq!(load("max_memory_bytes = \"64MiB\"").unwrap(), 64 << 20);
+        let bad = problems_of("[cache.audio]\npath = \"/tmp/a\"\nmax_memory_bytes = \"lots\"");
+        assert!(
+            bad.contains("cache.audio.max_memory_bytes") && bad.contains("is not a size"),
+            "{bad}"
+        );
+    }
+
+    #[test]
     fn a_second_tier_is_shared_or_disk_never_both_and_its_url_stays_secret() {
         let both = problems_of(
             "[cache.shared]\nurl = \"redis://h:6379\"\n[cache.disk]\npath = \"/tmp/c.redb\"",

@@ -189,6 +189,9 @@ pub struct AudioStoreConfig {
     pub max_bytes: u64,
     /// A recording larger than this is served, not stored.
     pub max_file_bytes: u64,
+    /// The most memory all downloads the disk refused may hold together, for the clients
+    /// following them (`0`: none is kept; such a recording reaches each client from the box).
+    pub max_memory_bytes: u64,
 }
 
 /// The second cache tier: at most one of the two is configured.
@@ -366,6 +369,7 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9091";
 pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
 pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(5);
 pub const DEFAULT_AUDIO_MAX_BYTES: u64 = 4 << 30;
+pub const DEFAULT_AUDIO_MAX_MEMORY_BYTES: u64 = 16 << 20;
 pub const DEFAULT_DIRECTORY_TTL: Duration = Duration::from_secs(60);
 /// The agent directory's `state` values the vendor's clients use.
 pub const DEFAULT_DIRECTORY_STATES: [&str; 3] = ["any", "loggedIn", "loggedOut"];

@@ -146,6 +146,8 @@ pub struct RawAudio {
     pub max_bytes: Option<RawSize>,
     /// Default: an eighth of `max_bytes`.
     pub max_file_bytes: Option<RawSize>,
+    /// Default `16MiB`; `0` keeps none.
+    pub max_memory_bytes: Option<RawSize>,
 }
 
 /// `[cache.shared]`.

@@ -318,10 +318,16 @@ fn validate_audio(raw: RawAudio, problems: &mut Problems) -> Option<AudioStoreCo
         }
         Some(file)
     });
+    // Zero is a choice here (keep nothing in memory), not a mistake.
+    let max_memory_bytes = problems.check(
+        "cache.audio.max_memory_bytes",
+        parse_bytes(raw.max_memory_bytes, DEFAULT_AUDIO_MAX_MEMORY_BYTES),
+    );
     Some(AudioStoreConfig {
         path: path?,
         max_bytes: max_bytes?,
         max_file_bytes: max_file_bytes?,
+        max_memory_bytes: max_memory_bytes?,
     })
 }
 
@@ -583,8 +589,17 @@ pub(super) fn positive_duration_or(
 }
 
 pub(super) fn parse_size(value: Option<RawSize>, default: u64) -> Result<u64, String> {
-    let bytes = match value {
-        None => return Ok(default),
+    let bytes = parse_bytes(value, default)?;
+    if bytes == 0 {
+        return Err("must be larger than zero".into());
+    }
+    Ok(bytes)
+}
+
+/// A size that may be zero.
+fn parse_bytes(value: Option<RawSize>, default: u64) -> Result<u64, String> {
+    Ok(match value {
+        None => default,
         Some(RawSize::Bytes(n)) => n,
         Some(RawSize::Text(text)) => text
             .trim()
@@ -593,11 +608,7 @@ pub(super) fn parse_size(value: Option<RawSize>, default: u64) -> Result<u64, St
                 format!("\"{text}\" is not a size: expected bytes or a unit, e.g. \"256MiB\", \"1GiB\", 1048576")
             })?
             .as_u64(),
-    };
-    if bytes == 0 {
-        return Err("must be larger than zero".into());
-    }
-    Ok(bytes)
+    })
 }
 
 /// Accept `FD:C8:0A:...` (openssl's fingerprint output) or plain hex, any case.

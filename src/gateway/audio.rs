@@ -8,7 +8,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{
     ACCEPT_RANGES, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE,
-    ETAG, LAST_MODIFIED,
+    ETAG, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, LAST_MODIFIED,
+    RANGE,
 };
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
@@ -126,7 +127,16 @@ async fn from_store<B>(
         Progress::Busy => Err(ProxyError::AudioBusy(
             account.settings.upstream.max_audio_streams,
         )),
-        Progress::Unavailable | Progress::Asking => {
+        Progress::Unavailable(Some(handoff)) if wants_all_of_it(request) => match handoff.take() {
+            Some((upstream, permit)) => {
+                let mut response = passed_on(account, upstream, permit, false, access, status);
+                let headers = response.headers_mut();
+                headers.insert(X_CACHE, HeaderValue::from_static("MISS"));
+                Ok(response)
+            }
+            None => from_box(account, queue_call_id, request, access).await,
+        },
+        Progress::Unavailable(_) | Progress::Asking => {
             from_box(account, queue_call_id, request, access).await
         }
     }
@@ -288,6 +298,25 @@ async fn from_box<B>(
         .metrics
         .record_upstream(&outcome, started.elapsed().as_secs_f64());
     let upstream = upstream.inspect_err(|e| access.upstream_status = e.upstream_status())?;
+    Ok(passed_on(
+        account,
+        upstream,
+        permit,
+        head,
+        access,
+        "fwd=bypass",
+    ))
+}
+
+/// The box's answer passed on as it arrives, holding the stream slot `permit` until it ends.
+fn passed_on(
+    account: &Account,
+    upstream: reqwest::Response,
+    permit: OwnedSemaphorePermit,
+    head: bool,
+    access: &mut AccessEntry,
+    cache_status: &str,
+) -> Response<Body> {
     access.upstream_status = Some(upstream.status());
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = upstream.status();
@@ -299,14 +328,14 @@ async fn from_box<B>(
     }
     headers.insert(
         CACHE_STATUS,
-        HeaderValue::from_static("miralix-gateway; fwd=bypass"),
+        header_value(format!("miralix-gateway; {cache_status}")),
     );
     if head {
         // The box was asked with GET (not every box answers HEAD); its headers, the length
         // included, describe the body a GET gets, which is what HEAD must say. Dropping the
         // download here closes that one connection to the box.
         drop(upstream);
-        return Ok(response.map(Either::Left));
+        return response.map(Either::Left);
     }
     let body = AudioBody {
         inner: Source::Box(reqwest::Body::from(upstream)),
@@ -314,7 +343,23 @@ async fn from_box<B>(
         _permit: Some(permit),
         hold: None,
     };
-    Ok(response.map(|_| Either::Right(body)))
+    response.map(|_| Either::Right(body))
+}
+
+/// A plain GET of the whole recording, which the box's answer to a download may be handed to:
+/// no `Range` and no conditions the gateway would have to evaluate on it.
+fn wants_all_of_it<B>(request: &Request<B>) -> bool {
+    request.method() == Method::GET
+        && [
+            RANGE,
+            IF_RANGE,
+            IF_NONE_MATCH,
+            IF_MODIFIED_SINCE,
+            IF_MATCH,
+            IF_UNMODIFIED_SINCE,
+        ]
+        .iter()
+        .all(|name| !request.headers().contains_key(name))
 }
 
 /// An audio body: passed on from the box as it arrives (holding its stream slot), or read

@@ -510,14 +510,16 @@ async fn an_operator_can_delete_stored_recordings() {
 /// The size of each recording in the full-disk tests: one fits on their 5 MiB disk, two do not.
 const FULL_DISK_RECORDING: u64 = 3 * 1024 * 1024;
 
-/// A gateway whose audio store is on a 5 MiB tmpfs that holds one stored recording (the first
-/// of `ids`), with the box answering chunked or not; `None` where no tmpfs can be mounted.
+/// A gateway whose audio store (with `extra` settings) is on a 5 MiB tmpfs that holds one stored
+/// recording (the first of `ids`), with the box answering chunked or not; `None` where no tmpfs
+/// can be mounted.
 async fn store_on_a_full_disk(
     chunked: bool,
+    extra: &str,
 ) -> Option<(tempfile::TempDir, SmallDisk, Gateway, Vec<u64>)> {
     let dir = tempfile::tempdir().unwrap();
     let disk = SmallDisk::mount(dir.path(), "5m")?;
-    let gw = gateway(dir.path(), "", "").await;
+    let gw = gateway(dir.path(), extra, "").await;
     gw.simulator.set_audio_bytes(FULL_DISK_RECORDING);
     gw.simulator.set_audio_chunked(chunked);
     let ids = recordings(&gw).await;
@@ -585,7 +587,7 @@ async fn each_arrives_whole_and_once(gw: &Gateway, dir: &Path, ids: &[u64]) -> f
 #[tokio::test]
 async fn on_a_disk_too_full_for_a_recording_the_audio_still_arrives_whole() {
     // Room for one recording: the next ones cannot be stored, and must still arrive whole.
-    let Some((dir, _disk, gw, ids)) = store_on_a_full_disk(false).await else {
+    let Some((dir, _disk, gw, ids)) = store_on_a_full_disk(false, "").await else {
         return;
     };
     // The clients share one download, kept in memory and not stored: nothing came from disk.
@@ -604,10 +606,44 @@ async fn on_a_disk_too_full_for_a_recording_the_audio_still_arrives_whole() {
 }
 
 #[tokio::test]
+async fn without_memory_for_refused_downloads_each_client_gets_the_recording_from_the_box() {
+    // An operator who keeps no memory for them (or too little for a recording): each client's
+    // recording comes from the box, whole, and none is kept in memory or stored.
+    for limit in ["0", "1MiB"] {
+        let extra = format!("max_memory_bytes = \"{limit}\"");
+        let Some((dir, _disk, gw, ids)) = store_on_a_full_disk(false, &extra).await else {
+            return;
+        };
+        let sent = gw.simulator.audio_bytes_sent();
+        let path = audio_path(ids[1]);
+        let (a, b) = tokio::join!(gw.get(&path), gw.get(&path));
+        // One of them is handed the download's own answer; the other asks the box itself.
+        let statuses: Vec<_> = [&a, &b]
+            .iter()
+            .map(|reply| reply.header("cache-status").unwrap_or_default().to_owned())
+            .collect();
+        let bypass = statuses.iter().filter(|s| s.contains("fwd=bypass")).count();
+        assert_eq!(bypass, 1, "max_memory_bytes = {limit}: {statuses:?}");
+        for reply in [a, b] {
+            assert_eq!(reply.status, 200, "max_memory_bytes = {limit}");
+            assert_eq!(reply.body, expected(ids[1], 0..FULL_DISK_RECORDING));
+        }
+        assert_eq!(
+            gw.simulator.audio_bytes_sent() - sent,
+            2 * FULL_DISK_RECORDING,
+            "max_memory_bytes = {limit}: one copy per client"
+        );
+        assert_eq!(metric(&gw, "audio_memory_bytes_total").await, 0.0);
+        assert_eq!(stored_files(dir.path()).len(), 1);
+        assert_eq!(tmp_files(dir.path()), 0);
+    }
+}
+
+#[tokio::test]
 async fn a_chunked_recording_that_fills_the_disk_half_way_still_arrives_whole() {
     // Room for one recording and part of a second: without a length nothing can be reserved,
     // so the second fills the disk in the middle of its download.
-    let Some((dir, _disk, gw, ids)) = store_on_a_full_disk(true).await else {
+    let Some((dir, _disk, gw, ids)) = store_on_a_full_disk(true, "").await else {
         return;
     };
     // The second client follows the first one's download, file and then memory.
