@@ -8,8 +8,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{
     ACCEPT_RANGES, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE,
-    ETAG, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, LAST_MODIFIED,
-    RANGE,
+    ETAG, LAST_MODIFIED,
 };
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
@@ -130,8 +129,9 @@ async fn from_store<B>(
         Progress::Unavailable(Some(handoff)) if wants_all_of_it(request) => match handoff.take() {
             Some((upstream, permit)) => {
                 let mut response = passed_on(account, upstream, permit, false, access, status);
-                let headers = response.headers_mut();
-                headers.insert(X_CACHE, HeaderValue::from_static("MISS"));
+                response
+                    .headers_mut()
+                    .insert(X_CACHE, HeaderValue::from_static("MISS"));
                 Ok(response)
             }
             None => from_box(account, queue_call_id, request, access).await,
@@ -346,20 +346,14 @@ fn passed_on(
     response.map(|_| Either::Right(body))
 }
 
-/// A plain GET of the whole recording, which the box's answer to a download may be handed to:
-/// no `Range` and no conditions the gateway would have to evaluate on it.
+/// A GET the box's answer to a download may be handed to: it carries none of the headers a
+/// request passed on to the box would (its range and validators), so the box would answer it
+/// as it answered the download, with the whole recording.
 fn wants_all_of_it<B>(request: &Request<B>) -> bool {
     request.method() == Method::GET
-        && [
-            RANGE,
-            IF_RANGE,
-            IF_NONE_MATCH,
-            IF_MODIFIED_SINCE,
-            IF_MATCH,
-            IF_UNMODIFIED_SINCE,
-        ]
-        .iter()
-        .all(|name| !request.headers().contains_key(name))
+        && upstream::AUDIO_REQUEST_HEADERS
+            .iter()
+            .all(|name| !request.headers().contains_key(name))
 }
 
 /// An audio body: passed on from the box as it arrives (holding its stream slot), or read
