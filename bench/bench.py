@@ -1182,8 +1182,8 @@ def reading(s):
         f"{mp['direct_cross']['max']:.3f}). So {floor:.3f} ms of a proxy's miss is that core "
         f"crossing alone, before the client's own hop to the proxy and back, which crosses "
         f"cores too. " + miss_floor_sentence(s) + "The waiting clients are answered as soon as the box's bytes are checked; "
-        f"the gzip copy and the parse into elements follow, on the same worker thread, the "
-        f"compression in steps of 4 KiB so that the next request waits for one step at most.")
+        f"the gzip copy and the parse into elements follow on a thread at the lowest CPU "
+        f"priority (nice 19), so the next request takes the core from them at once.")
     parts.append(
         f"**The poller scenario** shows what no URL-keyed cache can do: "
         f"{pd['client_polls_per_min']:,} client polls a minute became "

@@ -164,6 +164,14 @@ check "port 443 (CAP_NET_BIND_SERVICE) answers 401 without a key" test "$(status
 first=$(cache_status "$list"); second=$(cache_status "$list")
 case $first in *fwd=miss*) ok "a key's first request goes to the box over pinned TLS: $first" ;; *) fail "first request: '$first'" ;; esac
 case $second in *hit*) ok "hit: $second" ;; *) fail "second request: '$second'" ;; esac
+# That miss's list was compressed and parsed after its answer, on threads that lower their own
+# priority (SystemCallFilter= lets setpriority through): nice, field 19 of each thread's stat.
+main_pid=$(in_box systemctl show -p MainPID --value miralix-gateway)
+finishers() {
+  in_box sh -c "for t in /proc/$main_pid/task/*; do [ \"\$(cat \$t/comm)\" = miralix-finish ] && cut -d' ' -f19 \$t/stat; done" 2>/dev/null | sort -u | tr '\n' ' '
+}
+for _ in $(seq 50); do [ -n "$(finishers)" ] && break; sleep 0.1; done
+check "the threads that finish entries after the answer run at nice 19 (nice: $(finishers))" test "$(finishers)" = "19 "
 # The reload is a SIGHUP: its outcome is in the journal moments later.
 reloads() { journal | grep -c 'configuration reloaded' || true; }
 in_box systemctl reload miralix-gateway 2>/dev/null || fail "systemctl reload miralix-gateway"

@@ -24,6 +24,7 @@
 //! requests for that key in the meantime get the same failure (or the stale entry) without
 //! asking the box again.
 
+mod background;
 pub mod conditional;
 mod disk;
 pub mod encoding;
@@ -176,7 +177,7 @@ impl CachedResponse {
             return entry.clone();
         };
         let gzip = match gzip {
-            true => encoding::gzip_for_storage(&body, config).await,
+            true => encoding::gzip_for_storage(&body, config, encoding::Waiting::Client).await,
             false => None,
         };
         Arc::new(Self {
@@ -626,6 +627,12 @@ impl ResponseCache {
         self.in_flight.len()
     }
 
+    /// Completes once every fill that answered first has finished its entry (compressed,
+    /// parsed, stored and written through to the second tier).
+    pub async fn finished(&self) {
+        self.in_flight.finished().await;
+    }
+
     /// Entries currently stored.
     pub fn entry_count(&self) -> u64 {
         self.store.entry_count()
@@ -683,15 +690,17 @@ pub(crate) mod tests {
         })
     }
 
-    /// Let the spawned fetch tasks run until `done` holds (bounded; no sleeping).
+    /// Let the spawned fetch tasks run until `done` holds, checked every 2 ms for at most 10 s
+    /// (an entry is finished on a background thread, outside this runtime).
     async fn settle(cache: &ResponseCache, done: impl Fn(usize) -> bool) {
-        for _ in 0..10_000 {
-            if done(cache.fetches_in_flight()) {
-                return;
-            }
-            tokio::task::yield_now().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !done(cache.fetches_in_flight()) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the fetches did not settle"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        panic!("the fetches did not settle");
     }
 
     #[tokio::test]

@@ -153,6 +153,18 @@ pub async fn run(listeners: Listeners, state: Arc<AppState>, shutdown: impl Futu
     tracing::info!("stopped accepting; draining open connections");
     while loops.join_next().await.is_some() {}
     tracing::info!("all connections closed");
+    // Entries still being finished after their answer (on the background threads) are
+    // stored and queued for the second tier first, within the grace.
+    let grace = state.generation().config.server.shutdown_grace;
+    if tokio::time::timeout(grace, state.cache.finished())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?grace,
+            "entries still being finished after shutdown_grace; they are not written to the second tier"
+        );
+    }
     // What the disk tier has queued is written before the process goes: a SIGTERM loses
     // nothing.
     state.cache.flush().await;

@@ -10,12 +10,13 @@ use std::time::Instant;
 
 use http::StatusCode;
 
+use super::encoding::Waiting;
 use super::flight::{Finishing, Flight};
 use super::policy::{self, Lifetime};
 use super::tier::{FetchTerms, Filled};
 use super::{
     CacheKey, CachedResponse, Failure, FetchKind, FetchResult, Fetched, Previous, ResponseCache,
-    StoredList, conditional, encoding, weight,
+    StoredList, background, conditional, encoding, weight,
 };
 use crate::recordings::RecordingList;
 use crate::upstream::UpstreamError;
@@ -174,18 +175,20 @@ impl ResponseCache {
         let unparsed = fetched.unparsed;
         let first = self.first_answer(key, fetched, previous.as_deref());
         if !(early && first.provisional && first.lifetime.is_some()) {
-            let entry = self.finish(key, first, unparsed).await;
+            let entry = self.finish(key, first, unparsed, Waiting::Client).await;
             return (entry, Landing::Waiting(flight));
         }
         let first = Arc::new(first);
         self.failures.invalidate(key).await;
         self.store.insert(key.clone(), first.clone()).await;
         let finishing = flight.land_first(Ok(first.clone()));
-        // The woken clients run (and write their answers) before the compression does, on
-        // this worker too.
-        tokio::task::yield_now().await;
         let entry = self
-            .finish(key, CachedResponse::clone(&first), unparsed)
+            .finish(
+                key,
+                CachedResponse::clone(&first),
+                unparsed,
+                Waiting::Nobody,
+            )
             .await;
         (
             entry,
@@ -274,15 +277,28 @@ impl ResponseCache {
     /// The entry to store and land: the first answer with its compressed copy and, for a full
     /// list the box sent whole (`unparsed`), its parsed elements. An entry weighing more than
     /// `max_entry_bytes` is marked `too_large` and given no lifetime: it is served, not stored.
+    /// When nobody is waiting for it, the compression and the parse run on a background thread.
     pub(super) async fn finish(
         &self,
         key: &CacheKey,
         mut entry: CachedResponse,
         unparsed: Option<Instant>,
+        waiting: Waiting,
     ) -> Arc<CachedResponse> {
         let config = self.config.load_full();
         if let Some(fetched_whole_at) = unparsed.filter(|_| entry.status == StatusCode::OK) {
-            entry.list = RecordingList::parse(&entry.body).map(|recordings| StoredList {
+            let queued = match waiting {
+                Waiting::Nobody => {
+                    let body = entry.body.clone();
+                    background::try_run(move || RecordingList::parse(&body))
+                }
+                Waiting::Client => None,
+            };
+            let parsed = match queued {
+                Some(answer) => answer.await.ok().flatten(),
+                None => RecordingList::parse(&entry.body),
+            };
+            entry.list = parsed.map(|recordings| StoredList {
                 recordings: Arc::new(recordings),
                 fetched_whole_at,
             });
@@ -295,7 +311,7 @@ impl ResponseCache {
         }
         let stored_list = entry.lifetime.is_some() && entry.status == StatusCode::OK;
         if stored_list && entry.gzip.is_none() {
-            entry.gzip = encoding::gzip_for_storage(&entry.body, &config).await;
+            entry.gzip = encoding::gzip_for_storage(&entry.body, &config, waiting).await;
         }
         entry.provisional = false;
         mark_too_large(key, &mut entry, config.max_entry_bytes);

@@ -9,7 +9,6 @@
 //! [`UpstreamError::Aborted`].
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
@@ -24,8 +23,8 @@ pub(super) type Receiver = watch::Receiver<Option<FetchResult>>;
 #[derive(Clone, Default)]
 pub(super) struct Flights {
     map: Arc<Mutex<HashMap<CacheKey, Sender>>>,
-    /// Flights landed with a first answer whose fill is still finishing its entry.
-    finishing: Arc<AtomicUsize>,
+    /// How many flights landed with a first answer whose fill is still finishing its entry.
+    finishing: Arc<watch::Sender<usize>>,
 }
 
 /// What a request finds for its key.
@@ -91,7 +90,14 @@ impl Flights {
     /// Flights in progress, background refreshes and fills still finishing the entry they
     /// answered with first included.
     pub(super) fn len(&self) -> usize {
-        self.lock().len() + self.finishing.load(Ordering::Acquire)
+        self.lock().len() + *self.finishing.borrow()
+    }
+
+    /// Completes once no fill is finishing the entry its flight landed with.
+    pub(super) async fn finished(&self) {
+        let mut finishing = self.finishing.subscribe();
+        // The sender lives in `self`: the wait cannot fail.
+        let _ = finishing.wait_for(|n| *n == 0).await;
     }
 }
 
@@ -122,7 +128,7 @@ impl Flight {
     pub(super) fn land_first(self, answer: FetchResult) -> Finishing {
         let finishing = self.flights.finishing.clone();
         // Counted before the flight leaves the map, so the count never reads zero between.
-        finishing.fetch_add(1, Ordering::AcqRel);
+        finishing.send_modify(|n| *n += 1);
         self.land(answer);
         Finishing(finishing)
     }
@@ -138,11 +144,11 @@ impl Flight {
 }
 
 /// A fill finishing the entry its flight answered with first (see [`Flight::land_first`]).
-pub(super) struct Finishing(Arc<AtomicUsize>);
+pub(super) struct Finishing(Arc<watch::Sender<usize>>);
 
 impl Drop for Finishing {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.send_modify(|n| *n -= 1);
     }
 }
 

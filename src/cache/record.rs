@@ -169,7 +169,9 @@ pub async fn decode(
         None => servable,
     };
     let gzip = match status {
-        StatusCode::OK => encoding::gzip_for_storage(&body, config).await,
+        StatusCode::OK => {
+            encoding::gzip_for_storage(&body, config, encoding::Waiting::Client).await
+        }
         _ => None,
     };
     Ok(Arc::new(CachedResponse {

@@ -173,6 +173,7 @@ async fn an_expired_list_is_still_the_base_of_a_delta() {
     .await;
     let list = path("id", "1");
     gw.get(&list).await;
+    gw.settled().await;
     gw.clock.advance(Duration::from_secs(60));
     assert_eq!(gw.get(&list).await.header("x-cache"), Some("MISS"));
     assert!(

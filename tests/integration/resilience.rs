@@ -376,6 +376,8 @@ async fn evictions_are_counted_by_cause() {
     .await;
     for id in ["103", "1", "104"] {
         assert_eq!(gw.get(&path("id", id)).await.status, 200);
+        // Weighed with its gzip copy once finished.
+        gw.settled().await;
     }
     let metrics = gw.metrics().await;
     assert!(

@@ -27,6 +27,8 @@ async fn the_cache_listing_shows_every_entry_to_the_token_holder_only() {
     for id in ["103", "1", "9999"] {
         gateway.get(&path("id", id)).await;
     }
+    // Each list counted once parsed, after its answer.
+    gateway.settled().await;
     let refused = request(gateway.admin, "GET", "/cache", &[]).await;
     assert_eq!(refused.status, 401);
     let challenges: Vec<&str> = refused

@@ -22,6 +22,7 @@ async fn a_queue_list_is_cached_selected_from_and_refreshed_by_delta() {
     let first = gw.get(&list).await;
     assert_eq!(first.status, 200, "{}", first.text());
     assert_eq!(first.header("x-cache"), Some("MISS"));
+    gw.settled().await;
     assert_eq!(first.body, gw.box_answer(&list).await, "byte for byte");
     let all = ids(&first.body);
     assert!(all.len() > 10, "queue 2 has {} recordings", all.len());
