@@ -762,6 +762,17 @@ def summarize(r):
         mode: {name: sum(1 for x in runs if x.get("loadgen_cpu", 0) >= LOADGEN_BUSY)
                for name, runs in saturated.items()}
         for mode, saturated in (("plain", hp), ("tls", ht))}
+    # The most one wrk core could have driven at the CPU it spent per request in the gateway's
+    # runs, as a multiple of nginx's median rate: above it, no server could show a higher ratio.
+    s["loadgen_ceiling"] = {}
+    for mode, saturated in (("plain", hp), ("tls", ht)):
+        spent = [x["loadgen_cpu"] / x["rps"] * 1e6 for x in saturated["gateway"]
+                 if x.get("loadgen_cpu")]
+        if spent:
+            us = statistics.median(spent)
+            s["loadgen_ceiling"][mode] = {
+                "wrk_us_per_request": us, "max_rps": 1e6 / us,
+                "over_nginx": 1e6 / us / median(saturated["nginx"], "rps")}
     # Runs in which the host took a benchmark core's time: per kind, (contended, all, largest).
     def contended(runs):
         shares = [x["stolen"] for x in runs if "stolen" in x]
@@ -974,7 +985,17 @@ def loadgen_sentence(s):
     if busy["plain"] + busy["tls"] and not any(others):
         sentence += (", and since only the gateway's runs were held back, its throughput "
                      "ratios are lower bounds")
-    return sentence + "."
+    sentence += "."
+    ceiling = s.get("loadgen_ceiling", {})
+    if set(ceiling) == {"plain", "tls"}:
+        p, t = ceiling["plain"], ceiling["tls"]
+        sentence += (f" In the gateway's runs wrk spent {p['wrk_us_per_request']:.1f} us of its "
+                     f"core per plain request and {t['wrk_us_per_request']:.1f} us per TLS "
+                     f"request (medians), so one wrk core can drive at most about "
+                     f"{p['max_rps']:,.0f} and {t['max_rps']:,.0f} requests/s: "
+                     f"{p['over_nginx']:.2f}x and {t['over_nginx']:.2f}x nginx's median rate, "
+                     f"the highest ratios to nginx that any server could show in this layout.")
+    return sentence
 
 
 def stolen_sentence(s):
