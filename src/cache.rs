@@ -177,7 +177,7 @@ impl CachedResponse {
             return entry.clone();
         };
         let gzip = match gzip {
-            true => encoding::gzip_for_storage(&body, config, encoding::Waiting::Client).await,
+            true => encoding::gzip_for_storage(&body, config).await,
             false => None,
         };
         Arc::new(Self {

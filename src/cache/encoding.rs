@@ -13,8 +13,8 @@ use flate2::Compression;
 use flate2::write::GzEncoder;
 use http::HeaderValue;
 
+use super::Encoded;
 use super::conditional::entity_tag;
-use super::{Encoded, background};
 use crate::config::CacheConfig;
 
 /// Bodies larger than this are compressed on the blocking pool, not on a request thread.
@@ -25,47 +25,37 @@ pub fn worth_compressing(body: &[u8], config: &CacheConfig) -> bool {
     config.gzip && body.len() as u64 >= config.gzip_min_bytes
 }
 
-/// Who waits for a compressed copy, which decides where it is made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Waiting {
-    /// A client: a selection compressed for it, an entry read back from a tier for it, an
-    /// answer finished before it is handed out. Made at normal priority, on the worker in steps
-    /// (on the blocking pool when large).
-    Client,
-    /// Nobody: the entry's clients were answered with its first bytes already. Made on a
-    /// background thread at the lowest CPU priority (see `cache::background`), or as for a
-    /// client when those threads have enough waiting.
-    Nobody,
-}
-
 /// The gzip copy of a body about to be stored, when compression is on, the body is at least
-/// `cache.gzip_min_bytes`, and compressing actually makes it smaller.
-pub async fn gzip_for_storage(
-    body: &Bytes,
-    config: &CacheConfig,
-    waiting: Waiting,
-) -> Option<Encoded> {
+/// `cache.gzip_min_bytes`, and compressing actually makes it smaller. A client waits for it
+/// (a selection compressed for it, an entry read back from a tier, an answer finished before
+/// it is handed out), so it is made at normal priority: on the worker in steps, on the blocking
+/// pool when large. A copy that nobody waits for is made with [`gzip_copy`] on a background
+/// thread instead (see `cache::fill`).
+pub async fn gzip_for_storage(body: &Bytes, config: &CacheConfig) -> Option<Encoded> {
     if !worth_compressing(body, config) {
         return None;
     }
     let level = config.gzip_level;
-    let queued = match waiting {
-        Waiting::Nobody => {
-            let body = body.clone();
-            background::try_run(move || gzip(&body, level))
-        }
-        Waiting::Client => None,
-    };
-    let compressed = match queued {
-        Some(answer) => answer.await.ok()?,
-        None if body.len() <= INLINE_LIMIT => gzip_in_steps(body, level).await,
-        None => {
+    let compressed = match body.len() <= INLINE_LIMIT {
+        true => gzip_in_steps(body, level).await,
+        false => {
             let body = body.clone();
             tokio::task::spawn_blocking(move || gzip(&body, level))
                 .await
                 .ok()?
         }
     };
+    smaller(body, compressed)
+}
+
+/// The same copy as [`gzip_for_storage`]'s, made at once on this thread, for a body already
+/// found [`worth_compressing`].
+pub fn gzip_copy(body: &[u8], level: u32) -> Option<Encoded> {
+    smaller(body, gzip(body, level))
+}
+
+/// `compressed` as the stored copy, if it is smaller than `body` at all.
+fn smaller(body: &[u8], compressed: Bytes) -> Option<Encoded> {
     (compressed.len() < body.len()).then(|| Encoded {
         etag: entity_tag(&compressed),
         body: compressed,

@@ -10,7 +10,6 @@ use std::time::Instant;
 
 use http::StatusCode;
 
-use super::encoding::Waiting;
 use super::flight::{Finishing, Flight};
 use super::policy::{self, Lifetime};
 use super::tier::{FetchTerms, Filled};
@@ -20,6 +19,17 @@ use super::{
 };
 use crate::recordings::RecordingList;
 use crate::upstream::UpstreamError;
+
+/// Who waits for an entry being finished, which decides where its gzip copy and parse are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    /// A client: made at normal priority, on the worker (see `encoding::gzip_for_storage`).
+    Client,
+    /// Nobody: the entry's clients were answered with its first bytes already. Made in one job
+    /// on a background thread at the lowest CPU priority (see `cache::background`), or as for
+    /// a client when those threads have enough waiting.
+    Nobody,
+}
 
 /// Where a fill's flight stands once the box's answer is in.
 enum Landing {
@@ -277,8 +287,9 @@ impl ResponseCache {
     /// The entry to store and land: the first answer with its compressed copy and, for a full
     /// list the box sent whole (`unparsed`), its parsed elements. An entry weighing more than
     /// `max_entry_bytes` is marked `too_large` and given no lifetime: it is served, not stored.
-    /// When nobody is waiting for it, the compression and the parse run on a background thread.
-    pub(super) async fn finish(
+    /// When nobody is waiting for it, the parse and the compression run as one job on a
+    /// background thread.
+    async fn finish(
         &self,
         key: &CacheKey,
         mut entry: CachedResponse,
@@ -286,18 +297,36 @@ impl ResponseCache {
         waiting: Waiting,
     ) -> Arc<CachedResponse> {
         let config = self.config.load_full();
-        if let Some(fetched_whole_at) = unparsed.filter(|_| entry.status == StatusCode::OK) {
-            let queued = match waiting {
-                Waiting::Nobody => {
-                    let body = entry.body.clone();
-                    background::try_run(move || RecordingList::parse(&body))
-                }
-                Waiting::Client => None,
-            };
-            let parsed = match queued {
-                Some(answer) => answer.await.ok().flatten(),
-                None => RecordingList::parse(&entry.body),
-            };
+        let fetched_whole_at = unparsed.filter(|_| entry.status == StatusCode::OK);
+        let stored_list = entry.lifetime.is_some() && entry.status == StatusCode::OK;
+        let compress = stored_list
+            && entry.gzip.is_none()
+            && encoding::worth_compressing(&entry.body, &config);
+        let parse = fetched_whole_at.is_some();
+        let queued = match waiting {
+            Waiting::Nobody if parse || compress => {
+                let (body, level) = (entry.body.clone(), config.gzip_level);
+                background::try_run(move || {
+                    let parsed = parse.then(|| RecordingList::parse(&body)).flatten();
+                    (parsed, compress.then(|| encoding::gzip_copy(&body, level)))
+                })
+            }
+            _ => None,
+        };
+        let (parsed, gzip) = match queued {
+            // A panic in the job (its answer never comes) leaves the entry unparsed and
+            // uncompressed, as a parse that found no list would.
+            Some(answer) => answer.await.unwrap_or_default(),
+            None => {
+                let parsed = parse.then(|| RecordingList::parse(&entry.body)).flatten();
+                let gzip = match compress {
+                    true => Some(encoding::gzip_for_storage(&entry.body, &config).await),
+                    false => None,
+                };
+                (parsed, gzip)
+            }
+        };
+        if let Some(fetched_whole_at) = fetched_whole_at {
             entry.list = parsed.map(|recordings| StoredList {
                 recordings: Arc::new(recordings),
                 fetched_whole_at,
@@ -309,9 +338,8 @@ impl ResponseCache {
                 *retain_for = lifetime.servable_for();
             }
         }
-        let stored_list = entry.lifetime.is_some() && entry.status == StatusCode::OK;
-        if stored_list && entry.gzip.is_none() {
-            entry.gzip = encoding::gzip_for_storage(&entry.body, &config, waiting).await;
+        if let Some(gzip) = gzip {
+            entry.gzip = gzip;
         }
         entry.provisional = false;
         mark_too_large(key, &mut entry, config.max_entry_bytes);

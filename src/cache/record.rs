@@ -169,9 +169,7 @@ pub async fn decode(
         None => servable,
     };
     let gzip = match status {
-        StatusCode::OK => {
-            encoding::gzip_for_storage(&body, config, encoding::Waiting::Client).await
-        }
+        StatusCode::OK => encoding::gzip_for_storage(&body, config).await,
         _ => None,
     };
     Ok(Arc::new(CachedResponse {
