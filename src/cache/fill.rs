@@ -308,7 +308,10 @@ impl ResponseCache {
                 let (body, level) = (entry.body.clone(), config.gzip_level);
                 background::try_run(move || {
                     let parsed = parse.then(|| RecordingList::parse(&body)).flatten();
-                    (parsed, compress.then(|| encoding::gzip_copy(&body, level)))
+                    let gzip = compress
+                        .then(|| encoding::gzip_copy(&body, level))
+                        .flatten();
+                    (parsed, gzip)
                 })
             }
             _ => None,
@@ -320,7 +323,7 @@ impl ResponseCache {
             None => {
                 let parsed = parse.then(|| RecordingList::parse(&entry.body)).flatten();
                 let gzip = match compress {
-                    true => Some(encoding::gzip_for_storage(&entry.body, &config).await),
+                    true => encoding::gzip_for_storage(&entry.body, &config).await,
                     false => None,
                 };
                 (parsed, gzip)
@@ -338,7 +341,7 @@ impl ResponseCache {
                 *retain_for = lifetime.servable_for();
             }
         }
-        if let Some(gzip) = gzip {
+        if compress {
             entry.gzip = gzip;
         }
         entry.provisional = false;
