@@ -383,11 +383,11 @@ impl ResponseCache {
     /// following the fleet's notices). Never fails: a tier that cannot be used is reported
     /// and left out. `check-config` never calls it, so checking touches neither Redis nor
     /// the disk.
-    pub fn open_tier(&self, config: Option<&crate::config::TierConfig>, metrics: &Metrics) {
+    pub async fn open_tier(&self, config: Option<&crate::config::TierConfig>, metrics: &Metrics) {
         if self.tier.get().is_some() {
             return;
         }
-        let (tier, notices) = Tier::open(config, metrics);
+        let (tier, notices) = Tier::open(config, metrics).await;
         if let Some(tier) = tier
             && self.tier.set(tier).is_ok()
             && let Some(notices) = notices

@@ -109,7 +109,7 @@ enum Listener {
 
 /// Serve every listener until `shutdown` completes, then drain and return.
 pub async fn run(listeners: Listeners, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
-    state.open_tier();
+    state.open_tier().await;
     state.open_audio();
     state.keep_sampling();
     let max_connections = state.generation().config.server.max_connections;

@@ -187,6 +187,14 @@ fn open_store(path: &Path) -> Result<(Database, Index), OpenError> {
     Ok((db, index))
 }
 
+/// [`open_store`] on the blocking pool: it reads every stored key, and redb may repair the file.
+async fn open_blocking(path: &Path) -> Result<(Database, Index), OpenError> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || open_store(&path))
+        .await
+        .unwrap_or_else(|error| Err(unusable(error)))
+}
+
 fn field(value: &[u8], at: usize) -> Option<u64> {
     let bytes: [u8; 8] = value.get(at..at + 8)?.try_into().ok()?;
     Some(u64::from_le_bytes(bytes))
@@ -194,7 +202,9 @@ fn field(value: &[u8], at: usize) -> Option<u64> {
 
 impl DiskTier {
     /// The tier for `config`; `None` (after a warning) when no store can be opened or made.
-    pub fn open(config: &DiskTierConfig, metrics: TierMetrics) -> Option<Self> {
+    /// The file is read on the blocking pool, and a wait for another holder to let go of it
+    /// never blocks the runtime (that holder may be a task of this very process).
+    pub async fn open(config: &DiskTierConfig, metrics: TierMetrics) -> Option<Self> {
         let path = &config.path;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
             && let Err(error) = std::fs::create_dir_all(dir)
@@ -204,12 +214,12 @@ impl DiskTier {
         }
         // A gateway that is still closing the file (a restart in progress) lets go of it
         // within moments.
-        let mut opened = open_store(path);
+        let mut opened = open_blocking(path).await;
         for _ in 0..20 {
             match &opened {
                 Err(OpenError::InUse) => {
-                    std::thread::sleep(Duration::from_millis(50));
-                    opened = open_store(path);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    opened = open_blocking(path).await;
                 }
                 _ => break,
             }
@@ -248,7 +258,7 @@ impl DiskTier {
                     error = %error,
                     "{problem}: moved aside, starting cold with a new one"
                 );
-                match open_store(path) {
+                match open_blocking(path).await {
                     Ok(opened) => opened,
                     Err(error) => {
                         tracing::warn!(path = %path.display(), error = %error, "cannot make a new disk tier file: running without a disk tier");
@@ -388,7 +398,9 @@ async fn write_loop(
                 Ok(None) | Err(_) => break,
             }
         }
-        // Only the tier holds the file open, so that it is closed the moment the tier goes.
+        // Only the tier holds the file open, so that it is closed the moment the tier goes:
+        // the writer holds it only while it commits, and lets whoever waits for a flush go
+        // once it holds it no more.
         let Some(inner) = tier.upgrade() else { return };
         if reopen_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
             reopen_at = reopen(inner.clone(), index.clone()).await;
@@ -399,34 +411,53 @@ async fn write_loop(
             continue;
         };
         let (held, counted) = (index.clone(), inner.metrics.clone());
+        let (flushed, batch) = batch
+            .into_iter()
+            .partition::<Vec<_>, _>(|write| matches!(write, Write::Flush(_)));
         let committed = tokio::task::spawn_blocking(move || {
             let mut index = held.lock().unwrap_or_else(|e| e.into_inner());
             commit(&db, batch, &mut index, max_bytes, &counted)
         })
         .await;
-        match committed {
-            Ok(Ok(())) if !inner.up.swap(true, Ordering::Relaxed) => {
-                inner.metrics.up.set(1);
-                tracing::info!(path = %inner.path.display(), "disk tier writes again");
+        note_commit(&inner, committed, &mut reopen_at);
+        drop(inner);
+        for write in flushed {
+            if let Write::Flush(done) = write {
+                let _ = done.send(());
             }
-            Ok(Ok(())) | Err(_) => {}
-            Ok(Err(error)) => {
-                inner.metrics.errors.inc();
-                if inner.up.swap(false, Ordering::Relaxed) {
-                    inner.metrics.up.set(0);
-                    tracing::warn!(
-                        path = %inner.path.display(),
-                        error = %error,
-                        "disk tier write failed (a full disk?): the entries stay in memory; the file is opened again every {} until a write succeeds",
-                        humantime::format_duration(REOPEN_EVERY)
-                    );
-                } else {
-                    tracing::debug!(error = %error, "disk tier write failed again");
-                }
-                // redb refuses every later transaction of a handle that met an I/O error.
-                inner.db.store(None);
-                reopen_at = Some(tokio::time::Instant::now() + REOPEN_EVERY);
+        }
+    }
+}
+
+/// Mark the tier up or down by how its last commit went; after a failed one, when to open
+/// the file again.
+fn note_commit(
+    inner: &Inner,
+    committed: Result<Result<(), String>, tokio::task::JoinError>,
+    reopen_at: &mut Option<tokio::time::Instant>,
+) {
+    match committed {
+        Ok(Ok(())) if !inner.up.swap(true, Ordering::Relaxed) => {
+            inner.metrics.up.set(1);
+            tracing::info!(path = %inner.path.display(), "disk tier writes again");
+        }
+        Ok(Ok(())) | Err(_) => {}
+        Ok(Err(error)) => {
+            inner.metrics.errors.inc();
+            if inner.up.swap(false, Ordering::Relaxed) {
+                inner.metrics.up.set(0);
+                tracing::warn!(
+                    path = %inner.path.display(),
+                    error = %error,
+                    "disk tier write failed (a full disk?): the entries stay in memory; the file is opened again every {} until a write succeeds",
+                    humantime::format_duration(REOPEN_EVERY)
+                );
+            } else {
+                tracing::debug!(error = %error, "disk tier write failed again");
             }
+            // redb refuses every later transaction of a handle that met an I/O error.
+            inner.db.store(None);
+            *reopen_at = Some(tokio::time::Instant::now() + REOPEN_EVERY);
         }
     }
 }
@@ -457,7 +488,6 @@ fn commit(
     max_bytes: u64,
     metrics: &TierMetrics,
 ) -> Result<(), String> {
-    let mut flushed = Vec::new();
     let mut stored = 0;
     let txn = db.begin_write().map_err(|e| e.to_string())?;
     {
@@ -492,21 +522,40 @@ fn commit(
                         index.remove(&key);
                     }
                 }
-                Write::Flush(done) => flushed.push(done),
+                // Answered by the writer once the commit is done.
+                Write::Flush(_) => {}
             }
         }
     }
     txn.commit().map_err(|e| e.to_string())?;
     metrics.stores.inc_by(stored);
-    for done in flushed {
-        let _ = done.send(());
-    }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file another handle of this process holds is waited for without blocking the
+    /// runtime, so the task holding it can let go (a writer still closing the file when the
+    /// tier is opened again).
+    #[tokio::test]
+    async fn a_file_held_by_a_task_of_this_runtime_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.redb");
+        let held = Database::create(&path).unwrap();
+        tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            drop(held);
+        });
+        let config = DiskTierConfig {
+            path,
+            max_bytes: 1 << 20,
+        };
+        let metrics = crate::metrics::Metrics::new().tier("disk");
+        let tier = DiskTier::open(&config, metrics).await;
+        assert!(tier.is_some(), "opened once the other handle let go");
+    }
 
     /// What `open` does with a file it cannot open depends on why: wait for a gateway still
     /// closing it, name the owner problem, or move a broken file aside.

@@ -147,7 +147,7 @@ impl Scope {
 impl Tier {
     /// The tier `config` names, if any, and the fleet's purge notices when it is shared.
     /// Never fails: a tier that cannot be used is reported and left out.
-    pub fn open(
+    pub async fn open(
         config: Option<&TierConfig>,
         metrics: &Metrics,
     ) -> (Option<Self>, Option<UnboundedReceiver<String>>) {
@@ -163,7 +163,9 @@ impl Tier {
                 }
             }
             Some(TierConfig::Disk(disk)) => (
-                DiskTier::open(disk, metrics.tier("disk")).map(Tier::Disk),
+                DiskTier::open(disk, metrics.tier("disk"))
+                    .await
+                    .map(Tier::Disk),
                 None,
             ),
         }

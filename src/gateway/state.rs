@@ -217,9 +217,10 @@ impl AppState {
     }
 
     /// Open the cache's second tier (the one the process started with), inside the runtime.
-    pub fn open_tier(&self) {
+    pub async fn open_tier(&self) {
         self.cache
-            .open_tier(self.started.cache.tier.as_ref(), &self.metrics);
+            .open_tier(self.started.cache.tier.as_ref(), &self.metrics)
+            .await;
     }
 
     /// Open the audio store the process started with, if any, inside the runtime.
