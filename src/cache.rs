@@ -823,6 +823,59 @@ pub(crate) mod tests {
         assert_eq!(stored.list.as_ref().unwrap().recordings.len(), 400);
     }
 
+    /// The first answer of a miss is written through to the second tier as it was answered:
+    /// a restart, or the fleet waiting on the key's lease, never waits for the finishing,
+    /// which runs at the lowest CPU priority and may come late.
+    #[tokio::test]
+    async fn a_miss_answered_first_is_written_through_before_it_is_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache();
+        let disk = crate::config::DiskTierConfig {
+            path: dir.path().join("cache.redb"),
+            max_bytes: 1 << 24,
+        };
+        let tier = crate::config::TierConfig::Disk(disk);
+        cache.open_tier(Some(&tier), &Metrics::new()).await;
+        // Every background thread held busy: the finishing waits in their queue.
+        let count = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (release, gate) = crossbeam_channel::bounded::<()>(0);
+        let (running, started) = crossbeam_channel::unbounded();
+        let held: Vec<_> = (0..count)
+            .map(|_| {
+                let (gate, running) = (gate.clone(), running.clone());
+                background::try_run(move || {
+                    let _ = running.send(());
+                    let _ = gate.recv();
+                })
+                .expect("room in the background queue")
+            })
+            .collect();
+        for _ in 0..count {
+            started.recv().unwrap();
+        }
+        let first = cache
+            .get_or_fetch(key("1"), FetchTerms::default(), |_, _, _, _| async {
+                whole_list(400)
+            })
+            .await;
+        assert!(first.result.unwrap().provisional);
+        cache.flush().await;
+        assert_eq!(cache.fetches_in_flight(), 1, "still finishing the entry");
+        let Some(Tier::Disk(disk)) = cache.tier() else {
+            panic!("the disk tier is open")
+        };
+        let found = disk.read(key("1").canonical()).await;
+        assert!(found.is_some(), "on disk before the entry was finished");
+
+        drop(release);
+        for job in held {
+            job.await.unwrap();
+        }
+        settle(&cache, |n| n == 0).await;
+        let stored = cache.store.get(&key("1")).await.unwrap();
+        assert!(!stored.provisional && stored.gzip.is_some());
+    }
+
     #[tokio::test]
     async fn a_refresh_is_never_dropped_for_want_of_waiters() {
         let waiters = Waiters::always();

@@ -31,6 +31,19 @@ enum Waiting {
     Nobody,
 }
 
+/// How a fill's answer from the box went out to its waiting clients.
+enum Answered {
+    /// Finished first; the flight is still waiting for it.
+    Finished(Arc<CachedResponse>, Flight),
+    /// The flight landed with this first answer (stored, provisional), to be finished yet;
+    /// the guard counts the fill as in flight meanwhile.
+    First {
+        first: Arc<CachedResponse>,
+        finishing: Finishing,
+        unparsed: Option<Instant>,
+    },
+}
+
 /// Where a fill's flight stands once the box's answer is in.
 enum Landing {
     /// Still waiting: landed once the entry is stored (or the failure remembered).
@@ -73,10 +86,42 @@ impl ResponseCache {
                     let status = fetched.reply.status.as_u16();
                     // An operator's refresh answers with the finished entry.
                     let early = kind != FetchKind::Forced;
-                    let (entry, flight) = cache
+                    match cache
                         .answer_first(&key, fetched, &previous, flight, early)
-                        .await;
-                    (Ok(entry), generation, Some(status), flight)
+                        .await
+                    {
+                        Answered::Finished(entry, flight) => (
+                            Ok(entry),
+                            generation,
+                            Some(status),
+                            Landing::Waiting(flight),
+                        ),
+                        Answered::First {
+                            first,
+                            finishing,
+                            unparsed,
+                        } => {
+                            // Written through as the clients got it (the reader parses and
+                            // compresses every record anyway): the fleet waiting on the
+                            // lease, or a restart, never waits for a finishing that runs
+                            // at the lowest priority and may come late.
+                            let answer = Ok(first.clone());
+                            cache.write_through(&key, generation, &answer, status, unparsed);
+                            let entry = cache
+                                .finish(
+                                    &key,
+                                    CachedResponse::clone(&first),
+                                    unparsed,
+                                    Waiting::Nobody,
+                                )
+                                .await;
+                            let landed = Landing::Landed {
+                                first,
+                                _finishing: finishing,
+                            };
+                            (Ok(entry), None, None, landed)
+                        }
+                    }
                 }
                 Ok(Filled::Box(Err(error), generation)) => {
                     let status = error.status().as_u16();
@@ -95,13 +140,13 @@ impl ResponseCache {
                 Landing::Waiting(_) => None,
             };
             let kept = cache.keep(&key, &result, provisional).await;
+            // Not written through yet (it was when it landed first).
             if let Some(status) = from_box {
-                // Superseded while finishing: the fleet's lease is freed, nothing is written.
                 let written = match kept {
                     true => &result,
                     false => &Err(UpstreamError::Abandoned),
                 };
-                cache.write_through(&key, generation, written, status);
+                cache.write_through(&key, generation, written, status, None);
             }
             // Stored first, then landed (unless it landed with the first answer): a request
             // arriving in between joins this flight, one arriving after finds the stored entry
@@ -167,13 +212,12 @@ impl ResponseCache {
         true
     }
 
-    /// The finished entry for what the box sent, and where its flight stands. When a
-    /// compressed copy or a parsed list is still to be made for an answer that is stored (and
-    /// `early` allows it), the checked bytes are stored as a provisional entry (which later
-    /// requests hit), the flight lands with them, so the waiting clients are answered at once,
-    /// and the entry is finished afterwards. Otherwise the entry is finished first and the
-    /// flight is handed back still waiting: an answer that is not stored is finished before
-    /// anyone gets it.
+    /// What the box sent, answered. When a compressed copy or a parsed list is still to be
+    /// made for an answer that is stored (and `early` allows it), the checked bytes are stored
+    /// as a provisional entry (which later requests hit) and the flight lands with them, so
+    /// the waiting clients are answered at once; the caller finishes the entry afterwards.
+    /// Otherwise the entry is finished first and the flight is handed back still waiting: an
+    /// answer that is not stored is finished before anyone gets it.
     async fn answer_first(
         &self,
         key: &CacheKey,
@@ -181,32 +225,22 @@ impl ResponseCache {
         previous: &Previous,
         flight: Flight,
         early: bool,
-    ) -> (Arc<CachedResponse>, Landing) {
+    ) -> Answered {
         let unparsed = fetched.unparsed;
         let first = self.first_answer(key, fetched, previous.as_deref());
         if !(early && first.provisional && first.lifetime.is_some()) {
             let entry = self.finish(key, first, unparsed, Waiting::Client).await;
-            return (entry, Landing::Waiting(flight));
+            return Answered::Finished(entry, flight);
         }
         let first = Arc::new(first);
         self.failures.invalidate(key).await;
         self.store.insert(key.clone(), first.clone()).await;
         let finishing = flight.land_first(Ok(first.clone()));
-        let entry = self
-            .finish(
-                key,
-                CachedResponse::clone(&first),
-                unparsed,
-                Waiting::Nobody,
-            )
-            .await;
-        (
-            entry,
-            Landing::Landed {
-                first,
-                _finishing: finishing,
-            },
-        )
+        Answered::First {
+            first,
+            finishing,
+            unparsed,
+        }
     }
 
     /// Log, once per key, that an answer was too large to store.

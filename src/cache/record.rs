@@ -50,19 +50,22 @@ fn millis(duration: Duration) -> u64 {
 }
 
 /// The record of a stored entry at `now`; `None` for an entry that is not stored (no
-/// lifetime) or is already past use.
+/// lifetime) or is already past use. `unparsed`: when the box sent the list whole, for an
+/// entry written before its list was parsed (the reader parses it, as it does every record).
 pub fn encode(
     key: &CacheKey,
     entry: &CachedResponse,
+    unparsed: Option<Instant>,
     config: &CacheConfig,
     now: Instant,
 ) -> Option<Record> {
     let lifetime = entry.lifetime?;
     let age = now.saturating_duration_since(lifetime.fetched_at);
-    let whole_age = entry
-        .list
-        .as_ref()
-        .map(|list| now.saturating_duration_since(list.fetched_whole_at));
+    let whole_at = match &entry.list {
+        Some(list) => Some(list.fetched_whole_at),
+        None => unparsed.filter(|_| entry.status == StatusCode::OK),
+    };
+    let whole_age = whole_at.map(|at| now.saturating_duration_since(at));
     let servable = lifetime.servable_for().saturating_sub(age);
     let keep_for = match whole_age {
         Some(whole) => servable.max(config.full_refresh_interval.saturating_sub(whole)),
@@ -152,10 +155,16 @@ pub async fn decode(
         stale_if_error: Duration::from_millis(header.stale_if_error_ms),
     };
     let list = match header.whole_age_ms {
-        Some(whole) if status == StatusCode::OK => Some(StoredList {
-            recordings: Arc::new(RecordingList::parse(&body).ok_or(RecordError::Corrupt)?),
-            fetched_whole_at: ago(whole),
-        }),
+        Some(whole) if status == StatusCode::OK => match RecordingList::parse(&body) {
+            Some(recordings) => Some(StoredList {
+                recordings: Arc::new(recordings),
+                fetched_whole_at: ago(whole),
+            }),
+            // Written before its writer had parsed it: a `200` that is JSON but no list of
+            // recordings is kept as any other answer is.
+            None if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok() => None,
+            None => return Err(RecordError::Corrupt),
+        },
         _ => None,
     };
     let age = now.saturating_duration_since(lifetime.fetched_at);
@@ -239,7 +248,7 @@ pub(crate) mod tests {
         let config = cache(30, 5);
         let now = Instant::now() + Duration::from_secs(3600);
         let body = r#"[{"QueueCallId":7,"x":1},{"QueueCallId":9}]"#;
-        let record = encode(&key("42"), &entry(now, body), &config, now).unwrap();
+        let record = encode(&key("42"), &entry(now, body), None, &config, now).unwrap();
         assert_eq!(record.fresh_for, Duration::from_secs(20));
         // Full-refresh base for 800 more seconds outlasts the 620 it stays servable.
         assert_eq!(record.keep_for, Duration::from_secs(800));
@@ -268,7 +277,7 @@ pub(crate) mod tests {
     async fn foreign_truncated_and_misplaced_records_are_refused() {
         let config = cache(30, 5);
         let now = Instant::now() + Duration::from_secs(3600);
-        let record = encode(&key("42"), &entry(now, "[]"), &config, now).unwrap();
+        let record = encode(&key("42"), &entry(now, "[]"), None, &config, now).unwrap();
         let config = &config;
         let read = |bytes: Vec<u8>, k: CacheKey| async move {
             decode(&k, &bytes, Duration::ZERO, config, now).await.err()
@@ -286,6 +295,32 @@ pub(crate) mod tests {
         assert_eq!(read(record.bytes, key("42")).await, None);
     }
 
+    /// A list written as the box sent it, before it was parsed, is read back as a list; a
+    /// `200` written so that turns out to be no list is kept as a plain answer, and one that
+    /// is not even JSON is refused.
+    #[tokio::test]
+    async fn a_record_written_before_its_parse_reads_back_by_what_its_body_is() {
+        let config = cache(30, 5);
+        let now = Instant::now() + Duration::from_secs(3600);
+        let whole_at = now - Duration::from_secs(100);
+        let read = |body: &str| {
+            let mut unparsed = entry(now, "[]");
+            unparsed.list = None;
+            unparsed.body = Bytes::from(body.to_owned());
+            let record = encode(&key("42"), &unparsed, Some(whole_at), &config, now).unwrap();
+            let config = &config;
+            async move { decode(&key("42"), &record.bytes, Duration::ZERO, config, now).await }
+        };
+        let list = read(r#"[{"QueueCallId":7}]"#).await.unwrap();
+        let list = list.list.as_ref().expect("parsed by the reader");
+        assert_eq!(list.recordings.max_id(), Some(7));
+        assert_eq!(now - list.fetched_whole_at, Duration::from_secs(100));
+        let plain = read(r#"{"Message":"not a list"}"#).await.unwrap();
+        assert!(plain.list.is_none());
+        assert_eq!(plain.retain_for, Some(Duration::from_secs(620)));
+        assert_eq!(read("[{").await.err(), Some(RecordError::Corrupt));
+    }
+
     #[test]
     fn an_unstored_or_spent_entry_has_no_record() {
         let config = CacheConfig {
@@ -295,8 +330,8 @@ pub(crate) mod tests {
         let now = Instant::now() + Duration::from_secs(3600);
         let mut e = entry(now, "[]");
         e.list = None;
-        assert!(encode(&key("1"), &e, &config, now + Duration::from_secs(700)).is_none());
+        assert!(encode(&key("1"), &e, None, &config, now + Duration::from_secs(700)).is_none());
         e.lifetime = None;
-        assert!(encode(&key("1"), &e, &config, now).is_none());
+        assert!(encode(&key("1"), &e, None, &config, now).is_none());
     }
 }

@@ -238,7 +238,12 @@ impl ResponseCache {
                 match &entry {
                     Some(entry) => {
                         tier.metrics().hits.inc();
-                        self.store.insert(key.clone(), entry.clone()).await;
+                        // Heavier than this instance keeps (written by a peer allowed more,
+                        // or before its compressed copy was made): served, not kept.
+                        let limit = self.config.load().max_entry_bytes;
+                        if u64::from(super::weight::entry(key, entry)) <= limit {
+                            self.store.insert(key.clone(), entry.clone()).await;
+                        }
                     }
                     None => {
                         tier.metrics().misses.inc();
@@ -354,19 +359,21 @@ impl ResponseCache {
 
     /// After a fetch: write a stored entry to the tier (under the lease it was fetched
     /// with), or leave the fleet a failure marker. In the background: nobody waits on it.
+    /// `unparsed`: when the box sent the list whole, for an entry whose list is not parsed yet.
     pub(super) fn write_through(
         &self,
         key: &CacheKey,
         generation: Option<u64>,
         result: &Result<Arc<CachedResponse>, UpstreamError>,
         status: u16,
+        unparsed: Option<Instant>,
     ) {
         let Some(tier) = self.tier.get().cloned() else {
             return;
         };
         let config = self.config.load_full();
         let record = match result {
-            Ok(entry) => record::encode(key, entry, &config, self.clock.now()),
+            Ok(entry) => record::encode(key, entry, unparsed, &config, self.clock.now()),
             Err(_) => None,
         };
         let (key, error) = (key.clone(), result.as_ref().err().cloned());

@@ -531,6 +531,42 @@ async fn a_restart_on_the_disk_tier_serves_every_stored_key_with_the_box_down() 
 }
 
 #[tokio::test]
+async fn a_stored_record_heavier_than_this_instance_keeps_is_served_from_disk_not_memory() {
+    let boxsim = plain_box().await;
+    let dir = tempfile::tempdir().unwrap();
+    let target = path("id", "103");
+    let config = |extra: &str| -> &'static str {
+        Box::leak(format!("ttl = \"30s\"\n{extra}{}", disk_config(dir.path())).into_boxed_str())
+    };
+    let first = Gateway::start(Options {
+        tls: SimulatorTls::Plain,
+        base_url: Some(boxsim.base_url()),
+        cache: config(""),
+        ..Options::default()
+    })
+    .await;
+    let fetched = first.get(&target).await;
+    first.stop().await;
+    assert!(fetched.body.len() > 4096, "{} bytes", fetched.body.len());
+    // Restarted with a smaller entry limit and the box down: the record is still served.
+    let second = Gateway::start(Options {
+        tls: SimulatorTls::Plain,
+        base_url: Some("http://127.0.0.1:9".to_owned()),
+        cache: config("max_entry_bytes = \"4KiB\"\n"),
+        ..Options::default()
+    })
+    .await;
+    for round in 0..2 {
+        let reply = second.get(&target).await;
+        assert_eq!(reply.status, 200, "round {round}");
+        assert_eq!(reply.body, fetched.body, "round {round}");
+        let status = reply.header("cache-status").unwrap();
+        // Read from disk both times: memory did not keep it.
+        assert!(status.contains("detail=disk"), "round {round}: {status}");
+    }
+}
+
+#[tokio::test]
 async fn a_kill_9_loses_nothing_the_disk_tier_had_stored() {
     let boxsim = plain_box().await;
     let dir = tempfile::tempdir().unwrap();
