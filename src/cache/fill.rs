@@ -139,14 +139,11 @@ impl ResponseCache {
                 Landing::Landed { first, .. } => Some(first),
                 Landing::Waiting(_) => None,
             };
-            let kept = cache.keep(&key, &result, provisional).await;
-            // Not written through yet (it was when it landed first).
+            cache.keep(&key, &result, provisional).await;
+            // Not written through yet (an entry that landed first was, as it landed; whether
+            // memory still holds it decides nothing there: a purge reaches the tier too).
             if let Some(status) = from_box {
-                let written = match kept {
-                    true => &result,
-                    false => &Err(UpstreamError::Abandoned),
-                };
-                cache.write_through(&key, generation, written, status, None);
+                cache.write_through(&key, generation, &result, status, None);
             }
             // Stored first, then landed (unless it landed with the first answer): a request
             // arriving in between joins this flight, one arriving after finds the stored entry
@@ -160,20 +157,21 @@ impl ResponseCache {
     /// Store a fill's `result` by the policy, or remember its failure for the backoff. An entry
     /// that replaces the `provisional` one its flight landed with (stored, and the key's
     /// failure forgotten, when it was handed out) is stored only if memory still holds that
-    /// one; false when it did not (the key was purged, or a newer answer stored, while the
-    /// entry was finishing): then nothing is stored.
+    /// one; when it does not (the key was purged, or a newer answer stored, while the entry
+    /// was finishing), nothing is stored.
     async fn keep(
         &self,
         key: &CacheKey,
         result: &FetchResult,
         provisional: Option<&Arc<CachedResponse>>,
-    ) -> bool {
+    ) {
         let config = self.config.load_full();
         // What later requests for the key meet during the backoff, if anything.
         let backoff = match result {
             Ok(entry) if entry.lifetime.is_some() => {
                 if let Some(first) = provisional {
-                    return self.store.replace(key, first, Some(entry.clone())).await;
+                    self.store.replace(key, first, Some(entry.clone())).await;
+                    return;
                 }
                 self.failures.invalidate(key).await;
                 self.store.insert(key.clone(), entry.clone()).await;
@@ -182,7 +180,7 @@ impl ResponseCache {
             Ok(entry) if entry.too_large => {
                 // The first answer may have been stored before its weight was known.
                 match provisional {
-                    Some(first) if !self.store.replace(key, first, None).await => return false,
+                    Some(first) if !self.store.replace(key, first, None).await => return,
                     Some(_) => {}
                     None => {
                         self.store.remove(key).await;
@@ -209,7 +207,6 @@ impl ResponseCache {
             };
             self.failures.insert(key.clone(), Arc::new(failure)).await;
         }
-        true
     }
 
     /// What the box sent, answered. When a compressed copy or a parsed list is still to be
