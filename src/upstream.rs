@@ -444,11 +444,7 @@ impl UpstreamClient {
                 let mut content_type = response.headers().get(CONTENT_TYPE).map(owned_header);
                 let body = self.read_body(response).await?;
                 if status == StatusCode::OK {
-                    // A list is JSON text, which is UTF-8 (RFC 8259 8.1); serde_json alone
-                    // lets invalid UTF-8 inside strings pass when it only skips over them.
-                    let json = std::str::from_utf8(&body)
-                        .is_ok_and(|text| serde_json::from_str::<IgnoredAny>(text).is_ok());
-                    if !json {
+                    if !is_json_text(&body) {
                         return Err(UpstreamError::InvalidBody);
                     }
                     // Served for what it was checked to be, whatever the box labelled it.
@@ -529,6 +525,12 @@ fn retry_pause() -> Duration {
         .build_hasher()
         .finish();
     Duration::from_millis(50 + random % 101)
+}
+
+/// Whether `body` is JSON text, as a `200` from the box must be. JSON text is UTF-8 (RFC 8259
+/// 8.1); serde_json alone lets invalid UTF-8 inside strings pass when it only skips over them.
+pub fn is_json_text(body: &[u8]) -> bool {
+    std::str::from_utf8(body).is_ok_and(|text| serde_json::from_str::<IgnoredAny>(text).is_ok())
 }
 
 #[cfg(test)]
