@@ -292,8 +292,14 @@ async fn the_store_stays_within_its_bound_and_evicts_the_least_recently_used() {
     gw.simulator.set_audio_bytes(SIZE);
     let ids = recordings(&gw).await;
     let (a, b, c, d, big_one) = (ids[1], ids[2], ids[3], ids[4], ids[5]);
-    for id in [a, b, c] {
+    // One at a time, each indexed before the next is asked for: the index's order is a, b, c
+    // (a download is indexed after its client has the whole body, so two could cross).
+    for (n, id) in [a, b, c].into_iter().enumerate() {
         assert_eq!(gw.get(&audio_path(id)).await.status, 200);
+        wait_until("the download to be indexed", || async {
+            sample(&gw.metrics().await, "miralix_gateway_audio_store_files") == (n + 1) as f64
+        })
+        .await;
     }
     wait_stored(&gw, dir.path(), 3).await;
     // a is used again: b is now the least recently used (once the index has taken the read in).
