@@ -321,7 +321,8 @@ async fn an_acl_without_the_events_channel_is_said_once_and_entries_are_still_sh
         &boxsim.base_url(),
         "",
     ));
-    let warned = first.wait_for("refuses the subscription");
+    // Said before or after the line saying the gateway serves.
+    let warned = first.find_or_wait_for("refuses the subscription");
     assert!(warned.contains("NOPERM"), "{warned}");
     // Commands work: the tier stays up, and what one instance stored the other serves.
     let target = path("id", "103");
@@ -631,12 +632,7 @@ async fn a_corrupt_disk_file_is_moved_aside_and_the_gateway_starts_cold() {
         "",
     );
     let (mut gateway, addr, _) = spawn_binary(&config);
-    let warning = gateway
-        .seen
-        .iter()
-        .find(|line| line.contains("moved aside"))
-        .cloned()
-        .unwrap_or_else(|| gateway.wait_for("moved aside"));
+    let warning = gateway.find_or_wait_for("moved aside");
     assert!(warning.contains(&file.display().to_string()), "{warning}");
     let aside: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()

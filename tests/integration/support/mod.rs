@@ -697,6 +697,15 @@ impl Running {
         }
     }
 
+    /// The first line, seen already or still to come, that contains `needle`: for a line
+    /// that may come before or after the ones a start waited for.
+    pub fn find_or_wait_for(&mut self, needle: &str) -> String {
+        match self.seen.iter().find(|line| line.contains(needle)) {
+            Some(line) => line.clone(),
+            None => self.wait_for(needle),
+        }
+    }
+
     /// Stop the process and return everything it wrote.
     pub fn finish(mut self) -> String {
         let _ = self.child.kill();
