@@ -17,11 +17,13 @@
 //! open connections finish their in-flight requests (HTTP/1 closes after the response, HTTP/2
 //! sends GOAWAY) within `server.shutdown_grace`; whatever is still open then is cut off.
 
+mod woken;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -34,6 +36,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
+
+use self::woken::Woken;
 
 use crate::auth::ClientCert;
 use crate::gateway::{AppState, Peer, handle, handle_admin};
@@ -356,7 +360,21 @@ impl Connection {
         let mut stop_at = None;
         loop {
             let idle_at = activity.idle_deadline(settings.idle_timeout);
-            tokio::select! {
+            // The connection's rare events, polled only when one of them wakes (see
+            // `woken`), not on every read and write of the connection.
+            let (stop, cancelling) = (&mut self.stop, &activity.too_many_cancelled);
+            let events = Woken::new(async move {
+                if closing {
+                    return std::future::pending().await;
+                }
+                tokio::select! {
+                    () = stopped(stop), if stop_at.is_none() => Event::Stop,
+                    () = tokio::time::sleep_until(stop_at.unwrap_or_else(Instant::now)), if stop_at.is_some() => Event::Settled,
+                    () = cancelling.notified() => Event::Cancelling,
+                    () = tokio::time::sleep_until(idle_at) => Event::Idle,
+                }
+            });
+            let event = tokio::select! {
                 // The connection first: a request that has already arrived is read (and then
                 // answered, with `Connection: close`) before a stop closes an idle connection.
                 biased;
@@ -367,16 +385,19 @@ impl Connection {
                     }
                     break;
                 }
-                () = stopped(&mut self.stop), if !closing && stop_at.is_none() => {
+                event = events => event,
+            };
+            match event {
+                Event::Stop => {
                     // From now on every answer says `Connection: close` (see the service).
                     activity.stopping.store(true, Ordering::Release);
                     stop_at = Some(Instant::now() + SHUTDOWN_SETTLE);
                 }
-                () = tokio::time::sleep_until(stop_at.unwrap_or_else(Instant::now)), if !closing && stop_at.is_some() => {
+                Event::Settled => {
                     connection.as_mut().graceful_shutdown();
                     closing = true;
                 }
-                () = activity.too_many_cancelled.notified(), if !closing => {
+                Event::Cancelling => {
                     tracing::warn!(
                         cancelled = activity.cancelled.load(Ordering::Acquire),
                         requests = activity.requests.load(Ordering::Acquire),
@@ -386,7 +407,7 @@ impl Connection {
                     connection.as_mut().graceful_shutdown();
                     closing = true;
                 }
-                () = tokio::time::sleep_until(idle_at), if !closing => {
+                Event::Idle => {
                     if activity.idle_for(settings.idle_timeout) {
                         tracing::debug!(idle = ?settings.idle_timeout, "closing idle connection");
                         connection.as_mut().graceful_shutdown();
@@ -401,6 +422,18 @@ impl Connection {
             linger(io).await;
         }
     }
+}
+
+/// What a connection waits for besides its own end.
+enum Event {
+    /// The server stops: answers say `Connection: close` from now on.
+    Stop,
+    /// `SHUTDOWN_SETTLE` after the stop: the connection is closed.
+    Settled,
+    /// The client cancels most of its requests.
+    Cancelling,
+    /// `server.idle_timeout` has passed; idle if no request came meanwhile.
+    Idle,
 }
 
 /// How long after a stop signal a connection is closed: long enough for a request the client
@@ -501,7 +534,10 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Lingering<I> {
 /// cancelled by the client before their answer.
 struct Activity {
     in_flight: AtomicUsize,
-    last_done: Mutex<Instant>,
+    /// When the connection was accepted; `last_done` counts from here.
+    opened: Instant,
+    /// When the last request was answered, in nanoseconds after `opened`.
+    last_done: AtomicU64,
     requests: AtomicUsize,
     cancelled: AtomicUsize,
     /// Raised once the client has cancelled too many of its requests.
@@ -561,7 +597,9 @@ struct Busy(Arc<Activity>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        *self.0.last_done.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        let done = Instant::now().saturating_duration_since(self.0.opened);
+        let nanos = u64::try_from(done.as_nanos()).unwrap_or(u64::MAX);
+        self.0.last_done.store(nanos, Ordering::Release);
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -570,7 +608,8 @@ impl Activity {
     fn new() -> Self {
         Self {
             in_flight: AtomicUsize::new(0),
-            last_done: Mutex::new(Instant::now()),
+            opened: Instant::now(),
+            last_done: AtomicU64::new(0),
             requests: AtomicUsize::new(0),
             cancelled: AtomicUsize::new(0),
             too_many_cancelled: tokio::sync::Notify::new(),
@@ -584,7 +623,7 @@ impl Activity {
     }
 
     fn last_done(&self) -> Instant {
-        *self.last_done.lock().unwrap_or_else(|e| e.into_inner())
+        self.opened + Duration::from_nanos(self.last_done.load(Ordering::Acquire))
     }
 
     /// When the connection becomes idle for `timeout` if nothing happens; with a request in

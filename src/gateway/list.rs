@@ -33,14 +33,21 @@ pub(super) async fn list_response<B>(
     let from = query
         .from_queue_call_id
         .filter(|_| !api.has_from_queue_call_id() || !cache.ttl.is_zero());
-    // Answered from the full list when selecting; otherwise the request's own key.
-    let full = ListQuery {
-        from_queue_call_id: query.from_queue_call_id.filter(|_| from.is_none()),
-        ..query.clone()
+    // Answered from the full list when selecting (the request's own query kept for the box,
+    // should the list not be one of recordings); otherwise the request's own key.
+    let (full, query) = match from {
+        Some(_) => {
+            let full = ListQuery {
+                from_queue_call_id: None,
+                ..query.clone()
+            };
+            (full, Some(query))
+        }
+        None => (query, None),
     };
     let gzip = encoding::accepts_gzip(request.headers().get_all(ACCEPT_ENCODING).iter());
     let (mut outcome, mut entry) = lookup(state, (cache, ttl), account, full, access).await?;
-    if let Some(from) = from {
+    if let (Some(from), Some(query)) = (from, query) {
         match entry.elements() {
             Some(list) => {
                 account.metrics.selections.inc();

@@ -28,16 +28,8 @@ pub(super) struct Trace {
 
 impl Trace {
     pub(super) fn of(headers: &HeaderMap) -> Self {
-        let client_id = headers
-            .get(X_REQUEST_ID)
-            .filter(|_| headers.get_all(X_REQUEST_ID).iter().count() == 1)
-            .filter(|v| valid_request_id(v.as_bytes()))
-            .cloned();
-        let traceparent = headers
-            .get(TRACEPARENT)
-            .filter(|_| headers.get_all(TRACEPARENT).iter().count() == 1)
-            .filter(|v| valid_traceparent(v.as_bytes()))
-            .cloned();
+        let client_id = only(headers, X_REQUEST_ID).filter(|v| valid_request_id(v.as_bytes()));
+        let traceparent = only(headers, TRACEPARENT).filter(|v| valid_traceparent(v.as_bytes()));
         Self {
             request_id: client_id.unwrap_or_else(new_request_id),
             traceparent,
@@ -63,6 +55,15 @@ impl Trace {
             request_id: Some(self.request_id.clone()),
             traceparent: self.traceparent.clone(),
         }
+    }
+}
+
+/// The value of `name` if the request has it exactly once (one lookup of the name).
+fn only(headers: &HeaderMap, name: HeaderName) -> Option<HeaderValue> {
+    let mut values = headers.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (Some(value), None) => Some(value.clone()),
+        _ => None,
     }
 }
 
