@@ -14,11 +14,12 @@
 use std::fmt;
 use std::sync::Arc;
 
-use http::HeaderMap;
 use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderName};
 
-/// The other header a client may present its key in.
-pub const X_API_KEY: &str = "x-api-key";
+/// The other header a client may present its key in (a name, not a `&str`: a `&str` is
+/// parsed into a name again on every lookup).
+pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// A SHA-256 digest of a key.
 pub use crate::crypto::Digest;
