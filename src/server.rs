@@ -10,8 +10,10 @@
 //!   `server.tls_handshake_timeout`, using the acceptor in force at accept time: a reload
 //!   changes the certificate for new connections only.
 //! - hyper-util's auto builder serves HTTP/1.1 and HTTP/2 (ALPN `h2`, or prior knowledge on
-//!   plain listeners). A request head must arrive within `server.header_read_timeout`, and a
-//!   connection with no request in flight for `server.idle_timeout` is closed gracefully.
+//!   plain listeners). A connection with no request in flight for `server.idle_timeout` is
+//!   closed gracefully, and, until it has made an HTTP/2 request, within
+//!   `server.header_read_timeout` of its start or its previous answer: the time a client has to
+//!   send a request head (see `idle_limit`).
 //!
 //! When the shutdown future completes, every loop stops accepting and closes its listener, and
 //! open connections finish their in-flight requests (HTTP/1 closes after the response, HTTP/2
@@ -40,6 +42,7 @@ use tracing::Instrument;
 use self::woken::Woken;
 
 use crate::auth::ClientCert;
+use crate::config::ServerConfig;
 use crate::gateway::{AppState, Peer, handle, handle_admin};
 use http_body_util::Either;
 
@@ -313,6 +316,9 @@ impl Connection {
                 async move {
                     let _busy = busy;
                     let http1 = request.version() <= http::Version::HTTP_11;
+                    if !http1 {
+                        _busy.0.http2.store(true, Ordering::Relaxed);
+                    }
                     let mut response = match kind {
                         Listener::Admin => handle_admin(state, request).await,
                         Listener::Public | Listener::Plain => handle(state, request, peer).await,
@@ -337,10 +343,11 @@ impl Connection {
         };
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // A head larger than this, or with more than 100 headers, is answered 431 by hyper.
+        // No timer of hyper's own for HTTP/1: the connection's idle timer bounds the wait for a
+        // request head (see `idle_limit`), where hyper would arm and drop a timer per request.
         builder
             .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(settings.header_read_timeout)
+            .header_read_timeout(None)
             .max_buf_size(settings.max_request_head_bytes)
             .max_headers(100);
         builder
@@ -359,7 +366,7 @@ impl Connection {
         // When a stop was asked for: the connection closes `SHUTDOWN_SETTLE` later.
         let mut stop_at = None;
         loop {
-            let idle_at = activity.idle_deadline(settings.idle_timeout);
+            let idle_at = activity.idle_deadline(idle_limit(&settings, &activity));
             // The connection's rare events, polled only when one of them wakes (see
             // `woken`), not on every read and write of the connection.
             let (stop, cancelling) = (&mut self.stop, &activity.too_many_cancelled);
@@ -408,10 +415,18 @@ impl Connection {
                     closing = true;
                 }
                 Event::Idle => {
-                    if activity.idle_for(settings.idle_timeout) {
-                        tracing::debug!(idle = ?settings.idle_timeout, "closing idle connection");
-                        connection.as_mut().graceful_shutdown();
+                    // Again: the limit grows once an HTTP/2 request has come.
+                    let limit = idle_limit(&settings, &activity);
+                    if activity.idle_for(limit) {
+                        tracing::debug!(idle = ?limit, "closing idle connection");
                         closing = true;
+                        // hyper closes an HTTP/1 connection gracefully only once it has read
+                        // a request head; one that never sent a whole head, with nothing to
+                        // answer, is closed here.
+                        if activity.requests.load(Ordering::Acquire) == 0 {
+                            break;
+                        }
+                        connection.as_mut().graceful_shutdown();
                     }
                 }
             }
@@ -421,6 +436,23 @@ impl Connection {
         if closing && let Ok(io) = returned.await {
             linger(io).await;
         }
+    }
+}
+
+/// How long a connection may go with no request in flight: `server.idle_timeout`, and no
+/// longer than `server.header_read_timeout` until the connection has made an HTTP/2 request.
+///
+/// An HTTP/1 client must send each request head within `header_read_timeout`, counted from
+/// the previous answer (or the connection's start): a partial head is not a request in flight,
+/// so a client that trickles one in, or sends half of one, is closed when this runs out, and so
+/// is a kept-alive HTTP/1 connection idle that long. hyper could enforce the head timeout
+/// itself, but arms and drops a timer for every request to do it, which cost about a tenth of
+/// the user-space CPU of a hit at 7,000 requests/s (bench/README.md, "What was tried").
+fn idle_limit(settings: &ServerConfig, activity: &Activity) -> Duration {
+    if activity.http2.load(Ordering::Relaxed) {
+        settings.idle_timeout
+    } else {
+        settings.idle_timeout.min(settings.header_read_timeout)
     }
 }
 
@@ -544,6 +576,8 @@ struct Activity {
     too_many_cancelled: tokio::sync::Notify,
     /// Set when the server stops: answers from then on close the connection.
     stopping: std::sync::atomic::AtomicBool,
+    /// Set by the connection's first HTTP/2 request (see `idle_limit`).
+    http2: std::sync::atomic::AtomicBool,
 }
 
 /// One request until its handler has produced an answer. Dropped before that, the client
@@ -614,6 +648,7 @@ impl Activity {
             cancelled: AtomicUsize::new(0),
             too_many_cancelled: tokio::sync::Notify::new(),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            http2: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

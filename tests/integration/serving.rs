@@ -306,6 +306,63 @@ async fn a_client_that_sends_half_a_request_is_disconnected() {
 }
 
 #[tokio::test]
+async fn a_kept_alive_client_that_sends_half_of_its_next_request_is_disconnected() {
+    let gw = Gateway::start(Options {
+        server: "header_read_timeout = \"300ms\"\nidle_timeout = \"30s\"",
+        ..Options::default()
+    })
+    .await;
+    let mut client = KeepAlive::new(TcpStream::connect(gw.addr).await.unwrap());
+    assert_eq!(client.get(&path("id", "1")).await.unwrap().status, 200);
+    let started = Instant::now();
+    let half = b"GET /mot/greenbox/agents/id/2/recordings HTTP/1.1\r\nHost: x\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut client.stream, half)
+        .await
+        .unwrap();
+    assert!(
+        client.closed_by_server(Duration::from_secs(10)).await,
+        "held to header_read_timeout, not idle_timeout"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "not before the head timeout"
+    );
+    assert_eq!(gw.simulator.request_count(), 1);
+}
+
+#[tokio::test]
+async fn an_http2_connection_that_has_made_a_request_may_idle_past_the_head_timeout() {
+    let gw = Gateway::start(Options {
+        server: "header_read_timeout = \"300ms\"\nidle_timeout = \"30s\"",
+        ..Options::default()
+    })
+    .await;
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let mut connection = tokio::spawn(connection);
+    let get = |id: &str| {
+        let request = http::Request::get(format!("http://gw{}", path("id", id)))
+            .body(())
+            .unwrap();
+        let client = client.clone();
+        async move {
+            let (response, _) = client
+                .ready()
+                .await
+                .unwrap()
+                .send_request(request, true)
+                .unwrap();
+            response.await.unwrap().status()
+        }
+    };
+    assert_eq!(get("1").await, 200);
+    // Three head timeouts pass with no request: the connection stays open (idle_timeout).
+    let ended = tokio::time::timeout(Duration::from_millis(900), &mut connection).await;
+    assert!(ended.is_err(), "closed after the head timeout: {ended:?}");
+    assert_eq!(get("1").await, 200);
+}
+
+#[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed() {
     let gw = Gateway::start(Options {
         server: "idle_timeout = \"300ms\"\nheader_read_timeout = \"30s\"",
