@@ -464,7 +464,7 @@ enum Event {
     Settled,
     /// The client cancels most of its requests.
     Cancelling,
-    /// `server.idle_timeout` has passed; idle if no request came meanwhile.
+    /// The idle limit (`idle_limit`) has passed; idle if no request came meanwhile.
     Idle,
 }
 
