@@ -11,9 +11,9 @@
 //!   changes the certificate for new connections only.
 //! - hyper-util's auto builder serves HTTP/1.1 and HTTP/2 (ALPN `h2`, or prior knowledge on
 //!   plain listeners). A connection with no request in flight for `server.idle_timeout` is
-//!   closed gracefully, and, until it has made an HTTP/2 request, within
-//!   `server.header_read_timeout` of its start or its previous answer: the time a client has to
-//!   send a request head (see `idle_limit`).
+//!   closed gracefully; a request head must arrive whole within `server.header_read_timeout`
+//!   of the connection's start, and on a kept-alive HTTP/1 connection within that time of its
+//!   first byte (see `Activity::next_idle_check`).
 //!
 //! When the shutdown future completes, every loop stops accepting and closes its listener, and
 //! open connections finish their in-flight requests (HTTP/1 closes after the response, HTTP/2
@@ -344,7 +344,8 @@ impl Connection {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // A head larger than this, or with more than 100 headers, is answered 431 by hyper.
         // No timer of hyper's own for HTTP/1: the connection's idle timer bounds the wait for a
-        // request head (see `idle_limit`), where hyper would arm and drop a timer per request.
+        // request head (see `Activity::next_idle_check`), where hyper would arm and drop a
+        // timer per request.
         builder
             .http1()
             .header_read_timeout(None)
@@ -360,13 +361,16 @@ impl Connection {
         let io = Lingering {
             io: Some(io),
             give_back: Some(give_back),
+            activity: activity.clone(),
         };
         let mut connection = Box::pin(builder.serve_connection(TokioIo::new(io), service));
+        let limits = IdleLimits::of(&settings);
         let mut closing = false;
         // When a stop was asked for: the connection closes `SHUTDOWN_SETTLE` later.
         let mut stop_at = None;
         loop {
-            let idle_at = activity.idle_deadline(idle_limit(&settings, &activity));
+            let now = Instant::now();
+            let idle_at = activity.next_idle_check(limits, now).unwrap_or(now);
             // The connection's rare events, polled only when one of them wakes (see
             // `woken`), not on every read and write of the connection.
             let (stop, cancelling) = (&mut self.stop, &activity.too_many_cancelled);
@@ -415,10 +419,9 @@ impl Connection {
                     closing = true;
                 }
                 Event::Idle => {
-                    // Again: the limit grows once an HTTP/2 request has come.
-                    let limit = idle_limit(&settings, &activity);
-                    if activity.idle_for(limit) {
-                        tracing::debug!(idle = ?limit, "closing idle connection");
+                    // Checked again: a request may have come, or a head begun, meanwhile.
+                    if activity.next_idle_check(limits, Instant::now()).is_none() {
+                        tracing::debug!("closing idle connection");
                         closing = true;
                         // hyper closes an HTTP/1 connection gracefully only once it has read
                         // a request head; one that never sent a whole head, with nothing to
@@ -439,23 +442,6 @@ impl Connection {
     }
 }
 
-/// How long a connection may go with no request in flight: `server.idle_timeout`, and no
-/// longer than `server.header_read_timeout` until the connection has made an HTTP/2 request.
-///
-/// An HTTP/1 client must send each request head within `header_read_timeout`, counted from
-/// the previous answer (or the connection's start): a partial head is not a request in flight,
-/// so a client that trickles one in, or sends half of one, is closed when this runs out, and so
-/// is a kept-alive HTTP/1 connection idle that long. hyper could enforce the head timeout
-/// itself, but arms and drops a timer for every request to do it, which cost about a tenth of
-/// the user-space CPU of a hit at 7,000 requests/s (bench/README.md, "What was tried").
-fn idle_limit(settings: &ServerConfig, activity: &Activity) -> Duration {
-    if activity.http2.load(Ordering::Relaxed) {
-        settings.idle_timeout
-    } else {
-        settings.idle_timeout.min(settings.header_read_timeout)
-    }
-}
-
 /// What a connection waits for besides its own end.
 enum Event {
     /// The server stops: answers say `Connection: close` from now on.
@@ -464,7 +450,7 @@ enum Event {
     Settled,
     /// The client cancels most of its requests.
     Cancelling,
-    /// The idle limit (`idle_limit`) has passed; idle if no request came meanwhile.
+    /// The time `Activity::next_idle_check` gave has come.
     Idle,
 }
 
@@ -494,9 +480,11 @@ async fn linger<I: AsyncRead + AsyncWrite + Unpin>(mut io: I) {
 
 /// The connection's transport, handed back to the connection task when hyper lets go of it,
 /// so the task can [`linger`] on it.
+/// Its reads also tell the connection's [`Activity`] when a request head begins.
 struct Lingering<I> {
     io: Option<I>,
     give_back: Option<oneshot::Sender<I>>,
+    activity: Arc<Activity>,
 }
 
 impl<I> Lingering<I> {
@@ -522,7 +510,12 @@ impl<I: AsyncRead + Unpin> AsyncRead for Lingering<I> {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        self.io().poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = self.io().poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.bytes_arrived();
+        }
+        read
     }
 }
 
@@ -570,13 +563,16 @@ struct Activity {
     opened: Instant,
     /// When the last request was answered, in nanoseconds after `opened`.
     last_done: AtomicU64,
+    /// When the first bytes since the last answer (or the start) arrived, in nanoseconds
+    /// after `opened`; 0 while none have: the start of the next request head, on HTTP/1.
+    head_began: AtomicU64,
     requests: AtomicUsize,
     cancelled: AtomicUsize,
     /// Raised once the client has cancelled too many of its requests.
     too_many_cancelled: tokio::sync::Notify,
     /// Set when the server stops: answers from then on close the connection.
     stopping: std::sync::atomic::AtomicBool,
-    /// Set by the connection's first HTTP/2 request (see `idle_limit`).
+    /// Set by the connection's first HTTP/2 request (see `Activity::next_idle_check`).
     http2: std::sync::atomic::AtomicBool,
 }
 
@@ -631,9 +627,12 @@ struct Busy(Arc<Activity>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        let done = Instant::now().saturating_duration_since(self.0.opened);
-        let nanos = u64::try_from(done.as_nanos()).unwrap_or(u64::MAX);
-        self.0.last_done.store(nanos, Ordering::Release);
+        let done = self.0.since_opened(Instant::now());
+        self.0.last_done.store(done, Ordering::Release);
+        // The next head begins with the next bytes. Bytes of it already read (a client that
+        // pipelines) are a head hyper reads at once, or a partial one held to `idle_timeout`
+        // until more arrive.
+        self.0.head_began.store(0, Ordering::Release);
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -644,6 +643,7 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             opened: Instant::now(),
             last_done: AtomicU64::new(0),
+            head_began: AtomicU64::new(0),
             requests: AtomicUsize::new(0),
             cancelled: AtomicUsize::new(0),
             too_many_cancelled: tokio::sync::Notify::new(),
@@ -657,22 +657,78 @@ impl Activity {
         Busy(self.clone())
     }
 
-    fn last_done(&self) -> Instant {
-        self.opened + Duration::from_nanos(self.last_done.load(Ordering::Acquire))
+    /// `at` in nanoseconds after `opened`, at least 1 (0 stands for "not yet").
+    fn since_opened(&self, at: Instant) -> u64 {
+        let nanos = at.saturating_duration_since(self.opened).as_nanos();
+        u64::try_from(nanos).unwrap_or(u64::MAX).max(1)
     }
 
-    /// When the connection becomes idle for `timeout` if nothing happens; with a request in
-    /// flight, a full `timeout` from now, when it is checked again.
-    fn idle_deadline(&self, timeout: Duration) -> Instant {
-        if self.in_flight.load(Ordering::Acquire) > 0 {
-            Instant::now() + timeout
-        } else {
-            self.last_done() + timeout
+    fn at(&self, nanos: u64) -> Instant {
+        self.opened + Duration::from_nanos(nanos)
+    }
+
+    /// The transport read some bytes. The first since the last answer begin the next request
+    /// head: one clock reading per request, where a timer would be armed and dropped.
+    fn bytes_arrived(&self) {
+        if self.head_began.load(Ordering::Relaxed) == 0 {
+            let now = self.since_opened(Instant::now());
+            self.head_began.store(now, Ordering::Release);
         }
     }
 
-    fn idle_for(&self, timeout: Duration) -> bool {
-        self.in_flight.load(Ordering::Acquire) == 0 && self.last_done().elapsed() >= timeout
+    /// When the connection is next checked for idleness, or `None` when it has been idle past
+    /// its limit and closes now:
+    ///
+    /// - before its first request, the client has `server.header_read_timeout` from the
+    ///   connection's start to send a whole head (and no more than `server.idle_timeout`);
+    /// - once it has made an HTTP/2 request, it may idle `server.idle_timeout` after its last
+    ///   answer;
+    /// - an HTTP/1 connection kept alive may wait `server.idle_timeout` after its last answer
+    ///   for the first byte of its next request, and from that byte has
+    ///   `server.header_read_timeout` to send the rest of the head, so a client that trickles
+    ///   a head in, or sends half of one, is closed when that runs out. A first byte wakes no
+    ///   timer: the check comes again a head timeout later at most;
+    /// - with a request in flight, a head timeout from now, when it is checked again.
+    ///
+    /// hyper could enforce the head timeout itself, but arms and drops a timer for every
+    /// request to do it, which cost about a tenth of the user-space CPU of a hit at 7,000
+    /// requests/s (bench/README.md, "What was tried"), and counts the wait for the next
+    /// request's first byte against it.
+    fn next_idle_check(&self, limits: IdleLimits, now: Instant) -> Option<Instant> {
+        let IdleLimits { idle, head } = limits;
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Some(now + head.min(idle));
+        }
+        let last_done = self.at(self.last_done.load(Ordering::Acquire));
+        let head_began = self.head_began.load(Ordering::Acquire);
+        let (deadline, recheck) = if self.requests.load(Ordering::Acquire) == 0 {
+            (self.opened + head.min(idle), None)
+        } else if self.http2.load(Ordering::Relaxed) {
+            (last_done + idle, None)
+        } else if head_began != 0 {
+            (self.at(head_began) + head, None)
+        } else {
+            (last_done + idle, Some(now + head))
+        };
+        (deadline > now).then(|| recheck.map_or(deadline, |at| at.min(deadline)))
+    }
+}
+
+/// The two limits on a connection with no request in flight (see `Activity::next_idle_check`).
+#[derive(Clone, Copy)]
+struct IdleLimits {
+    /// `server.idle_timeout`.
+    idle: Duration,
+    /// `server.header_read_timeout`.
+    head: Duration,
+}
+
+impl IdleLimits {
+    fn of(settings: &ServerConfig) -> Self {
+        Self {
+            idle: settings.idle_timeout,
+            head: settings.header_read_timeout,
+        }
     }
 }
 
@@ -711,5 +767,90 @@ mod tests {
             !too_many_cancelled(500, 10_000, 100),
             "a busy, mostly answered client"
         );
+    }
+
+    const LIMITS: IdleLimits = IdleLimits {
+        idle: Duration::from_secs(60),
+        head: Duration::from_secs(10),
+    };
+
+    /// An activity with one HTTP/1 request answered `done` after the connection opened.
+    fn answered_at(done: Duration) -> Arc<Activity> {
+        let activity = Arc::new(Activity::new());
+        activity.requests.store(1, Ordering::Release);
+        let at = activity.opened + done;
+        activity
+            .last_done
+            .store(activity.since_opened(at), Ordering::Release);
+        activity
+    }
+
+    #[test]
+    fn a_new_connection_has_the_head_timeout_for_its_first_request() {
+        let activity = Activity::new();
+        let start = activity.opened;
+        assert_eq!(
+            activity.next_idle_check(LIMITS, start),
+            Some(start + LIMITS.head)
+        );
+        assert_eq!(activity.next_idle_check(LIMITS, start + LIMITS.head), None);
+    }
+
+    #[test]
+    fn a_kept_alive_http1_connection_waits_idle_timeout_for_its_next_first_byte() {
+        let activity = answered_at(Duration::from_secs(1));
+        let done = activity.opened + Duration::from_secs(1);
+        // Checked again a head timeout on, in case a head begins meanwhile; open until then.
+        let later = done + LIMITS.head * 3;
+        assert_eq!(
+            activity.next_idle_check(LIMITS, later),
+            Some(later + LIMITS.head)
+        );
+        assert_eq!(
+            activity.next_idle_check(LIMITS, done + LIMITS.idle - Duration::from_secs(1)),
+            Some(done + LIMITS.idle)
+        );
+        assert_eq!(activity.next_idle_check(LIMITS, done + LIMITS.idle), None);
+    }
+
+    #[test]
+    fn a_begun_head_has_the_head_timeout_from_its_first_byte() {
+        let activity = answered_at(Duration::from_secs(1));
+        let first_byte = activity.opened + Duration::from_secs(40);
+        activity
+            .head_began
+            .store(activity.since_opened(first_byte), Ordering::Release);
+        let deadline = first_byte + LIMITS.head;
+        assert_eq!(activity.next_idle_check(LIMITS, first_byte), Some(deadline));
+        assert_eq!(activity.next_idle_check(LIMITS, deadline), None);
+    }
+
+    #[test]
+    fn an_answer_ends_the_head_and_a_request_in_flight_is_never_idle() {
+        let activity = Arc::new(Activity::new());
+        activity.requests.store(1, Ordering::Release);
+        activity.bytes_arrived();
+        let busy = activity.begin();
+        let much_later = activity.opened + LIMITS.idle * 10;
+        assert_eq!(
+            activity.next_idle_check(LIMITS, much_later),
+            Some(much_later + LIMITS.head)
+        );
+        drop(busy);
+        assert_eq!(activity.head_began.load(Ordering::Acquire), 0);
+        let now = Instant::now();
+        assert!(activity.next_idle_check(LIMITS, now).is_some());
+    }
+
+    #[test]
+    fn an_http2_connection_idles_idle_timeout_after_its_last_answer() {
+        let activity = answered_at(Duration::from_secs(1));
+        activity.http2.store(true, Ordering::Relaxed);
+        let done = activity.opened + Duration::from_secs(1);
+        assert_eq!(
+            activity.next_idle_check(LIMITS, done + LIMITS.head * 2),
+            Some(done + LIMITS.idle)
+        );
+        assert_eq!(activity.next_idle_check(LIMITS, done + LIMITS.idle), None);
     }
 }

@@ -331,6 +331,37 @@ async fn a_kept_alive_client_that_sends_half_of_its_next_request_is_disconnected
 }
 
 #[tokio::test]
+async fn a_kept_alive_http1_connection_may_idle_past_the_head_timeout() {
+    let gw = Gateway::start(Options {
+        server: "header_read_timeout = \"300ms\"\nidle_timeout = \"30s\"",
+        ..Options::default()
+    })
+    .await;
+    let mut client = KeepAlive::new(TcpStream::connect(gw.addr).await.unwrap());
+    assert_eq!(client.get(&path("id", "1")).await.unwrap().status, 200);
+    // Three head timeouts pass with no byte sent: the connection stays open (idle_timeout),
+    // as nginx keeps one for keepalive_timeout.
+    assert!(
+        !client.closed_by_server(Duration::from_millis(900)).await,
+        "an idle kept-alive connection was held to the head timeout"
+    );
+    assert_eq!(client.get(&path("id", "1")).await.unwrap().status, 200);
+    assert!(!client.closed_by_server(Duration::from_millis(900)).await);
+    // A head begun now has the head timeout from its first byte, not from the last answer.
+    let started = Instant::now();
+    let half = b"GET /mot/greenbox/agents/id/2/recordings HTTP/1.1\r\nHost: x\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut client.stream, half)
+        .await
+        .unwrap();
+    assert!(client.closed_by_server(Duration::from_secs(10)).await);
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "closed before the head timeout counted from the head's first byte"
+    );
+    assert_eq!(gw.simulator.request_count(), 1);
+}
+
+#[tokio::test]
 async fn an_http2_connection_that_has_made_a_request_may_idle_past_the_head_timeout() {
     let gw = Gateway::start(Options {
         server: "header_read_timeout = \"300ms\"\nidle_timeout = \"30s\"",
