@@ -307,15 +307,24 @@ async fn a_client_that_sends_half_a_request_is_disconnected() {
 
 #[tokio::test]
 async fn a_kept_alive_client_that_sends_half_of_its_next_request_is_disconnected() {
+    let (gw, mut client) =
+        kept_alive_after_one_request("header_read_timeout = \"300ms\"\nidle_timeout = \"30s\"")
+            .await;
+    send_half_a_head_and_wait_for_the_close(&mut client).await;
+    assert_eq!(gw.simulator.request_count(), 1);
+}
+
+/// A gateway with these `[server]` settings and a kept-alive HTTP/1.1 connection to it that has
+/// had one request answered.
+async fn kept_alive_after_one_request(server: &'static str) -> (Gateway, KeepAlive<TcpStream>) {
     let gw = Gateway::start(Options {
-        server: "header_read_timeout = \"300ms\"\nidle_timeout = \"30s\"",
+        server,
         ..Options::default()
     })
     .await;
     let mut client = KeepAlive::new(TcpStream::connect(gw.addr).await.unwrap());
     assert_eq!(client.get(&path("id", "1")).await.unwrap().status, 200);
-    send_half_a_head_and_wait_for_the_close(&mut client).await;
-    assert_eq!(gw.simulator.request_count(), 1);
+    (gw, client)
 }
 
 /// Sends half of a request head on a kept-alive connection and waits for the server to close
@@ -339,13 +348,9 @@ async fn send_half_a_head_and_wait_for_the_close(client: &mut KeepAlive<TcpStrea
 
 #[tokio::test]
 async fn a_kept_alive_http1_connection_may_idle_past_the_head_timeout() {
-    let gw = Gateway::start(Options {
-        server: "header_read_timeout = \"300ms\"\nidle_timeout = \"30s\"",
-        ..Options::default()
-    })
-    .await;
-    let mut client = KeepAlive::new(TcpStream::connect(gw.addr).await.unwrap());
-    assert_eq!(client.get(&path("id", "1")).await.unwrap().status, 200);
+    let (gw, mut client) =
+        kept_alive_after_one_request("header_read_timeout = \"300ms\"\nidle_timeout = \"30s\"")
+            .await;
     // Three head timeouts pass with no byte sent: the connection stays open (idle_timeout),
     // as nginx keeps one for keepalive_timeout.
     assert!(
@@ -393,13 +398,9 @@ async fn an_http2_connection_that_has_made_a_request_may_idle_past_the_head_time
 
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed() {
-    let gw = Gateway::start(Options {
-        server: "idle_timeout = \"300ms\"\nheader_read_timeout = \"30s\"",
-        ..Options::default()
-    })
-    .await;
-    let mut client = KeepAlive::new(TcpStream::connect(gw.addr).await.unwrap());
-    assert_eq!(client.get(&path("id", "1")).await.unwrap().status, 200);
+    let (_gw, mut client) =
+        kept_alive_after_one_request("idle_timeout = \"300ms\"\nheader_read_timeout = \"30s\"")
+            .await;
     let started = Instant::now();
     assert!(client.closed_by_server(Duration::from_secs(10)).await);
     assert!(
