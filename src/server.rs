@@ -318,7 +318,7 @@ impl Connection {
                     let _busy = busy;
                     let http1 = request.version() <= http::Version::HTTP_11;
                     if !http1 {
-                        _busy.is_http2();
+                        _busy.mark_http2();
                     }
                     let mut response = match kind {
                         Listener::Admin => handle_admin(state, request).await,

@@ -82,7 +82,7 @@ pub(super) struct Busy(Arc<Activity>);
 
 impl Busy {
     /// The request came over HTTP/2: from now on the connection may idle `server.idle_timeout`.
-    pub(super) fn is_http2(&self) {
+    pub(super) fn mark_http2(&self) {
         self.0.http2.store(true, Ordering::Relaxed);
     }
 }
