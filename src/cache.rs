@@ -306,6 +306,9 @@ pub struct Outcome {
     pub refresh_started: bool,
     /// The second tier (`shared` or `disk`) this lookup brought the entry from, if it did.
     pub tier: Option<&'static str>,
+    /// For a fresh hit, the instant its freshness was judged at: the answer's `Age` and
+    /// `max-age` are taken at the same instant, without reading the clock again.
+    pub judged_at: Option<Instant>,
 }
 
 impl Outcome {
@@ -316,6 +319,7 @@ impl Outcome {
             stale_because: None,
             refresh_started: false,
             tier: None,
+            judged_at: None,
         }
     }
 }
@@ -477,9 +481,13 @@ impl ResponseCache {
         if let Some(entry) = &stored
             && let Some(lifetime) = entry.lifetime
         {
-            match policy::freshness(&lifetime, self.clock.now()) {
+            let now = self.clock.now();
+            match policy::freshness(&lifetime, now) {
                 Freshness::Fresh { .. } => {
-                    return Outcome::new(CacheStatus::Hit, Ok(entry.clone()));
+                    return Outcome {
+                        judged_at: Some(now),
+                        ..Outcome::new(CacheStatus::Hit, Ok(entry.clone()))
+                    };
                 }
                 Freshness::StaleRevalidate => {
                     let entry = entry.clone();

@@ -202,10 +202,11 @@ fn normalize_id(value: &str) -> Result<String, IdentityError> {
     if !value.bytes().all(|b| b.is_ascii_digit()) {
         return Err(IdentityError::Id);
     }
-    // Parsing drops leading zeros and rejects values beyond u64 in one step.
+    // Parsing drops leading zeros and rejects values beyond u64 in one step. Written back
+    // with itoa rather than `to_string`'s formatting machinery: this runs for every request.
     value
         .parse::<u64>()
-        .map(|n| n.to_string())
+        .map(|n| itoa::Buffer::new().format(n).to_owned())
         .map_err(|_| IdentityError::Id)
 }
 

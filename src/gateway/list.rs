@@ -2,7 +2,7 @@
 //! cache lookup, `fromQueueCallId` selection from the stored full list, and `If-None-Match`.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
@@ -68,7 +68,7 @@ pub(super) async fn list_response<B>(
         outcome.status,
         outcome.stale_because.as_ref(),
         outcome.tier,
-        state.cache.now(),
+        outcome.judged_at.unwrap_or_else(|| state.cache.now()),
         gzip,
     );
     let etag = response.headers().get(ETAG);
@@ -98,6 +98,8 @@ pub(super) struct Lookup {
     stale_because: Option<UpstreamError>,
     /// The second tier the entry was brought from for this request, if any.
     tier: Option<&'static str>,
+    /// For a fresh hit, the instant it was judged fresh at (see [`crate::cache::Outcome`]).
+    judged_at: Option<Instant>,
 }
 
 /// Look `query` up in the cache (fetching it if need be; a `200` is fresh for `ttl` when
@@ -145,6 +147,7 @@ pub(super) async fn lookup(
         status: outcome.status,
         stale_because: outcome.stale_because,
         tier: outcome.tier,
+        judged_at: outcome.judged_at,
     };
     Ok((lookup, entry))
 }
