@@ -278,6 +278,54 @@ def make_front_certificate(work):
                    check=True, capture_output=True)
 
 
+# The gateway's [cache] lines in the hit, miss and storm scenarios: nginx's proxy_cache_valid.
+DEFAULT_CACHE = f'ttl = "{TTL}"\nnegative_ttl = "{NEGATIVE_TTL}"'
+
+
+def start_box(work, port, secret_file, servers, synthetic_agents=100_000):
+    """The simulated box on the load CPU, over TLS with a CA of its own; its URL and CA file.
+    Appended to `servers`, so that whoever started it stops it."""
+    sim_ca = os.path.join(work, "sim-ca.pem")
+    sim = Server("simulator", [BIN, "simulate", "--listen", f"127.0.0.1:{port}",
+                               "--ca-out", sim_ca, "--secret-file", secret_file,
+                               "--synthetic-agents", str(synthetic_agents)], work, cpu=LOAD_CPU)
+    servers.append(sim)
+    sim_url = f"https://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while not os.path.exists(sim_ca) and time.time() < deadline:
+        time.sleep(0.05)
+    wait_until_up(f"{sim_url}/_simulator/stats", sim_ca, "simulator", sim)
+    return sim_url, sim_ca
+
+
+def write_gateway_config(work, name, ports, box, cache=DEFAULT_CACHE, max_bytes="2GiB"):
+    """A gateway's configuration in `work`: plain, TLS and admin listeners on `ports` (in that
+    order), the front certificate of make_front_certificate, and the one account in front of
+    `box` (its URL, CA file and secret file). Returns its path."""
+    (plain, tls, admin), (sim_url, sim_ca, secret_file) = ports, box
+    path = os.path.join(work, f"{name}.toml")
+    with open(path, "w") as f:
+        f.write(f"""
+[server]
+listen = "127.0.0.1:{tls}"
+plain_listen = "127.0.0.1:{plain}"
+[server.tls]
+cert = "{work}/front.crt"
+key = "{work}/front.key"
+[admin]
+listen = "127.0.0.1:{admin}"
+token = "{ADMIN_TOKEN}"
+[cache]
+{cache}
+max_bytes = "{max_bytes}"
+[accounts.{ACCOUNT}]
+base_url = "{sim_url}"
+shared_secret_file = "{secret_file}"
+ca_file = "{sim_ca}"
+""")
+    return path
+
+
 def render_nginx_conf(work, ports):
     """Fill in bench/nginx.conf for `work` and make the directories nginx writes to."""
     # Started as root, nginx's workers run as an unprivileged user: let them into the
@@ -343,16 +391,7 @@ def run(work, servers):
     make_front_certificate(work)
 
     log("starting the simulated box")
-    sim_ca = os.path.join(work, "sim-ca.pem")
-    sim = Server("simulator", [BIN, "simulate", "--listen", f"127.0.0.1:{ports['sim']}",
-                               "--ca-out", sim_ca, "--secret-file", secret_file,
-                               "--synthetic-agents", "100000"], work, cpu=LOAD_CPU)
-    servers.append(sim)
-    sim_url = f"https://127.0.0.1:{ports['sim']}"
-    deadline = time.time() + 30
-    while not os.path.exists(sim_ca) and time.time() < deadline:
-        time.sleep(0.05)
-    wait_until_up(f"{sim_url}/_simulator/stats", sim_ca, "simulator", sim)
+    sim_url, sim_ca = start_box(work, ports["sim"], secret_file, servers)
     status, _, body = fetch(sim_url + HIT_PATH, sim_ca, headers={"X-Miralix-Shared-Secret": SECRET})
     assert status == 200, status
     os.makedirs(os.path.join(work, "static", "static"), exist_ok=True)
@@ -366,29 +405,9 @@ def run(work, servers):
     nginx = Server("nginx", ["nginx", "-p", work, "-c", nginx_conf], work)
     servers.append(nginx)
 
-    def gateway_config(name, plain, tls, admin, cache=f'ttl = "{TTL}"\nnegative_ttl = "{NEGATIVE_TTL}"',
-                       max_bytes="2GiB"):
-        path = os.path.join(work, f"{name}.toml")
-        with open(path, "w") as f:
-            f.write(f"""
-[server]
-listen = "127.0.0.1:{tls}"
-plain_listen = "127.0.0.1:{plain}"
-[server.tls]
-cert = "{work}/front.crt"
-key = "{work}/front.key"
-[admin]
-listen = "127.0.0.1:{admin}"
-token = "{ADMIN_TOKEN}"
-[cache]
-{cache}
-max_bytes = "{max_bytes}"
-[accounts.{ACCOUNT}]
-base_url = "{sim_url}"
-shared_secret_file = "{secret_file}"
-ca_file = "{sim_ca}"
-""")
-        return path
+    def gateway_config(name, plain, tls, admin, cache=DEFAULT_CACHE, max_bytes="2GiB"):
+        return write_gateway_config(work, name, (plain, tls, admin), (sim_url, sim_ca, secret_file),
+                                    cache, max_bytes)
 
     env = dict(os.environ, RUST_LOG="warn")
     log("starting the gateway")

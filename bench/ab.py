@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""A/B of gateway builds, in the benchmark's layout, for the rows of bench/README.md's "What was
+tried" table.
+
+    python3 bench/ab.py hits [--tls] [--rates 22700,45500] [--rounds 6] LABEL=BINARY ...
+    python3 bench/ab.py misses [--rounds 4] [--count 500] LABEL=BINARY ...
+
+Each LABEL=BINARY is a gateway build (for instance `base=/tmp/base new=target/release/miralix-gateway`);
+nginx proxy_cache from bench/nginx.conf runs beside them as the reference. The servers are pinned
+to CPU 0, the simulated box and the probe to CPU 1, as in bench/run.sh, and every round visits the
+servers in a rotated order, so that the host's drift falls on all of them.
+
+- `hits`: open-loop plain (or TLS) hits of the benchmark's 14 KB list at each rate, 64 keep-alive
+  connections, 5 s per run: each server's CPU per request (and the kernel's part of it) and p99.
+- `misses`: sequential misses on distinct agents, each a 200 list: p50 per round, and its overhead
+  over a direct request to the box from the probe's core and from the servers' core.
+
+Every figure is printed as the median of the rounds with the min to max range, and the raw rounds
+are written as JSON with --json. --cache LABEL='gzip = false' adds [cache] lines to one build's
+configuration. --perf LABEL runs only that server's rounds, under `perf record -e cpu-clock -g`
+(written to --perf-out), for the profile behind a change.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import (  # noqa: E402  (the benchmark's own helpers, so both measure alike)
+    DEFAULT_CACHE, FIRST_SYNTHETIC, HIT_PATH, ID_TEMPLATE, LOAD_CPU, SECRET, SERVER_CPU, Server,
+    equal_load, fetch, free_port, make_front_certificate, probe, render_nginx_conf, start_box,
+    wait_until_up, write_gateway_config)
+
+# Agents the simulated box makes up lists for, from FIRST_SYNTHETIC on: enough for every miss.
+SYNTHETIC_AGENTS = 1_000_000
+
+
+def arguments():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenario", choices=["hits", "misses"])
+    parser.add_argument("builds", nargs="+", metavar="LABEL=BINARY")
+    parser.add_argument("--rates", default="22700,45500,68200",
+                        help="hits: offered requests/s, comma-separated")
+    parser.add_argument("--tls", action="store_true", help="hits over TLS instead of plain HTTP")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--count", type=int, default=500, help="misses per round")
+    parser.add_argument("--no-nginx", action="store_true", help="gateway builds only")
+    parser.add_argument("--cache", action="append", default=[], metavar="LABEL=LINES",
+                        help="extra [cache] lines for one build, ';' between lines")
+    parser.add_argument("--perf", metavar="LABEL", help="profile this server alone")
+    parser.add_argument("--perf-out", default="/tmp/miralix-ab.perf.data")
+    parser.add_argument("--json", metavar="PATH", help="write the raw rounds here")
+    args = parser.parse_args()
+    builds = {}
+    for build in args.builds:
+        label, _, binary = build.partition("=")
+        if not label or not os.access(binary, os.X_OK) or label == "nginx":
+            parser.error(f"{build}: expected LABEL=BINARY (an executable gateway build; "
+                         f"the label nginx is taken)")
+        builds[label] = os.path.abspath(binary)
+    extra = {}
+    for lines in args.cache:
+        label, _, text = lines.partition("=")
+        if label not in builds:
+            parser.error(f"--cache {lines}: {label} is not one of {', '.join(builds)}")
+        extra[label] = text.replace(";", "\n")
+    if args.perf and args.perf not in list(builds) + ["nginx"]:
+        parser.error(f"--perf {args.perf}: not one of {', '.join(builds)} or nginx")
+    return args, builds, extra
+
+
+def start(work, builds, extra, with_nginx, servers):
+    """The box, nginx and every build; per server its Server and its base URLs."""
+    secret_file = os.path.join(work, "secret")
+    with open(secret_file, "w") as f:
+        f.write(SECRET)
+    make_front_certificate(work)
+    ports = {name: free_port() for name in ["sim", "nginx_plain", "nginx_tls", "static"]}
+    box = start_box(work, ports["sim"], secret_file, servers, SYNTHETIC_AGENTS)
+    found = {}
+    if with_nginx:
+        conf = render_nginx_conf(work, ports)
+        nginx = Server("nginx", ["nginx", "-p", work, "-c", conf], work)
+        servers.append(nginx)
+        found["nginx"] = (nginx, f"http://127.0.0.1:{ports['nginx_plain']}",
+                          f"https://127.0.0.1:{ports['nginx_tls']}")
+        wait_until_up(found["nginx"][1] + "/", what="nginx", server=nginx)
+    env = dict(os.environ, RUST_LOG="warn")
+    for label, binary in builds.items():
+        listen = (free_port(), free_port(), free_port())
+        config = write_gateway_config(work, label, listen, (*box, secret_file),
+                                      DEFAULT_CACHE + "\n" + extra.get(label, ""))
+        server = Server(label, [binary, "serve", "--config", config], work, env=env)
+        servers.append(server)
+        wait_until_up(f"http://127.0.0.1:{listen[2]}/readyz", what=label, server=server)
+        found[label] = (server, f"http://127.0.0.1:{listen[0]}", f"https://127.0.0.1:{listen[1]}")
+    return box, found
+
+
+def rotated(names, round_):
+    return names[round_ % len(names):] + names[:round_ % len(names)]
+
+
+def spread(values, digits=2):
+    return (f"{statistics.median(values):.{digits}f} "
+            f"({min(values):.{digits}f} to {max(values):.{digits}f})")
+
+
+def hits(args, found, work, profile):
+    ca = os.path.join(work, "front.crt")
+    urls = {name: (tls if args.tls else plain) + HIT_PATH for name, (_, plain, tls) in found.items()}
+    for name, url in urls.items():
+        for _ in range(2):  # the first request fills each cache
+            status, _, _ = fetch(url, ca)
+        if status != 200:
+            sys.exit(f"{name}: {url} answered {status}")
+    rates = [int(rate) for rate in args.rates.split(",")]
+    runs = {rate: {name: [] for name in urls} for rate in rates}
+    for rate in rates:
+        for round_ in range(args.rounds):
+            for name in rotated(list(urls), round_):
+                if profile and name != profile:
+                    continue
+                outcome = equal_load(urls[name], found[name][0], rate, ca if args.tls else None)
+                runs[rate][name].append(outcome)
+        if profile:
+            continue
+        print(f"{rate:,} {'TLS' if args.tls else 'plain'} requests/s, {args.rounds} rounds: "
+              f"CPU per request us (kernel us), p99 ms, median (min to max)")
+        for name, outcomes in runs[rate].items():
+            cpu = [o["server_us_per_request"] for o in outcomes]
+            kernel = [o["server_kernel_us_per_request"] for o in outcomes]
+            p99 = [o["p99_ms"] for o in outcomes]
+            ratio = ""
+            if "nginx" in runs[rate] and name != "nginx":
+                nginx = statistics.median(o["server_us_per_request"] for o in runs[rate]["nginx"])
+                ratio = f"  nginx / {name} {nginx / statistics.median(cpu):.3f}x"
+            print(f"  {name:>10}: {spread(cpu)} ({spread(kernel)}), p99 {spread(p99, 3)}{ratio}")
+    return {str(rate): by_server for rate, by_server in runs.items()}
+
+
+def misses(args, found, box, profile):
+    sim_url, sim_ca = box
+    direct = ["--ca", sim_ca, "--header", f"X-Miralix-Shared-Secret: {SECRET}"]
+    # The direct requests from the probe's core and from the servers' core (the way the proxies'
+    # own requests to the box travel), then each server from the probe's core.
+    sources = {"direct": (sim_url, direct, LOAD_CPU), "direct_cross": (sim_url, direct, SERVER_CPU)}
+    sources.update({name: (plain, [], LOAD_CPU) for name, (_, plain, _) in found.items()})
+    next_id = FIRST_SYNTHETIC
+    for name, (base, extra, cpu) in sources.items():  # connections and pools warmed
+        probe(*extra, "sequence", base, ID_TEMPLATE, str(next_id), "50", cpu=cpu)
+        next_id += 50
+    runs = {name: [] for name in sources}
+    for round_ in range(args.rounds):
+        for name in rotated(list(sources), round_):
+            if profile and name != profile:
+                continue
+            base, extra, cpu = sources[name]
+            outcome = probe(*extra, "sequence", base, ID_TEMPLATE, str(next_id), str(args.count),
+                            cpu=cpu)
+            if outcome["statuses"] != {"200": args.count}:
+                sys.exit(f"misses against {name} were not all 200s: {outcome['statuses']}")
+            runs[name].append(outcome)
+            next_id += args.count
+    if not profile:
+        direct_p50 = [o["p50_ms"] for o in runs["direct"]]
+        print(f"{args.count} sequential misses per round, {args.rounds} rounds: p50 ms and its "
+              f"overhead over the direct request of the same round, median (min to max)")
+        for name, outcomes in runs.items():
+            p50 = [o["p50_ms"] for o in outcomes]
+            overhead = [o - d for o, d in zip(p50, direct_p50)]
+            print(f"  {name:>12}: p50 {spread(p50, 3)}, overhead {spread(overhead, 3)}")
+    return runs
+
+
+def main():
+    args, builds, extra = arguments()
+    work = tempfile.mkdtemp(prefix="miralix-ab-")
+    servers, recorder = [], None
+    try:
+        box, found = start(work, builds, extra, not args.no_nginx, servers)
+        if args.perf:
+            pid = found[args.perf][0].cpu_pid()
+            recorder = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-g",
+                                         "-p", str(pid), "-o", args.perf_out])
+        if args.scenario == "hits":
+            runs = hits(args, found, work, args.perf)
+        else:
+            runs = misses(args, found, box, args.perf)
+        if recorder:
+            recorder.send_signal(2)
+            recorder.wait()
+            print(f"profile of {args.perf}: {args.perf_out} (perf report -i {args.perf_out})")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"scenario": args.scenario, "tls": args.tls, "builds": builds,
+                           "cache": extra, "runs": runs}, f, indent=1)
+    finally:
+        if recorder and recorder.poll() is None:
+            recorder.kill()
+        for server in reversed(servers):
+            server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
