@@ -33,8 +33,8 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import (  # noqa: E402  (the benchmark's own helpers, so both measure alike)
     DEFAULT_CACHE, FIRST_SYNTHETIC, HIT_PATH, ID_TEMPLATE, LOAD_CPU, SECRET, SERVER_CPU, Server,
-    equal_load, fetch, free_port, make_front_certificate, probe, render_nginx_conf, start_box,
-    wait_until_up, write_gateway_config)
+    equal_load, fetch, free_port, make_front_certificate, probe, render_nginx_conf, rotated,
+    start_box, wait_until_up, write_gateway_config)
 
 # Agents the simulated box makes up lists for, from FIRST_SYNTHETIC on: enough for every miss.
 SYNTHETIC_AGENTS = 1_000_000
@@ -100,10 +100,6 @@ def start(work, builds, extra, with_nginx, servers):
         wait_until_up(f"http://127.0.0.1:{listen[2]}/readyz", what=label, server=server)
         found[label] = (server, f"http://127.0.0.1:{listen[0]}", f"https://127.0.0.1:{listen[1]}")
     return box, found
-
-
-def rotated(names, round_):
-    return names[round_ % len(names):] + names[:round_ % len(names)]
 
 
 def spread(values, digits=2):

@@ -235,6 +235,11 @@ def probe(*args, cpu=LOAD_CPU):
     return json.loads(done.stdout)
 
 
+def rotated(items, round_):
+    """`items` starting at the one whose turn it is this round: drift falls on all of them."""
+    return items[round_ % len(items):] + items[:round_ % len(items)]
+
+
 def median(runs, key):
     return statistics.median(run[key] for run in runs)
 
@@ -462,8 +467,7 @@ def run(work, servers):
         for rate in rates:
             for round_ in range(ROUNDS):
                 # Each round starts with the next server, so drift falls on all of them.
-                order = names[round_ % len(names):] + names[:round_ % len(names)]
-                for name in order:
+                for name in rotated(names, round_):
                     url = urls[name + suffix] if name != "static" else urls["static"]
                     outcome = equal_load(url, owner[name], rate,
                                          front_ca if mode == "tls" else None)
@@ -504,7 +508,7 @@ def run(work, servers):
     misses = {name: [] for name, *_ in sources}
     hit_rounds = {"gateway": [], "nginx": []}
     for round_ in range(ROUNDS):
-        for name, base, extra, cpu in sources[round_ % 4:] + sources[:round_ % 4]:
+        for name, base, extra, cpu in rotated(sources, round_):
             steal = StealWatch()
             outcome = probe(*extra, "sequence", base, ID_TEMPLATE, str(next_id), str(MISSES),
                             cpu=cpu)
