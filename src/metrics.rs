@@ -23,9 +23,11 @@ use crate::upstream::ListFetch;
 use crate::upstream::protect::ProtectionMetrics;
 
 /// Upper bounds (seconds) of the upstream latency histogram: a list on a long history can take
-/// tens of seconds, a cached-by-the-box answer a few milliseconds.
-const UPSTREAM_BUCKETS: [f64; 14] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+/// tens of seconds, while a box on the local network answers a short list or a `404` in well
+/// under a millisecond, which the lowest bounds keep apart from a box that has started to slow.
+const UPSTREAM_BUCKETS: [f64; 18] = [
+    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    20.0, 30.0, 60.0,
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -622,6 +624,27 @@ impl AccountMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_box_answering_in_a_fraction_of_a_millisecond_is_told_apart_from_a_slow_one() {
+        let metrics = Metrics::new();
+        let greenbox = metrics.account("greenbox");
+        greenbox.record_upstream("200", 0.0003);
+        greenbox.record_upstream("200", 0.004);
+        let text = metrics.render(0, 0, false);
+        let bucket = |le: &str| {
+            let prefix = format!(
+                "miralix_gateway_upstream_request_duration_seconds_bucket{{le=\"{le}\",account=\"greenbox\"}} "
+            );
+            let line = text.lines().find(|line| line.starts_with(&prefix));
+            line.unwrap_or_else(|| panic!("no bucket le={le} in\n{text}"))[prefix.len()..]
+                .to_owned()
+        };
+        assert_eq!(bucket("0.00025"), "0");
+        assert_eq!(bucket("0.0005"), "1");
+        assert_eq!(bucket("0.0025"), "1");
+        assert_eq!(bucket("0.005"), "2");
+    }
 
     #[test]
     fn exposition_names_match_the_documented_ones() {
