@@ -810,7 +810,7 @@ def summarize(r):
     }
     s["equal"] = {}
     for mode, eq in r.get("equal_load", {}).items():
-        rows, ratios, p99_ok = {}, {}, True
+        rows, ratios, round_ratios_at, p99_ok = {}, {}, {}, True
         for rate in eq["rates"]:
             per = eq["runs"][str(rate)]
             rows[rate] = {name: {
@@ -825,9 +825,13 @@ def summarize(r):
             } for name, runs in per.items()}
             gateway, nginx = rows[rate]["gateway"], rows[rate]["nginx"]
             ratios[rate] = nginx["cpu"]["median"] / gateway["cpu"]["median"]
+            # The servers alternate within a round, so a round's two runs saw the same host.
+            round_ratios_at[rate] = [n["server_us_per_request"] / g["server_us_per_request"]
+                                     for g, n in zip(per["gateway"], per["nginx"])]
             p99_ok &= gateway["p99"]["median"] <= nginx["p99"]["median"]
         s["equal"][mode] = {"rates": eq["rates"], "slowest": eq["slowest_saturated_rps"],
-                            "rows": rows, "cpu_ratio": ratios, "p99_ok": p99_ok}
+                            "rows": rows, "cpu_ratio": ratios, "cpu_ratio_rounds": round_ratios_at,
+                            "p99_ok": p99_ok}
 
     def ranged(key):
         rounds = s["ratio_rounds"][key]
@@ -1046,7 +1050,9 @@ def equal_tables(s, m):
             f"connections, the rates {', '.join(f'{x:,}' for x in eq['rates'])} requests/s "
             f"({', '.join(f'{int(share * 100)}%' for share in EQ_SHARES)} of the slowest "
             f"saturated rate, {eq['slowest']:,.0f}), {m['rounds']} alternating rounds of "
-            f"{m.get('eq_seconds', EQ_SECONDS):g} s each; median (min to max over the rounds).",
+            f"{m.get('eq_seconds', EQ_SECONDS):g} s each; median (min to max over the rounds). "
+            f"The last column is the ratio of the two medians, with the range of each round's "
+            f"own ratio (the two servers' runs of one round saw the same host).",
             "",
             "| offered /s | server | CPU per request, us | of it in the kernel, us | p50 ms | "
             "p99 ms | p99.9 ms | achieved /s | nginx CPU / gateway CPU |",
@@ -1060,7 +1066,9 @@ def equal_tables(s, m):
                 busy = f" ({row['busy_rounds']} rounds generator-bound)" if row["busy_rounds"] else ""
                 if row.get("stolen_rounds"):
                     busy += f" ({row['stolen_rounds']} rounds contended)"
-                ratio = f"{eq['cpu_ratio'][rate]:.2f}x" if name == "gateway" else ""
+                rounds = eq["cpu_ratio_rounds"][rate]
+                ratio = (f"{eq['cpu_ratio'][rate]:.2f}x (rounds {min(rounds):.2f} to "
+                         f"{max(rounds):.2f})" if name == "gateway" else "")
                 lines.append(
                     f"| {rate:,} | {name}{busy} | {cell(row['cpu'], 1)} | "
                     f"{cell(row['kernel'], 1)} | {cell(row['p50'], 3)} | "
@@ -1071,30 +1079,48 @@ def equal_tables(s, m):
 
 
 def chart(s, path, m):
-    """Ratios with higher better for the gateway, each bar with its goal marked."""
+    """Ratios with higher better for the gateway: each bar the median, its whisker the range of
+    the rounds' own ratios, its goal in red, and in grey, where the layout has one, the highest
+    ratio any server could show here (one wrk core's ceiling, or the floor of a miss)."""
     data = os.path.join(tempfile.mkdtemp(), "ratios.dat")
-    rows = [("hit req/s plain\\nsaturated", s["ratios"]["hit_rps_plain"], GOAL_SATURATED),
-            ("hit req/s TLS\\nsaturated", s["ratios"]["hit_rps_tls"], GOAL_SATURATED),
-            ("hit req/s\\nvs static file", s["ratios"]["hit_rps_vs_static"], GOAL_STATIC)]
+    ceiling = {mode: c["over_nginx"] for mode, c in s.get("loadgen_ceiling", {}).items()}
+    static_over_nginx = s["hit_plain"]["static"]["rps"] / s["hit_plain"]["nginx"]["rps"]
+    # (label, median, rounds, goal, ceiling or None)
+    rows = [("hit req/s plain\\nsaturated", s["ratios"]["hit_rps_plain"],
+             s["ratio_rounds"]["hit_rps_plain"], GOAL_SATURATED, ceiling.get("plain")),
+            ("hit req/s TLS\\nsaturated", s["ratios"]["hit_rps_tls"],
+             s["ratio_rounds"]["hit_rps_tls"], GOAL_SATURATED, ceiling.get("tls")),
+            ("hit req/s\\nvs static file", s["ratios"]["hit_rps_vs_static"],
+             s["ratio_rounds"]["hit_rps_vs_static"], GOAL_STATIC,
+             ceiling["plain"] / static_over_nginx if "plain" in ceiling else None)]
     for mode, eq in s["equal"].items():
         for share, rate in zip(EQ_SHARES, eq["rates"]):
             rows.append((f"CPU/request {mode}\\n{int(share * 100)}% load",
-                         round(eq["cpu_ratio"][rate], 2), GOAL_CPU))
+                         round(eq["cpu_ratio"][rate], 2), eq["cpu_ratio_rounds"][rate], GOAL_CPU,
+                         None))
     overhead = max(s["miss_overhead_ms"]["gateway"], 0.001)
-    rows.append(("miss overhead\\n0.1 ms / gateway's", round(GOAL_MISS_MS / overhead, 2), 1.0))
-    rows.append(("storm p99", s["ratios"]["storm_p99_nginx_over_gateway"], 1.0))
+    floor = s.get("miss_floor_ms", {}).get("gateway", {}).get("median")
+    rows.append(("miss overhead\\n0.1 ms / gateway's", round(GOAL_MISS_MS / overhead, 2),
+                 [GOAL_MISS_MS / max(x, 0.001) for x in s["miss_overhead_rounds"]["gateway"]],
+                 1.0, GOAL_MISS_MS / floor if floor else None))
+    storm = s["ratios"]["storm_p99_nginx_over_gateway"]
+    rows.append(("storm p99", storm, [storm], 1.0, None))
     with open(data, "w") as f:
-        for i, (label, value, goal) in enumerate(rows):
-            f.write(f'{i} "{label}" {value} {goal}\n')
-    top = max(max(v, g) for _, v, g in rows) * 1.2
-    arrows = "\n".join(
-        f'set arrow from {i - 0.4},{goal} to {i + 0.4},{goal} nohead lw 3 lc rgb "#aa0000"'
-        for i, (_, _, goal) in enumerate(rows))
+        for i, (label, value, rounds, _, _) in enumerate(rows):
+            f.write(f'{i} "{label}" {value} {min(rounds)} {max(rounds)}\n')
+    top = max(max(value, max(rounds), goal, limit or 0)
+              for _, value, rounds, goal, limit in rows) * 1.15
+    marks = [f'set arrow from {i - 0.4},{goal} to {i + 0.4},{goal} nohead lw 3 lc rgb "#aa0000"'
+             for i, (_, _, _, goal, _) in enumerate(rows)]
+    marks += [f'set arrow from {i - 0.4},{limit} to {i + 0.4},{limit} nohead lw 2 dt 2 '
+              f'lc rgb "#777777"' for i, (_, _, _, _, limit) in enumerate(rows) if limit]
     title = (f"miralix-gateway against nginx proxy_cache (ratios, higher is better for the "
-             f"gateway; red: goal) - {m['date']}, commit {m['commit']}, {m['cpu']} "
-             f"({m['cores']} cores)")
+             f"gateway; bar: median, whisker: range of the rounds; red: goal; grey dashes: the "
+             f"most any server could show in this layout)\\n{m['date']}, commit {m['commit']}, "
+             f"{m['cpu']} ({m['cores']} cores)")
+    marks = "\n".join(marks)
     script = f"""
-set terminal pngcairo size 1500,560 font "sans,10"
+set terminal pngcairo size 1500,580 font "sans,10"
 set output "{path}"
 set title "{title}" noenhanced
 set bmargin 6
@@ -1104,9 +1130,10 @@ set yrange [0:{top}]
 set grid ytics
 set xtics nomirror noenhanced
 set key off
-{arrows}
+{marks}
 plot "{data}" using 1:3:xtic(2) with boxes lc rgb "#2a6f97", \\
-     "" using 1:3:(sprintf("%.2fx", $3)) with labels offset 0,1
+     "" using 1:4:(0):($5 - $4) with vectors heads size 0.08,90 lc rgb "#102a3a" lw 1.5, \\
+     "" using 1:5:(sprintf("%.2fx", $3)) with labels offset 0,1
 """
     subprocess.run(["gnuplot"], input=script, text=True, check=True)
 
