@@ -26,7 +26,10 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
 RESULTS = os.path.join(BENCH, "results")
-BIN = os.path.join(ROOT, "target/release/miralix-gateway")
+# The gateway binary measured: bench/run.sh points this at the profile-guided build of
+# bench/pgo.py when it can make one, and says which build it was in the results.
+BIN = os.environ.get("BENCH_GATEWAY") or os.path.join(ROOT, "target/release/miralix-gateway")
+BUILD = os.environ.get("BENCH_GATEWAY_BUILD", "release")
 PROBE = os.path.join(ROOT, "target/release/examples/probe")
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
@@ -261,6 +264,7 @@ def machine():
         "cores": os.cpu_count(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": commit + (" (modified)" if dirty else ""),
+        "build": BUILD,
         "nginx": nginx.replace("nginx version: ", ""),
         "rounds": ROUNDS,
         "eq_seconds": EQ_SECONDS,
@@ -287,13 +291,14 @@ def make_front_certificate(work):
 DEFAULT_CACHE = f'ttl = "{TTL}"\nnegative_ttl = "{NEGATIVE_TTL}"'
 
 
-def start_box(work, port, secret_file, servers, synthetic_agents=100_000):
+def start_box(work, port, secret_file, servers, synthetic_agents=100_000, binary=None, env=None):
     """The simulated box on the load CPU, over TLS with a CA of its own; its URL and CA file.
     Appended to `servers`, so that whoever started it stops it."""
     sim_ca = os.path.join(work, "sim-ca.pem")
-    sim = Server("simulator", [BIN, "simulate", "--listen", f"127.0.0.1:{port}",
+    sim = Server("simulator", [binary or BIN, "simulate", "--listen", f"127.0.0.1:{port}",
                                "--ca-out", sim_ca, "--secret-file", secret_file,
-                               "--synthetic-agents", str(synthetic_agents)], work, cpu=LOAD_CPU)
+                               "--synthetic-agents", str(synthetic_agents)], work, cpu=LOAD_CPU,
+                 env=env)
     servers.append(sim)
     sim_url = f"https://127.0.0.1:{port}"
     deadline = time.time() + 30
@@ -891,8 +896,8 @@ def markdown(r, s):
     hp, ht, st, mo = s["hit_plain"], s["hit_tls"], s["storm"], s["miss_overhead_ms"]
     pd, pf = s["poller"]["delta"], s["poller"]["full"]
     lines = [
-        f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores), commit {m['commit']}, "
-        f"{m['nginx']}. Servers pinned to CPU {SERVER_CPU}, load generator to CPU {LOAD_CPU}; "
+        f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores), commit {m['commit']} "
+        f"({m.get('build', 'release')} build), {m['nginx']}. Servers pinned to CPU {SERVER_CPU}, load generator to CPU {LOAD_CPU}; "
         f"medians of {m['rounds']} alternating rounds; hit runs are `wrk -t1 -c{m['connections']} "
         f"-d{m['duration']}` on one cached {r['body_bytes']}-byte list.",
         "",
@@ -1116,8 +1121,8 @@ def chart(s, path, m):
               f'lc rgb "#777777"' for i, (_, _, _, _, limit) in enumerate(rows) if limit]
     title = (f"miralix-gateway against nginx proxy_cache (ratios, higher is better for the "
              f"gateway; bar: median, whisker: range of the rounds; red: goal; grey dashes: the "
-             f"most any server could show in this layout)\\n{m['date']}, commit {m['commit']}, "
-             f"{m['cpu']} ({m['cores']} cores)")
+             f"most any server could show in this layout)\\n{m['date']}, commit {m['commit']} "
+             f"({m.get('build', 'release')} build), {m['cpu']} ({m['cores']} cores)")
     marks = "\n".join(marks)
     script = f"""
 set terminal pngcairo size 1500,580 font "sans,10"

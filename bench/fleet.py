@@ -35,7 +35,8 @@ from bench import free_port  # noqa: E402  (one free-port helper for every bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
-BIN = os.path.join(ROOT, "target/release/miralix-gateway")
+# The build bench/run.sh measures (see bench.py).
+BIN = os.environ.get("BENCH_GATEWAY") or os.path.join(ROOT, "target/release/miralix-gateway")
 PROBE = os.path.join(ROOT, "target/release/examples/probe")
 ACCOUNT = "greenbox"
 SECRET = "fleet-secret-2b7d"

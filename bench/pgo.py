@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""Profile-guided release build of the gateway: the binary bench/run.sh measures, and the one to
+install.
+
+    python3 bench/pgo.py           # writes target/pgo/release/miralix-gateway
+    python3 bench/pgo.py --check   # exit 0 if this machine can, else say what is missing
+
+Three steps, in target/pgo (the plain `cargo build --release` in target/release is left alone):
+
+1. build the gateway instrumented (`-Cprofile-generate`);
+2. train it: the simulated box and the instrumented gateway (plain and TLS listeners) on
+   loopback, with the load probe sending the traffic a gateway sees in production, mostly hits:
+   misses that fill the cache, hits plain and over TLS, gzip, `304`s, `fromQueueCallId`
+   selections, `404`s, the directory, a queue, and HTTP/2 when `curl` is there;
+3. merge the profile with `llvm-profdata` and build again with `-Cprofile-use`.
+
+`llvm-profdata` must come from the LLVM that rustc is built on (`rustc -vV`): on Debian
+`apt-get install llvm-NN` (NN its major version), or `rustup component add llvm-tools`. The
+environment variable LLVM_PROFDATA names one explicitly. Like the benchmark, the training pins
+the gateway and the box to different CPUs with taskset: it needs two.
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import (  # noqa: E402  (the benchmark's own helpers: the same box and configuration)
+    DEFAULT_CACHE, FIRST_SYNTHETIC, HIT_PATH, ID_TEMPLATE, PROBE, ROOT, SECRET, Server, fetch,
+    free_port, make_front_certificate, probe, start_box, wait_until_up, write_gateway_config)
+
+TARGET = os.path.join(ROOT, "target", "pgo")
+OUTPUT = os.path.join(TARGET, "release", "miralix-gateway")
+
+
+def log(message):
+    print(f"[pgo] {message}", flush=True)
+
+
+def llvm_major():
+    version = subprocess.run(["rustc", "-vV"], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"^LLVM version: (\d+)\.", version, re.MULTILINE)
+    if not found:
+        sys.exit("[pgo] rustc -vV names no LLVM version")
+    return found.group(1)
+
+
+def find_profdata(major):
+    """An llvm-profdata of rustc's LLVM major version, or None and why not."""
+    candidates = []
+    if os.environ.get("LLVM_PROFDATA"):
+        candidates.append(os.environ["LLVM_PROFDATA"])
+    sysroot = subprocess.run(["rustc", "--print", "sysroot"], capture_output=True,
+                             text=True).stdout.strip()
+    candidates += glob.glob(os.path.join(sysroot, "lib", "rustlib", "*", "bin", "llvm-profdata"))
+    candidates += [shutil.which(f"llvm-profdata-{major}") or "",
+                   f"/usr/lib/llvm-{major}/bin/llvm-profdata", shutil.which("llvm-profdata") or ""]
+    seen, tried = [], set()
+    for candidate in filter(None, candidates):
+        if not os.access(candidate, os.X_OK) or os.path.realpath(candidate) in tried:
+            continue
+        tried.add(os.path.realpath(candidate))
+        # `merge --version`: older releases have no top-level --version.
+        out = subprocess.run([candidate, "merge", "--version"], capture_output=True,
+                             text=True).stdout
+        version = re.search(r"LLVM version (\d+)\.", out)
+        if version and version.group(1) == major:
+            return candidate, None
+        seen.append(f"{candidate} (LLVM {version.group(1) if version else '?'})")
+    why = f"no llvm-profdata for LLVM {major}, the LLVM of this rustc"
+    if seen:
+        why += f"; found only {', '.join(seen)}"
+    return None, why + (f". Install it: apt-get install llvm-{major}, or rustup component add "
+                        "llvm-tools, or set LLVM_PROFDATA")
+
+
+def cargo_build(rustflags, what):
+    env = dict(os.environ, CARGO_TARGET_DIR=TARGET,
+               RUSTFLAGS=" ".join(filter(None, [os.environ.get("RUSTFLAGS", ""), rustflags])))
+    log(f"building the gateway {what}")
+    subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "miralix-gateway"],
+                   cwd=ROOT, env=env, check=True)
+
+
+def rate(url, per_second, seconds, *extra):
+    """Open-loop requests at `per_second`, all answered 200 (or 304 where asked for)."""
+    outcome = probe(*extra, "rate", url, str(per_second), str(seconds), "--connections", "16")
+    bad = {status: n for status, n in outcome["statuses"].items() if status not in ("200", "304")}
+    if bad:
+        sys.exit(f"[pgo] training: {url} answered {bad}")
+
+
+def train(binary, work):
+    """The production mix against the instrumented binary, which writes its profile on exit."""
+    secret_file = os.path.join(work, "secret")
+    with open(secret_file, "w") as f:
+        f.write(SECRET)
+    make_front_certificate(work)
+    # Each process writes its own file; %m keeps runs of another binary apart.
+    env = dict(os.environ, RUST_LOG="warn",
+               LLVM_PROFILE_FILE=os.path.join(work, "profiles", "%m-%p.profraw"))
+    servers = []
+    try:
+        box = start_box(work, free_port(), secret_file, servers, binary=binary, env=env)
+        ports = (free_port(), free_port(), free_port())
+        config = write_gateway_config(work, "gateway", ports, (*box, secret_file), DEFAULT_CACHE)
+        gateway = Server("gateway", [binary, "serve", "--config", config], work, env=env)
+        servers.append(gateway)
+        wait_until_up(f"http://127.0.0.1:{ports[2]}/readyz", what="gateway", server=gateway)
+        plain, tls = f"http://127.0.0.1:{ports[0]}", f"https://127.0.0.1:{ports[1]}"
+        front = ["--ca", os.path.join(work, "front.crt")]
+
+        log("training: misses (plain and TLS), then hits of every kind")
+        probe("sequence", plain, ID_TEMPLATE, str(FIRST_SYNTHETIC), "2000", "--parallel", "4")
+        probe(*front, "sequence", tls, ID_TEMPLATE, str(FIRST_SYNTHETIC + 2000), "500")
+        # Agents the box does not know: 404s, cached for negative_ttl.
+        probe("sequence", plain, ID_TEMPLATE, "900000000", "300")
+        status, headers, _ = fetch(plain + HIT_PATH)
+        etag = {k.lower(): v for k, v in headers.items()}.get("etag")
+        if status != 200 or not etag:
+            sys.exit(f"[pgo] training: {HIT_PATH} answered {status} without an ETag")
+        rate(plain + HIT_PATH, 5000, 4)
+        rate(tls + HIT_PATH, 3000, 4, *front)
+        rate(plain + HIT_PATH, 2000, 2, "--header", "Accept-Encoding: gzip")
+        rate(tls + HIT_PATH, 1000, 2, *front, "--header", "Accept-Encoding: gzip")
+        rate(plain + HIT_PATH, 1000, 2, "--header", f"If-None-Match: {etag}")
+        rate(plain + HIT_PATH + "?fromQueueCallId=1", 1000, 2)
+        rate(plain + HIT_PATH.split("/agents/")[0] + "/agents", 500, 1)
+        rate(plain + HIT_PATH.split("/agents/")[0] + "/queues/1/calls/recordings", 500, 1)
+        if shutil.which("curl"):
+            urls = [tls + HIT_PATH] * 500
+            subprocess.run(["curl", "-s", "--http2", "--cacert", front[1], *urls],
+                           stdout=subprocess.DEVNULL, check=True)
+        else:
+            log("no curl: HTTP/2 left out of the training")
+        for name in ("metrics", "status"):
+            fetch(f"http://127.0.0.1:{ports[2]}/{name}")
+    finally:
+        for server in reversed(servers):
+            server.stop()  # SIGTERM: a clean exit is what writes the profile
+    profiles = glob.glob(os.path.join(work, "profiles", "*.profraw"))
+    if not profiles or not all(os.path.getsize(p) for p in profiles):
+        sys.exit(f"[pgo] the instrumented processes wrote no profile (see the logs in {work})")
+    return profiles
+
+
+def main():
+    major = llvm_major()
+    profdata, why = find_profdata(major)
+    if sys.argv[1:] == ["--check"]:
+        print(f"[pgo] {profdata} (LLVM {major})" if profdata else f"[pgo] {why}")
+        return 0 if profdata else 1
+    if sys.argv[1:]:
+        sys.exit(__doc__.split("\n\n")[1])
+    if not profdata:
+        sys.exit(f"[pgo] {why}")
+    if len(os.sched_getaffinity(0)) < 2 or not shutil.which("taskset"):
+        sys.exit("[pgo] the training runs like the benchmark: it needs 2 CPUs and taskset")
+    if not os.access(PROBE, os.X_OK):
+        log("building the load probe")
+        subprocess.run(["cargo", "build", "--release", "--locked", "--example", "probe"],
+                       cwd=ROOT, check=True)
+    work = tempfile.mkdtemp(prefix="miralix-pgo-")
+    instrumented = os.path.join(work, "miralix-gateway-instrumented")
+    cargo_build(f"-Cprofile-generate={os.path.join(work, 'build-profiles')}", "instrumented")
+    # Kept apart from the final build's path, which the next step overwrites.
+    shutil.copy2(OUTPUT, instrumented)
+    profiles = train(instrumented, work)
+    merged = os.path.join(TARGET, "miralix-gateway.profdata")
+    subprocess.run([profdata, "merge", "-o", merged, *profiles], check=True)
+    log(f"merged {len(profiles)} profiles into {merged}")
+    cargo_build(f"-Cprofile-use={merged}", "with the profile")
+    shutil.rmtree(work, ignore_errors=True)
+    log(f"done: {OUTPUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
