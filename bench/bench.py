@@ -1143,7 +1143,7 @@ plot "{data}" using 1:3:xtic(2) with boxes lc rgb "#2a6f97", \\
     subprocess.run(["gnuplot"], input=script, text=True, check=True)
 
 
-def prose(s):
+def prose(s, m):
     """The README's summary of the latest run, written from the results, never by hand."""
     ratios, storm, mem, outage = s["ratios"], s["storm"], s["memory"], s["outage"]
     g, n = s["hit_plain"]["gateway"], s["hit_plain"]["nginx"]
@@ -1175,7 +1175,8 @@ def prose(s):
     missed_calls = pd["missed_by_clients"] + pf["missed_by_clients"]
     missed = [goal for goal, ok, _ in s["goals"] if not ok]
     text = (
-        f"In the latest run: hits at {ratios['hit_rps_plain']:.2f}x nginx's throughput on plain HTTP "
+        f"In the latest run (the gateway's {m.get('build', 'release')} build): hits at "
+        f"{ratios['hit_rps_plain']:.2f}x nginx's throughput on plain HTTP "
         f"({ratios['hit_rps_tls']:.2f}x with TLS) and {ratios['hit_rps_vs_static']:.2f}x the static-file "
         f"reference (saturated, medians of the rounds); {p99_text}; a "
         f"{STORM}-client cold-miss storm sends the box {requests} "
@@ -1311,7 +1312,7 @@ def write_results(r):
                   f"{table}\n![gateway relative to nginx](results/ratios.png)")
     replace_block(os.path.join(BENCH, "README.md"), "reading", reading(s))
     replace_block(os.path.join(BENCH, "README.md"), "history", history_table())
-    replace_block(os.path.join(ROOT, "README.md"), "summary", prose(s))
+    replace_block(os.path.join(ROOT, "README.md"), "summary", prose(s, r["machine"]))
     print(table)
     missed = [goal for goal, ok, _ in s["goals"] if not ok]
     log("all goals met" if not missed else f"goals missed: {missed}")
