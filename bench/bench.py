@@ -30,7 +30,7 @@ RESULTS = os.path.join(BENCH, "results")
 # bench/pgo.py when it can make one, and says which build it was in the results.
 BIN = os.environ.get("BENCH_GATEWAY") or os.path.join(ROOT, "target/release/miralix-gateway")
 BUILD = os.environ.get("BENCH_GATEWAY_BUILD", "release")
-PROBE = os.path.join(ROOT, "target/release/examples/probe")
+PROBE = os.environ.get("BENCH_PROBE") or os.path.join(ROOT, "target/release/examples/probe")
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 # Equal offered load: these shares of the slowest server's saturated rate, open loop.

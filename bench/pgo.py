@@ -2,8 +2,9 @@
 """Profile-guided release build of the gateway: the binary bench/run.sh measures, and the one to
 install.
 
-    python3 bench/pgo.py           # writes target/pgo/release/miralix-gateway
-    python3 bench/pgo.py --check   # exit 0 if this machine can, else say what is missing
+    python3 bench/pgo.py                  # writes target/pgo/release/miralix-gateway
+    python3 bench/pgo.py --check          # exit 0 if this machine can, else say what is missing
+    python3 bench/pgo.py --train BINARY   # the training mix alone, shortened, against BINARY
 
 Three steps, in target/pgo (the plain `cargo build --release` in target/release is left alone):
 
@@ -18,6 +19,10 @@ Three steps, in target/pgo (the plain `cargo build --release` in target/release 
 `apt-get install llvm-NN` (NN its major version), or `rustup component add llvm-tools`. The
 environment variable LLVM_PROFDATA names one explicitly. Like the benchmark, the training pins
 the gateway and the box to different CPUs with taskset: it needs two.
+
+`--train` is what CI runs (with the debug build and BENCH_PROBE pointing at the debug probe): every
+request of the mix must get the answer it expects, so a route that changes shape fails there
+rather than in the middle of a release build.
 """
 
 import glob
@@ -86,15 +91,25 @@ def cargo_build(rustflags, what):
                    cwd=ROOT, env=env, check=True)
 
 
-def rate(url, per_second, seconds, *extra):
-    """Open-loop requests at `per_second`, all answered 200 (or 304 where asked for)."""
+def rate(url, per_second, seconds, *extra, expect="200"):
+    """Open-loop requests at `per_second`, every one answered with the status `expect`."""
     outcome = probe(*extra, "rate", url, str(per_second), str(seconds), "--connections", "16")
-    bad = {status: n for status, n in outcome["statuses"].items() if status not in ("200", "304")}
-    if bad:
-        sys.exit(f"[pgo] training: {url} answered {bad}")
+    if set(outcome["statuses"]) != {expect}:
+        sys.exit(f"[pgo] training: {url} answered {outcome['statuses']}, not only {expect}s")
 
 
-def train(binary, work):
+def sequence(base, first, count, expect, *extra):
+    """`count` requests for distinct agents from `first`, every one answered `expect`."""
+    outcome = probe(*extra, "sequence", base, ID_TEMPLATE, str(first), str(count),
+                    "--parallel", "4")
+    if outcome["statuses"] != {expect: count}:
+        sys.exit(f"[pgo] training: agents {first}.. answered {outcome['statuses']}, "
+                 f"not {count} {expect}s")
+
+
+def train(binary, work, scale=1.0):
+    """The production mix against `binary`; an instrumented one writes its profile on exit.
+    `scale` shortens every part of it."""
     """The production mix against the instrumented binary, which writes its profile on exit."""
     secret_file = os.path.join(work, "secret")
     with open(secret_file, "w") as f:
@@ -115,33 +130,42 @@ def train(binary, work):
         front = ["--ca", os.path.join(work, "front.crt")]
 
         log("training: misses (plain and TLS), then hits of every kind")
-        probe("sequence", plain, ID_TEMPLATE, str(FIRST_SYNTHETIC), "2000", "--parallel", "4")
-        probe(*front, "sequence", tls, ID_TEMPLATE, str(FIRST_SYNTHETIC + 2000), "500")
+
+        def count(n):
+            return max(1, int(n * scale))
+
+        sequence(plain, FIRST_SYNTHETIC, count(2000), "200")
+        sequence(tls, FIRST_SYNTHETIC + 2000, count(500), "200", *front)
         # Agents the box does not know: 404s, cached for negative_ttl.
-        probe("sequence", plain, ID_TEMPLATE, "900000000", "300")
+        sequence(plain, 900_000_000, count(300), "404")
         status, headers, _ = fetch(plain + HIT_PATH)
         etag = {k.lower(): v for k, v in headers.items()}.get("etag")
         if status != 200 or not etag:
             sys.exit(f"[pgo] training: {HIT_PATH} answered {status} without an ETag")
-        rate(plain + HIT_PATH, 5000, 4)
-        rate(tls + HIT_PATH, 3000, 4, *front)
-        rate(plain + HIT_PATH, 2000, 2, "--header", "Accept-Encoding: gzip")
-        rate(tls + HIT_PATH, 1000, 2, *front, "--header", "Accept-Encoding: gzip")
-        rate(plain + HIT_PATH, 1000, 2, "--header", f"If-None-Match: {etag}")
-        rate(plain + HIT_PATH + "?fromQueueCallId=1", 1000, 2)
-        rate(plain + HIT_PATH.split("/agents/")[0] + "/agents", 500, 1)
-        rate(plain + HIT_PATH.split("/agents/")[0] + "/queues/1/calls/recordings", 500, 1)
+        account = plain + HIT_PATH.split("/agents/")[0]
+        rate(plain + HIT_PATH, 5000, 4 * scale)
+        rate(tls + HIT_PATH, 3000, 4 * scale, *front)
+        rate(plain + HIT_PATH, 2000, 2 * scale, "--header", "Accept-Encoding: gzip")
+        rate(tls + HIT_PATH, 1000, 2 * scale, *front, "--header", "Accept-Encoding: gzip")
+        rate(plain + HIT_PATH, 1000, 2 * scale, "--header", f"If-None-Match: {etag}",
+             expect="304")
+        rate(plain + HIT_PATH + "?fromQueueCallId=1", 1000, 2 * scale)
+        rate(account + "/agents", 500, 1 * scale)
+        rate(account + "/queues/1/calls/recordings", 500, 1 * scale)
         if shutil.which("curl"):
-            urls = [tls + HIT_PATH] * 500
-            subprocess.run(["curl", "-s", "--http2", "--cacert", front[1], *urls],
+            urls = [tls + HIT_PATH] * count(500)
+            subprocess.run(["curl", "-s", "--fail", "--http2", "--cacert", front[1], *urls],
                            stdout=subprocess.DEVNULL, check=True)
         else:
             log("no curl: HTTP/2 left out of the training")
-        for name in ("metrics", "status"):
-            fetch(f"http://127.0.0.1:{ports[2]}/{name}")
+        status, _, _ = fetch(f"http://127.0.0.1:{ports[2]}/metrics")
+        if status != 200:
+            sys.exit(f"[pgo] training: /metrics answered {status}")
     finally:
         for server in reversed(servers):
             server.stop()  # SIGTERM: a clean exit is what writes the profile
+    if scale < 1.0:
+        return []
     profiles = glob.glob(os.path.join(work, "profiles", "*.profraw"))
     if not profiles or not all(os.path.getsize(p) for p in profiles):
         sys.exit(f"[pgo] the instrumented processes wrote no profile (see the logs in {work})")
@@ -149,6 +173,15 @@ def train(binary, work):
 
 
 def main():
+    if sys.argv[1:] != ["--check"] and (len(os.sched_getaffinity(0)) < 2
+                                        or not shutil.which("taskset")):
+        sys.exit("[pgo] the training runs like the benchmark: it needs 2 CPUs and taskset")
+    if sys.argv[1:2] == ["--train"] and len(sys.argv) == 3:
+        work = tempfile.mkdtemp(prefix="miralix-pgo-train-")
+        train(os.path.abspath(sys.argv[2]), work, scale=0.1)
+        shutil.rmtree(work, ignore_errors=True)
+        log("the training mix ran, every answer as expected")
+        return 0
     major = llvm_major()
     profdata, why = find_profdata(major)
     if sys.argv[1:] == ["--check"]:
@@ -158,8 +191,6 @@ def main():
         sys.exit(__doc__.split("\n\n")[1])
     if not profdata:
         sys.exit(f"[pgo] {why}")
-    if len(os.sched_getaffinity(0)) < 2 or not shutil.which("taskset"):
-        sys.exit("[pgo] the training runs like the benchmark: it needs 2 CPUs and taskset")
     if not os.access(PROBE, os.X_OK):
         log("building the load probe")
         subprocess.run(["cargo", "build", "--release", "--locked", "--example", "probe"],
