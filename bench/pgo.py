@@ -108,9 +108,8 @@ def sequence(base, first, count, expect, *extra):
 
 
 def train(binary, work, scale=1.0):
-    """The production mix against `binary`; an instrumented one writes its profile on exit.
-    `scale` shortens every part of it."""
-    """The production mix against the instrumented binary, which writes its profile on exit."""
+    """The production mix against `binary`; an instrumented one writes its profile into
+    `work`/profiles when it exits. `scale` shortens every part of the mix."""
     secret_file = os.path.join(work, "secret")
     with open(secret_file, "w") as f:
         f.write(SECRET)
@@ -164,12 +163,6 @@ def train(binary, work, scale=1.0):
     finally:
         for server in reversed(servers):
             server.stop()  # SIGTERM: a clean exit is what writes the profile
-    if scale < 1.0:
-        return []
-    profiles = glob.glob(os.path.join(work, "profiles", "*.profraw"))
-    if not profiles or not all(os.path.getsize(p) for p in profiles):
-        sys.exit(f"[pgo] the instrumented processes wrote no profile (see the logs in {work})")
-    return profiles
 
 
 def main():
@@ -200,7 +193,10 @@ def main():
     cargo_build(f"-Cprofile-generate={os.path.join(work, 'build-profiles')}", "instrumented")
     # Kept apart from the final build's path, which the next step overwrites.
     shutil.copy2(OUTPUT, instrumented)
-    profiles = train(instrumented, work)
+    train(instrumented, work)
+    profiles = glob.glob(os.path.join(work, "profiles", "*.profraw"))
+    if not profiles or not all(os.path.getsize(p) for p in profiles):
+        sys.exit(f"[pgo] the instrumented processes wrote no profile (see the logs in {work})")
     merged = os.path.join(TARGET, "miralix-gateway.profdata")
     subprocess.run([profdata, "merge", "-o", merged, *profiles], check=True)
     log(f"merged {len(profiles)} profiles into {merged}")
