@@ -897,9 +897,10 @@ def markdown(r, s):
     pd, pf = s["poller"]["delta"], s["poller"]["full"]
     lines = [
         f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores), commit {m['commit']} "
-        f"({m.get('build', 'release')} build), {m['nginx']}. Servers pinned to CPU {SERVER_CPU}, load generator to CPU {LOAD_CPU}; "
-        f"medians of {m['rounds']} alternating rounds; hit runs are `wrk -t1 -c{m['connections']} "
-        f"-d{m['duration']}` on one cached {r['body_bytes']}-byte list.",
+        f"({m.get('build', 'release')} build), {m['nginx']}. Servers pinned to CPU "
+        f"{SERVER_CPU}, load generator to CPU {LOAD_CPU}; medians of {m['rounds']} alternating "
+        f"rounds; hit runs are `wrk -t1 -c{m['connections']} -d{m['duration']}` on one cached "
+        f"{r['body_bytes']}-byte list.",
         "",
         "| scenario | gateway | nginx proxy_cache | static file | gateway / nginx |",
         "|---|---|---|---|---|",
