@@ -31,13 +31,9 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import free_port  # noqa: E402  (one free-port helper for every bench script)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "bench", "results")
-# The build bench/run.sh measures (see bench.py).
-BIN = os.environ.get("BENCH_GATEWAY") or os.path.join(ROOT, "target/release/miralix-gateway")
-PROBE = os.path.join(ROOT, "target/release/examples/probe")
+# One free-port helper for every bench script, and the binaries bench/run.sh measures (the
+# gateway build and the probe, each overridable as bench.py says).
+from bench import BIN, PROBE, RESULTS, ROOT, free_port  # noqa: E402
 ACCOUNT = "greenbox"
 SECRET = "fleet-secret-2b7d"
 TEMPLATE = f"/mot/{ACCOUNT}/agents/id/{{n}}/recordings"
