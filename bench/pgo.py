@@ -12,7 +12,10 @@ Three steps, in target/pgo (the plain `cargo build --release` in target/release 
 2. train it: the simulated box and the instrumented gateway (plain and TLS listeners) on
    loopback, with the load probe sending the traffic a gateway sees in production, mostly hits:
    misses that fill the cache, hits plain and over TLS, gzip, `304`s, `fromQueueCallId`
-   selections, `404`s, the directory, a queue, and HTTP/2 when `curl` is there;
+   selections, `404`s, the directory, a queue, a passthrough read, recordings' audio through
+   the audio store (downloads, then reads from disk, whole and ranges), the admin listener's
+   status page, metrics and cache listing, HTTP/2 when `curl` is there, and hits and misses
+   on a second gateway whose account takes API keys (a wrong key's `401` too);
 3. merge the profile with `llvm-profdata` and build again with `-Cprofile-use`.
 
 `llvm-profdata` must come from the LLVM that rustc is built on (`rustc -vV`): on Debian
@@ -26,6 +29,7 @@ rather than in the middle of a release build.
 """
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -35,8 +39,9 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import (  # noqa: E402  (the benchmark's own helpers: the same box and configuration)
-    DEFAULT_CACHE, FIRST_SYNTHETIC, HIT_PATH, ID_TEMPLATE, PROBE, ROOT, SECRET, Server, fetch,
-    free_port, make_front_certificate, probe, start_box, wait_until_up, write_gateway_config)
+    ACCOUNT, ADMIN_TOKEN, DEFAULT_CACHE, FIRST_SYNTHETIC, HIT_PATH, ID_TEMPLATE, PROBE, ROOT,
+    SECRET, Server, fetch, free_port, make_front_certificate, probe, start_box, wait_until_up,
+    write_gateway_config)
 
 TARGET = os.path.join(ROOT, "target", "pgo")
 OUTPUT = os.path.join(TARGET, "release", "miralix-gateway")
@@ -107,6 +112,25 @@ def sequence(base, first, count, expect, *extra):
                  f"not {count} {expect}s")
 
 
+# The keyed gateway's one API key (a throw-away value: the training's gateways live on loopback
+# for a minute).
+TRAINING_KEY = "pgo-training-key-0123456789"
+
+
+def audio(plain, listed, scale):
+    """Recordings of the agent's list replayed through the audio store: each downloaded once,
+    then read from disk, whole and in ranges."""
+    ids = [str(element["QueueCallId"]) for element in listed[:8]]
+    template = f"/mot/{ACCOUNT}/queues/calls/recordings/{{n}}"
+    id_args = [arg for n in ids for arg in ("--id", n)]
+    for extra, expect in [([], "200"), (["--header", "Range: bytes=1048576-1114111"], "206")]:
+        outcome = probe(*extra, "replay", plain, template, "4", str(max(0.2, 2 * scale)),
+                        *id_args)
+        if set(outcome["statuses"]) != {expect}:
+            sys.exit(f"[pgo] training: recordings answered {outcome['statuses']}, "
+                     f"not only {expect}s")
+
+
 def train(binary, work, scale=1.0):
     """The production mix against `binary`; an instrumented one writes its profile into
     `work`/profiles when it exits. `scale` shortens every part of the mix."""
@@ -120,12 +144,25 @@ def train(binary, work, scale=1.0):
     servers = []
     try:
         box = start_box(work, free_port(), secret_file, servers, binary=binary, env=env)
-        ports = (free_port(), free_port(), free_port())
-        config = write_gateway_config(work, "gateway", ports, (*box, secret_file), DEFAULT_CACHE)
-        gateway = Server("gateway", [binary, "serve", "--config", config], work, env=env)
-        servers.append(gateway)
-        wait_until_up(f"http://127.0.0.1:{ports[2]}/readyz", what="gateway", server=gateway)
-        plain, tls = f"http://127.0.0.1:{ports[0]}", f"https://127.0.0.1:{ports[1]}"
+
+        def gateway(name, lines):
+            """A gateway in front of the box, `lines` appended to its configuration (whose
+            last table is the account's); its plain, TLS and admin URLs."""
+            ports = (free_port(), free_port(), free_port())
+            config = write_gateway_config(work, name, ports, (*box, secret_file), DEFAULT_CACHE)
+            with open(config, "a") as f:
+                f.write(lines)
+            server = Server(name, [binary, "serve", "--config", config], work, env=env)
+            servers.append(server)
+            wait_until_up(f"http://127.0.0.1:{ports[2]}/readyz", what=name, server=server)
+            return (f"http://127.0.0.1:{ports[0]}", f"https://127.0.0.1:{ports[1]}",
+                    f"http://127.0.0.1:{ports[2]}")
+
+        # The audio store and an allowlisted read, as deployed.
+        plain, tls, admin = gateway(
+            "gateway", f'[cache.audio]\npath = "{work}/audio"\nmax_bytes = "256MiB"\n'
+                       f'[[accounts.{ACCOUNT}.passthrough]]\npath = "/queues/{{queueId:int}}"\n'
+                       f'ttl = "5m"\n')
         front = ["--ca", os.path.join(work, "front.crt")]
 
         log("training: misses (plain and TLS), then hits of every kind")
@@ -151,15 +188,28 @@ def train(binary, work, scale=1.0):
         rate(plain + HIT_PATH + "?fromQueueCallId=1", 1000, 2 * scale)
         rate(account + "/agents", 500, 1 * scale)
         rate(account + "/queues/1/calls/recordings", 500, 1 * scale)
+        rate(account + "/queues/1", 500, 1 * scale)  # the passthrough table's read
+        audio(plain, json.loads(fetch(plain + HIT_PATH)[2]), scale)
         if shutil.which("curl"):
             urls = [tls + HIT_PATH] * count(500)
             subprocess.run(["curl", "-s", "--fail", "--http2", "--cacert", front[1], *urls],
                            stdout=subprocess.DEVNULL, check=True)
         else:
             log("no curl: HTTP/2 left out of the training")
-        status, _, _ = fetch(f"http://127.0.0.1:{ports[2]}/metrics")
-        if status != 200:
-            sys.exit(f"[pgo] training: /metrics answered {status}")
+        bearer = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        for path, headers in [("/metrics", {}), ("/", {}), ("/cache", bearer),
+                              (f"/cache/{ACCOUNT}?limit=100", bearer)] * count(20):
+            status, _, _ = fetch(admin + path, headers=headers)
+            if status != 200:
+                sys.exit(f"[pgo] training: {path} on the admin listener answered {status}")
+        # Apps read with API keys in production: the key check, and a wrong key's 401.
+        plain, tls, _ = gateway("keyed", f'api_keys = ["{TRAINING_KEY}"]\n')
+        key = ["--header", f"X-Api-Key: {TRAINING_KEY}"]
+        sequence(plain, FIRST_SYNTHETIC + 3000, count(300), "200", *key)
+        rate(plain + HIT_PATH, 3000, 2 * scale, *key)
+        rate(tls + HIT_PATH, 2000, 2 * scale, *front, *key)
+        rate(plain + HIT_PATH, 200, 1 * scale, "--header", "X-Api-Key: not-the-training-key",
+             expect="401")
     finally:
         for server in reversed(servers):
             server.stop()  # SIGTERM: a clean exit is what writes the profile
