@@ -4,6 +4,7 @@ tried" table.
 
     python3 bench/ab.py hits [--tls] [--rates 22700,45500] [--rounds 6] LABEL=BINARY ...
     python3 bench/ab.py misses [--rounds 4] [--count 500] LABEL=BINARY ...
+    python3 bench/ab.py describe RESULTS.json [LABEL=TEXT ...]
 
 Each LABEL=BINARY is a gateway build (for instance `base=/tmp/base new=target/release/miralix-gateway`);
 nginx proxy_cache from bench/nginx.conf runs beside them as the reference. The servers are pinned
@@ -19,6 +20,10 @@ Every figure is printed as the median of the rounds with the min to max range, a
 are written as JSON with --json. --cache LABEL='gzip = false' adds [cache] lines to one build's
 configuration. --perf LABEL runs only that server's rounds, under `perf record -e cpu-clock -g`
 (written to --perf-out), for the profile behind a change.
+
+`describe` prints what a --json file measured as one sentence, the "measured" cell of a row in
+results/history.json (each build named by its TEXT, or by its label), so that the row's figures
+come from the rounds rather than being typed.
 """
 
 import argparse
@@ -33,8 +38,8 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import (  # noqa: E402  (the benchmark's own helpers, so both measure alike)
     DEFAULT_CACHE, FIRST_SYNTHETIC, HIT_PATH, ID_TEMPLATE, LOAD_CPU, SECRET, SERVER_CPU, Server,
-    equal_load, fetch, free_port, make_front_certificate, probe, render_nginx_conf, rotated,
-    start_box, wait_until_up, write_gateway_config)
+    describe_ab, equal_load, fetch, free_port, make_front_certificate, probe, render_nginx_conf,
+    rotated, spread, start_box, wait_until_up, write_gateway_config)
 
 # Agents the simulated box makes up lists for, from FIRST_SYNTHETIC on: enough for every miss.
 SYNTHETIC_AGENTS = 1_000_000
@@ -100,11 +105,6 @@ def start(work, builds, extra, with_nginx, servers):
         wait_until_up(f"http://127.0.0.1:{listen[2]}/readyz", what=label, server=server)
         found[label] = (server, f"http://127.0.0.1:{listen[0]}", f"https://127.0.0.1:{listen[1]}")
     return box, found
-
-
-def spread(values, digits=2):
-    return (f"{statistics.median(values):.{digits}f} "
-            f"({min(values):.{digits}f} to {max(values):.{digits}f})")
 
 
 def hits(args, found, work, profile):
@@ -175,6 +175,18 @@ def misses(args, found, box, profile):
 
 
 def main():
+    if sys.argv[1:2] == ["describe"]:
+        if len(sys.argv) < 3 or not all("=" in name for name in sys.argv[3:]):
+            sys.exit("usage: ab.py describe RESULTS.json [LABEL=TEXT ...] (RESULTS.json as "
+                     "written by --json)")
+        names = dict(name.partition("=")[::2] for name in sys.argv[3:])
+        try:
+            with open(sys.argv[2]) as f:
+                print(describe_ab(json.load(f), names))
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+            sys.exit(f"ab.py describe: {sys.argv[2]} is not the rounds ab.py --json wrote "
+                     f"({error.__class__.__name__}: {error})")
+        return
     args, builds, extra = arguments()
     work = tempfile.mkdtemp(prefix="miralix-ab-")
     servers, recorder = [], None

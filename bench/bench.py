@@ -359,7 +359,13 @@ def render_nginx_conf(work, ports):
 
 
 def check():
-    """For CI: the nginx configuration renders and passes `nginx -t`."""
+    """For CI: the history table in bench/README.md is the one results/history.json (and the
+    rounds in results/ab/) give, and the nginx configuration renders and passes `nginx -t`."""
+    with open(os.path.join(BENCH, "README.md")) as f:
+        if f"<!-- history:start -->\n{history_table()}\n<!-- history:end -->" not in f.read():
+            sys.exit("bench/README.md: the history table differs from what results/history.json "
+                     "and results/ab/ give; write it again with python3 bench/bench.py --rewrite")
+    print("bench/README.md: history table as results/history.json gives it")
     work = tempfile.mkdtemp(prefix="miralix-bench-check-")
     try:
         make_front_certificate(work)
@@ -936,17 +942,17 @@ def markdown(r, s):
         f"{max(s['miss_overhead_rounds']['nginx']):.3f}) | | |",
     ]
     if "miss_floor_ms" in s:
-        def spread(v):
+        def of_rounds(v):
             return f"{v['median']:.3f} ({v['min']:.3f} to {v['max']:.3f})"
         lines += [
             f"| the same keys again as hits, p50 ms (rounds) | "
-            f"{spread(s['miss_hit_p50_ms']['gateway'])} | {spread(s['miss_hit_p50_ms']['nginx'])} "
+            f"{of_rounds(s['miss_hit_p50_ms']['gateway'])} | {of_rounds(s['miss_hit_p50_ms']['nginx'])} "
             f"| | |",
             f"| miss overhead's floor here: hit + request to the box from the servers' core - "
-            f"direct, ms | {spread(s['miss_floor_ms']['gateway'])} | "
-            f"{spread(s['miss_floor_ms']['nginx'])} | | |",
+            f"direct, ms | {of_rounds(s['miss_floor_ms']['gateway'])} | "
+            f"{of_rounds(s['miss_floor_ms']['nginx'])} | | |",
             f"| miss overhead above that floor (the proxy's own work), ms | "
-            f"{spread(s['miss_own_ms']['gateway'])} | {spread(s['miss_own_ms']['nginx'])} | | |",
+            f"{of_rounds(s['miss_own_ms']['gateway'])} | {of_rounds(s['miss_own_ms']['nginx'])} | | |",
         ]
     lines += [
         f"| memory (max_bytes {s['memory']['max_bytes_mib']:g} MiB, box writing in pieces): RSS "
@@ -1275,8 +1281,48 @@ def reading(s):
     return "\n\n".join(parts)
 
 
+def spread(values, digits=2):
+    """The median of `values` with their range, as the tables and history rows write it."""
+    return (f"{statistics.median(values):.{digits}f} "
+            f"({min(values):.{digits}f} to {max(values):.{digits}f})")
+
+
+def describe_ab(data, names):
+    """The rounds ab.py --json wrote (`data`) as one sentence: the effect cell of a history row,
+    each build named by names[label] (or its label)."""
+    runs = data["runs"]
+    if data["scenario"] == "hits":
+        parts = []
+        for rate, by_server in runs.items():
+            rounds = len(next(iter(by_server.values())))
+            cpu = {name: [o["server_us_per_request"] for o in outcomes]
+                   for name, outcomes in by_server.items()}
+            bits = [f"at {int(rate):,}/s nginx {spread(cpu['nginx'])} us"] if "nginx" in cpu else []
+            for name, values in cpu.items():
+                if name == "nginx":
+                    continue
+                user = [o["server_us_per_request"] - o["server_kernel_us_per_request"]
+                        for o in by_server[name]]
+                p99 = statistics.median(o["p99_ms"] for o in by_server[name])
+                ratio = (f"{statistics.median(cpu['nginx']) / statistics.median(values):.2f}x; "
+                         if "nginx" in cpu else "")
+                bits.append(f"{names.get(name, name)} {spread(values)} ({ratio}user space "
+                            f"{statistics.median(user):.2f} us, p99 {p99:.2f} ms)")
+            parts.append(", ".join(bits))
+        return (f"{'TLS' if data['tls'] else 'Plain'} hits, {rounds} rotating rounds of 5 s, CPU "
+                f"per request at the median (min to max) and nginx's over each build's: "
+                + "; ".join(parts))
+    direct = [o["p50_ms"] for o in runs["direct"]]
+    overheads = [f"{names.get(name, name)} "
+                 f"{spread([o['p50_ms'] - d for o, d in zip(outcomes, direct)], 3)} ms"
+                 for name, outcomes in runs.items() if not name.startswith("direct")]
+    return (f"Sequential misses, {len(direct)} rotating rounds of {runs['direct'][0]['n']}: "
+            f"overhead over a direct request at the median (min to max), " + ", ".join(overheads))
+
+
 def history_table():
-    """What earlier changes measured, from bench/results/history.json."""
+    """What earlier changes measured, from bench/results/history.json: a row with `rounds` has
+    its effect written here from the rounds ab.py --json kept (in results/ab/)."""
     with open(os.path.join(RESULTS, "history.json")) as f:
         changes = json.load(f)["changes"]
     lines = ["| change | effect (same machine, A/B in alternation, at the time) | kept |",
@@ -1285,7 +1331,11 @@ def history_table():
         kept = {True: "kept", False: "reverted", None: "no change made"}[change["kept"]]
         if change.get("why"):
             kept += f": {change['why']}"
-        lines.append(f"| {change['change']} | {change['measured']} | {kept} |")
+        measured = change.get("measured", "")
+        for rounds in change.get("rounds", []):
+            with open(os.path.join(RESULTS, rounds["file"])) as f:
+                measured += (". " if measured else "") + describe_ab(json.load(f), rounds["names"])
+        lines.append(f"| {change['change']} | {measured} | {kept} |")
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import spread  # noqa: E402
 from fleet import (BIN, PROBE, ROOT, RESULTS, free_port, gateway_config, get,  # noqa: E402
                    probe, wait_up, write_results)
 
@@ -142,12 +143,6 @@ def run():
         fx.close()
 
 
-def spread(values, digits=1):
-    values = sorted(values)
-    return (f"{statistics.median(values):.{digits}f} "
-            f"({values[0]:.{digits}f} to {values[-1]:.{digits}f})")
-
-
 def block(r):
     passthrough, store = r["rounds"]["passthrough"], r["rounds"]["store"]
     warm = store[1:] or store
@@ -157,12 +152,12 @@ def block(r):
         "| row | pass-through (no `[cache.audio]`) | audio store |",
         "|---|---|---|",
         f"| box audio MiB per minute, every round (median, min to max) | "
-        f"{spread([x['box_mib_per_minute'] for x in passthrough])} | "
-        f"{spread([x['box_mib_per_minute'] for x in store])} |",
+        f"{spread([x['box_mib_per_minute'] for x in passthrough], 1)} | "
+        f"{spread([x['box_mib_per_minute'] for x in store], 1)} |",
         f"| the same, the store's first (cold) round / its later rounds | | "
-        f"{cold['box_mib_per_minute']:.1f} / {spread([x['box_mib_per_minute'] for x in warm])} |",
-        f"| recordings replayed per second | {spread([x['replays_per_second'] for x in passthrough])} | "
-        f"{spread([x['replays_per_second'] for x in store])} |",
+        f"{cold['box_mib_per_minute']:.1f} / {spread([x['box_mib_per_minute'] for x in warm], 1)} |",
+        f"| recordings replayed per second | {spread([x['replays_per_second'] for x in passthrough], 1)} | "
+        f"{spread([x['replays_per_second'] for x in store], 1)} |",
         f"| replay p50 ms | {spread([x['p50_ms'] for x in passthrough], 2)} | "
         f"{spread([x['p50_ms'] for x in store], 2)} |",
         f"| replay p99 ms | {spread([x['p99_ms'] for x in passthrough], 2)} | "
@@ -180,13 +175,13 @@ def block(r):
         f"Measured on {r['date']} at {r['commit']}, {len(passthrough)} alternating rounds of "
         f"{SECONDS:.0f} s each, on this machine (servers not pinned): {CLIENTS} clients replay "
         f"the same {r['recordings']} recordings of {r['recording_bytes'] / 2**20:.0f} MiB. Without the audio store the box sent "
-        f"{spread([x['box_mib_per_minute'] for x in passthrough])} MiB of audio per minute "
+        f"{spread([x['box_mib_per_minute'] for x in passthrough], 1)} MiB of audio per minute "
         f"(the clients ask as fast as answers come, so that is what this machine moves); with "
         f"it, {cold['box_bytes'] / 2**20:.1f} MiB in the store's first round "
         f"({cold['box_bytes'] / r['recording_bytes']:.0f} downloads of {r['recordings']} "
         f"recordings) {after}, while it answered "
-        f"{spread([x['replays_per_second'] for x in store])} replays per second against "
-        f"{spread([x['replays_per_second'] for x in passthrough])}. A 64 KiB range took {ranges['store']['p50_ms']:.3f} ms at the median from "
+        f"{spread([x['replays_per_second'] for x in store], 1)} replays per second against "
+        f"{spread([x['replays_per_second'] for x in passthrough], 1)}. A 64 KiB range took {ranges['store']['p50_ms']:.3f} ms at the median from "
         f"disk, against {ranges['passthrough']['p50_ms']:.3f} ms through to the box."
     )
     return "\n".join(rows) + "\n\n" + prose + "\n"
