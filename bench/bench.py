@@ -724,13 +724,15 @@ def miss_floor_sentence(s):
         f"{own['nginx']['max']:.3f}). ")
 
 
+# What the saturated tables keep of each run, as the median of the rounds.
+SATURATED_FIGURES = ("rps", "p50_ms", "p99_ms", "server_cpu", "server_us_per_request")
+
+
 def summarize(r):
     hp, ht, storm, miss, mem = r["hit_plain"], r["hit_tls"], r["storm"], r["miss"], r["memory"]
     s = {
-        "hit_plain": {n: {k: median(runs, k) for k in ("rps", "p50_ms", "p99_ms", "server_cpu")}
-                      for n, runs in hp.items()},
-        "hit_tls": {n: {k: median(runs, k) for k in ("rps", "p50_ms", "p99_ms", "server_cpu")}
-                    for n, runs in ht.items()},
+        "hit_plain": {n: {k: median(runs, k) for k in SATURATED_FIGURES} for n, runs in hp.items()},
+        "hit_tls": {n: {k: median(runs, k) for k in SATURATED_FIGURES} for n, runs in ht.items()},
         "storm": {n: {"upstream_requests": max(x["upstream_requests"] for x in runs),
                       "p50_ms": median(runs, "p50_ms"), "p99_ms": median(runs, "p99_ms"),
                       "ok": min(x["statuses"].get("200", 0) for x in runs)}
@@ -1034,6 +1036,27 @@ def loadgen_sentence(s):
                      f"{p['max_rps']:,.0f} and {t['max_rps']:,.0f} requests/s: "
                      f"{p['over_nginx']:.2f}x and {t['over_nginx']:.2f}x nginx's median rate, "
                      f"the highest ratios to nginx that any server could show in this layout.")
+    plain, tls = s["hit_plain"], s["hit_tls"]
+    if all("server_us_per_request" in mode[name] for mode in (plain, tls)
+           for name in ("gateway", "nginx")):
+        cost = {mode: (figures["gateway"]["server_us_per_request"],
+                       figures["nginx"]["server_us_per_request"])
+                for mode, figures in (("plain", plain), ("tls", tls))}
+        def verdict(mode, label):
+            ratio = cost[mode][1] / cost[mode][0]
+            if ratio >= GOAL_SATURATED:
+                reach = (f", beyond the {ceiling[mode]['over_nginx']:.2f}x one wrk core can drive "
+                         f"here" if mode in ceiling else "")
+                return f"{ratio:.2f}x {label}, which meets {GOAL_SATURATED}x{reach}"
+            return f"{ratio:.2f}x {label}, short of {GOAL_SATURATED}x"
+
+        sentence += (f" The server's side bounds it too: at saturation the gateway's core spent "
+                     f"{cost['plain'][0]:.2f} us per plain request against nginx's "
+                     f"{cost['plain'][1]:.2f}, and {cost['tls'][0]:.2f} against "
+                     f"{cost['tls'][1]:.2f} us with TLS (medians). One core serves at most the "
+                     f"inverse of that cost, so a load generator without a ceiling would find "
+                     f"the gateway faster than nginx by about {verdict('plain', 'on plain HTTP')}; "
+                     f"{verdict('tls', 'with TLS')}.")
     return sentence
 
 
