@@ -21,7 +21,6 @@ Writes bench/results/replay.json and the block between <!-- replay:start --> and
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
