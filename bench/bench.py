@@ -1042,6 +1042,7 @@ def loadgen_sentence(s):
         cost = {mode: (figures["gateway"]["server_us_per_request"],
                        figures["nginx"]["server_us_per_request"])
                 for mode, figures in (("plain", plain), ("tls", tls))}
+
         def verdict(mode, label):
             ratio = cost[mode][1] / cost[mode][0]
             if ratio >= GOAL_SATURATED:
@@ -1332,9 +1333,11 @@ def describe_ab(data, names):
                 bits.append(f"{names.get(name, name)} {spread(values)} ({ratio}user space "
                             f"{statistics.median(user):.2f} us, p99 {p99:.2f} ms)")
             parts.append(", ".join(bits))
-        return (f"{'TLS' if data['tls'] else 'Plain'} hits, {rounds} rotating rounds of 5 s, CPU "
-                f"per request at the median (min to max) and nginx's over each build's: "
-                + "; ".join(parts))
+        seconds = statistics.median(o["seconds"] for by_server in runs.values()
+                                    for outcomes in by_server.values() for o in outcomes)
+        return (f"{'TLS' if data['tls'] else 'Plain'} hits, {rounds} rotating rounds of "
+                f"{seconds:.0f} s, CPU per request at the median (min to max) and nginx's over "
+                f"each build's: " + "; ".join(parts))
     direct = [o["p50_ms"] for o in runs["direct"]]
     overheads = [f"{names.get(name, name)} "
                  f"{spread([o['p50_ms'] - d for o, d in zip(outcomes, direct)], 3)} ms"
