@@ -308,10 +308,12 @@ def start_box(work, port, secret_file, servers, synthetic_agents=100_000, binary
     return sim_url, sim_ca
 
 
-def write_gateway_config(work, name, ports, box, cache=DEFAULT_CACHE, max_bytes="2GiB"):
+def write_gateway_config(work, name, ports, box, cache=DEFAULT_CACHE, max_bytes="2GiB",
+                         tls_lines=""):
     """A gateway's configuration in `work`: plain, TLS and admin listeners on `ports` (in that
-    order), the front certificate of make_front_certificate, and the one account in front of
-    `box` (its URL, CA file and secret file). Returns its path."""
+    order), the front certificate of make_front_certificate (`tls_lines` added to [server.tls]),
+    and the one account in front of `box` (its URL, CA file and secret file). Returns its
+    path."""
     (plain, tls, admin), (sim_url, sim_ca, secret_file) = ports, box
     path = os.path.join(work, f"{name}.toml")
     with open(path, "w") as f:
@@ -322,6 +324,7 @@ plain_listen = "127.0.0.1:{plain}"
 [server.tls]
 cert = "{work}/front.crt"
 key = "{work}/front.key"
+{tls_lines}
 [admin]
 listen = "127.0.0.1:{admin}"
 token = "{ADMIN_TOKEN}"

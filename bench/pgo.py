@@ -14,8 +14,9 @@ Three steps, in target/pgo (the plain `cargo build --release` in target/release 
    misses that fill the cache, hits plain and over TLS, gzip, `304`s, `fromQueueCallId`
    selections, `404`s, the directory, a queue, a passthrough read, recordings' audio through
    the audio store (downloads, then reads from disk, whole and ranges), the admin listener's
-   status page, metrics and cache listing, HTTP/2 when `curl` is there, and hits and misses
-   on a second gateway whose account takes API keys (a wrong key's `401` too);
+   status page, metrics and cache listing, HTTP/2 when `curl` is there, hits and misses on a
+   second gateway whose account takes API keys (a wrong key's `401` too), and on a third that
+   asks TLS clients for certificates (mutual TLS, through `curl` with a client certificate);
 3. merge the profile with `llvm-profdata` and build again with `-Cprofile-use`.
 
 `llvm-profdata` must come from the LLVM that rustc is built on (`rustc -vV`): on Debian
@@ -117,6 +118,31 @@ def sequence(base, first, count, expect, *extra):
 TRAINING_KEY = "pgo-training-key-0123456789"
 
 
+# The common name of the training's client certificate, the one the mTLS account opens to.
+CLIENT_NAME = "pgo-training-client"
+
+
+def make_client_certificate(work):
+    """A CA of the training's own (`clients-ca.crt`) and a client certificate it issued for
+    CLIENT_NAME (`client.crt`, `client.key`), in `work`."""
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=work, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    openssl("req", "-x509", *ec, "-days", "2", "-subj", "/CN=pgo-training-clients-ca",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign", "-keyout", "clients-ca.key",
+            "-out", "clients-ca.crt")
+    openssl("req", *ec, "-subj", f"/CN={CLIENT_NAME}", "-keyout", "client.key",
+            "-out", "client.csr")
+    with open(os.path.join(work, "client.ext"), "w") as f:
+        f.write(f"basicConstraints=critical,CA:FALSE\nextendedKeyUsage=clientAuth\n"
+                f"subjectAltName=DNS:{CLIENT_NAME}\n")
+    openssl("x509", "-req", "-in", "client.csr", "-CA", "clients-ca.crt", "-CAkey",
+            "clients-ca.key", "-CAcreateserial", "-days", "2", "-extfile", "client.ext",
+            "-out", "client.crt")
+
+
 def audio(plain, listed, scale):
     """Recordings of the agent's list replayed through the audio store: each downloaded once,
     then read from disk, whole and in ranges."""
@@ -145,11 +171,13 @@ def train(binary, work, scale=1.0):
     try:
         box = start_box(work, free_port(), secret_file, servers, binary=binary, env=env)
 
-        def gateway(name, lines):
+        def gateway(name, lines, tls=""):
             """A gateway in front of the box, `lines` appended to its configuration (whose
-            last table is the account's); its plain, TLS and admin URLs."""
+            last table is the account's), `tls` added to [server.tls]; its plain, TLS and
+            admin URLs."""
             ports = (free_port(), free_port(), free_port())
-            config = write_gateway_config(work, name, ports, (*box, secret_file), DEFAULT_CACHE)
+            config = write_gateway_config(work, name, ports, (*box, secret_file), DEFAULT_CACHE,
+                                          tls_lines=tls)
             with open(config, "a") as f:
                 f.write(lines)
             server = Server(name, [binary, "serve", "--config", config], work, env=env)
@@ -169,6 +197,29 @@ def train(binary, work, scale=1.0):
 
         def count(n):
             return max(1, int(n * scale))
+
+        def client_certificates(work, count):
+            """Mutual TLS, as a deployment with server.tls.client_ca runs it: a third gateway
+            that asks every TLS client for a certificate from a CA of the training's own,
+            and an account that names the client; curl reads through it with one."""
+            make_client_certificate(work)
+            _, tls, _ = gateway("mtls", f'client_names = ["{CLIENT_NAME}"]\n',
+                                tls=f'client_ca = "{work}/clients-ca.crt"')
+            curl = ["curl", "-s", "--fail", "--cacert", front[1], "--cert",
+                    os.path.join(work, "client.crt"), "--key", os.path.join(work, "client.key")]
+            for urls in ([tls + HIT_PATH] * count(300),
+                         [f"{tls}{ID_TEMPLATE.replace('{n}', str(FIRST_SYNTHETIC + 4000 + n))}"
+                          for n in range(count(100))]):
+                done = subprocess.run(curl + urls, stdout=subprocess.DEVNULL)
+                if done.returncode != 0:
+                    sys.exit(f"[pgo] training: curl with the client certificate failed (exit "
+                             f"{done.returncode}) on {urls[0]}")
+            # Without a certificate the handshake is refused.
+            refused = subprocess.run(["curl", "-s", "--cacert", front[1], tls + HIT_PATH],
+                                     stdout=subprocess.DEVNULL)
+            if refused.returncode == 0:
+                sys.exit("[pgo] training: the mTLS listener answered a client without a "
+                         "certificate")
 
         sequence(plain, FIRST_SYNTHETIC, count(2000), "200")
         sequence(tls, FIRST_SYNTHETIC + 2000, count(500), "200", *front)
@@ -210,6 +261,10 @@ def train(binary, work, scale=1.0):
         rate(tls + HIT_PATH, 2000, 2 * scale, *front, *key)
         rate(plain + HIT_PATH, 200, 1 * scale, "--header", "X-Api-Key: not-the-training-key",
              expect="401")
+        if shutil.which("curl"):
+            client_certificates(work, count)
+        else:
+            log("no curl: client certificates left out of the training")
     finally:
         for server in reversed(servers):
             server.stop()  # SIGTERM: a clean exit is what writes the profile
