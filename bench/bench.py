@@ -1072,6 +1072,10 @@ def stolen_sentence(s):
     if not any(c[1] for c in counts.values()):
         return "Steal time (the host taking a benchmark core) was not recorded in this run."
     largest = max(c[2] for c in counts.values())
+    if not any(c[0] for c in counts.values()):
+        return (f"The host took {STOLEN:.0%} or more of a benchmark core (steal time in "
+                f"/proc/stat) in none of the runs; the most it took of any one run was "
+                f"{largest:.1%}.")
     listed = ", ".join(f"{counts[kind][0]} of the {counts[kind][1]} {label}"
                        for kind, label in kinds)
     return (f"The host took at least {STOLEN:.0%} of a benchmark core (steal time in /proc/stat) "
