@@ -40,9 +40,9 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import (  # noqa: E402  (the benchmark's own helpers: the same box and configuration)
-    ACCOUNT, ADMIN_TOKEN, DEFAULT_CACHE, FIRST_SYNTHETIC, HIT_PATH, ID_TEMPLATE, PROBE, ROOT,
-    SECRET, Server, fetch, free_port, make_front_certificate, probe, start_box, wait_until_up,
-    write_gateway_config)
+    ACCOUNT, ADMIN_TOKEN, AUDIO_TEMPLATE, DEFAULT_CACHE, FIRST_SYNTHETIC, HIT_PATH, ID_TEMPLATE,
+    PROBE, ROOT, SECRET, Server, fetch, free_port, make_front_certificate, probe, start_box,
+    wait_until_up, write_gateway_config)
 
 TARGET = os.path.join(ROOT, "target", "pgo")
 OUTPUT = os.path.join(TARGET, "release", "miralix-gateway")
@@ -143,14 +143,21 @@ def make_client_certificate(work):
             "-out", "client.crt")
 
 
+def curl(options, urls):
+    """curl with `options` over `urls` (one connection), every answer a success."""
+    done = subprocess.run(["curl", "-s", "--fail", *options, *urls], stdout=subprocess.DEVNULL)
+    if done.returncode != 0:
+        sys.exit(f"[pgo] training: curl {' '.join(options)} failed (exit {done.returncode}) "
+                 f"on {urls[0]}")
+
+
 def audio(plain, listed, scale):
     """Recordings of the agent's list replayed through the audio store: each downloaded once,
     then read from disk, whole and in ranges."""
     ids = [str(element["QueueCallId"]) for element in listed[:8]]
-    template = f"/mot/{ACCOUNT}/queues/calls/recordings/{{n}}"
     id_args = [arg for n in ids for arg in ("--id", n)]
     for extra, expect in [([], "200"), (["--header", "Range: bytes=1048576-1114111"], "206")]:
-        outcome = probe(*extra, "replay", plain, template, "4", str(max(0.2, 2 * scale)),
+        outcome = probe(*extra, "replay", plain, AUDIO_TEMPLATE, "4", str(max(0.2, 2 * scale)),
                         *id_args)
         if set(outcome["statuses"]) != {expect}:
             sys.exit(f"[pgo] training: recordings answered {outcome['statuses']}, "
@@ -198,34 +205,11 @@ def train(binary, work, scale=1.0):
         def count(n):
             return max(1, int(n * scale))
 
-        def client_certificates(work, count):
-            """Mutual TLS, as a deployment with server.tls.client_ca runs it: a third gateway
-            that asks every TLS client for a certificate from a CA of the training's own,
-            and an account that names the client; curl reads through it with one."""
-            make_client_certificate(work)
-            _, tls, _ = gateway("mtls", f'client_names = ["{CLIENT_NAME}"]\n',
-                                tls=f'client_ca = "{work}/clients-ca.crt"')
-            curl = ["curl", "-s", "--fail", "--cacert", front[1], "--cert",
-                    os.path.join(work, "client.crt"), "--key", os.path.join(work, "client.key")]
-            for urls in ([tls + HIT_PATH] * count(300),
-                         [f"{tls}{ID_TEMPLATE.replace('{n}', str(FIRST_SYNTHETIC + 4000 + n))}"
-                          for n in range(count(100))]):
-                done = subprocess.run(curl + urls, stdout=subprocess.DEVNULL)
-                if done.returncode != 0:
-                    sys.exit(f"[pgo] training: curl with the client certificate failed (exit "
-                             f"{done.returncode}) on {urls[0]}")
-            # Without a certificate the handshake is refused.
-            refused = subprocess.run(["curl", "-s", "--cacert", front[1], tls + HIT_PATH],
-                                     stdout=subprocess.DEVNULL)
-            if refused.returncode == 0:
-                sys.exit("[pgo] training: the mTLS listener answered a client without a "
-                         "certificate")
-
         sequence(plain, FIRST_SYNTHETIC, count(2000), "200")
         sequence(tls, FIRST_SYNTHETIC + 2000, count(500), "200", *front)
         # Agents the box does not know: 404s, cached for negative_ttl.
         sequence(plain, 900_000_000, count(300), "404")
-        status, headers, _ = fetch(plain + HIT_PATH)
+        status, headers, listed = fetch(plain + HIT_PATH)
         etag = {k.lower(): v for k, v in headers.items()}.get("etag")
         if status != 200 or not etag:
             sys.exit(f"[pgo] training: {HIT_PATH} answered {status} without an ETag")
@@ -240,13 +224,7 @@ def train(binary, work, scale=1.0):
         rate(account + "/agents", 500, 1 * scale)
         rate(account + "/queues/1/calls/recordings", 500, 1 * scale)
         rate(account + "/queues/1", 500, 1 * scale)  # the passthrough table's read
-        audio(plain, json.loads(fetch(plain + HIT_PATH)[2]), scale)
-        if shutil.which("curl"):
-            urls = [tls + HIT_PATH] * count(500)
-            subprocess.run(["curl", "-s", "--fail", "--http2", "--cacert", front[1], *urls],
-                           stdout=subprocess.DEVNULL, check=True)
-        else:
-            log("no curl: HTTP/2 left out of the training")
+        audio(plain, json.loads(listed), scale)
         bearer = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         for path, headers in [("/metrics", {}), ("/", {}), ("/cache", bearer),
                               (f"/cache/{ACCOUNT}?limit=100", bearer)] * count(20):
@@ -254,17 +232,33 @@ def train(binary, work, scale=1.0):
             if status != 200:
                 sys.exit(f"[pgo] training: {path} on the admin listener answered {status}")
         # Apps read with API keys in production: the key check, and a wrong key's 401.
-        plain, tls, _ = gateway("keyed", f'api_keys = ["{TRAINING_KEY}"]\n')
+        keyed, keyed_tls, _ = gateway("keyed", f'api_keys = ["{TRAINING_KEY}"]\n')
         key = ["--header", f"X-Api-Key: {TRAINING_KEY}"]
-        sequence(plain, FIRST_SYNTHETIC + 3000, count(300), "200", *key)
-        rate(plain + HIT_PATH, 3000, 2 * scale, *key)
-        rate(tls + HIT_PATH, 2000, 2 * scale, *front, *key)
-        rate(plain + HIT_PATH, 200, 1 * scale, "--header", "X-Api-Key: not-the-training-key",
+        sequence(keyed, FIRST_SYNTHETIC + 3000, count(300), "200", *key)
+        rate(keyed + HIT_PATH, 3000, 2 * scale, *key)
+        rate(keyed_tls + HIT_PATH, 2000, 2 * scale, *front, *key)
+        rate(keyed + HIT_PATH, 200, 1 * scale, "--header", "X-Api-Key: not-the-training-key",
              expect="401")
-        if shutil.which("curl"):
-            client_certificates(work, count)
-        else:
-            log("no curl: client certificates left out of the training")
+        if not shutil.which("curl"):
+            log("no curl: HTTP/2 and client certificates left out of the training")
+            return
+        curl(["--http2", "--cacert", front[1]], [tls + HIT_PATH] * count(500))
+        # Mutual TLS, as a deployment with server.tls.client_ca runs it: a third gateway asks
+        # every TLS client for a certificate from a CA of the training's own, and its account
+        # names the client.
+        make_client_certificate(work)
+        _, mtls, _ = gateway("mtls", f'client_names = ["{CLIENT_NAME}"]\n',
+                             tls=f'client_ca = "{work}/clients-ca.crt"')
+        certified = ["--cacert", front[1], "--cert", os.path.join(work, "client.crt"),
+                     "--key", os.path.join(work, "client.key")]
+        curl(certified, [mtls + HIT_PATH] * count(300))
+        curl(certified, [mtls + ID_TEMPLATE.replace("{n}", str(FIRST_SYNTHETIC + 4000 + n))
+                         for n in range(count(100))])
+        # Without a certificate the handshake is refused.
+        refused = subprocess.run(["curl", "-s", "--cacert", front[1], mtls + HIT_PATH],
+                                 stdout=subprocess.DEVNULL)
+        if refused.returncode == 0:
+            sys.exit("[pgo] training: the mTLS listener answered a client without a certificate")
     finally:
         for server in reversed(servers):
             server.stop()  # SIGTERM: a clean exit is what writes the profile
