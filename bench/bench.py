@@ -60,6 +60,8 @@ ADMIN_TOKEN = "bench-admin-token-0123456789"
 SECRET = "bench-secret-7c41"
 HIT_PATH = f"/mot/{ACCOUNT}/agents/id/103/recordings"
 ID_TEMPLATE = f"/mot/{ACCOUNT}/agents/id/{{n}}/recordings"
+# A recording's audio (`{n}` its QueueCallId).
+AUDIO_TEMPLATE = f"/mot/{ACCOUNT}/queues/calls/recordings/{{n}}"
 FIRST_SYNTHETIC = 1_000_000
 TTL, NEGATIVE_TTL = "10m", "5s"
 POLL_SECONDS = int(os.environ.get("BENCH_POLL_SECONDS", "40"))
@@ -1014,7 +1016,8 @@ def us_range(r, scenario, name):
 
 
 def loadgen_sentence(s):
-    """How many saturated runs were held back by wrk's own core, and whose runs they were."""
+    """How many saturated runs were held back by wrk's own core and whose runs they were, the
+    most one wrk core can drive, and the bound each server's own CPU per request sets."""
     busy = s["loadgen_busy_rounds"]
     by_server = s.get("loadgen_busy_by_server", {})
 

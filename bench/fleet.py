@@ -33,10 +33,9 @@ import urllib.request
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # One free-port helper for every bench script, and the binaries bench/run.sh measures (the
 # gateway build and the probe, each overridable as bench.py says).
-from bench import BIN, PROBE, RESULTS, ROOT, free_port  # noqa: E402
-ACCOUNT = "greenbox"
+from bench import ACCOUNT, BIN, PROBE, RESULTS, ROOT, free_port  # noqa: E402
+from bench import ID_TEMPLATE as TEMPLATE  # noqa: E402
 SECRET = "fleet-secret-2b7d"
-TEMPLATE = f"/mot/{ACCOUNT}/agents/id/{{n}}/recordings"
 FIRST = 1_000_000
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 STORM = 300

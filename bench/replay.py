@@ -28,13 +28,12 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import spread  # noqa: E402
+from bench import ACCOUNT, spread  # noqa: E402
+from bench import AUDIO_TEMPLATE as AUDIO  # noqa: E402
 from fleet import (BIN, PROBE, ROOT, RESULTS, free_port, gateway_config, get,  # noqa: E402
                    probe, wait_up, write_results)
 
-ACCOUNT = "greenbox"
 SECRET = "replay-secret-5c1e"
-AUDIO = f"/mot/{ACCOUNT}/queues/calls/recordings/{{n}}"
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 CLIENTS = 8
 RECORDINGS = 10
