@@ -4,6 +4,7 @@ tried" table.
 
     python3 bench/ab.py hits [--tls] [--rates 22700,45500] [--rounds 6] LABEL=BINARY ...
     python3 bench/ab.py misses [--rounds 4] [--count 500] LABEL=BINARY ...
+    python3 bench/ab.py instructions [--rounds 3] [--count 5000] LABEL=BINARY ...
     python3 bench/ab.py describe RESULTS.json [LABEL=TEXT ...]
 
 Each LABEL=BINARY is a gateway build (for instance `base=/tmp/base new=target/release/miralix-gateway`);
@@ -15,6 +16,12 @@ servers in a rotated order, so that the host's drift falls on all of them.
   connections, 5 s per run: each server's CPU per request (and the kernel's part of it) and p99.
 - `misses`: sequential misses on distinct agents, each a 200 list: p50 per round, and its overhead
   over a direct request to the box from the probe's core and from the servers' core.
+- `instructions`: each build alone under valgrind's callgrind, `--count` plain hits at 500/s on
+  8 connections per round (a wake-up for each request, as at a low load): the user-space
+  instructions executed per hit, counters zeroed before and dumped after each round. It counts
+  work, not time, and repeats to within a fraction of a percent, so it can judge a change of a
+  few percent in the hit path's own code that timed rounds on a noisy host cannot. It says
+  nothing of the kernel's part. Needs `valgrind` (Debian's package).
 
 Every figure is printed as the median of the rounds with the min to max range, and the raw rounds
 are written as JSON with --json. --cache LABEL='gzip = false' adds [cache] lines to one build's
@@ -47,13 +54,14 @@ SYNTHETIC_AGENTS = 1_000_000
 
 def arguments():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("scenario", choices=["hits", "misses"])
+    parser.add_argument("scenario", choices=["hits", "misses", "instructions"])
     parser.add_argument("builds", nargs="+", metavar="LABEL=BINARY")
     parser.add_argument("--rates", default="22700,45500,68200",
                         help="hits: offered requests/s, comma-separated")
     parser.add_argument("--tls", action="store_true", help="hits over TLS instead of plain HTTP")
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--count", type=int, default=500, help="misses per round")
+    parser.add_argument("--count", type=int, default=None,
+                        help="misses (default 500) or hits (instructions: 5000) per round")
     parser.add_argument("--no-nginx", action="store_true", help="gateway builds only")
     parser.add_argument("--cache", action="append", default=[], metavar="LABEL=LINES",
                         help="extra [cache] lines for one build, ';' between lines")
@@ -76,11 +84,21 @@ def arguments():
         extra[label] = text.replace(";", "\n")
     if args.perf and args.perf not in list(builds) + ["nginx"]:
         parser.error(f"--perf {args.perf}: not one of {', '.join(builds)} or nginx")
+    if args.count is None:
+        args.count = 5000 if args.scenario == "instructions" else 500
+    if args.scenario == "instructions":
+        if args.perf or args.tls:
+            parser.error("instructions: counts plain hits of the gateway builds, without --perf "
+                         "or --tls")
+        for tool in ["valgrind", "callgrind_control"]:
+            if not shutil.which(tool):
+                parser.error(f"instructions: {tool} not found (apt-get install valgrind)")
     return args, builds, extra
 
 
-def start(work, builds, extra, with_nginx, servers):
-    """The box, nginx and every build; per server its Server and its base URLs."""
+def start(work, builds, extra, with_nginx, servers, wrap=lambda label: ()):
+    """The box, nginx and every build (each run under `wrap`, a command prefix); per server its
+    Server and its base URLs."""
     secret_file = os.path.join(work, "secret")
     with open(secret_file, "w") as f:
         f.write(SECRET)
@@ -100,7 +118,8 @@ def start(work, builds, extra, with_nginx, servers):
         listen = (free_port(), free_port(), free_port())
         config = write_gateway_config(work, label, listen, (*box, secret_file),
                                       DEFAULT_CACHE + "\n" + extra.get(label, ""))
-        server = Server(label, [binary, "serve", "--config", config], work, env=env)
+        server = Server(label, [*wrap(label), binary, "serve", "--config", config], work,
+                        env=env)
         servers.append(server)
         wait_until_up(f"http://127.0.0.1:{listen[2]}/readyz", what=label, server=server)
         found[label] = (server, f"http://127.0.0.1:{listen[0]}", f"https://127.0.0.1:{listen[1]}")
@@ -174,6 +193,47 @@ def misses(args, found, box, profile):
     return runs
 
 
+def callgrind(work):
+    """The command prefix that runs a build under callgrind, its profile written in `work`."""
+    return lambda label: ["valgrind", "--tool=callgrind", "--quiet",
+                          f"--callgrind-out-file={os.path.join(work, label)}.callgrind"]
+
+
+def instructions(args, found, work):
+    """Per build, the instructions callgrind counted per plain hit, round by round."""
+    runs = {}
+    for name, (server, plain, _) in found.items():
+        url = plain + HIT_PATH
+        for _ in range(2):  # the first request fills the cache
+            status, _, _ = fetch(url)
+        if status != 200:
+            sys.exit(f"{name}: {url} answered {status}")
+        pid = str(server.proc.pid)
+        # Warmed: connections, pools and the cache's bookkeeping, outside the counted rounds.
+        probe("rate", url, "500", "1", "--connections", "8")
+        runs[name] = []
+        for _ in range(args.rounds):
+            subprocess.run(["callgrind_control", "--zero", pid], check=True, capture_output=True)
+            outcome = probe("rate", url, "500", str(args.count / 500), "--connections", "8")
+            dumped = set(os.listdir(work))
+            subprocess.run(["callgrind_control", "--dump", pid], check=True, capture_output=True)
+            if outcome["statuses"] != {"200": args.count}:
+                sys.exit(f"{name}: hits were not all 200s: {outcome['statuses']}")
+            dump = next(f for f in sorted(set(os.listdir(work)) - dumped,
+                                          key=lambda f: os.path.getmtime(os.path.join(work, f)))
+                        if f.startswith(f"{name}.callgrind."))
+            with open(os.path.join(work, dump)) as f:
+                total = next(int(line.split()[1]) for line in f
+                             if line.startswith(("summary:", "totals:")))
+            outcome["instructions_per_request"] = round(total / outcome["n"])
+            runs[name].append(outcome)
+    print(f"{args.count} plain hits per round at 500/s, {args.rounds} rounds: user-space "
+          f"instructions per hit, median (min to max)")
+    for name, outcomes in runs.items():
+        print(f"  {name:>10}: {spread([o['instructions_per_request'] for o in outcomes], 0)}")
+    return runs
+
+
 def main():
     if sys.argv[1:2] == ["describe"]:
         if len(sys.argv) < 3 or not all("=" in name for name in sys.argv[3:]):
@@ -191,13 +251,17 @@ def main():
     work = tempfile.mkdtemp(prefix="miralix-ab-")
     servers, recorder = [], None
     try:
-        box, found = start(work, builds, extra, not args.no_nginx, servers)
+        counted = args.scenario == "instructions"
+        box, found = start(work, builds, extra, not (args.no_nginx or counted), servers,
+                           callgrind(work) if counted else lambda label: ())
         if args.perf:
             pid = found[args.perf][0].cpu_pid()
             recorder = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-g",
                                          "-p", str(pid), "-o", args.perf_out])
         if args.scenario == "hits":
             runs = hits(args, found, work, args.perf)
+        elif counted:
+            runs = instructions(args, found, work)
         else:
             runs = misses(args, found, box, args.perf)
         if recorder:

@@ -1348,6 +1348,13 @@ def describe_ab(data, names):
         return (f"{'TLS' if data['tls'] else 'Plain'} hits, {rounds} rotating rounds of "
                 f"{seconds:.0f} s, CPU per request at the median (min to max) and nginx's over "
                 f"each build's: " + "; ".join(parts))
+    if data["scenario"] == "instructions":
+        first = next(iter(runs.values()))
+        counts = [f"{names.get(name, name)} "
+                  f"{spread([o['instructions_per_request'] for o in outcomes], 0)}"
+                  for name, outcomes in runs.items()]
+        return (f"User-space instructions per plain hit (callgrind, {len(first)} rounds of "
+                f"{first[0]['n']:,} hits at 500/s), median (min to max): " + ", ".join(counts))
     direct = [o["p50_ms"] for o in runs["direct"]]
     overheads = [f"{names.get(name, name)} "
                  f"{spread([o['p50_ms'] - d for o, d in zip(outcomes, direct)], 3)} ms"
