@@ -16,7 +16,8 @@ servers in a rotated order, so that the host's drift falls on all of them.
   connections, 5 s per run: each server's CPU per request (and the kernel's part of it) and p99.
 - `misses`: sequential misses on distinct agents, each a 200 list: p50 per round, and its overhead
   over a direct request to the box from the probe's core and from the servers' core.
-- `instructions`: each build alone under valgrind's callgrind, `--count` plain hits at 500/s on
+- `instructions`: each server (nginx's worker too) under valgrind's callgrind, one at a time,
+  `--count` plain hits at 500/s on
   8 connections per round (a wake-up for each request, as at a low load): the user-space
   instructions executed per hit, counters zeroed before and dumped after each round. It counts
   work, not time, and repeats to within a fraction of a percent, so it can judge a change of a
@@ -108,7 +109,12 @@ def start(work, builds, extra, with_nginx, servers, wrap=lambda label: ()):
     found = {}
     if with_nginx:
         conf = render_nginx_conf(work, ports)
-        nginx = Server("nginx", ["nginx", "-p", work, "-c", conf], work)
+        command = ["nginx", "-p", work, "-c", conf]
+        if wrap("nginx"):
+            # valgrind's control pipes belong to the user who started nginx; a worker that
+            # switched to `nobody` could not be reached through them.
+            command += ["-g", "user root;"]
+        nginx = Server("nginx", [*wrap("nginx"), *command], work)
         servers.append(nginx)
         found["nginx"] = (nginx, f"http://127.0.0.1:{ports['nginx_plain']}",
                           f"https://127.0.0.1:{ports['nginx_tls']}")
@@ -194,13 +200,15 @@ def misses(args, found, box, profile):
 
 
 def callgrind(work):
-    """The command prefix that runs a build under callgrind, its profile written in `work`."""
-    return lambda label: ["valgrind", "--tool=callgrind", "--quiet",
-                          f"--callgrind-out-file={os.path.join(work, label)}.callgrind"]
+    """The command prefix that runs a server under callgrind (nginx's worker too), its profiles
+    written in `work`."""
+    return lambda label: ["valgrind", "--tool=callgrind", "--quiet", "--trace-children=yes",
+                          f"--callgrind-out-file={os.path.join(work, label)}.callgrind.%p"]
 
 
 def instructions(args, found, work):
-    """Per build, the instructions callgrind counted per plain hit, round by round."""
+    """Per server (each build, and nginx's worker), the instructions callgrind counted per
+    plain hit, round by round."""
     runs = {}
     for name, (server, plain, _) in found.items():
         url = plain + HIT_PATH
@@ -208,7 +216,7 @@ def instructions(args, found, work):
             status, _, _ = fetch(url)
         if status != 200:
             sys.exit(f"{name}: {url} answered {status}")
-        pid = str(server.proc.pid)
+        pid = str(server.cpu_pid())
         # Warmed: connections, pools and the cache's bookkeeping, outside the counted rounds.
         probe("rate", url, "500", "1", "--connections", "8")
         runs[name] = []
@@ -219,9 +227,9 @@ def instructions(args, found, work):
             subprocess.run(["callgrind_control", "--dump", pid], check=True, capture_output=True)
             if outcome["statuses"] != {"200": args.count}:
                 sys.exit(f"{name}: hits were not all 200s: {outcome['statuses']}")
-            dump = next(f for f in sorted(set(os.listdir(work)) - dumped,
-                                          key=lambda f: os.path.getmtime(os.path.join(work, f)))
-                        if f.startswith(f"{name}.callgrind."))
+            # This process's dump (`LABEL.callgrind.PID.N`): nginx starts helpers of its own.
+            dump = next(f for f in set(os.listdir(work)) - dumped
+                        if f.startswith(f"{name}.callgrind.{pid}."))
             with open(os.path.join(work, dump)) as f:
                 total = next(int(line.split()[1]) for line in f
                              if line.startswith(("summary:", "totals:")))
@@ -252,7 +260,7 @@ def main():
     servers, recorder = [], None
     try:
         counted = args.scenario == "instructions"
-        box, found = start(work, builds, extra, not (args.no_nginx or counted), servers,
+        box, found = start(work, builds, extra, not args.no_nginx, servers,
                            callgrind(work) if counted else lambda label: ())
         if args.perf:
             pid = found[args.perf][0].cpu_pid()

@@ -6,7 +6,8 @@
 # fleet.json, replay.json, ratios.png and the results sections of bench/README.md.
 #
 # Knobs: BENCH_ROUNDS (default 5), BENCH_DURATION (wrk duration per run, default 10s),
-# BENCH_EQ_SECONDS (each equal-load run, default 5), BENCH_POLL_SECONDS, BENCH_OUTAGE_SECONDS.
+# BENCH_EQ_ROUNDS (equal-load rounds, default 9), BENCH_EQ_SECONDS (each equal-load run,
+# default 5), BENCH_POLL_SECONDS, BENCH_OUTAGE_SECONDS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
