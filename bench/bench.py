@@ -1355,9 +1355,14 @@ def describe_ab(data, names):
                 f"each build's: " + "; ".join(parts))
     if data["scenario"] == "instructions":
         first = next(iter(runs.values()))
-        counts = [f"{names.get(name, name)} "
-                  f"{spread([o['instructions_per_request'] for o in outcomes], 0)}"
-                  for name, outcomes in runs.items()]
+        counted = {name: [o["instructions_per_request"] for o in outcomes]
+                   for name, outcomes in runs.items()}
+        nginx = statistics.median(counted["nginx"]) if "nginx" in counted else None
+        counts = [f"{names.get(name, name)} {statistics.median(values):,.0f} ({min(values):,} to "
+                  f"{max(values):,}"
+                  + (f"; {statistics.median(values) / nginx:.2f}x nginx's"
+                     if nginx and name != "nginx" else "") + ")"
+                  for name, values in counted.items()]
         return (f"User-space instructions per plain hit (callgrind, {len(first)} rounds of "
                 f"{first[0]['n']:,} hits at 500/s), median (min to max): " + ", ".join(counts))
     direct = [o["p50_ms"] for o in runs["direct"]]
