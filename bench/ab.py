@@ -17,12 +17,12 @@ servers in a rotated order, so that the host's drift falls on all of them.
 - `misses`: sequential misses on distinct agents, each a 200 list: p50 per round, and its overhead
   over a direct request to the box from the probe's core and from the servers' core.
 - `instructions`: each server (nginx's worker too) under valgrind's callgrind, one at a time,
-  `--count` plain hits at 500/s on
-  8 connections per round (a wake-up for each request, as at a low load): the user-space
-  instructions executed per hit, counters zeroed before and dumped after each round. It counts
-  work, not time, and repeats to within a fraction of a percent, so it can judge a change of a
-  few percent in the hit path's own code that timed rounds on a noisy host cannot. It says
-  nothing of the kernel's part. Needs `valgrind` (Debian's package).
+  `--count` plain hits per round at COUNTED_RATE on 8 connections (a wake-up for each request,
+  as at a low load): the user-space instructions executed per hit, counters zeroed before and
+  dumped after each round. It counts work, not time, and repeats to within a fraction of a
+  percent, so it can judge a change of a few percent in the hit path's own code that timed
+  rounds on a noisy host cannot. It says nothing of the kernel's part. Needs `valgrind`
+  (Debian's package).
 
 Every figure is printed as the median of the rounds with the min to max range, and the raw rounds
 are written as JSON with --json. --cache LABEL='gzip = false' adds [cache] lines to one build's
@@ -51,6 +51,8 @@ from bench import (  # noqa: E402  (the benchmark's own helpers, so both measure
 
 # Agents the simulated box makes up lists for, from FIRST_SYNTHETIC on: enough for every miss.
 SYNTHETIC_AGENTS = 1_000_000
+# Requests/s of the instructions scenario: slow enough that each hit has a wake-up of its own.
+COUNTED_RATE = 500
 
 
 def arguments():
@@ -218,25 +220,26 @@ def instructions(args, found, work):
             sys.exit(f"{name}: {url} answered {status}")
         pid = str(server.cpu_pid())
         # Warmed: connections, pools and the cache's bookkeeping, outside the counted rounds.
-        probe("rate", url, "500", "1", "--connections", "8")
+        probe("rate", url, str(COUNTED_RATE), "1", "--connections", "8")
         runs[name] = []
         for _ in range(args.rounds):
             subprocess.run(["callgrind_control", "--zero", pid], check=True, capture_output=True)
-            outcome = probe("rate", url, "500", str(args.count / 500), "--connections", "8")
-            dumped = set(os.listdir(work))
+            outcome = probe("rate", url, str(COUNTED_RATE), str(args.count / COUNTED_RATE),
+                            "--connections", "8")
+            before = set(os.listdir(work))
             subprocess.run(["callgrind_control", "--dump", pid], check=True, capture_output=True)
             if outcome["statuses"] != {"200": args.count}:
                 sys.exit(f"{name}: hits were not all 200s: {outcome['statuses']}")
             # This process's dump (`LABEL.callgrind.PID.N`): nginx starts helpers of its own.
-            dump = next(f for f in set(os.listdir(work)) - dumped
+            dump = next(f for f in set(os.listdir(work)) - before
                         if f.startswith(f"{name}.callgrind.{pid}."))
             with open(os.path.join(work, dump)) as f:
                 total = next(int(line.split()[1]) for line in f
                              if line.startswith(("summary:", "totals:")))
             outcome["instructions_per_request"] = round(total / outcome["n"])
             runs[name].append(outcome)
-    print(f"{args.count} plain hits per round at 500/s, {args.rounds} rounds: user-space "
-          f"instructions per hit, median (min to max)")
+    print(f"{args.count} plain hits per round at {COUNTED_RATE}/s, {args.rounds} rounds: "
+          f"user-space instructions per hit, median (min to max)")
     for name, outcomes in runs.items():
         print(f"  {name:>10}: {spread([o['instructions_per_request'] for o in outcomes], 0)}")
     return runs

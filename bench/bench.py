@@ -917,8 +917,9 @@ def markdown(r, s):
         f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores), commit {m['commit']} "
         f"({m.get('build', 'release')} build), {m['nginx']}. Servers pinned to CPU "
         f"{SERVER_CPU}, load generator to CPU {LOAD_CPU}; medians of {m['rounds']} alternating "
-        f"rounds ({m.get('eq_rounds', m['rounds'])} at equal load); hit runs are `wrk -t1 -c{m['connections']} -d{m['duration']}` on one cached "
-        f"{r['body_bytes']}-byte list.",
+        f"rounds ({m.get('eq_rounds', m['rounds'])} at equal load); hit runs are "
+        f"`wrk -t1 -c{m['connections']} -d{m['duration']}` on one cached {r['body_bytes']}-byte "
+        f"list.",
         "",
         "| scenario | gateway | nginx proxy_cache | static file | gateway / nginx |",
         "|---|---|---|---|---|",
@@ -1100,8 +1101,8 @@ def equal_tables(s, m):
             f"Equal offered load, {label}: open loop (`probe rate`), {CONNECTIONS} keep-alive "
             f"connections, the rates {', '.join(f'{x:,}' for x in eq['rates'])} requests/s "
             f"({', '.join(f'{int(share * 100)}%' for share in EQ_SHARES)} of the slowest "
-            f"saturated rate, {eq['slowest']:,.0f}), {m.get('eq_rounds', m['rounds'])} alternating rounds of "
-            f"{m.get('eq_seconds', EQ_SECONDS):g} s each; median (min to max over the rounds). "
+            f"saturated rate, {eq['slowest']:,.0f}), {m.get('eq_rounds', m['rounds'])} "
+            f"alternating rounds of {m.get('eq_seconds', EQ_SECONDS):g} s each; median (min to max over the rounds). "
             f"The last column is the ratio of the two medians, with the range of each round's "
             f"own ratio (the two servers' runs of one round saw the same host).",
             "",
@@ -1364,7 +1365,8 @@ def describe_ab(data, names):
                      if nginx and name != "nginx" else "") + ")"
                   for name, values in counted.items()]
         return (f"User-space instructions per plain hit (callgrind, {len(first)} rounds of "
-                f"{first[0]['n']:,} hits at 500/s), median (min to max): " + ", ".join(counts))
+                f"{first[0]['n']:,} hits at {first[0]['offered_rps']:,.0f}/s), median (min to "
+                f"max): " + ", ".join(counts))
     direct = [o["p50_ms"] for o in runs["direct"]]
     overheads = [f"{names.get(name, name)} "
                  f"{spread([o['p50_ms'] - d for o, d in zip(outcomes, direct)], 3)} ms"
