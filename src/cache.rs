@@ -797,6 +797,10 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_miss_is_answered_first_and_a_purge_while_it_finishes_is_not_undone() {
         let cache = cache();
+        // The finishing held until the purge is done: on a busy host it could otherwise be
+        // over before this task runs again.
+        let (open, gate) = tokio::sync::watch::channel(false);
+        fill::FINISH_GATE.with(|held| *held.borrow_mut() = Some(gate));
         let first = cache
             .get_or_fetch(key("1"), FetchTerms::default(), |_, _, _, _| async {
                 whole_list(400)
@@ -811,6 +815,7 @@ pub(crate) mod tests {
         assert!(cache.in_flight.lead_unwatched(&key("1")).is_some());
         assert_eq!(cache.fetches_in_flight(), 1, "still finishing the entry");
         assert_eq!(cache.purge(&Scope::All).await.0, 1);
+        open.send(true).unwrap();
         settle(&cache, |n| n == 0).await;
         assert!(
             cache.store.get(&key("1")).await.is_none(),
@@ -844,23 +849,9 @@ pub(crate) mod tests {
         };
         let tier = crate::config::TierConfig::Disk(disk);
         cache.open_tier(Some(&tier), &Metrics::new()).await;
-        // Every background thread held busy: the finishing waits in their queue.
-        let count = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let (release, gate) = crossbeam_channel::bounded::<()>(0);
-        let (running, started) = crossbeam_channel::unbounded();
-        let held: Vec<_> = (0..count)
-            .map(|_| {
-                let (gate, running) = (gate.clone(), running.clone());
-                background::try_run(move || {
-                    let _ = running.send(());
-                    let _ = gate.recv();
-                })
-                .expect("room in the background queue")
-            })
-            .collect();
-        for _ in 0..count {
-            started.recv().unwrap();
-        }
+        // The finishing held until the disk has been read.
+        let (open, gate) = tokio::sync::watch::channel(false);
+        fill::FINISH_GATE.with(|held| *held.borrow_mut() = Some(gate));
         let first = cache
             .get_or_fetch(key("1"), FetchTerms::default(), |_, _, _, _| async {
                 whole_list(400)
@@ -875,10 +866,7 @@ pub(crate) mod tests {
         let found = disk.read(key("1").canonical()).await;
         assert!(found.is_some(), "on disk before the entry was finished");
 
-        drop(release);
-        for job in held {
-            job.await.unwrap();
-        }
+        open.send(true).unwrap();
         settle(&cache, |n| n == 0).await;
         let stored = cache.store.get(&key("1")).await.unwrap();
         assert!(!stored.provisional && stored.gzip.is_some());

@@ -20,6 +20,15 @@ use super::{
 use crate::recordings::RecordingList;
 use crate::upstream::UpstreamError;
 
+#[cfg(test)]
+thread_local! {
+    /// Tests only: while set, an entry finished for nobody by a task on this thread (a
+    /// `#[tokio::test]` runs its tasks on its own thread) waits until the sender says `true`,
+    /// so a test can act while the entry is still being finished, whatever the timing.
+    pub(super) static FINISH_GATE: std::cell::RefCell<Option<tokio::sync::watch::Receiver<bool>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Who waits for an entry being finished, which decides where its gzip copy and parse are made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Waiting {
@@ -327,6 +336,12 @@ impl ResponseCache {
         unparsed: Option<Instant>,
         waiting: Waiting,
     ) -> Arc<CachedResponse> {
+        #[cfg(test)]
+        if waiting == Waiting::Nobody
+            && let Some(mut gate) = FINISH_GATE.with(|gate| gate.borrow().clone())
+        {
+            let _ = gate.wait_for(|open| *open).await;
+        }
         let config = self.config.load_full();
         let fetched_whole_at = unparsed.filter(|_| entry.status == StatusCode::OK);
         let stored_list = entry.lifetime.is_some() && entry.status == StatusCode::OK;
