@@ -4,7 +4,7 @@ tried" table.
 
     python3 bench/ab.py hits [--tls] [--rates 22700,45500] [--rounds 6] LABEL=BINARY ...
     python3 bench/ab.py misses [--rounds 4] [--count 500] LABEL=BINARY ...
-    python3 bench/ab.py instructions [--rounds 3] [--count 5000] LABEL=BINARY ...
+    python3 bench/ab.py instructions [--rounds 3] [--count 5000] [--new-connections] LABEL=BINARY ...
     python3 bench/ab.py describe RESULTS.json [LABEL=TEXT ...]
 
 Each LABEL=BINARY is a gateway build (for instance `base=/tmp/base new=target/release/miralix-gateway`);
@@ -22,7 +22,9 @@ servers in a rotated order, so that the host's drift falls on all of them.
   dumped after each round. It counts work, not time, and repeats to within a fraction of a
   percent, so it can judge a change of a few percent in the hit path's own code that timed
   rounds on a noisy host cannot. It says nothing of the kernel's part. Needs `valgrind`
-  (Debian's package).
+  (Debian's package). With --new-connections, each round is `--count` clients at once (default
+  200), each on a new connection with one hit: what a client that does not keep connections
+  alive costs.
 
 Every figure is printed as the median of the rounds with the min to max range, and the raw rounds
 are written as JSON with --json. --cache LABEL='gzip = false' adds [cache] lines to one build's
@@ -66,6 +68,8 @@ def arguments():
     parser.add_argument("--count", type=int, default=None,
                         help="misses (default 500) or hits (instructions: 5000) per round")
     parser.add_argument("--no-nginx", action="store_true", help="gateway builds only")
+    parser.add_argument("--new-connections", action="store_true",
+                        help="instructions: one hit per new connection")
     parser.add_argument("--cache", action="append", default=[], metavar="LABEL=LINES",
                         help="extra [cache] lines for one build, ';' between lines")
     parser.add_argument("--perf", metavar="LABEL", help="profile this server alone")
@@ -88,7 +92,8 @@ def arguments():
     if args.perf and args.perf not in list(builds) + ["nginx"]:
         parser.error(f"--perf {args.perf}: not one of {', '.join(builds)} or nginx")
     if args.count is None:
-        args.count = 5000 if args.scenario == "instructions" else 500
+        args.count = {"instructions": 200 if args.new_connections else 5000}.get(args.scenario,
+                                                                                 500)
     if args.scenario == "instructions":
         if args.perf or args.tls:
             parser.error("instructions: counts plain hits of the gateway builds, without --perf "
@@ -224,8 +229,11 @@ def instructions(args, found, work):
         runs[name] = []
         for _ in range(args.rounds):
             subprocess.run(["callgrind_control", "--zero", pid], check=True, capture_output=True)
-            outcome = probe("rate", url, str(COUNTED_RATE), str(args.count / COUNTED_RATE),
-                            "--connections", "8")
+            if args.new_connections:
+                outcome = probe("storm", url, str(args.count))
+            else:
+                outcome = probe("rate", url, str(COUNTED_RATE), str(args.count / COUNTED_RATE),
+                                "--connections", "8")
             before = set(os.listdir(work))
             subprocess.run(["callgrind_control", "--dump", pid], check=True, capture_output=True)
             if outcome["statuses"] != {"200": args.count}:
@@ -238,8 +246,10 @@ def instructions(args, found, work):
                              if line.startswith(("summary:", "totals:")))
             outcome["instructions_per_request"] = round(total / outcome["n"])
             runs[name].append(outcome)
-    print(f"{args.count} plain hits per round at {COUNTED_RATE}/s, {args.rounds} rounds: "
-          f"user-space instructions per hit, median (min to max)")
+    each = (f"{args.count} new connections at once per round, one plain hit on each"
+            if args.new_connections else f"{args.count} plain hits per round at {COUNTED_RATE}/s")
+    print(f"{each}, {args.rounds} rounds: user-space instructions per "
+          f"{'connection' if args.new_connections else 'hit'}, median (min to max)")
     for name, outcomes in runs.items():
         print(f"  {name:>10}: {spread([o['instructions_per_request'] for o in outcomes], 0)}")
     return runs
@@ -281,7 +291,8 @@ def main():
             print(f"profile of {args.perf}: {args.perf_out} (perf report -i {args.perf_out})")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"scenario": args.scenario, "tls": args.tls, "builds": builds,
+                json.dump({"scenario": args.scenario, "tls": args.tls,
+                           "new_connections": args.new_connections, "builds": builds,
                            "cache": extra, "runs": runs}, f, indent=1)
     finally:
         if recorder and recorder.poll() is None:

@@ -1364,9 +1364,12 @@ def describe_ab(data, names):
                   + (f"; {statistics.median(values) / nginx:.2f}x nginx's"
                      if nginx and name != "nginx" else "") + ")"
                   for name, values in counted.items()]
-        return (f"User-space instructions per plain hit (callgrind, {len(first)} rounds of "
-                f"{first[0]['n']:,} hits at {first[0]['offered_rps']:,.0f}/s), median (min to "
-                f"max): " + ", ".join(counts))
+        each = (f"new connection with one plain hit (callgrind, {len(first)} rounds of "
+                f"{first[0]['n']:,} at once)" if data.get("new_connections") else
+                f"plain hit (callgrind, {len(first)} rounds of {first[0]['n']:,} hits at "
+                f"{first[0]['offered_rps']:,.0f}/s)")
+        return (f"User-space instructions per {each}, median (min to max): "
+                + ", ".join(counts))
     direct = [o["p50_ms"] for o in runs["direct"]]
     overheads = [f"{names.get(name, name)} "
                  f"{spread([o['p50_ms'] - d for o, d in zip(outcomes, direct)], 3)} ms"

@@ -233,7 +233,10 @@ impl AcceptLoop {
                 stop: self.stop.clone(),
                 _permit: permit,
             };
-            connections.spawn(connection.serve(stream).instrument(span));
+            // Boxed: a connection's future is large (the TLS handshake's state, then hyper's
+            // connection beside it), and tokio copies a task's future into its cell when it is
+            // spawned and its stage again when it ends; a box is copied once.
+            connections.spawn(Box::pin(connection.serve(stream)).instrument(span));
         }
         drop(self.listener);
         drop(self.closed);
@@ -286,7 +289,9 @@ impl Connection {
                                 }
                             }
                         }
-                        self.serve_http(tls).await
+                        // Boxed: the TLS stream makes this future large, and a plain
+                        // connection should not carry (and copy) its room.
+                        Box::pin(self.serve_http(tls)).await
                     }
                     Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
                     Err(_) => tracing::debug!(?handshake_timeout, "TLS handshake timed out"),
@@ -436,9 +441,10 @@ impl Connection {
             }
         }
         drop(connection);
-        // We closed a connection the client may still be sending on: see `linger`.
+        // We closed a connection the client may still be sending on: see `linger`. Boxed, as
+        // it is rare: the connection's future does not carry its read buffer.
         if closing && let Ok(io) = returned.await {
-            linger(io).await;
+            Box::pin(linger(io)).await;
         }
     }
 }
