@@ -233,9 +233,9 @@ impl AcceptLoop {
                 stop: self.stop.clone(),
                 _permit: permit,
             };
-            // Boxed: a connection's future is large (the TLS handshake's state, then hyper's
-            // connection beside it), and tokio copies a task's future into its cell when it is
-            // spawned and its stage again when it ends; a box is copied once.
+            // Boxed: a connection's future is still a few KiB (the TLS handshake's state), and
+            // tokio copies a task's future into its cell when it is spawned and its stage again
+            // when it ends; a box is copied once.
             connections.spawn(Box::pin(connection.serve(stream)).instrument(span));
         }
         drop(self.listener);
