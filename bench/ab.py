@@ -24,7 +24,8 @@ servers in a rotated order, so that the host's drift falls on all of them.
   rounds on a noisy host cannot. It says nothing of the kernel's part. Needs `valgrind`
   (Debian's package). With --new-connections, each round is `--count` clients at once (default
   200), each on a new connection with one hit: what a client that does not keep connections
-  alive costs.
+  alive costs. --keep DIR keeps each round's dump there (`callgrind_annotate DIR/LABEL.N`), for
+  the profile behind a change.
 
 Every figure is printed as the median of the rounds with the min to max range, and the raw rounds
 are written as JSON with --json. --cache LABEL='gzip = false' adds [cache] lines to one build's
@@ -75,6 +76,8 @@ def arguments():
     parser.add_argument("--perf", metavar="LABEL", help="profile this server alone")
     parser.add_argument("--perf-out", default="/tmp/miralix-ab.perf.data")
     parser.add_argument("--json", metavar="PATH", help="write the raw rounds here")
+    parser.add_argument("--keep", metavar="DIR",
+                        help="instructions: keep each round's callgrind dump in DIR")
     args = parser.parse_args()
     builds = {}
     for build in args.builds:
@@ -91,6 +94,8 @@ def arguments():
         extra[label] = text.replace(";", "\n")
     if args.perf and args.perf not in list(builds) + ["nginx"]:
         parser.error(f"--perf {args.perf}: not one of {', '.join(builds)} or nginx")
+    if args.keep and args.scenario != "instructions":
+        parser.error("--keep: only the instructions scenario writes callgrind dumps")
     if args.count is None:
         args.count = {"instructions": 200 if args.new_connections else 5000}.get(args.scenario,
                                                                                  500)
@@ -245,6 +250,10 @@ def instructions(args, found, work):
                 total = next(int(line.split()[1]) for line in f
                              if line.startswith(("summary:", "totals:")))
             outcome["instructions_per_request"] = round(total / outcome["n"])
+            if args.keep:
+                os.makedirs(args.keep, exist_ok=True)
+                shutil.copy(os.path.join(work, dump),
+                            os.path.join(args.keep, f"{name}.{len(runs[name]) + 1}"))
             runs[name].append(outcome)
     each = (f"{args.count} new connections at once per round, one plain hit on each"
             if args.new_connections else f"{args.count} plain hits per round at {COUNTED_RATE}/s")
