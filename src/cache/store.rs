@@ -17,8 +17,14 @@ use crate::metrics::EvictionCounters;
 /// The stored answers, bounded by `cache.max_bytes`. Cheap to clone: clones share the store.
 #[derive(Clone)]
 pub struct MemoryStore {
-    entries: moka::future::Cache<CacheKey, Arc<CachedResponse>>,
+    entries: moka::future::Cache<CacheKey, Arc<CachedResponse>, KeyHasher>,
 }
+
+/// How keys are hashed: foldhash, with a seed drawn per process, rather than moka's default
+/// SipHash, which took about 2.5% of a hit's instructions (callgrind) to hash a key of a few
+/// short fields. A key is built only for an authenticated request, from normalized and
+/// length-capped parts, and a random seed leaves no fixed set of colliding keys to send.
+type KeyHasher = foldhash::fast::RandomState;
 
 /// Per-entry lifetime for moka: an entry leaves memory when it is of no more use.
 struct EntryExpiry;
@@ -67,7 +73,7 @@ impl MemoryStore {
                 };
                 counter.inc();
             })
-            .build();
+            .build_with_hasher(KeyHasher::default());
         Self { entries }
     }
 

@@ -54,7 +54,10 @@ impl Account {
 /// What a reload can replace: the configuration, the accounts' clients and the TLS acceptor.
 pub struct Generation {
     pub config: Config,
-    pub(crate) accounts: HashMap<String, Account>,
+    /// Looked up by the name in every request's path. With foldhash: SipHash's resistance to
+    /// chosen collisions protects a table that grows from input, and this one is the
+    /// configuration's.
+    pub(crate) accounts: HashMap<String, Account, foldhash::fast::RandomState>,
     /// Set when `server.tls` is configured: new public connections are TLS.
     pub(crate) tls: Option<TlsAcceptor>,
     /// Set when `server.rate_limit` is configured; kept across reloads that do not change it.
@@ -69,7 +72,7 @@ impl Generation {
         metrics: &Metrics,
         clock: &Arc<dyn Clock>,
     ) -> Result<Self, StateError> {
-        let mut accounts = HashMap::new();
+        let mut accounts = HashMap::default();
         // Every problem is collected, so check-config and a refused reload list them all.
         let mut problems = Vec::new();
         for (name, settings) in &config.accounts {
