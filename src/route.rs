@@ -334,17 +334,13 @@ fn account_name(segment: &str) -> Result<Cow<'_, str>, RouteError> {
     }
     let account = decode(segment, "account")?;
     // An account name is one plain path segment; anything else cannot be a configured account.
-    // (Bytes first: the common all-ASCII name needs no character decoding.)
-    let refused = if account.is_ascii() {
-        account
-            .bytes()
-            .any(|b| b == b'/' || b == b'\\' || b.is_ascii_control())
-    } else {
-        account
-            .chars()
-            .any(|c| c == '/' || c == '\\' || c.is_control())
-    };
-    if refused {
+    // Bytes first, so an all-ASCII name needs no character decoding; only a name beyond ASCII
+    // can hold the other control characters (U+0080 to U+009F).
+    if account
+        .bytes()
+        .any(|b| b == b'/' || b == b'\\' || b.is_ascii_control())
+        || (!account.is_ascii() && account.chars().any(char::is_control))
+    {
         return Err(RouteError::NotFound);
     }
     Ok(account)
