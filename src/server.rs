@@ -308,12 +308,16 @@ impl Connection {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let settings = self.state.generation().config.server.clone();
+        // Read from the configuration, not cloned: its server section holds the TLS key.
+        let generation = self.state.generation();
+        let limits = IdleLimits::of(&generation.config.server);
+        let max_cancelled = generation.config.server.max_cancelled_requests;
+        let max_head_bytes = generation.config.server.max_request_head_bytes;
+        drop(generation);
         let activity = Arc::new(Activity::new());
         let service = {
             let (state, activity, kind) = (self.state.clone(), activity.clone(), self.kind);
             let peer = self.peer.clone();
-            let max_cancelled = settings.max_cancelled_requests;
             service_fn(move |request: hyper::Request<Incoming>| {
                 let busy = activity.begin();
                 let answering = Answering::new(activity.clone(), max_cancelled);
@@ -355,14 +359,12 @@ impl Connection {
         builder
             .http1()
             .header_read_timeout(None)
-            .max_buf_size(settings.max_request_head_bytes)
+            .max_buf_size(max_head_bytes)
             .max_headers(100);
         builder
             .http2()
             .timer(TokioTimer::new())
-            .max_header_list_size(
-                u32::try_from(settings.max_request_head_bytes).unwrap_or(u32::MAX),
-            );
+            .max_header_list_size(u32::try_from(max_head_bytes).unwrap_or(u32::MAX));
         let (give_back, returned) = oneshot::channel();
         let io = Lingering {
             io: Some(io),
@@ -370,7 +372,6 @@ impl Connection {
             activity: activity.clone(),
         };
         let mut connection = Box::pin(builder.serve_connection(TokioIo::new(io), service));
-        let limits = IdleLimits::of(&settings);
         let mut closing = false;
         // When a stop was asked for: the connection closes `SHUTDOWN_SETTLE` later.
         let mut stop_at = None;
