@@ -190,6 +190,52 @@ class StealWatch:
         return round(stolen / max(wall, 1e-9), 3)
 
 
+def halts():
+    """Per benchmark core, how many times it has gone idle in a state that halts the CPU (the
+    cpuidle states other than polling, /sys/devices/system/cpu/cpuN/cpuidle); None where the
+    kernel has no cpuidle driver."""
+    counts = {}
+    for role, core in (("servers", SERVER_CPU), ("load", LOAD_CPU)):
+        root = f"/sys/devices/system/cpu/cpu{core}/cpuidle"
+        try:
+            states = sorted(os.listdir(root))
+            total = 0
+            for state in states:
+                with open(os.path.join(root, state, "name")) as f:
+                    if f.read().strip() == "POLL":
+                        continue
+                with open(os.path.join(root, state, "usage")) as f:
+                    total += int(f.read())
+        except OSError:
+            return None
+        counts[role] = total
+    return counts
+
+
+def halts_since(before):
+    """The halts per core since `before` (from `halts()`), or None."""
+    after = halts()
+    if before is None or after is None:
+        return None
+    return {role: after[role] - before[role] for role in after}
+
+
+def idle_policy():
+    """How this machine idles its CPUs: the cpuidle driver and, with the haltpoll driver of a
+    virtual machine, how long an idle CPU polls before it halts."""
+    def read(path):
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+    policy = {"driver": read("/sys/devices/system/cpu/cpuidle/current_driver")}
+    poll_ns = read("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+    if poll_ns is not None:
+        policy["guest_halt_poll_ns"] = int(poll_ns)
+    return policy
+
+
 def wrk(url, server):
     """One wrk run from the load CPU: requests/s, p50 and p99 in ms, how busy the server was
     and how busy wrk was (1.0 = one core saturated), the server's CPU per request, and the
@@ -278,6 +324,7 @@ def machine():
         "outage_seconds": OUTAGE_SECONDS,
         "duration": DURATION,
         "connections": CONNECTIONS,
+        "idle": idle_policy(),
     }
 
 
@@ -530,10 +577,11 @@ def run(work, servers):
     hit_rounds = {"gateway": [], "nginx": []}
     for round_ in range(ROUNDS):
         for name, base, extra, cpu in rotated(sources, round_):
-            steal = StealWatch()
+            steal, halted = StealWatch(), halts()
             outcome = probe(*extra, "sequence", base, ID_TEMPLATE, str(next_id), str(MISSES),
                             cpu=cpu)
             outcome["stolen"] = steal.share()
+            outcome["halts"] = halts_since(halted)
             # Every miss must be a list the box had to build (not a 404 for an unknown agent).
             if outcome["statuses"] != {"200": MISSES}:
                 sys.exit(f"misses against {base} were not all 200s: {outcome['statuses']}")
@@ -542,7 +590,9 @@ def run(work, servers):
             if name in ("gateway", "nginx"):
                 # The same keys again, now hits: what the client's own hop to this proxy and
                 # back costs, the part of a miss that no proxy on another core can avoid.
+                halted = halts()
                 hits = probe("sequence", base, ID_TEMPLATE, str(next_id), str(MISSES), cpu=cpu)
+                hits["halts"] = halts_since(halted)
                 if hits["statuses"] != {"200": MISSES}:
                     sys.exit(f"hits against {base} were not all 200s: {hits['statuses']}")
                 hit_rounds[name].append(hits)
@@ -734,6 +784,52 @@ def miss_floor_sentence(s):
         f"{own['nginx']['max']:.3f}). ")
 
 
+def halts_per_request(r):
+    """Per kind of sequential request in the miss scenario (direct, direct_cross, each proxy's
+    misses, and its hits on the same keys as "gateway_hits", "nginx_hits"): the halts per
+    request of each benchmark core, medians of the rounds; None for a run without the counts."""
+    kinds = dict(r["miss"])
+    kinds.update({f"{name}_hits": runs for name, runs in r.get("miss_hits", {}).items()})
+    halted = {}
+    for kind, runs in kinds.items():
+        if not runs or any(run.get("halts") is None for run in runs):
+            return None
+        halted[kind] = {role: round(statistics.median(
+            run["halts"][role] / sum(run["statuses"].values()) for run in runs), 2)
+            for role in ("servers", "load")}
+    return halted
+
+
+def halts_sentence(s):
+    """How often the cores halted per request in the miss scenario, and what a halt cost."""
+    if "miss_halts" not in s:
+        return ""
+    h, mp, idle = s["miss_halts"], s["miss_p50_ms"], s["idle"]
+    def both(kind):
+        return h[kind]["servers"] + h[kind]["load"]
+    policy = f"the {idle['driver']} cpuidle driver" if idle.get("driver") else "its idle policy"
+    if idle.get("guest_halt_poll_ns") == 0:
+        policy += ", set not to poll before it halts (haltpoll.guest_halt_poll_ns = 0)"
+    elif "guest_halt_poll_ns" in idle:
+        policy += (f", which polls for up to {idle['guest_halt_poll_ns']:,} ns before it halts "
+                   f"(haltpoll.guest_halt_poll_ns)")
+    text = (
+        f"A crossing here usually finds the other core halted: on this machine ({policy}), a "
+        f"core with nothing to run halts, and what wakes it waits for it to resume. Counted per "
+        f"request from cpuidle, both cores together: {both('direct'):.1f} halts for a direct "
+        f"request from the box's core, {both('direct_cross'):.1f} from the servers' core; "
+        f"{both('gateway'):.1f} for a miss through the gateway ({both('gateway_hits'):.1f} for "
+        f"a hit on the same keys) and {both('nginx'):.1f} through nginx "
+        f"({both('nginx_hits'):.1f} for a hit). ")
+    extra = both("direct_cross") - both("direct")
+    if extra >= 0.5:
+        slower = mp["direct_cross"]["median"] - mp["direct"]["median"]
+        text += (f"The direct request from the servers' core halted {extra:.1f} times more and "
+                 f"took {slower * 1000:.0f} us longer at the median: about "
+                 f"{slower / extra * 1000:.0f} us a halt. ")
+    return text
+
+
 # What the saturated tables keep of each run, as the median of the rounds.
 SATURATED_FIGURES = ("rps", "p50_ms", "p99_ms", "server_cpu", "server_us_per_request")
 
@@ -768,6 +864,10 @@ def summarize(r):
         s["miss_own_ms"] = {n: spread_of([round(o - f, 3) for o, f in
                                           zip(s["miss_overhead_rounds"][n], floor[n])])
                             for n in floor}
+    halted = halts_per_request(r)
+    if halted:
+        s["miss_halts"] = halted
+        s["idle"] = r["machine"].get("idle", {})
     s["outage"] = r["outage"]
     s["poller"] = r["poller"]
     mib = 1024 * 1024
@@ -967,6 +1067,14 @@ def markdown(r, s):
             f"| miss overhead above that floor (the proxy's own work), ms | "
             f"{of_rounds(s['miss_own_ms']['gateway'])} | {of_rounds(s['miss_own_ms']['nginx'])} | | |",
         ]
+    if "miss_halts" in s:
+        def halted(kind):
+            h = s["miss_halts"][kind]
+            return f"{h['servers']:.2f} / {h['load']:.2f}"
+        lines.append(
+            f"| halts per request (cpuidle), servers' core / load core: miss; hit on the same keys "
+            f"| {halted('gateway')}; {halted('gateway_hits')} | {halted('nginx')}; "
+            f"{halted('nginx_hits')} | | |")
     lines += [
         f"| memory (max_bytes {s['memory']['max_bytes_mib']:g} MiB, box writing in pieces): RSS "
         f"idle / after {FILL_UNKNOWN:,} 404s / after {FILL_AGENTS:,} lists | "
@@ -1305,7 +1413,7 @@ def reading(s):
         f"{mp['direct_cross']['median']:.3f} ms ({mp['direct_cross']['min']:.3f} to "
         f"{mp['direct_cross']['max']:.3f}). So {floor:.3f} ms of a proxy's miss is that core "
         f"crossing alone, before the client's own hop to the proxy and back, which crosses "
-        f"cores too. " + miss_floor_sentence(s) + "The waiting clients are answered as soon as the box's bytes are checked; "
+        f"cores too. " + miss_floor_sentence(s) + halts_sentence(s) + "The waiting clients are answered as soon as the box's bytes are checked; "
         f"the gzip copy and the parse into elements follow on a thread at the lowest CPU "
         f"priority (nice 19), so the next request takes the core from them at once.")
     parts.append(
