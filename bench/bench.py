@@ -437,6 +437,11 @@ def check():
 def main():
     if sys.argv[1:] == ["--check"]:
         return check()
+    if sys.argv[1:2] == ["--history-run"]:
+        if len(sys.argv) != 3 or not sys.argv[2].strip():
+            sys.exit("usage: bench.py --history-run LABEL (what changed before the run in "
+                     "bench/results/latest.json, e.g. 'profile-guided build, halts counted')")
+        return add_whole_run(sys.argv[2].strip())
     if sys.argv[1:] == ["--rewrite"]:
         # The tables, chart and prose again from bench/results/latest.json, without a run.
         with open(os.path.join(RESULTS, "latest.json")) as f:
@@ -1486,9 +1491,85 @@ def describe_ab(data, names):
             f"overhead over a direct request at the median (min to max), " + ", ".join(overheads))
 
 
+# The goals a whole run is judged by in history.json's row of whole runs (`runs`).
+RUN_GOALS = {
+    "plain_cpu": "equal load, plain: nginx's CPU per request >= 1.25x the gateway's at every rate "
+                 "(medians)",
+    "plain_p99": "equal load, plain: gateway p99 <= nginx's at every rate (medians)",
+    "static": "hit throughput >= 0.95x static file (median)",
+}
+
+
+def whole_run(latest, label):
+    """What the row of whole runs keeps of one run: its results (latest.json as bench.py wrote
+    it) reduced to the figures the row shows."""
+    m, s = latest["raw"]["machine"], latest["summary"]
+    met = {goal: ok for goal, ok, _ in s["goals"]}
+    return {
+        "date": m["date"], "commit": m["commit"], "label": label,
+        "goals_met": sum(met.values()), "goals": len(met),
+        # As the results print them: ratios to two places.
+        **{mode: [round(eq["cpu_ratio"][str(rate)], 2) for rate in eq["rates"]]
+           for mode, eq in s["equal"].items()},
+        "saturated_plain": round(s["ratios"]["hit_rps_plain"], 2),
+        "saturated_tls": round(s["ratios"]["hit_rps_tls"], 2),
+        "static": round(s["ratios"]["hit_rps_vs_static"], 2),
+        "miss_ms": s["miss_overhead_ms"]["gateway"], "miss_nginx_ms": s["miss_overhead_ms"]["nginx"],
+        "met": {key: met[goal] for key, goal in RUN_GOALS.items()},
+    }
+
+
+def whole_runs_text(runs):
+    """The row of whole runs: each run, then what the runs of each build had in common."""
+    def ratios(values):
+        return "/".join(f"{v:.2f}" for v in values) + "x"
+    text = "; ".join(
+        f"{run['date'].split()[1]} UTC at {run['commit']} ({run['label']}): {run['goals_met']} of "
+        f"{run['goals']} goals; equal-load CPU, nginx's over the gateway's at 25/50/75% load, "
+        f"plain {ratios(run['plain'])}, TLS {ratios(run['tls'])}; saturated plain "
+        f"{run['saturated_plain']:.2f}x, TLS {run['saturated_tls']:.2f}x, static "
+        f"{run['static']:.2f}x; miss overhead {run['miss_ms']:.3f} ms (nginx "
+        f"{run['miss_nginx_ms']:.3f})" for run in runs)
+    builds = {}
+    for run in runs:
+        builds.setdefault(run["label"].split(",")[0], []).append(run)
+    summaries = []
+    for build, of_build in builds.items():
+        plain = [v for run in of_build for v in run["plain"]]
+        tls = [v for run in of_build for v in run["tls"]]
+        count = len(of_build)
+        def held(key):
+            return sum(run["met"][key] for run in of_build)
+        summaries.append(
+            f"the {count} runs of the {build}: equal-load CPU ratios plain {min(plain):.2f}x to "
+            f"{max(plain):.2f}x, TLS {min(tls):.2f}x to {max(tls):.2f}x; the plain CPU goal met "
+            f"at every rate in {held('plain_cpu')} of {count}, the plain p99 goal in "
+            f"{held('plain_p99')}, the static-file goal in {held('static')}")
+    return text + ". Over " + "; over ".join(summaries)
+
+
+def add_whole_run(label):
+    """The run in results/latest.json, appended to history.json's row of whole runs, and the
+    history table in bench/README.md written again."""
+    with open(os.path.join(RESULTS, "latest.json")) as f:
+        run = whole_run(json.load(f), label)
+    path = os.path.join(RESULTS, "history.json")
+    with open(path) as f:
+        history = json.load(f)
+    row = next(change for change in history["changes"] if "runs" in change)
+    if any(old["date"] == run["date"] and old["commit"] == run["commit"] for old in row["runs"]):
+        sys.exit(f"the run of {run['date']} at {run['commit']} is in the row already")
+    row["runs"].append(run)
+    with open(path, "w") as f:
+        f.write(json.dumps(history, indent=2, ensure_ascii=False) + "\n")
+    replace_block(os.path.join(BENCH, "README.md"), "history", history_table())
+    print(f"history: the run of {run['date']} at {run['commit']} added as '{label}'")
+
+
 def history_table():
     """What earlier changes measured, from bench/results/history.json: a row with `rounds` has
-    its effect written here from the rounds ab.py --json kept (in results/ab/)."""
+    its effect written here from the rounds ab.py --json kept (in results/ab/); the row with
+    `runs` (whole runs, added with `bench.py --history-run LABEL`) from those runs' figures."""
     with open(os.path.join(RESULTS, "history.json")) as f:
         changes = json.load(f)["changes"]
     lines = ["| change | effect (same machine, A/B in alternation, at the time) | kept |",
@@ -1498,6 +1579,8 @@ def history_table():
         if change.get("why"):
             kept += f": {change['why']}"
         measured = change.get("measured", "")
+        if change.get("runs"):
+            measured = whole_runs_text(change["runs"]) + (f". {measured}" if measured else "")
         for rounds in change.get("rounds", []):
             with open(os.path.join(RESULTS, rounds["file"])) as f:
                 measured += (". " if measured else "") + describe_ab(json.load(f), rounds["names"])
