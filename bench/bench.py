@@ -814,14 +814,14 @@ def halts_sentence(s):
         return h[kind]["servers"] + h[kind]["load"]
     policy = f"the {idle['driver']} cpuidle driver" if idle.get("driver") else "its idle policy"
     if idle.get("guest_halt_poll_ns") == 0:
-        policy += ", set not to poll before it halts (haltpoll.guest_halt_poll_ns = 0)"
+        policy += ", set by haltpoll.guest_halt_poll_ns = 0 not to poll before it halts"
     elif "guest_halt_poll_ns" in idle:
         policy += (f", which polls for up to {idle['guest_halt_poll_ns']:,} ns before it halts "
-                   f"(haltpoll.guest_halt_poll_ns)")
+                   f"by haltpoll.guest_halt_poll_ns")
     text = (
-        f"A crossing here usually finds the other core halted: on this machine ({policy}), a "
-        f"core with nothing to run halts, and what wakes it waits for it to resume. Counted per "
-        f"request from cpuidle, both cores together: {both('direct'):.1f} halts for a direct "
+        f"On this machine ({policy}), a core with nothing to run halts, and what wakes it waits "
+        f"for it to resume. Counted per request from cpuidle, both cores together: "
+        f"{both('direct'):.1f} halts for a direct "
         f"request from the box's core, {both('direct_cross'):.1f} from the servers' core; "
         f"{both('gateway'):.1f} for a miss through the gateway ({both('gateway_hits'):.1f} for "
         f"a hit on the same keys) and {both('nginx'):.1f} through nginx "
@@ -829,7 +829,8 @@ def halts_sentence(s):
     extra = both("direct_cross") - both("direct")
     if extra >= 0.5:
         slower = mp["direct_cross"]["median"] - mp["direct"]["median"]
-        text += (f"The direct request from the servers' core halted {extra:.1f} times more and "
+        text += (f"So a crossing here finds the other core halted: the direct request from the "
+                 f"servers' core halted {extra:.1f} times more and "
                  f"took {slower * 1000:.0f} us longer at the median: about "
                  f"{slower / extra * 1000:.0f} us a halt. ")
     return text
