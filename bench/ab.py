@@ -194,8 +194,14 @@ def misses(args, found, box, profile):
             if profile and name != profile:
                 continue
             base, extra, cpu = sources[name]
+            server = found[name][0] if name in found else None
+            before = server.cpu_split() if server else None
             outcome = probe(*extra, "sequence", base, ID_TEMPLATE, str(next_id), str(args.count),
                             cpu=cpu)
+            if server:  # the whole process's CPU, its background threads included
+                after = server.cpu_split()
+                outcome["server_us_per_miss"] = (sum(after) - sum(before)) / args.count * 1e6
+                outcome["kernel_us_per_miss"] = (after[1] - before[1]) / args.count * 1e6
             if outcome["statuses"] != {"200": args.count}:
                 sys.exit(f"misses against {name} were not all 200s: {outcome['statuses']}")
             runs[name].append(outcome)
@@ -207,7 +213,11 @@ def misses(args, found, box, profile):
         for name, outcomes in runs.items():
             p50 = [o["p50_ms"] for o in outcomes]
             overhead = [o - d for o, d in zip(p50, direct_p50)]
-            print(f"  {name:>12}: p50 {spread(p50, 3)}, overhead {spread(overhead, 3)}")
+            cpu = ""
+            if "server_us_per_miss" in outcomes[0]:
+                cpu = (f", CPU per miss {spread([o['server_us_per_miss'] for o in outcomes])} us"
+                       f" ({spread([o['kernel_us_per_miss'] for o in outcomes])} in the kernel)")
+            print(f"  {name:>12}: p50 {spread(p50, 3)}, overhead {spread(overhead, 3)}{cpu}")
     return runs
 
 

@@ -582,11 +582,15 @@ def run(work, servers):
     hit_rounds = {"gateway": [], "nginx": []}
     for round_ in range(ROUNDS):
         for name, base, extra, cpu in rotated(sources, round_):
+            server = owner.get(name) if name in ("gateway", "nginx") else None
+            used = server.cpu_split() if server else None
             steal, halted = StealWatch(), halts()
             outcome = probe(*extra, "sequence", base, ID_TEMPLATE, str(next_id), str(MISSES),
                             cpu=cpu)
             outcome["stolen"] = steal.share()
             outcome["halts"] = halts_since(halted)
+            if server:  # user and kernel CPU seconds of the misses (the gateway's whole process)
+                outcome["server_cpu_s"] = [b - a for a, b in zip(used, server.cpu_split())]
             # Every miss must be a list the box had to build (not a 404 for an unknown agent).
             if outcome["statuses"] != {"200": MISSES}:
                 sys.exit(f"misses against {base} were not all 200s: {outcome['statuses']}")
@@ -816,6 +820,38 @@ def halts_per_request(r):
     return halted
 
 
+def miss_cpu(miss):
+    """Per proxy, its CPU per miss in microseconds over the miss rounds, all of it and the
+    kernel's part (median and range); None for a run that did not read it."""
+    cpu = {}
+    for name in ("gateway", "nginx"):
+        runs = miss.get(name, [])
+        if not runs or any("server_cpu_s" not in run for run in runs):
+            return None
+        per = [(sum(run["server_cpu_s"]) / sum(run["statuses"].values()) * 1e6,
+                run["server_cpu_s"][1] / sum(run["statuses"].values()) * 1e6) for run in runs]
+        cpu[name] = {"all": spread_of([round(a) for a, _ in per]),
+                     "kernel": spread_of([round(k) for _, k in per])}
+    return cpu
+
+
+def miss_cpu_sentence(s):
+    """What a miss cost each proxy in CPU, and what the gateway's figure holds."""
+    if "miss_cpu_us" not in s:
+        return ""
+    g, n = s["miss_cpu_us"]["gateway"], s["miss_cpu_us"]["nginx"]
+    ratio = g["all"]["median"] / max(n["all"]["median"], 1)
+    return (
+        f"In CPU, read from /proc over each round of {MISSES} misses (in 10 ms ticks), a miss "
+        f"cost the gateway's process {g['all']['median']:.0f} us at the median (rounds "
+        f"{g['all']['min']:.0f} to {g['all']['max']:.0f}; {g['kernel']['median']:.0f} us of it in "
+        f"the kernel) and nginx's worker {n['all']['median']:.0f} us ({n['all']['min']:.0f} to "
+        f"{n['all']['max']:.0f}; {n['kernel']['median']:.0f} in the kernel), {ratio:.2f}x "
+        f"nginx's. The gateway's figure includes the work it does once per fetched list so that "
+        f"its hits need none: the ETag's SHA-256, the JSON check, the gzip copy, and the parse "
+        f"into elements for selections and delta refresh. ")
+
+
 def halts_sentence(s):
     """How often the cores halted per request in the miss scenario, and what a halt cost."""
     if "miss_halts" not in s:
@@ -881,6 +917,9 @@ def summarize(r):
         s["miss_own_ms"] = {n: spread_of([round(o - f, 3) for o, f in
                                           zip(s["miss_overhead_rounds"][n], floor[n])])
                             for n in floor}
+    cpu = miss_cpu(miss)
+    if cpu:
+        s["miss_cpu_us"] = cpu
     halted = halts_per_request(r)
     if halted:
         s["miss_halts"] = halted
@@ -1081,6 +1120,13 @@ def markdown(r, s):
             f"| miss overhead above that floor (the proxy's own work), ms | "
             f"{of_rounds(s['miss_own_ms']['gateway'])} | {of_rounds(s['miss_own_ms']['nginx'])} | | |",
         ]
+    if "miss_cpu_us" in s:
+        def cpu(name):
+            c = s["miss_cpu_us"][name]
+            return (f"{c['all']['median']:.0f} ({c['all']['min']:.0f} to {c['all']['max']:.0f}; "
+                    f"kernel {c['kernel']['median']:.0f})")
+        lines.append(f"| CPU per miss, us (rounds; the kernel's part), /proc/PID/stat | "
+                     f"{cpu('gateway')} | {cpu('nginx')} | | |")
     if "miss_halts" in s:
         def halted(kind):
             h = s["miss_halts"][kind]
@@ -1427,7 +1473,8 @@ def reading(s):
         f"{mp['direct_cross']['median']:.3f} ms ({mp['direct_cross']['min']:.3f} to "
         f"{mp['direct_cross']['max']:.3f}). So {floor:.3f} ms of a proxy's miss is that core "
         f"crossing alone, before the client's own hop to the proxy and back, which crosses "
-        f"cores too. " + miss_floor_sentence(s) + halts_sentence(s) + "The waiting clients are answered as soon as the box's bytes are checked; "
+        f"cores too. " + miss_floor_sentence(s) + halts_sentence(s) + miss_cpu_sentence(s)
+        + "The waiting clients are answered as soon as the box's bytes are checked; "
         f"the gzip copy and the parse into elements follow on a thread at the lowest CPU "
         f"priority (nice 19), so the next request takes the core from them at once.")
     parts.append(
