@@ -46,6 +46,9 @@ LOADGEN_BUSY = 0.95
 # marked as contended: steal time in /proc/stat, time the core ran someone else's work.
 STOLEN = 0.05
 DURATION = os.environ.get("BENCH_DURATION", "10s")
+# A new connection for each request (wrk with `Connection: close`): shorter runs, since every
+# request leaves a connection in TIME_WAIT on the servers' side.
+CLOSE_DURATION = os.environ.get("BENCH_CLOSE_DURATION", "5s")
 CONNECTIONS = 64
 STORM = 500
 STORM_DELAY_MS = 300
@@ -236,20 +239,23 @@ def idle_policy():
     return policy
 
 
-def wrk(url, server):
+def wrk(url, server, close=False):
     """One wrk run from the load CPU: requests/s, p50 and p99 in ms, how busy the server was
-    and how busy wrk was (1.0 = one core saturated), the server's CPU per request, and the
-    share of a benchmark core the host took meanwhile."""
+    and how busy wrk was (1.0 = one core saturated), the server's CPU per request (and the
+    kernel's part), and the share of a benchmark core the host took meanwhile. With `close`,
+    every request asks for `Connection: close`, so each opens a connection of its own."""
     steal = StealWatch()
-    cpu_before, wall_before = server.cpu_seconds(), time.monotonic()
+    (user_before, kernel_before), wall_before = server.cpu_split(), time.monotonic()
     loadgen_before = children_cpu_seconds()
+    extra = ["-H", "Connection: close"] if close else []
     out = subprocess.run(["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{CONNECTIONS}",
-                          f"-d{DURATION}", "--latency", url],
-                         capture_output=True, text=True, check=True).stdout
+                          f"-d{CLOSE_DURATION if close else DURATION}", "--latency", *extra,
+                          url], capture_output=True, text=True, check=True).stdout
     if "Non-2xx" in out or "Socket errors" in out:
         sys.exit(f"wrk saw errors against {url}:\n{out}")
     wall = time.monotonic() - wall_before
-    cpu = server.cpu_seconds() - cpu_before
+    user, kernel = server.cpu_split()
+    cpu = user - user_before + kernel - kernel_before
     percentile = dict(re.findall(r"^\s+(\d+)%\s+([\d.]+\w+)$", out, re.M))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     return {
@@ -258,6 +264,7 @@ def wrk(url, server):
         "p99_ms": to_ms(percentile["99"]),
         "server_cpu": round(cpu / wall, 2),
         "server_us_per_request": round(cpu / (rps * wall) * 1e6, 2),
+        "server_kernel_us_per_request": round((kernel - kernel_before) / (rps * wall) * 1e6, 2),
         "loadgen_cpu": round((children_cpu_seconds() - loadgen_before) / wall, 2),
         "stolen": steal.share(),
     }
@@ -527,6 +534,17 @@ def run(work, servers):
             hit_tls[name].append(wrk(urls[f"{name}_tls"], owner[name]))
             log(f"  round {round_ + 1} {name}: {hit_tls[name][-1]}")
     results["hit_tls"] = hit_tls
+
+    log(f"new connection per request: {ROUNDS} rounds x gateway/nginx x {CLOSE_DURATION}, plain "
+        f"and TLS, wrk with Connection: close")
+    fresh = {}
+    for mode, suffix in [("plain", ""), ("tls", "_tls")]:
+        fresh[mode] = {"gateway": [], "nginx": []}
+        for round_ in range(ROUNDS):
+            for name in rotated(list(fresh[mode]), round_):
+                fresh[mode][name].append(wrk(urls[name + suffix], owner[name], close=True))
+                log(f"  {mode} round {round_ + 1} {name}: {fresh[mode][name][-1]}")
+    results["new_connections"] = fresh
 
     results["equal_load"] = {}
     for mode, saturated, suffix in [("plain", hit, ""), ("tls", hit_tls, "_tls")]:
@@ -820,6 +838,56 @@ def halts_per_request(r):
     return halted
 
 
+def new_connections(r):
+    """Per protocol and server, the runs with a new connection for each request: requests/s,
+    CPU per request and its kernel part (median and range), and how many rounds wrk's own core
+    was at least LOADGEN_BUSY busy; None for a run without them."""
+    if "new_connections" not in r:
+        return None
+    return {mode: {name: {"rps": spread_of([x["rps"] for x in runs]),
+                          "us": spread_of([x["server_us_per_request"] for x in runs]),
+                          "kernel_us": spread_of([x["server_kernel_us_per_request"]
+                                                  for x in runs]),
+                          "loadgen_busy": sum(1 for x in runs
+                                              if x.get("loadgen_cpu", 0) >= LOADGEN_BUSY)}
+                   for name, runs in per.items()}
+            for mode, per in r["new_connections"].items()}
+
+
+def new_connections_sentence(s):
+    """The runs with a new connection for each request, in words: who served more and at what
+    CPU, and where the difference lies."""
+    if "new_connections" not in s:
+        return ""
+    parts = []
+    for mode, label in (("plain", "on plain HTTP,"), ("tls", "with TLS (a full handshake for each),")):
+        g, n = s["new_connections"][mode]["gateway"], s["new_connections"][mode]["nginx"]
+        cpu = n["us"]["median"] / g["us"]["median"]
+        user = (g["us"]["median"] - g["kernel_us"]["median"],
+                n["us"]["median"] - n["kernel_us"]["median"])
+        text = (f"{label} the gateway served {g['rps']['median']:,.0f} requests/s (rounds "
+                f"{g['rps']['min']:,.0f} to {g['rps']['max']:,.0f}) against nginx's "
+                f"{n['rps']['median']:,.0f}, at {g['us']['median']:.1f} us of CPU per request "
+                f"against {n['us']['median']:.1f} (nginx {cpu:.2f}x the gateway's; in user space "
+                f"{user[0]:.1f} against {user[1]:.1f} us, in the kernel "
+                f"{g['kernel_us']['median']:.1f} against {n['kernel_us']['median']:.1f})")
+        if cpu < 1:
+            text += (": here the gateway costs more than nginx, in its user space, where setting "
+                     "up and tearing down a connection (hyper's connection state and buffers, "
+                     "tokio's task and its registration) is larger than nginx's")
+        parts.append(text)
+    busy = {mode: sum(x["loadgen_busy"] for x in per.values())
+            for mode, per in s["new_connections"].items()}
+    text = (f"**A new connection for each request** (wrk with `Connection: close`, as a script "
+            f"polls that opens a connection for each request): " + "; ".join(parts) + ". wrk's "
+            f"core was at least {LOADGEN_BUSY} busy in {busy['plain']} of the plain and "
+            f"{busy['tls']} of the TLS runs")
+    if busy["plain"] + busy["tls"]:
+        text += (": in those the rate is the load generator's, and the CPU per request is what "
+                 "compares the servers")
+    return text + "."
+
+
 def miss_cpu(miss):
     """Per proxy, its CPU per miss in microseconds over the miss rounds, all of it and the
     kernel's part (median and range); None for a run that did not read it."""
@@ -917,6 +985,9 @@ def summarize(r):
         s["miss_own_ms"] = {n: spread_of([round(o - f, 3) for o, f in
                                           zip(s["miss_overhead_rounds"][n], floor[n])])
                             for n in floor}
+    fresh = new_connections(r)
+    if fresh:
+        s["new_connections"] = fresh
     cpu = miss_cpu(miss)
     if cpu:
         s["miss_cpu_us"] = cpu
@@ -1096,6 +1167,19 @@ def markdown(r, s):
         f"{ht['nginx']['server_cpu']:.2f} | | |",
         f"| hit, TLS: p50 / p99 ms | {ht['gateway']['p50_ms']:.2f} / {ht['gateway']['p99_ms']:.2f} | "
         f"{ht['nginx']['p50_ms']:.2f} / {ht['nginx']['p99_ms']:.2f} | | |",
+    ]
+    if "new_connections" in s:
+        def cell(v, digits):
+            return f"{v['median']:,.{digits}f} ({v['min']:,.{digits}f} to {v['max']:,.{digits}f})"
+        for mode, label in (("plain", "plain"), ("tls", "TLS")):
+            g, n = s["new_connections"][mode]["gateway"], s["new_connections"][mode]["nginx"]
+            lines += [
+                f"| new connection per request, {label}: requests/s | {cell(g['rps'], 0)} | "
+                f"{cell(n['rps'], 0)} | | {g['rps']['median'] / n['rps']['median']:.2f}x |",
+                f"| new connection per request, {label}: server CPU per request, us (kernel) | "
+                f"{cell(g['us'], 1)} ({g['kernel_us']['median']:.1f}) | "
+                f"{cell(n['us'], 1)} ({n['kernel_us']['median']:.1f}) | | |"]
+    lines += [
         f"| cold-miss storm ({STORM} clients, box {STORM_DELAY_MS} ms): upstream requests | "
         f"{st['gateway']['upstream_requests']} | {st['nginx']['upstream_requests']} | | |",
         f"| cold-miss storm: client p50 / p99 ms | {st['gateway']['p50_ms']:.0f} / "
@@ -1461,6 +1545,8 @@ def reading(s):
         f"plain HTTP (rounds {min(sat['hit_rps_plain']):.2f} to {max(sat['hit_rps_plain']):.2f}) "
         f"and {s['ratios']['hit_rps_tls']:.2f}x with TLS (rounds {min(sat['hit_rps_tls']):.2f} to "
         f"{max(sat['hit_rps_tls']):.2f}). " + loadgen_sentence(s))
+    if "new_connections" in s:
+        parts.append(new_connections_sentence(s))
     mp = s["miss_p50_ms"]
     floor = mp["direct_cross"]["median"] - mp["direct"]["median"]
     parts.append(
