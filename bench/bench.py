@@ -422,13 +422,34 @@ def render_nginx_conf(work, ports):
 
 
 def check():
-    """For CI: the history table in bench/README.md is the one results/history.json (and the
-    rounds in results/ab/) give, and the nginx configuration renders and passes `nginx -t`."""
-    with open(os.path.join(BENCH, "README.md")) as f:
-        if f"<!-- history:start -->\n{history_table()}\n<!-- history:end -->" not in f.read():
-            sys.exit("bench/README.md: the history table differs from what results/history.json "
-                     "and results/ab/ give; write it again with python3 bench/bench.py --rewrite")
-    print("bench/README.md: history table as results/history.json gives it")
+    """For CI: every figure in the documents comes from the results files: each block written
+    from them (the tables, the reading and the history in bench/README.md, the README's summary,
+    results/latest.md, the fleet's and the replay's rows) is the one those files give now; and
+    the nginx configuration renders and passes `nginx -t`."""
+    import fleet  # noqa: E402  (imports this module; only the check needs it)
+    import replay  # noqa: E402
+    with open(os.path.join(RESULTS, "latest.json")) as f:
+        r = json.load(f)["raw"]
+    s = summarize(r)
+    expected = [(path, f"<!-- {name}:start -->\n{text}\n<!-- {name}:end -->", name)
+                for path, name, text in blocks(r, s)]
+    for name, module in (("fleet", fleet), ("replay", replay)):
+        with open(os.path.join(RESULTS, f"{name}.json")) as f:
+            text = module.block(json.load(f))
+        expected.append((os.path.join(BENCH, "README.md"),
+                         f"<!-- {name}:start -->\n{text}<!-- {name}:end -->", name))
+    expected.append((os.path.join(RESULTS, "latest.md"), latest_md(markdown(r, s)), "latest.md"))
+    stale = []
+    for path, text, name in expected:
+        with open(path) as f:
+            if text not in f.read():
+                stale.append(f"{os.path.relpath(path, ROOT)} ({name})")
+    if stale:
+        sys.exit("written by hand or from other results: " + ", ".join(stale) + "; write them "
+                 "again from results/ with python3 bench/bench.py --rewrite (fleet.py and "
+                 "replay.py --rewrite for their blocks)")
+    print(f"bench/README.md, README.md, results/latest.md: {len(expected)} blocks as results/ "
+          f"gives them")
     work = tempfile.mkdtemp(prefix="miralix-bench-check-")
     try:
         make_front_certificate(work)
@@ -1442,6 +1463,13 @@ plot "{data}" using 1:3:xtic(2) with boxes lc rgb "#2a6f97", \\
     subprocess.run(["gnuplot"], input=script, text=True, check=True)
 
 
+def cpu_compared(gateway_us, nginx_us, what):
+    """Which server spent more CPU `what`, as a multiple of the other's."""
+    if nginx_us >= gateway_us:
+        return f"nginx spent {nginx_us / gateway_us:.2f}x the gateway's CPU {what}"
+    return f"the gateway spent {gateway_us / nginx_us:.2f}x nginx's CPU {what}"
+
+
 def prose(s, m):
     """The README's summary of the latest run, written from the results, never by hand."""
     ratios, storm, mem, outage = s["ratios"], s["storm"], s["memory"], s["outage"]
@@ -1470,6 +1498,20 @@ def prose(s, m):
             p99_text += "at or below nginx's at every rate"
     else:
         p99_text = f"a saturated p99 of {g['p99_ms']:.2f} against {n['p99_ms']:.2f} ms"
+    miss_cpu_text = ""
+    if "miss_cpu_us" in s:
+        miss_cpu_text = (" and " + cpu_compared(
+            s["miss_cpu_us"]["gateway"]["all"]["median"],
+            s["miss_cpu_us"]["nginx"]["all"]["median"], "per miss")
+            + " (the gateway makes its gzip copy, the parse into elements and the ETag once per "
+              "fetched list)")
+    fresh_text = ""
+    if "new_connections" in s:
+        fresh = s["new_connections"]
+        fresh_text = ("; with a new connection for each request (no keep-alive), " + ", and ".join(
+            cpu_compared(fresh[mode]["gateway"]["us"]["median"],
+                         fresh[mode]["nginx"]["us"]["median"], f"per request {label}")
+            for mode, label in (("plain", "on plain HTTP"), ("tls", "with TLS"))))
     requests = storm["gateway"]["upstream_requests"]
     missed_calls = pd["missed_by_clients"] + pf["missed_by_clients"]
     missed = [goal for goal, ok, _ in s["goals"] if not ok]
@@ -1477,12 +1519,13 @@ def prose(s, m):
         f"In the latest run (the gateway's {m.get('build', 'release')} build): hits at "
         f"{ratios['hit_rps_plain']:.2f}x nginx's throughput on plain HTTP "
         f"({ratios['hit_rps_tls']:.2f}x with TLS) and {ratios['hit_rps_vs_static']:.2f}x the static-file "
-        f"reference (saturated, medians of the rounds); {p99_text}; a "
+        f"reference (saturated, medians of the rounds); {p99_text}{fresh_text}; a "
         f"{STORM}-client cold-miss storm sends the box {requests} "
         f"request{'s' if requests != 1 else ''} and answers every client within "
         f"{storm['gateway']['p99_ms']:.0f} ms (nginx: {storm['nginx']['p99_ms']:.0f} ms, its lock "
         f"waiters poll); a miss adds {s['miss_overhead_ms']['gateway']:.3f} ms over a direct "
-        f"request (nginx: {s['miss_overhead_ms']['nginx']:.3f} ms); with `max_bytes` "
+        f"request (nginx: {s['miss_overhead_ms']['nginx']:.3f} ms){miss_cpu_text}; with "
+        f"`max_bytes` "
         f"{mem['max_bytes_mib']:g} MiB and a box writing each answer in pieces, the resident set "
         f"was {mem['rss_404s_mib']} MiB after {FILL_UNKNOWN:,} distinct `404`s and "
         f"{mem['rss_mib']} MiB after {FILL_AGENTS:,} distinct lists (promised: at most "
@@ -1737,6 +1780,20 @@ def replace_block(path, name, block):
         f.write(text)
 
 
+def latest_md(table):
+    return "# Latest benchmark results\n\n" + table
+
+
+def blocks(r, s):
+    """Every block of the documents written from a run's results: (file, block name, text)."""
+    table = markdown(r, s)
+    readme = os.path.join(BENCH, "README.md")
+    return [(readme, "results", f"{table}\n![gateway relative to nginx](results/ratios.png)"),
+            (readme, "reading", reading(s)),
+            (readme, "history", history_table()),
+            (os.path.join(ROOT, "README.md"), "summary", prose(s, r["machine"]))]
+
+
 def write_results(r):
     os.makedirs(RESULTS, exist_ok=True)
     s = summarize(r)
@@ -1744,13 +1801,10 @@ def write_results(r):
         json.dump({"raw": r, "summary": s}, f, indent=2)
     table = markdown(r, s)
     with open(os.path.join(RESULTS, "latest.md"), "w") as f:
-        f.write("# Latest benchmark results\n\n" + table)
+        f.write(latest_md(table))
     chart(s, os.path.join(RESULTS, "ratios.png"), r["machine"])
-    replace_block(os.path.join(BENCH, "README.md"), "results",
-                  f"{table}\n![gateway relative to nginx](results/ratios.png)")
-    replace_block(os.path.join(BENCH, "README.md"), "reading", reading(s))
-    replace_block(os.path.join(BENCH, "README.md"), "history", history_table())
-    replace_block(os.path.join(ROOT, "README.md"), "summary", prose(s, r["machine"]))
+    for path, name, text in blocks(r, s):
+        replace_block(path, name, text)
     print(table)
     missed = [goal for goal, ok, _ in s["goals"] if not ok]
     log("all goals met" if not missed else f"goals missed: {missed}")
