@@ -7,7 +7,8 @@
 #
 # Knobs: BENCH_ROUNDS (default 5), BENCH_DURATION (wrk duration per run, default 10s),
 # BENCH_EQ_ROUNDS (equal-load rounds, default 9), BENCH_EQ_SECONDS (each equal-load run,
-# default 5), BENCH_POLL_SECONDS, BENCH_OUTAGE_SECONDS.
+# default 5), BENCH_CLOSE_DURATION (each run with a new connection per request, default 5s),
+# BENCH_POLL_SECONDS, BENCH_OUTAGE_SECONDS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
