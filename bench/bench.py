@@ -881,32 +881,32 @@ def new_connections_sentence(s):
     if "new_connections" not in s:
         return ""
     parts = []
-    for mode, label in (("plain", "on plain HTTP,"), ("tls", "with TLS (a full handshake for each),")):
+    for mode, label in (("plain", "On plain HTTP,"), ("tls", "With TLS (a full handshake each),")):
         g, n = s["new_connections"][mode]["gateway"], s["new_connections"][mode]["nginx"]
-        cpu = n["us"]["median"] / g["us"]["median"]
-        user = (g["us"]["median"] - g["kernel_us"]["median"],
-                n["us"]["median"] - n["kernel_us"]["median"])
+        gu = g["us"]["median"] - g["kernel_us"]["median"]
+        nu = n["us"]["median"] - n["kernel_us"]["median"]
         text = (f"{label} the gateway served {g['rps']['median']:,.0f} requests/s (rounds "
                 f"{g['rps']['min']:,.0f} to {g['rps']['max']:,.0f}) against nginx's "
                 f"{n['rps']['median']:,.0f}, at {g['us']['median']:.1f} us of CPU per request "
-                f"against {n['us']['median']:.1f} (nginx {cpu:.2f}x the gateway's; in user space "
-                f"{user[0]:.1f} against {user[1]:.1f} us, in the kernel "
-                f"{g['kernel_us']['median']:.1f} against {n['kernel_us']['median']:.1f})")
-        if cpu < 1:
-            text += (": here the gateway costs more than nginx, in its user space, where setting "
-                     "up and tearing down a connection (hyper's connection state and buffers, "
-                     "tokio's task and its registration) is larger than nginx's")
-        parts.append(text)
+                f"against {n['us']['median']:.1f}: "
+                + cpu_compared(g["us"]["median"], n["us"]["median"], "per request")
+                + f" ({gu:.1f} against {nu:.1f} us in user space, "
+                f"{g['kernel_us']['median']:.1f} against {n['kernel_us']['median']:.1f} in the "
+                f"kernel)")
+        if g["us"]["median"] > n["us"]["median"] and gu > nu:
+            text += (". Here the gateway costs more than nginx, in user space: setting up and "
+                     "tearing down a connection (hyper's connection state and buffers, tokio's "
+                     "task and its registration) costs it more than nginx")
+        parts.append(text + ".")
     busy = {mode: sum(x["loadgen_busy"] for x in per.values())
             for mode, per in s["new_connections"].items()}
-    text = (f"**A new connection for each request** (wrk with `Connection: close`, as a script "
-            f"polls that opens a connection for each request): " + "; ".join(parts) + ". wrk's "
-            f"core was at least {LOADGEN_BUSY} busy in {busy['plain']} of the plain and "
-            f"{busy['tls']} of the TLS runs")
+    text = ("**A new connection for each request** (wrk with `Connection: close`: what a client "
+            "that opens a connection for each request costs). " + " ".join(parts))
     if busy["plain"] + busy["tls"]:
-        text += (": in those the rate is the load generator's, and the CPU per request is what "
-                 "compares the servers")
-    return text + "."
+        text += (f" wrk's own core was at least {LOADGEN_BUSY} busy in {busy['plain']} of the "
+                 f"plain and {busy['tls']} of the TLS runs: in those the rate is the load "
+                 f"generator's, and the CPU per request is what compares the servers.")
+    return text
 
 
 def miss_cpu(miss):
