@@ -213,11 +213,11 @@ def misses(args, found, box, profile):
         for name, outcomes in runs.items():
             p50 = [o["p50_ms"] for o in outcomes]
             overhead = [o - d for o, d in zip(p50, direct_p50)]
-            cpu = ""
+            used = ""
             if "server_us_per_miss" in outcomes[0]:
-                cpu = (f", CPU per miss {spread([o['server_us_per_miss'] for o in outcomes])} us"
-                       f" ({spread([o['kernel_us_per_miss'] for o in outcomes])} in the kernel)")
-            print(f"  {name:>12}: p50 {spread(p50, 3)}, overhead {spread(overhead, 3)}{cpu}")
+                used = (f", CPU per miss {spread([o['server_us_per_miss'] for o in outcomes])} us"
+                        f" ({spread([o['kernel_us_per_miss'] for o in outcomes])} in the kernel)")
+            print(f"  {name:>12}: p50 {spread(p50, 3)}, overhead {spread(overhead, 3)}{used}")
     return runs
 
 

@@ -929,16 +929,16 @@ def miss_cpu_sentence(s):
     if "miss_cpu_us" not in s:
         return ""
     g, n = s["miss_cpu_us"]["gateway"], s["miss_cpu_us"]["nginx"]
-    ratio = g["all"]["median"] / max(n["all"]["median"], 1)
     return (
         f"In CPU, read from /proc over each round of {MISSES} misses (in 10 ms ticks), a miss "
         f"cost the gateway's process {g['all']['median']:.0f} us at the median (rounds "
         f"{g['all']['min']:.0f} to {g['all']['max']:.0f}; {g['kernel']['median']:.0f} us of it in "
         f"the kernel) and nginx's worker {n['all']['median']:.0f} us ({n['all']['min']:.0f} to "
-        f"{n['all']['max']:.0f}; {n['kernel']['median']:.0f} in the kernel), {ratio:.2f}x "
-        f"nginx's. The gateway's figure includes the work it does once per fetched list so that "
-        f"its hits need none: the ETag's SHA-256, the JSON check, the gzip copy, and the parse "
-        f"into elements for selections and delta refresh. ")
+        f"{n['all']['max']:.0f}; {n['kernel']['median']:.0f} in the kernel): "
+        + cpu_compared(g["all"]["median"], max(n["all"]["median"], 1), "per miss")
+        + ". The gateway's figure includes the work it does once per fetched list so that its "
+        "hits need none: the ETag's SHA-256, the JSON check, the gzip copy, and the parse into "
+        "elements for selections and delta refresh. ")
 
 
 def halts_sentence(s):
