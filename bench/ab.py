@@ -3,6 +3,7 @@
 tried" table.
 
     python3 bench/ab.py hits [--tls] [--rates 22700,45500] [--rounds 6] LABEL=BINARY ...
+    python3 bench/ab.py hits --close [--tls] [--rounds 6] LABEL=BINARY ...
     python3 bench/ab.py misses [--rounds 4] [--count 500] LABEL=BINARY ...
     python3 bench/ab.py instructions [--rounds 3] [--count 5000] [--new-connections] LABEL=BINARY ...
     python3 bench/ab.py describe RESULTS.json [LABEL=TEXT ...]
@@ -14,6 +15,9 @@ servers in a rotated order, so that the host's drift falls on all of them.
 
 - `hits`: open-loop plain (or TLS) hits of the benchmark's 14 KB list at each rate, 64 keep-alive
   connections, 5 s per run: each server's CPU per request (and the kernel's part of it) and p99.
+  With --close, each hit on a connection of its own instead (`wrk -t1 -c64` with `Connection:
+  close`, as bench/run.sh's scenario, BENCH_CLOSE_DURATION per run): what a client that does
+  not keep connections alive costs each server, in CPU per request.
 - `misses`: sequential misses on distinct agents, each a 200 list: p50 per round, and its overhead
   over a direct request to the box from the probe's core and from the servers' core.
 - `instructions`: each server (nginx's worker too) under valgrind's callgrind, one at a time,
@@ -50,7 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import (  # noqa: E402  (the benchmark's own helpers, so both measure alike)
     DEFAULT_CACHE, FIRST_SYNTHETIC, HIT_PATH, ID_TEMPLATE, LOAD_CPU, SECRET, SERVER_CPU, Server,
     describe_ab, equal_load, fetch, free_port, make_front_certificate, probe, render_nginx_conf,
-    rotated, spread, start_box, wait_until_up, write_gateway_config)
+    rotated, spread, start_box, wait_until_up, wrk, write_gateway_config)
 
 # Agents the simulated box makes up lists for, from FIRST_SYNTHETIC on: enough for every miss.
 SYNTHETIC_AGENTS = 1_000_000
@@ -65,6 +69,8 @@ def arguments():
     parser.add_argument("--rates", default="22700,45500,68200",
                         help="hits: offered requests/s, comma-separated")
     parser.add_argument("--tls", action="store_true", help="hits over TLS instead of plain HTTP")
+    parser.add_argument("--close", action="store_true",
+                        help="hits: each on a new connection (wrk, Connection: close)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--count", type=int, default=None,
                         help="misses (default 500) or hits (instructions: 5000) per round")
@@ -152,6 +158,8 @@ def hits(args, found, work, profile):
             status, _, _ = fetch(url, ca)
         if status != 200:
             sys.exit(f"{name}: {url} answered {status}")
+    if args.close:
+        return closing_hits(args, found, urls, profile)
     rates = [int(rate) for rate in args.rates.split(",")]
     runs = {rate: {name: [] for name in urls} for rate in rates}
     for rate in rates:
@@ -175,6 +183,31 @@ def hits(args, found, work, profile):
                 ratio = f"  nginx / {name} {nginx / statistics.median(cpu):.3f}x"
             print(f"  {name:>10}: {spread(cpu)} ({spread(kernel)}), p99 {spread(p99, 3)}{ratio}")
     return {str(rate): by_server for rate, by_server in runs.items()}
+
+
+def closing_hits(args, found, urls, profile):
+    """Saturated wrk runs in which every hit opens a connection of its own, rotating rounds:
+    per server, its CPU per request (and the kernel's part), requests/s and p99."""
+    runs = {name: [] for name in urls}
+    for round_ in range(args.rounds):
+        for name in rotated(list(urls), round_):
+            if profile and name != profile:
+                continue
+            runs[name].append(wrk(urls[name], found[name][0], close=True))
+    if not profile:
+        print(f"a new connection per {'TLS' if args.tls else 'plain'} hit, {args.rounds} rounds: "
+              f"CPU per request us (kernel us), requests/s, p99 ms, median (min to max)")
+        nginx = (statistics.median(o["server_us_per_request"] for o in runs["nginx"])
+                 if "nginx" in runs else None)
+        for name, outcomes in runs.items():
+            cpu = [o["server_us_per_request"] for o in outcomes]
+            kernel = [o["server_kernel_us_per_request"] for o in outcomes]
+            ratio = (f"  nginx / {name} {nginx / statistics.median(cpu):.3f}x"
+                     if nginx and name != "nginx" else "")
+            print(f"  {name:>10}: {spread(cpu)} ({spread(kernel)}), "
+                  f"{spread([o['rps'] for o in outcomes], 0)}/s, "
+                  f"p99 {spread([o['p99_ms'] for o in outcomes], 3)}{ratio}")
+    return {"close": runs}
 
 
 def misses(args, found, box, profile):
@@ -310,7 +343,7 @@ def main():
             print(f"profile of {args.perf}: {args.perf_out} (perf report -i {args.perf_out})")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"scenario": args.scenario, "tls": args.tls,
+                json.dump({"scenario": args.scenario, "tls": args.tls, "close": args.close,
                            "new_connections": args.new_connections, "builds": builds,
                            "cache": extra, "runs": runs}, f, indent=1)
     finally:

@@ -1629,24 +1629,35 @@ def describe_ab(data, names):
     """The rounds ab.py --json wrote (`data`) as one sentence: the effect cell of a history row,
     each build named by names[label] (or its label)."""
     runs = data["runs"]
+
+    def per_build(by_server, where):
+        """nginx's CPU per request, then each build's with nginx's over it."""
+        cpu = {name: [o["server_us_per_request"] for o in outcomes]
+               for name, outcomes in by_server.items()}
+        bits = [f"{where}nginx {spread(cpu['nginx'])} us"] if "nginx" in cpu else []
+        for name, values in cpu.items():
+            if name == "nginx":
+                continue
+            user = [o["server_us_per_request"] - o["server_kernel_us_per_request"]
+                    for o in by_server[name]]
+            p99 = statistics.median(o["p99_ms"] for o in by_server[name])
+            ratio = (f"{statistics.median(cpu['nginx']) / statistics.median(values):.2f}x; "
+                     if "nginx" in cpu else "")
+            bits.append(f"{names.get(name, name)} {spread(values)} ({ratio}user space "
+                        f"{statistics.median(user):.2f} us, p99 {p99:.2f} ms)")
+        return ", ".join(bits)
+
+    if data["scenario"] == "hits" and data.get("close"):
+        by_server = runs["close"]
+        return (f"{'TLS' if data['tls'] else 'Plain'} hits, each on a new connection (wrk -c64, "
+                f"`Connection: close`), {len(next(iter(by_server.values())))} rotating rounds, "
+                f"CPU per request at the median (min to max) and nginx's over each build's: "
+                + per_build(by_server, ""))
     if data["scenario"] == "hits":
         parts = []
         for rate, by_server in runs.items():
             rounds = len(next(iter(by_server.values())))
-            cpu = {name: [o["server_us_per_request"] for o in outcomes]
-                   for name, outcomes in by_server.items()}
-            bits = [f"at {int(rate):,}/s nginx {spread(cpu['nginx'])} us"] if "nginx" in cpu else []
-            for name, values in cpu.items():
-                if name == "nginx":
-                    continue
-                user = [o["server_us_per_request"] - o["server_kernel_us_per_request"]
-                        for o in by_server[name]]
-                p99 = statistics.median(o["p99_ms"] for o in by_server[name])
-                ratio = (f"{statistics.median(cpu['nginx']) / statistics.median(values):.2f}x; "
-                         if "nginx" in cpu else "")
-                bits.append(f"{names.get(name, name)} {spread(values)} ({ratio}user space "
-                            f"{statistics.median(user):.2f} us, p99 {p99:.2f} ms)")
-            parts.append(", ".join(bits))
+            parts.append(per_build(by_server, f"at {int(rate):,}/s "))
         seconds = statistics.median(o["seconds"] for by_server in runs.values()
                                     for outcomes in by_server.values() for o in outcomes)
         return (f"{'TLS' if data['tls'] else 'Plain'} hits, {rounds} rotating rounds of "
