@@ -122,9 +122,6 @@ class Server:
         tick = os.sysconf("SC_CLK_TCK")
         return int(fields[11]) / tick, int(fields[12]) / tick
 
-    def cpu_seconds(self):
-        return sum(self.cpu_split())
-
     def rss_bytes(self):
         with open(f"/proc/{self.proc.pid}/status") as status:
             for line in status:
@@ -431,14 +428,15 @@ def check():
     with open(os.path.join(RESULTS, "latest.json")) as f:
         r = json.load(f)["raw"]
     s = summarize(r)
+    table = markdown(r, s)
     expected = [(path, f"<!-- {name}:start -->\n{text}\n<!-- {name}:end -->", name)
-                for path, name, text in blocks(r, s)]
+                for path, name, text in blocks(r, s, table)]
     for name, module in (("fleet", fleet), ("replay", replay)):
         with open(os.path.join(RESULTS, f"{name}.json")) as f:
             text = module.block(json.load(f))
         expected.append((os.path.join(BENCH, "README.md"),
                          f"<!-- {name}:start -->\n{text}<!-- {name}:end -->", name))
-    expected.append((os.path.join(RESULTS, "latest.md"), latest_md(markdown(r, s)), "latest.md"))
+    expected.append((os.path.join(RESULTS, "latest.md"), latest_md(table), "latest.md"))
     stale = []
     for path, text, name in expected:
         with open(path) as f:
@@ -1795,9 +1793,9 @@ def latest_md(table):
     return "# Latest benchmark results\n\n" + table
 
 
-def blocks(r, s):
-    """Every block of the documents written from a run's results: (file, block name, text)."""
-    table = markdown(r, s)
+def blocks(r, s, table):
+    """Every block of the documents written from a run's results (`table` its markdown):
+    (file, block name, text)."""
     readme = os.path.join(BENCH, "README.md")
     return [(readme, "results", f"{table}\n![gateway relative to nginx](results/ratios.png)"),
             (readme, "reading", reading(s)),
@@ -1814,7 +1812,7 @@ def write_results(r):
     with open(os.path.join(RESULTS, "latest.md"), "w") as f:
         f.write(latest_md(table))
     chart(s, os.path.join(RESULTS, "ratios.png"), r["machine"])
-    for path, name, text in blocks(r, s):
+    for path, name, text in blocks(r, s, table):
         replace_block(path, name, text)
     print(table)
     missed = [goal for goal, ok, _ in s["goals"] if not ok]
